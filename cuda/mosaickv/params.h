@@ -1,0 +1,127 @@
+// Parameters and host entry points of the MosaicKV kernels. Host-only C++ (no device code, no
+// torch): included by the kernels' headers, the explicit-instantiation .cu files and the torch binding.
+#pragma once
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+namespace mosaickv {
+
+// Status bits a kernel ORs into the caller's int32 status word. Kernels never trap; the binding
+// (or a test) reads the word after a run and turns set bits into an exception with the meaning below.
+enum Status : int {
+  kOk = 0,
+  kBadKeep = 1,        // keep count not a positive multiple of g, or larger than the kept channels
+  kBadGroup = 2,       // g not in {1, 2, 4}
+  kBadBlock = 4,       // token block size outside [1, 64]
+  kBadRowStride = 8,   // packed row stride not round_up(keep, 8)
+  kBadSelection = 16,  // selection count larger than the workspace planned for it
+  kBadPieces = 32,     // more attention pieces than the workspace planned for
+};
+
+// One row of the stripe table (int64 [n_stripes, kStripeCols]): a stripe is one compressed segment
+// of one (sequence, KV head). Offsets index the layer's flat pools:
+//   bitmaps  uint32 flat            word = bit_off + token * W, W = ceil(D / g / 32) (K, V separate)
+//   values   T      flat            element = val_off + token * ks + j, ks = round_up(keep, 8)
+//   rotation f32    [n_stripes, 2, D, D]  (K then V; rows are eigenvectors, x' = R x)
+//   summary  T      [n_blocks, SW]  block = block_off + token / B
+//   dense    T      [n_rows, D]     row = row_off + token (dense token-selection baseline only)
+// g may differ per stripe and per side (strategy search); keep is a multiple of g.
+enum StripeCol : int {
+  kColSeq = 0, kColHead, kColTokens, kColKeepK, kColKeepV, kColGroupK, kColGroupV, kColKBitOff, kColVBitOff,
+  kColKValOff, kColVValOff, kColBlockOff, kColRowOff, kStripeCols
+};
+
+enum SummaryKind : int {
+  kSummaryMean = 0,    // first m rotated channels of the block mean; score = q'[:m] . mean[:m]
+  kSummaryMinMax = 1,  // Quest bound over the first m channels (m = D or compact): [min | max], width 2m;
+                       // score = sum_j max(q_j min_j, q_j max_j)
+};
+
+enum Stage : int { kStageRotate = 1, kStageScore = 2, kStageSelect = 4, kStageAttend = 8, kStageMerge = 16, kStageAll = 31 };
+
+constexpr int round_up8(int k) { return (k + 7) & ~7; }
+
+// Storage-typed pointers are void* so that one struct serves bf16 and fp16 and the torch binding
+// needs no device headers; kernels cast them to the storage type T.
+struct EncodeParams {
+  const void* x;               // [n_tokens, H, D]-like, strides below (elements); dense, unrotated
+  int64_t x_tok_stride;
+  int64_t x_head_stride;
+  int n_tokens;              // tokens to encode
+  int token0;                // stripe-relative index of the first token; multiple of `block`
+  int n_heads;               // H: blockIdx.y, stripe = stripe_ids[h]
+  const int32_t* stripe_ids; // [H]
+  const int64_t* stripes;    // [n_stripes, kStripeCols]
+  const float* rot;          // [n_stripes, 2, D, D]
+  int which;                 // 0 = keys, 1 = values
+  uint32_t* bits;            // flat bitmap pool
+  void* vals;                // flat value pool (storage dtype)
+  void* summary;             // [n_blocks, summary_width] storage dtype, or nullptr (values never have summaries)
+  int summary_kind;          // SummaryKind
+  int summary_width;         // m for kSummaryMean (<= D), 2m for kSummaryMinMax (m <= D)
+  int n_channels;            // rotated channels eligible (channel truncation); multiple of g, <= D
+  int block;                 // token block size B
+  int tokens_per_cta;        // multiple of `block`
+  int* status;               // int32 status word (Status bits)
+};
+
+// Storage-typed pointers (q, out, values, summaries, dense rows) are void*: one struct for bf16
+// and fp16, usable from a host-only translation unit; kernels cast them to T.
+struct DecodeParams {
+  int batch, n_kv_heads;
+  const void* q;                   // [batch, n_kv_heads * G, D]
+  void* out;                       // [batch, n_kv_heads * G, D]
+  float scale;
+  // Compressed part (flat pools; docs/KERNELS.md "GPU layout").
+  const int64_t* stripes;        // [n_stripes, kStripeCols]
+  int n_stripes;
+  const int32_t* stripe_ptr;     // [B*H + 1] stripes of (b, h) are stripe_ptr[bh] .. stripe_ptr[bh+1]
+  const int32_t* block_ptr;      // [B*H + 1] blocks of (b, h), contiguous, stripe order
+  const int32_t* block_stripe;   // [n_blocks] owning stripe of each block
+  int n_blocks;
+  const float* rot;              // [n_stripes, 2, D, D]; nullptr = identity (dense baseline)
+  const uint32_t* kbits;         // flat pools    (packed path)
+  const uint32_t* vbits;
+  const void* kvals;               // flat pools    (packed path)
+  const void* vvals;
+  const void* kdense;              // [n_rows, D]   (dense baseline path)
+  const void* vdense;
+  const void* summary;             // [n_blocks, summary_width]
+  int summary_kind, summary_width, block;
+  const int32_t* n_select;       // [B*H] blocks to attend per (b, h)
+  // Dense sinks + recent window, always attended.
+  const void* dense_k;             // [batch, n_kv_heads, dense_cap, D]
+  const void* dense_v;
+  int dense_cap;
+  const int32_t* dense_len;      // [batch]
+  // Workspaces, owned by the caller (plan once, run many; CUDA-graph capturable).
+  float* qrot;                   // [n_stripes, G, D]
+  uint32_t* keys;                // [n_blocks]
+  int32_t* sel;                  // [B*H, max_select]
+  int32_t* sel_state;            // [B*H, 4] radix-select state
+  int32_t* ghist;                // [B*H, 2048] zero at rest (each pass zeroes it after use)
+  int32_t* chunk_counts;         // [B*H, max_chunks, 2]
+  int max_chunks;                // ceil(max blocks of one (b, h) / 4096)
+  int max_select;
+  int32_t* pieces;               // [B*H, max_pieces, 3]: first sel index, end sel index, stripe
+  int32_t* n_pieces;             // [B*H]
+  int max_pieces, piece_blocks;
+  float* part_o;                 // [B*H, max_pieces + 1, G, D] unnormalised, rotated V space
+  float* part_ml;                // [B*H, max_pieces + 1, G, 2] running max, sum of exp
+  float* stripe_out;             // [B*H, max_stripes + 1, G, D]
+  int max_stripes;
+  int* status;
+  int stages;                    // bit mask of Stage, for timing one stage at a time
+};
+
+enum class DType : int { kBFloat16 = 0, kFloat16 = 1 };
+
+// Dispatch over the compiled variants (head_dim 64/128, bf16/fp16, GQA group 1/4/8). They return
+// cudaErrorInvalidValue for a combination that was not compiled; the binding checks first and names
+// the supported values.
+cudaError_t encode(DType dtype, int head_dim, const EncodeParams& p, cudaStream_t stream);
+cudaError_t decode(DType dtype, int head_dim, int gqa_group, bool packed, const DecodeParams& p, cudaStream_t stream);
+// Dynamic shared memory the attention stage needs; callers may check it against the device limit.
+size_t decode_smem_bytes(int head_dim, int gqa_group, int piece_tokens, bool packed);
+
+}  // namespace mosaickv

@@ -1,0 +1,206 @@
+// Thin torch binding over the MosaicKV kernels (built only on a GPU machine:
+// `python -m mosaickv.ops.build`). It checks devices, dtypes and shapes with messages that name what
+// is allowed, fills the parameter structs and launches on the current stream. Kernels report
+// data-dependent problems through the int32 `status` tensor instead (see mosaickv/params.h).
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include <optional>
+
+#include "mosaickv/params.h"
+
+namespace {
+
+using mosaickv::DType;
+
+DType storage_dtype(const at::Tensor& t, const char* name) {
+  if (t.scalar_type() == at::kBFloat16) return DType::kBFloat16;
+  if (t.scalar_type() == at::kHalf) return DType::kFloat16;
+  TORCH_CHECK(false, name, " must be bfloat16 or float16 on the GPU path, got ", t.scalar_type(),
+              "; use the core reference (mosaickv.core) for float32");
+}
+
+void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor (CPU tensors take the mosaickv.core path)");
+  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), " but the query is on ", like.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_type(const at::Tensor& t, const char* name, at::ScalarType st) {
+  TORCH_CHECK(t.scalar_type() == st, name, " must be ", st, ", got ", t.scalar_type());
+}
+
+void check_head_dim(int64_t d) {
+  TORCH_CHECK(d == 64 || d == 128, "head_dim must be 64 or 128 for the CUDA kernels, got ", d,
+              "; other sizes run on the core reference");
+}
+
+void launch_ok(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, what, " launch failed: ", cudaGetErrorString(err));
+}
+
+void encode(const at::Tensor& x, int64_t token0, const at::Tensor& stripe_ids, const at::Tensor& stripes,
+            const at::Tensor& rot, int64_t which, at::Tensor& bits, at::Tensor& vals,
+            const std::optional<at::Tensor>& summary, int64_t summary_kind, int64_t n_channels, int64_t block,
+            at::Tensor& status) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 3, "x must be a CUDA tensor [n_tokens, H, D]");
+  TORCH_CHECK(x.stride(2) == 1, "x must have a contiguous last (head_dim) dimension");
+  const int64_t d = x.size(2);
+  check_head_dim(d);
+  const DType dt = storage_dtype(x, "x");
+  check_cuda(stripe_ids, "stripe_ids", x); check_type(stripe_ids, "stripe_ids", at::kInt);
+  check_cuda(stripes, "stripes", x); check_type(stripes, "stripes", at::kLong);
+  check_cuda(rot, "rot", x); check_type(rot, "rot", at::kFloat);
+  check_cuda(bits, "bits", x); check_type(bits, "bits", at::kInt);
+  check_cuda(vals, "vals", x);
+  TORCH_CHECK(vals.scalar_type() == x.scalar_type(), "vals must have x's dtype ", x.scalar_type());
+  check_cuda(status, "status", x); check_type(status, "status", at::kInt);
+  TORCH_CHECK(stripes.dim() == 2 && stripes.size(1) == mosaickv::kStripeCols, "stripes must be [n, ",
+              (int)mosaickv::kStripeCols, "] int64");
+  TORCH_CHECK(stripe_ids.numel() == x.size(1), "stripe_ids must hold one stripe per head of x");
+  TORCH_CHECK(which == 0 || which == 1, "which must be 0 (keys) or 1 (values)");
+  TORCH_CHECK(block >= 1 && block <= 64, "block size must be in [1, 64], got ", block);
+  TORCH_CHECK(token0 % block == 0, "token0 must start a block (multiple of ", block, "), got ", token0);
+  TORCH_CHECK(n_channels >= 1 && n_channels <= d, "n_channels must be in [1, D]");
+  mosaickv::EncodeParams p{};
+  p.x = x.data_ptr();
+  p.x_tok_stride = x.stride(0);
+  p.x_head_stride = x.stride(1);
+  p.n_tokens = (int)x.size(0);
+  p.token0 = (int)token0;
+  p.n_heads = (int)x.size(1);
+  p.stripe_ids = stripe_ids.data_ptr<int32_t>();
+  p.stripes = stripes.data_ptr<int64_t>();
+  p.rot = rot.data_ptr<float>();
+  p.which = (int)which;
+  p.bits = reinterpret_cast<uint32_t*>(bits.data_ptr<int32_t>());
+  p.vals = vals.data_ptr();
+  p.summary = nullptr;
+  if (summary.has_value()) {
+    check_cuda(*summary, "summary", x);
+    TORCH_CHECK(summary->scalar_type() == x.scalar_type(), "summary must have x's dtype");
+    TORCH_CHECK(summary_kind == mosaickv::kSummaryMean || summary_kind == mosaickv::kSummaryMinMax,
+                "summary_kind must be 0 (mean/compact) or 1 (minmax)");
+    p.summary = summary->data_ptr();
+    p.summary_width = (int)summary->size(-1);
+  }
+  p.summary_kind = (int)summary_kind;
+  p.n_channels = (int)n_channels;
+  p.block = (int)block;
+  p.tokens_per_cta = block >= 32 ? (int)block : (int)(32 / block * block);
+  p.status = status.data_ptr<int32_t>();
+  const c10::cuda::CUDAGuard guard(x.device());
+  launch_ok(mosaickv::encode(dt, (int)d, p, at::cuda::getCurrentCUDAStream()), "encode");
+}
+
+// Tensor order follows mosaickv.ops.layout.DecodeLayout / DecodeWorkspace (Python).
+void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int64_t stages,
+            const at::Tensor& stripes, const at::Tensor& stripe_ptr, const at::Tensor& block_ptr,
+            const at::Tensor& block_stripe, const std::optional<at::Tensor>& rot, const at::Tensor& kbits,
+            const at::Tensor& vbits, const at::Tensor& kvals, const at::Tensor& vvals, const at::Tensor& summary,
+            int64_t summary_kind, int64_t block, const at::Tensor& n_select, const at::Tensor& dense_k,
+            const at::Tensor& dense_v, const at::Tensor& dense_len, at::Tensor& qrot, at::Tensor& keys,
+            at::Tensor& sel, at::Tensor& sel_state, at::Tensor& ghist, at::Tensor& chunk_counts, at::Tensor& pieces, at::Tensor& n_pieces, int64_t piece_blocks, at::Tensor& part_o,
+            at::Tensor& part_ml, at::Tensor& stripe_out, at::Tensor& status) {
+  TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.is_contiguous(), "q must be a contiguous CUDA tensor [B, H_q, D]");
+  const DType dt = storage_dtype(q, "q");
+  const int64_t d = q.size(2);
+  check_head_dim(d);
+  TORCH_CHECK(dense_k.dim() == 4, "dense_k must be [B, H_kv, cap, D]");
+  const int64_t batch = q.size(0), h_kv = dense_k.size(1);
+  TORCH_CHECK(h_kv > 0 && q.size(1) % h_kv == 0, "query heads (", q.size(1), ") must be a multiple of KV heads (", h_kv, ")");
+  const int64_t g = q.size(1) / h_kv;
+  TORCH_CHECK(g == 1 || g == 4 || g == 8, "GQA group (query heads per KV head) must be 1, 4 or 8 for the CUDA kernels, got ", g);
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{out, "out"}, {kvals, "kvals"}, {vvals, "vvals"},
+                                {summary, "summary"}, {dense_k, "dense_k"}, {dense_v, "dense_v"}}) {
+    check_cuda(t, name, q);
+    TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ", t.scalar_type());
+  }
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{stripe_ptr, "stripe_ptr"}, {block_ptr, "block_ptr"},
+                                {block_stripe, "block_stripe"}, {n_select, "n_select"}, {dense_len, "dense_len"},
+                                {sel_state, "sel_state"}, {ghist, "ghist"}, {chunk_counts, "chunk_counts"},
+                                {kbits, "kbits"}, {vbits, "vbits"}, {sel, "sel"}, {pieces, "pieces"},
+                                {n_pieces, "n_pieces"}, {status, "status"}, {keys, "keys"}}) {
+    check_cuda(t, name, q);
+    check_type(t, name, at::kInt);
+  }
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{qrot, "qrot"}, {part_o, "part_o"},
+                                {part_ml, "part_ml"}, {stripe_out, "stripe_out"}}) {
+    check_cuda(t, name, q);
+    check_type(t, name, at::kFloat);
+  }
+  check_cuda(stripes, "stripes", q); check_type(stripes, "stripes", at::kLong);
+  TORCH_CHECK(stripes.dim() == 2 && stripes.size(1) == mosaickv::kStripeCols, "stripes must be [n, ",
+              (int)mosaickv::kStripeCols, "] int64");
+  TORCH_CHECK(out.sizes() == q.sizes(), "out must have q's shape");
+  TORCH_CHECK(summary.dim() == 2 && summary.size(1) % 8 == 0, "summary must be [n_blocks, width], width a multiple of 8");
+  TORCH_CHECK(summary_kind == mosaickv::kSummaryMinMax ? summary.size(1) % 16 == 0 && summary.size(1) <= 2 * d
+                                                     : summary.size(1) <= d,
+              "summary width must be 2m (m a multiple of 8, <= D) for minmax and <= D for mean/compact");
+  const int64_t bh = batch * h_kv;
+  TORCH_CHECK(stripe_ptr.numel() == bh + 1 && block_ptr.numel() == bh + 1, "stripe_ptr and block_ptr must have B*H_kv + 1 entries");
+  TORCH_CHECK(sel.dim() == 2 && sel.size(0) == bh, "sel must be [B*H_kv, max_select]");
+  TORCH_CHECK(sel_state.numel() == bh * 4 && ghist.numel() == bh * 2048, "sel_state must be [B*H_kv, 4] and ghist [B*H_kv, 2048]");
+  TORCH_CHECK(chunk_counts.dim() == 3 && chunk_counts.size(0) == bh && chunk_counts.size(2) == 2,
+              "chunk_counts must be [B*H_kv, max_chunks, 2]");
+  TORCH_CHECK(pieces.dim() == 3 && pieces.size(0) == bh && pieces.size(2) == 3, "pieces must be [B*H_kv, max_pieces, 3]");
+  TORCH_CHECK(part_o.dim() == 4 && part_o.size(1) == pieces.size(1) + 1, "part_o must be [B*H_kv, max_pieces + 1, G, D]");
+  TORCH_CHECK(stripe_out.dim() == 4 && stripe_out.size(0) == bh, "stripe_out must be [B*H_kv, max_stripes + 1, G, D]");
+  if (packed) TORCH_CHECK(rot.has_value(), "the packed path needs the rotations");
+  TORCH_CHECK(piece_blocks >= 1 && piece_blocks <= 64, "piece_blocks must be in [1, 64], got ", piece_blocks);
+  mosaickv::DecodeParams p{};
+  p.batch = (int)batch;
+  p.n_kv_heads = (int)h_kv;
+  p.q = q.data_ptr();
+  p.out = out.data_ptr();
+  p.scale = (float)scale;
+  p.stripes = stripes.data_ptr<int64_t>();
+  p.n_stripes = (int)stripes.size(0);
+  p.stripe_ptr = stripe_ptr.data_ptr<int32_t>();
+  p.block_ptr = block_ptr.data_ptr<int32_t>();
+  p.block_stripe = block_stripe.data_ptr<int32_t>();
+  p.n_blocks = (int)block_stripe.numel();
+  p.rot = rot.has_value() ? rot->data_ptr<float>() : nullptr;
+  p.kbits = reinterpret_cast<const uint32_t*>(kbits.data_ptr<int32_t>());
+  p.vbits = reinterpret_cast<const uint32_t*>(vbits.data_ptr<int32_t>());
+  if (packed) { p.kvals = kvals.data_ptr(); p.vvals = vvals.data_ptr(); }
+  else { p.kdense = kvals.data_ptr(); p.vdense = vvals.data_ptr(); }
+  p.summary = summary.data_ptr();
+  p.summary_kind = (int)summary_kind;
+  p.summary_width = (int)summary.size(1);
+  p.block = (int)block;
+  p.n_select = n_select.data_ptr<int32_t>();
+  p.dense_k = dense_k.data_ptr();
+  p.dense_v = dense_v.data_ptr();
+  p.dense_cap = (int)dense_k.size(2);
+  p.dense_len = dense_len.data_ptr<int32_t>();
+  p.qrot = qrot.data_ptr<float>();
+  p.keys = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
+  p.sel = sel.data_ptr<int32_t>();
+  p.max_select = (int)sel.size(1);
+  p.sel_state = sel_state.data_ptr<int32_t>();
+  p.ghist = ghist.data_ptr<int32_t>();
+  p.chunk_counts = chunk_counts.data_ptr<int32_t>();
+  p.max_chunks = (int)chunk_counts.size(1);
+  p.pieces = pieces.data_ptr<int32_t>();
+  p.n_pieces = n_pieces.data_ptr<int32_t>();
+  p.max_pieces = (int)pieces.size(1);
+  p.piece_blocks = (int)piece_blocks;
+  p.part_o = part_o.data_ptr<float>();
+  p.part_ml = part_ml.data_ptr<float>();
+  p.stripe_out = stripe_out.data_ptr<float>();
+  p.max_stripes = (int)stripe_out.size(1) - 1;
+  p.status = status.data_ptr<int32_t>();
+  p.stages = (int)stages;
+  const c10::cuda::CUDAGuard guard(q.device());
+  launch_ok(mosaickv::decode(dt, (int)d, (int)g, packed, p, at::cuda::getCurrentCUDAStream()), "decode");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "MosaicKV CUDA kernels (see docs/KERNELS.md)";
+  m.def("encode", &encode, "Rotate, top-r select in groups, pack values + bitmaps, block summaries");
+  m.def("decode", &decode, "Block scoring + selection + PackedAttention (or dense token-selection) decode");
+}

@@ -1,0 +1,40 @@
+"""Compressed paged KV cache with CPU re-encoding (DESIGN.md section 2, docs/CACHE.md).
+
+One manager serves every engine; an engine adapter calls, per layer and request::
+
+    from mosaickv.cache import CacheConfig, CacheManager
+    mgr = CacheManager.for_model(model.config, torch.bfloat16, "cuda", CacheConfig(), keep_ratio=0.25)
+    mgr.add_request(rid)
+    mgr.prefill(rid, layer, k, v, token_ids=ids)  # prompt K/V [T, H_kv, D] post-RoPE -> pages;
+                                           # token_ids (optional) shares segments of a common prefix
+    mgr.append(rid, layer, k_new, v_new)   # decode K/V [t, H_kv, D]: window + temporary segment
+    out = mgr.attend([rid, ...], layer, q) # q [B, H_q, D] -> [B, H_q, D], one snapshot per request
+    mgr.fork(rid, rid2)                    # share closed segments with a new request (n > 1)
+    mgr.free(rid)                          # every page back to the pool
+    mgr.stats(); mgr.request_stats(rid)    # flat str -> number maps for `stats` and /metrics
+    mgr.close()                            # stop the CPU threads
+
+Pieces: ``pages`` (page pool, rows of one stripe per page), ``segments`` (closed, temporary,
+snapshot), ``stream`` (one request x layer: decode-side append, CPU-side close and swap),
+``manager`` (requests, CPU thread pool, backlog bound, accounting).
+"""
+
+from mosaickv.cache.manager import CacheConfig, CacheManager, default_threads
+from mosaickv.cache.pages import CacheFull, PagedStripe, PagePool
+from mosaickv.cache.segments import PagedSegment, Snapshot, TempSegment, TempStrategy
+from mosaickv.cache.stream import HostBuffer, Stream
+
+__all__ = [
+    "CacheConfig",
+    "CacheFull",
+    "CacheManager",
+    "HostBuffer",
+    "PagePool",
+    "PagedSegment",
+    "PagedStripe",
+    "Snapshot",
+    "Stream",
+    "TempSegment",
+    "TempStrategy",
+    "default_threads",
+]

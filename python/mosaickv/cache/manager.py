@@ -1,0 +1,420 @@
+"""The cache manager: every request's per-layer streams, one page pool, the CPU re-encoder pool,
+the backlog bound and the byte accounting. Engines adapt to it (see the package docstring)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from mosaickv.cache.pages import PagedStripe, PagePool
+from mosaickv.cache.segments import PagedSegment
+from mosaickv.cache.stream import Stream
+from mosaickv.core import CompressionMethod, Segment, make_method
+from mosaickv.ops import DecodePlan
+
+
+def default_threads() -> int:
+    """CPU re-encoder threads: the cores this process may use, less one for the decode loop."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Manager knobs.
+
+    page_bytes: bytes per page; None picks 4 KiB for segments under 16K tokens, else 16 KiB (the
+    lowest waste in docs/CACHE.md's table). chunk_pages: pages per device allocation.
+    max_pages: pool bound (None: grow on demand). n_threads: CPU re-encoder threads (None:
+    ``default_threads()``). max_backlog_tokens: pending tokens queued for the CPU and not yet
+    processed, over all streams; an append that would pass it waits (the temporary segments keep
+    serving meanwhile). reencode_delay_s: extra seconds per re-encode, to model a slow CPU.
+    """
+
+    page_bytes: int | None = None
+    chunk_pages: int = 256
+    max_pages: int | None = None
+    n_threads: int | None = None
+    max_backlog_tokens: int = 4096
+    reencode_delay_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.n_threads is not None and self.n_threads < 1:
+            raise ValueError(f"n_threads must be >= 1 (or None for the default), got {self.n_threads}")
+        if self.max_backlog_tokens < 1:
+            raise ValueError(f"max_backlog_tokens must be >= 1, got {self.max_backlog_tokens}")
+        if self.reencode_delay_s < 0:
+            raise ValueError(f"reencode_delay_s must be >= 0, got {self.reencode_delay_s}")
+
+
+class CacheManager:
+    """Compressed paged KV caches of many requests x layers, re-encoded by a pool of CPU threads.
+
+    Args:
+        method: a "mosaic" CompressionMethod (the manager stores bitmap-layout segments).
+        n_layers: L. n_kv_heads: H_kv. head_dim: D. dtype: storage dtype. device: where pages live.
+        config: CacheConfig.
+    """
+
+    def __init__(
+        self,
+        method: CompressionMethod,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        config: CacheConfig | None = None,
+    ) -> None:
+        if method.name != "mosaic":
+            raise ValueError(
+                f"the cache manager stores method 'mosaic' only, got {method.name!r}; "
+                "dense and mask methods keep the core KVCache"
+            )
+        if n_layers < 1 or n_kv_heads < 1 or head_dim < 1:
+            raise ValueError(
+                f"n_layers, n_kv_heads and head_dim must be >= 1, got {n_layers}, {n_kv_heads}, {head_dim}"
+            )
+        self.method, self.n_layers, self.n_kv_heads, self.head_dim = method, n_layers, n_kv_heads, head_dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.config = config or CacheConfig()
+        page_bytes = self.config.page_bytes or (4096 if method.segment_len < 16384 else 16384)
+        self.pool = PagePool(page_bytes, self.device, self.config.chunk_pages, self.config.max_pages)
+        self._requests: dict[str, list[Stream]] = {}
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._backlog = 0
+        self._backlog_peak = 0
+        self._stalls = 0
+        self._stall_s = 0.0
+        self._errors: list[BaseException] = []
+        self._paused = False
+        self._running = True
+        self._reencodes_freed = 0
+        self._prefix: dict[bytes, PagedSegment] = {}  # prompt segments by hash of the tokens up to their end
+        self._prefix_hits = 0
+        self._queue: queue.SimpleQueue[Stream | None] = queue.SimpleQueue()
+        self.n_threads = self.config.n_threads or default_threads()
+        self._threads = [
+            threading.Thread(target=self._worker, name=f"mosaickv-reencode-{i}", daemon=True)
+            for i in range(self.n_threads)
+        ]
+        for t in self._threads:
+            t.start()
+
+    @classmethod
+    def for_model(
+        cls,
+        config: object,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
+        cache_config: CacheConfig | None = None,
+        **method_params: object,
+    ) -> CacheManager:
+        """From a transformers model config (num_hidden_layers, num_key_value_heads, head_dim)."""
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return cls(
+            make_method("mosaic", **method_params),
+            config.num_hidden_layers,
+            kv,
+            dim,
+            dtype,
+            device,
+            cache_config,
+        )
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def add_request(self, request_id: str) -> None:
+        with self._lock:
+            if request_id in self._requests:
+                raise ValueError(f"request {request_id!r} already has a cache; free it first")
+            self._requests[request_id] = [
+                Stream(
+                    self.method,
+                    self.pool,
+                    self.n_kv_heads,
+                    self.head_dim,
+                    self.dtype,
+                    self.config.reencode_delay_s,
+                )
+                for _ in range(self.n_layers)
+            ]
+
+    def _stream(self, request_id: str, layer: int) -> Stream:
+        self._raise_errors()
+        streams = self._requests.get(request_id)
+        if streams is None:
+            raise ValueError(f"no cache for request {request_id!r}; call add_request first")
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer must be in [0, {self.n_layers}), got {layer}")
+        return streams[layer]
+
+    def _check_kv(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        want = (self.n_kv_heads, self.head_dim)
+        for name, x in (("k", k), ("v", v)):
+            if x.dim() != 3 or tuple(x.shape[1:]) != want or x.dtype != self.dtype or x.device != self.device:
+                raise ValueError(
+                    f"{name} must be [t, {want[0]}, {want[1]}] {self.dtype} on {self.device}, "
+                    f"got {tuple(x.shape)} {x.dtype} on {x.device}"
+                )
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+
+    def prefill(
+        self,
+        request_id: str,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        token_ids: Sequence[int] | None = None,
+    ) -> None:
+        """Encode a prompt's K/V for one layer: k, v [T, H_kv, D] post-RoPE, storage dtype, on device.
+
+        With ``token_ids`` (the T prompt tokens), each prompt segment is looked up by the tokens up
+        to its end: a request with the same prefix shares its pages instead of storing a copy
+        (docs/CACHE.md, "Prefix sharing").
+        """
+        self._check_kv(k, v)
+        stream = self._stream(request_id, layer)
+        if token_ids is not None and len(token_ids) != k.shape[0]:
+            raise ValueError(f"token_ids has {len(token_ids)} ids for {k.shape[0]} tokens of K/V")
+        if token_ids is None:
+            stream.prefill(k, v)
+            return
+        ids = torch.as_tensor(list(token_ids), dtype=torch.int64).numpy().tobytes()
+        salt = f"{layer}|{self.dtype}|{self.method!r}|".encode()
+
+        def page(seg: Segment, start: int) -> PagedSegment:
+            key = hashlib.sha256(salt + ids[: 8 * (start + seg.length)]).digest()
+            with self._lock:
+                held = self._prefix.get(key)
+                if held is not None:
+                    self._prefix_hits += 1
+                    return held.shared()
+            fresh = PagedSegment.from_core(seg, start, self.pool, self.dtype, self.method.block_size)
+            with self._lock:
+                self._prefix.setdefault(key, fresh.shared())
+            return fresh
+
+        stream.prefill(k, v, page)
+
+    def append(self, request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Add decode tokens k, v: [t, H_kv, D] for one layer. Returns at once unless the CPU backlog is
+        at ``max_backlog_tokens``, then waits for the re-encoders (counted as a stall in stats)."""
+        self._check_kv(k, v)
+        stream = self._stream(request_id, layer)
+        need = max(0, stream.snapshot.window_k.shape[0] + k.shape[0] - self.method.window)
+        with self._cond:
+            if need and self._backlog and self._backlog + need > self.config.max_backlog_tokens:
+                self._stalls += 1
+                began = time.perf_counter()
+                self._cond.wait_for(
+                    lambda: (
+                        not self._backlog
+                        or self._errors
+                        or self._backlog + need <= self.config.max_backlog_tokens
+                    )
+                )
+                self._stall_s += time.perf_counter() - began
+            self._backlog += need  # reserved before the job exists, so the bound always holds
+            self._backlog_peak = max(self._backlog_peak, self._backlog)
+        out = stream.append(k, v)
+        with self._cond:
+            self._backlog -= need - out  # the reservation is an upper bound (sinks take the first tokens)
+        if out:
+            self._schedule(stream)
+
+    def _schedule(self, stream: Stream) -> None:
+        with stream.lock:
+            if stream.scheduled or not stream.jobs:
+                return
+            stream.scheduled = True
+        self._queue.put(stream)
+
+    def fork(self, src_id: str, dst_id: str) -> None:
+        """Start request dst as a copy of src (parallel sampling, beam search): closed segments are
+        shared page for page, the rest copied. Waits for src's queued re-encodes first."""
+        src = [self._stream(src_id, layer) for layer in range(self.n_layers)]
+        with self._cond:
+            self._cond.wait_for(lambda: self._errors or all(not s.jobs and not s.scheduled for s in src))
+        self._raise_errors()
+        twins = [s.fork() for s in src]
+        with self._lock:
+            if dst_id in self._requests:
+                for t in twins:
+                    t.free()
+                raise ValueError(f"request {dst_id!r} already has a cache; free it first")
+            self._requests[dst_id] = twins
+
+    def free(self, request_id: str) -> None:
+        """Release a request's cache: every page returns to the pool (after any live reader)."""
+        with self._lock:
+            streams = self._requests.pop(request_id, None)
+        if streams is None:
+            raise ValueError(f"no cache for request {request_id!r}")
+        for s in streams:
+            dropped = s.free()
+            with self._cond:
+                self._reencodes_freed += s.reencodes
+                self._backlog -= dropped
+                self._cond.notify_all()
+        self._evict_prefixes()
+
+    def _evict_prefixes(self) -> None:
+        """Drop prefix entries no request uses any more (the entry is the pages' only owner)."""
+        with self._lock:
+            for key, seg in list(self._prefix.items()):
+                if all(self.pool.owners(p) == 1 for st in seg.stripes() for p in st.pages):
+                    for st in seg.stripes():
+                        st.release()
+                    del self._prefix[key]
+
+    # ---- attention --------------------------------------------------------------------------------
+    def attend(
+        self, request_ids: list[str], layer: int, q: torch.Tensor, scale: float | None = None
+    ) -> torch.Tensor:
+        """Decode attention for one layer over a batch: q [B, H_q, D] post-RoPE -> [B, H_q, D].
+
+        Each request's cache is read from one snapshot (never a half-swapped state) through
+        ``mosaickv.ops.DecodePlan`` (CUDA kernels on the GPU, the core reference on CPU).
+        """
+        streams = [self._stream(r, layer) for r in request_ids]
+        snaps = [s.acquire() for s in streams]
+        try:
+            caches = [snap.to_kvcache(self.method) for snap in snaps]
+            return DecodePlan(caches, self.device).run(q, scale)
+        finally:
+            for s, snap in zip(streams, snaps, strict=True):
+                s.release(snap)
+
+    def tokens(self, request_id: str) -> int:
+        """Tokens held for the request (layer 0)."""
+        return self._stream(request_id, 0).snapshot.length
+
+    # ---- CPU pool ---------------------------------------------------------------------------------
+    def _worker(self) -> None:
+        while True:
+            stream = self._queue.get()
+            if stream is None:
+                return
+            with self._cond:
+                self._cond.wait_for(lambda: not self._paused or not self._running)
+            while (job := stream.next_job()) is not None:
+                try:
+                    stream.process(*job)
+                except BaseException as err:  # noqa: BLE001 - reported to the caller on its next call
+                    with self._cond:
+                        self._errors.append(err)
+                finally:
+                    with self._cond:
+                        self._backlog -= job[0]
+                        self._cond.notify_all()
+            with self._cond:  # the stream went idle: wake drain/fork waiting for exactly that
+                self._cond.notify_all()
+
+    def _raise_errors(self) -> None:
+        if self._errors:
+            raise RuntimeError(f"a CPU re-encode failed: {self._errors[0]!r}") from self._errors[0]
+
+    def pause(self) -> None:
+        """Hold the re-encoders before their next stream (appends keep going into temporary segments)."""
+        with self._cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Wait until every queued re-encode has been swapped in; raises if one failed."""
+        with self._cond:
+            if not self._cond.wait_for(
+                lambda: (
+                    self._errors
+                    or (
+                        self._backlog == 0
+                        and not any(s.scheduled for streams in self._requests.values() for s in streams)
+                    )
+                ),
+                timeout,
+            ):
+                raise TimeoutError(f"re-encoders still have {self._backlog} tokens after {timeout} s")
+        self._raise_errors()
+
+    def close(self) -> None:
+        """Stop the CPU threads (queued work is dropped) and free every request."""
+        for rid in list(self._requests):
+            self.free(rid)
+        with self._cond:
+            self._running = False
+            self._cond.notify_all()
+        for _ in self._threads:
+            self._queue.put(None)
+        for t in self._threads:
+            t.join()
+
+    # ---- accounting -------------------------------------------------------------------------------
+    def request_stats(self, request_id: str) -> dict[str, int]:
+        """Real bytes of one request: pages it references, host buffers, dense device tensors."""
+        streams = [self._stream(request_id, layer) for layer in range(self.n_layers)]
+        pages = {p for s in streams for st in s.stripes() for p in st.pages}
+        rows = _unique_rows(st for s in streams for st in s.stripes())
+        return {
+            "tokens": streams[0].snapshot.length,
+            "segments": len(streams[0].snapshot.segments),
+            "temp_tokens": sum(s.temp_tokens for s in streams),
+            "page_bytes": len(pages) * self.pool.page_bytes,
+            "row_bytes": rows,
+            "dense_bytes": sum(s.dense_bytes() for s in streams),
+            "host_bytes": sum(s.host.nbytes for s in streams),
+            "kv_bytes": len(pages) * self.pool.page_bytes + sum(s.dense_bytes() for s in streams),
+        }
+
+    def stats(self) -> dict[str, int | float]:
+        """Manager totals for the worker's ``stats`` (engine map) and /metrics; flat str -> number."""
+        with self._lock:
+            streams = [s for group in self._requests.values() for s in group]
+            n_requests = len(self._requests)
+            backlog, peak, stalls, stall_s = self._backlog, self._backlog_peak, self._stalls, self._stall_s
+            errors, freed_reencodes = len(self._errors), self._reencodes_freed
+            prefix_segments, prefix_hits = len(self._prefix), self._prefix_hits
+        stripes = [st for s in streams for st in s.stripes()]
+        used_pages = self.pool.used_pages
+        page_bytes = used_pages * self.pool.page_bytes
+        rows = _unique_rows(stripes)
+        return {
+            "cache_requests": n_requests,
+            "cache_page_bytes": page_bytes,
+            "cache_page_reserved_bytes": self.pool.reserved_pages * self.pool.page_bytes,
+            "cache_pages_used": used_pages,
+            "cache_row_bytes": rows,
+            "cache_fragmentation": 1.0 - rows / page_bytes if page_bytes else 0.0,
+            "cache_dense_bytes": sum(s.dense_bytes() for s in streams),
+            "cache_host_bytes": sum(s.host.nbytes for s in streams),
+            "cache_temp_tokens": sum(s.temp_tokens for s in streams),
+            "cache_backlog_tokens": backlog,
+            "cache_backlog_peak": peak,
+            "cache_backlog_limit": self.config.max_backlog_tokens,
+            "cache_backlog_stalls": stalls,
+            "cache_backlog_stall_s": stall_s,
+            "cache_reencodes": freed_reencodes + sum(s.reencodes for s in streams),
+            "cache_reencode_s": sum(s.reencode_s for s in streams),
+            "cache_threads": self.n_threads,
+            "cache_errors": errors,
+            "cache_prefix_segments": prefix_segments,
+            "cache_prefix_hits": prefix_hits,
+        }
+
+
+def _unique_rows(stripes: Iterable[PagedStripe]) -> int:
+    """Row bytes, each shared stripe once (stripes that share rows share their first page)."""
+    return sum({st.pages[0]: st.used_bytes for st in stripes if st.pages}.values())

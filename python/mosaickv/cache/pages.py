@@ -1,0 +1,221 @@
+"""Fixed-size pages of packed rows (docs/CACHE.md has the layout and the fragmentation numbers).
+
+A *stripe* is one segment x one KV head x K-or-V: S rows of the same size, because a stripe has one
+keep count k_h and one group g. A page holds ``rows_per_page`` rows of exactly one stripe, structure
+of arrays: ``[bitmaps: n x W uint32 | pad to 16 B | values: n x round_up8(k_h) storage dtype]``
+(the kernels' values row stride, mosaickv.ops.layout), so a row never straddles pages and both
+arrays start 16-byte aligned. n is a multiple of the token block size B, so a selection block is
+always read from one page. Row r
+of a stripe lives at slot ``r % rows_per_page`` of ``pages[r // rows_per_page]``: a page table plus
+arithmetic, like vLLM's block table. Variable keep counts only change rows per page; the waste is
+the page remainder (< one row + 16 B) plus the unused slots of a stripe's last page.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from mosaickv.core import bitmap_words
+from mosaickv.ops.layout import round_up8
+
+ROW_ALIGN = 16
+
+
+def _align(n: int) -> int:
+    return -(-n // ROW_ALIGN) * ROW_ALIGN
+
+
+class CacheFull(RuntimeError):
+    """The page pool reached ``max_pages``; free requests or raise the limit."""
+
+
+class PagePool:
+    """Pages of ``page_bytes`` bytes on one device, allocated in chunks and reference counted.
+
+    Args:
+        page_bytes: bytes per page (a multiple of 16, >= 256).
+        device: where the pages live.
+        chunk_pages: pages per backing allocation (the pool grows a chunk at a time).
+        max_pages: upper bound on pages ever reserved, None for no bound.
+    """
+
+    def __init__(
+        self, page_bytes: int, device: torch.device, chunk_pages: int = 256, max_pages: int | None = None
+    ) -> None:
+        if page_bytes < 256 or page_bytes % ROW_ALIGN:
+            raise ValueError(f"page_bytes must be a multiple of {ROW_ALIGN} and >= 256, got {page_bytes}")
+        if chunk_pages < 1 or (max_pages is not None and max_pages < 1):
+            raise ValueError(f"chunk_pages and max_pages must be >= 1, got {chunk_pages}, {max_pages}")
+        self.page_bytes = page_bytes
+        self.device = device
+        self.chunk_pages = chunk_pages if max_pages is None else min(chunk_pages, max_pages)
+        self.max_pages = max_pages
+        self._chunks: list[torch.Tensor] = []
+        self._free: list[int] = []
+        self._refs: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def reserved_pages(self) -> int:
+        """Pages backed by device memory (used or free)."""
+        return len(self._chunks) * self.chunk_pages
+
+    @property
+    def used_pages(self) -> int:
+        return len(self._refs)
+
+    def allocate(self) -> int:
+        """A fresh page id with reference count 1."""
+        with self._lock:
+            if not self._free:
+                self._grow()
+            page = self._free.pop()
+            self._refs[page] = 1
+            return page
+
+    def _grow(self) -> None:
+        n = self.chunk_pages
+        if self.max_pages is not None:
+            n = min(n, self.max_pages - self.reserved_pages)
+            if n <= 0:
+                raise CacheFull(
+                    f"page pool is full: {self.max_pages} pages of {self.page_bytes} B are in use; "
+                    "free finished requests or raise max_pages"
+                )
+        base = self.reserved_pages
+        self._chunks.append(
+            torch.empty(self.chunk_pages, self.page_bytes, dtype=torch.uint8, device=self.device)
+        )
+        self._free.extend(range(base + n - 1, base - 1, -1))
+
+    def owners(self, page: int) -> int:
+        """Reference count of an allocated page."""
+        with self._lock:
+            return self._refs[page]
+
+    def share(self, page: int) -> None:
+        """One more owner of ``page`` (prefix sharing between requests)."""
+        with self._lock:
+            self._refs[page] += 1
+
+    def release(self, page: int) -> None:
+        """Drop one owner; the page returns to the free list with its last owner."""
+        with self._lock:
+            left = self._refs[page] - 1
+            if left:
+                self._refs[page] = left
+            else:
+                del self._refs[page]
+                self._free.append(page)
+
+    def page(self, page: int) -> torch.Tensor:
+        """The bytes of ``page``: [page_bytes] uint8 view into the pool."""
+        return self._chunks[page // self.chunk_pages][page % self.chunk_pages]
+
+
+class PagedStripe:
+    """The rows of one stripe, appended in token order into pages of a pool.
+
+    Rows already written never change, so a reader that knows the stripe had ``n`` rows can read
+    them while the writer appends more (the temporary segment relies on this).
+
+    Args:
+        pool: the page pool.
+        dim: D. group: g. keep: k_h (a multiple of g). dtype: storage dtype of the values.
+        block: rows per page are a multiple of this (the selection block size B).
+    """
+
+    def __init__(
+        self, pool: PagePool, dim: int, group: int, keep: int, dtype: torch.dtype, block: int = 1
+    ) -> None:
+        self.pool = pool
+        self.dim, self.group, self.keep, self.dtype, self.block = dim, group, keep, dtype, block
+        self.words = bitmap_words(dim, group)
+        self.stride = round_up8(keep)
+        elem = torch.empty(0, dtype=dtype).element_size()
+        self.bitmap_bytes, self.value_bytes = 4 * self.words, keep * elem
+        n = pool.page_bytes // (self.bitmap_bytes + self.stride * elem) // block * block
+        while n and _align(n * self.bitmap_bytes) + n * self.stride * elem > pool.page_bytes:
+            n -= block
+        if n <= 0:
+            raise ValueError(
+                f"{block} row(s) of {self.bitmap_bytes + self.stride * elem} B do not fit a page "
+                f"of {pool.page_bytes} B; raise page_bytes"
+            )
+        self.rows_per_page = n
+        self.values_offset = _align(n * self.bitmap_bytes)
+        self.pages: list[int] = []
+        self.length = 0
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of real row data (bitmap + values, without padding)."""
+        return self.length * (self.bitmap_bytes + self.value_bytes)
+
+    def append(self, values: torch.Tensor, bitmap: torch.Tensor) -> None:
+        """Write rows at the end.
+
+        Args:
+            values: [n, keep] storage dtype. bitmap: [n, W] uint32. Any device (copied to the pool's).
+        """
+        n = values.shape[0]
+        if values.shape != (n, self.keep) or values.dtype != self.dtype or bitmap.shape[0] != n:
+            raise ValueError(
+                f"stripe rows must be values [n, {self.keep}] {self.dtype} and bitmap [n, W], "
+                f"got {tuple(values.shape)} {values.dtype} and {tuple(bitmap.shape)}"
+            )
+        dev = self.pool.device
+        bits = bitmap.contiguous().view(torch.uint8).reshape(-1).to(dev)
+        padded = torch.zeros(n, self.stride, dtype=self.dtype, device=dev)
+        padded[:, : self.keep] = values
+        vals = padded.view(torch.uint8).reshape(-1)
+        bb, vb, done = self.bitmap_bytes, padded.shape[1] * padded.element_size(), 0
+        while done < n:
+            slot = self.length % self.rows_per_page
+            if slot == 0:
+                self.pages.append(self.pool.allocate())
+            m = min(n - done, self.rows_per_page - slot)
+            page = self.pool.page(self.pages[-1])
+            page[slot * bb : (slot + m) * bb] = bits[done * bb : (done + m) * bb]
+            lo = self.values_offset + slot * vb
+            page[lo : lo + m * vb] = vals[done * vb : (done + m) * vb]
+            done += m
+            self.length += m
+
+    def read(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n rows (all when None) gathered in order: values [n, keep], bitmap [n, W] uint32.
+
+        A copy: the torch reference reads whole tensors; a kernel reads the pages through the page
+        table instead.
+        """
+        n = self.length if n is None else n
+        bits, vals, left = [], [], n
+        for page_id in self.pages[: -(-n // self.rows_per_page)]:
+            m = min(left, self.rows_per_page)
+            page = self.pool.page(page_id)
+            bits.append(page[: m * self.bitmap_bytes].view(torch.uint32).view(m, self.words))
+            lo, vb = self.values_offset, self.stride * self.value_bytes // self.keep
+            vals.append(page[lo : lo + m * vb].view(self.dtype).view(m, self.stride)[:, : self.keep])
+            left -= m
+        if not bits:
+            return (
+                torch.empty(0, self.keep, dtype=self.dtype, device=self.pool.device),
+                torch.empty(0, self.words, dtype=torch.uint32, device=self.pool.device),
+            )
+        return torch.cat(vals), torch.cat(bits)
+
+    def shared(self) -> PagedStripe:
+        """Another owner of the same (closed, immutable) rows: pages are shared, not copied."""
+        twin = PagedStripe(self.pool, self.dim, self.group, self.keep, self.dtype, self.block)
+        for page in self.pages:
+            self.pool.share(page)
+        twin.pages, twin.length = list(self.pages), self.length
+        return twin
+
+    def release(self) -> None:
+        """Give every page back to the pool (once)."""
+        for page in self.pages:
+            self.pool.release(page)
+        self.pages = []

@@ -1,0 +1,336 @@
+"""One (request, layer) cache: the decode-side append, the CPU-side close and re-encode, and the
+versioned swap between them (docs/CACHE.md, "Threading and the swap")."""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from mosaickv.cache.pages import PagedStripe, PagePool
+from mosaickv.cache.segments import PagedSegment, Snapshot, TempSegment, TempStrategy
+from mosaickv.core import CompressionMethod, Segment
+
+
+class HostBuffer:
+    """Raw K/V of the pending tokens (left the window, not yet in a closed segment), on the host.
+
+    Rows are never overwritten: growth copies the live rows into a new allocation, so a reader
+    holding an older tensor keeps valid data. Pinned when the cache lives on CUDA (async copies).
+    Absolute token index ``i`` is row ``i - base``.
+    """
+
+    def __init__(self, n_heads: int, dim: int, dtype: torch.dtype, pin: bool) -> None:
+        self.pin = pin
+        self.k = self._empty(0, n_heads, dim, dtype)
+        self.v = self._empty(0, n_heads, dim, dtype)
+        self.base = 0
+        self.end = 0
+        self.start = 0  # first live absolute index (earlier rows belong to closed segments)
+
+    def _empty(self, n: int, h: int, d: int, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(n, h, d, dtype=dtype, pin_memory=self.pin)
+
+    def push(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append k, v: [t, H_kv, D] (any device) at absolute index ``end``."""
+        t = k.shape[0]
+        if self.end + t - self.base > self.k.shape[0]:
+            live = self.end - self.start
+            cap = max(2 * (live + t), 64)
+            nk, nv = (self._empty(cap, *self.k.shape[1:], self.k.dtype) for _ in range(2))
+            nk[:live], nv[:live] = (
+                self.k[self.start - self.base : self.end - self.base],
+                self.v[self.start - self.base : self.end - self.base],
+            )
+            self.k, self.v, self.base = nk, nv, self.start
+        lo = self.end - self.base
+        self.k[lo : lo + t].copy_(k, non_blocking=self.pin)
+        self.v[lo : lo + t].copy_(v, non_blocking=self.pin)
+        self.end += t
+
+    def rows(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw tokens [a, b) (absolute): k, v [b - a, H_kv, D] views."""
+        return self.k[a - self.base : b - self.base], self.v[a - self.base : b - self.base]
+
+    @property
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+
+class Stream:
+    """The cache of one request for one layer.
+
+    Decode thread: ``append`` (window, temporary segment, host copy, one job for the CPU).
+    CPU thread: ``process`` (the method's pending/close decisions in token order, re-encode, swap).
+    Readers: ``acquire``/``release`` a Snapshot; pages retired by a swap are freed once no reader
+    of an older generation remains.
+    """
+
+    def __init__(
+        self,
+        method: CompressionMethod,
+        pool: PagePool,
+        n_heads: int,
+        dim: int,
+        dtype: torch.dtype,
+        reencode_delay_s: float,
+    ) -> None:
+        self.method, self.pool, self.dtype = method, pool, dtype
+        self.n_heads, self.dim = n_heads, dim
+        self.reencode_delay_s = reencode_delay_s
+        self.lock = threading.Lock()
+        empty = torch.empty(0, n_heads, dim, dtype=dtype, device=pool.device)
+        self.snapshot = Snapshot(0, empty, empty, (), None, empty, empty)
+        self.temp: TempSegment | None = None
+        self.host = HostBuffer(n_heads, dim, dtype, pin=pool.device.type == "cuda")
+        self.state: Any = None  # the method's per-cache state, owned by the CPU side
+        self.jobs: deque[tuple[int, Any]] = deque()  # (tokens, CUDA event or None)
+        self.scheduled = False
+        self.cpu_pending = 0  # pending tokens the CPU has folded into the state
+        self.readers: dict[int, int] = {}
+        self.retired: list[tuple[int, tuple[PagedStripe, ...]]] = []
+        self.freed = False
+        self.reencodes = 0
+        self.reencode_s = 0.0
+
+    # ---- prefill ----------------------------------------------------------------------------------
+    def prefill(
+        self, k: torch.Tensor, v: torch.Tensor, page: Callable[[Segment, int], PagedSegment] | None = None
+    ) -> None:
+        """Encode the prompt k, v: [T, H_kv, D] with the method, synchronously, into pages.
+
+        ``page(segment, start)`` returns the paged form of each prompt segment (the manager's
+        prefix cache may hand back a shared one); default: page it here.
+        """
+        if self.snapshot.length:
+            raise ValueError("prefill must come first, on an empty (request, layer) cache")
+        cache = self.method.encode(k, v)
+        n_sink = cache.sink_k.shape[0]
+        segs, start = [], n_sink
+        for seg in cache.segments:
+            if page is None:
+                segs.append(PagedSegment.from_core(seg, start, self.pool, self.dtype, self.method.block_size))
+            else:
+                segs.append(page(seg, start))
+            start += seg.length
+        self.state = _to_host(cache.state)
+        with self.lock:
+            self.host.start = self.host.base = self.host.end = start
+            self.snapshot = Snapshot(
+                0, cache.sink_k, cache.sink_v, tuple(segs), None, cache.tail_k, cache.tail_v
+            )
+
+    # ---- decode side ------------------------------------------------------------------------------
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> int:
+        """Add decode tokens k, v: [t, H_kv, D]; returns how many became pending (a CPU job)."""
+        m = self.method
+        with self.lock:
+            snap = self.snapshot
+            n_s = 0
+            if snap.length == snap.sink_k.shape[0]:
+                n_s = min(m.n_sink - snap.sink_k.shape[0], k.shape[0])
+            sink_k, sink_v = snap.sink_k, snap.sink_v
+            if n_s > 0:
+                sink_k, sink_v = torch.cat([sink_k, k[:n_s]]), torch.cat([sink_v, v[:n_s]])
+                # nothing is pending yet: the first pending token comes right after the sinks
+                self.host.start = self.host.base = self.host.end = sink_k.shape[0]
+            win_k, win_v = torch.cat([snap.window_k, k[n_s:]]), torch.cat([snap.window_v, v[n_s:]])
+            out = max(0, win_k.shape[0] - m.window)
+            temp_view = snap.temp
+            if out:
+                old_k, old_v = win_k[:out], win_v[:out]
+                if self.temp is None:
+                    self.temp = self._new_temp(self.host.end)
+                self.temp.append(old_k, old_v)
+                temp_view = self.temp.view()
+                self.host.push(old_k, old_v)
+                event = None
+                if self.pool.device.type == "cuda":
+                    event = torch.cuda.Event()
+                    event.record()
+                self.jobs.append((out, event))
+            self.snapshot = replace(
+                snap, sink_k=sink_k, sink_v=sink_v, temp=temp_view, window_k=win_k[out:], window_v=win_v[out:]
+            )
+            return out
+
+    def _new_temp(self, start: int) -> TempSegment:
+        segs = self.snapshot.segments
+        strategy = (
+            TempStrategy.of(segs[-1], getattr(self.method, "channels", None))
+            if segs
+            else TempStrategy.identity(self.n_heads, self.dim, self.pool.device)
+        )
+        return TempSegment(self.method, start, strategy, self.pool, self.dtype)
+
+    # ---- readers ----------------------------------------------------------------------------------
+    def acquire(self) -> Snapshot:
+        with self.lock:
+            snap = self.snapshot
+            self.readers[snap.generation] = self.readers.get(snap.generation, 0) + 1
+            return snap
+
+    def release(self, snap: Snapshot) -> None:
+        with self.lock:
+            left = self.readers[snap.generation] - 1
+            if left:
+                self.readers[snap.generation] = left
+            else:
+                del self.readers[snap.generation]
+            self._reclaim()
+
+    def _reclaim(self) -> None:
+        """Free retired stripes no live reader can see (caller holds the lock)."""
+        oldest = min(self.readers, default=None)
+        keep = []
+        for gen, stripes in self.retired:
+            if oldest is not None and oldest <= gen:
+                keep.append((gen, stripes))
+            else:
+                for s in stripes:
+                    s.release()
+        self.retired = keep
+
+    # ---- CPU side ---------------------------------------------------------------------------------
+    def next_job(self) -> tuple[int, Any] | None:
+        """Pop the next job, or mark the stream idle and return None."""
+        with self.lock:
+            if self.jobs and not self.freed:
+                return self.jobs.popleft()
+            self.scheduled = False
+            return None
+
+    def process(self, n: int, event: Any) -> None:
+        """Fold n newly pending tokens into the method's state in the sizes a synchronous
+        ``KVCache.append`` uses (pending never passes segment_len unchecked), closing segments
+        when the method says so."""
+        if event is not None:
+            event.synchronize()  # the device-to-host copy of these rows has landed
+        m = self.method
+        while n:
+            a = self.host.start + self.cpu_pending
+            t = min(n, m.segment_len - self.cpu_pending)
+            with self.lock:  # push may be swapping the buffer
+                k, v = self.host.rows(a, a + t)
+            m._on_pending(self.state, k, v)
+            self.cpu_pending += t
+            n -= t
+            if m._should_close(self.state, self.cpu_pending):
+                self._close()
+
+    def _close(self) -> None:
+        """Encode the CPU's pending tokens as one segment and swap it in for the temporary rows."""
+        began = time.perf_counter()
+        if self.reencode_delay_s:
+            time.sleep(self.reencode_delay_s)  # the configured slow re-encoder (backlog tests)
+        a, n = self.host.start, self.cpu_pending
+        with self.lock:
+            k, v = self.host.rows(a, a + n)
+        core = self.method._encode_segment(k, v, self.state, True)
+        seg = PagedSegment.from_core(core, a, self.pool, self.dtype, self.method.block_size)
+        temp = TempSegment(
+            self.method,
+            a + n,
+            TempStrategy.of(seg, getattr(self.method, "channels", None)),
+            self.pool,
+            self.dtype,
+        )
+        with self.lock:
+            known = self.host.end
+            hk, hv = self.host.rows(a + n, known)
+        dev = self.pool.device
+        temp.append(hk.to(dev), hv.to(dev))  # outside the lock: decode keeps appending meanwhile
+        with self.lock:
+            if self.freed:
+                for s in seg.stripes() + temp.stripes():
+                    s.release()
+                return
+            hk, hv = self.host.rows(known, self.host.end)
+            temp.append(hk.to(dev), hv.to(dev))  # the few tokens that arrived during the encode
+            snap = self.snapshot
+            old = self.temp
+            self.temp = temp
+            self.snapshot = replace(
+                snap, generation=snap.generation + 1, segments=snap.segments + (seg,), temp=temp.view()
+            )
+            if old is not None:
+                self.retired.append((snap.generation, old.stripes()))
+            self.host.start = a + n
+            self.cpu_pending = 0
+            self._reclaim()
+            self.reencodes += 1
+            self.reencode_s += time.perf_counter() - began
+
+    # ---- lifetime ---------------------------------------------------------------------------------
+    def fork(self) -> Stream:
+        """A copy for another request (the caller made sure no job is queued or running): closed
+        segments share pages, the temporary segment and host rows are copied."""
+        twin = Stream(self.method, self.pool, self.n_heads, self.dim, self.dtype, self.reencode_delay_s)
+        with self.lock:
+            snap = self.snapshot
+            segs = tuple(s.shared() for s in snap.segments)
+            twin.temp = self.temp.copy() if self.temp is not None else None
+            twin.snapshot = replace(
+                snap, generation=0, segments=segs, temp=twin.temp.view() if twin.temp is not None else None
+            )
+            k, v = self.host.rows(self.host.start, self.host.end)
+            twin.host.start = twin.host.base = twin.host.end = self.host.start
+            twin.host.push(k, v)
+            twin.state = copy.deepcopy(self.state)
+            twin.cpu_pending = self.cpu_pending
+        return twin
+
+    def free(self) -> int:
+        """Drop everything; pages still read by a live snapshot go back when it is released.
+        Returns the queued (never processed) pending tokens dropped."""
+        with self.lock:
+            self.freed = True
+            dropped = sum(n for n, _ in self.jobs)
+            self.jobs.clear()
+            snap = self.snapshot
+            owned = tuple(s for seg in snap.segments for s in seg.stripes())
+            owned += self.temp.stripes() if self.temp is not None else ()
+            self.retired.append((snap.generation, owned))
+            self.temp = None
+            self._reclaim()
+            return dropped
+
+    # ---- accounting -------------------------------------------------------------------------------
+    def stripes(self) -> list[PagedStripe]:
+        """Every stripe this stream owns now, retired ones included."""
+        with self.lock:
+            out = [s for seg in self.snapshot.segments for s in seg.stripes()]
+            out += list(self.temp.stripes()) if self.temp is not None else []
+            out += [s for _, group in self.retired for s in group]
+            return out
+
+    def dense_bytes(self) -> int:
+        """Device bytes outside pages: sinks, window, rotations, summaries, the temp's own buffers."""
+        with self.lock:
+            snap = self.snapshot
+            parts = [snap.sink_k, snap.sink_v, snap.window_k, snap.window_v]
+            n = sum(t.untyped_storage().nbytes() for t in parts)  # a window view keeps its whole storage
+            n += sum(seg.dense_bytes for seg in snap.segments)
+            return n + (self.temp.dense_bytes if self.temp is not None else 0)
+
+    @property
+    def temp_tokens(self) -> int:
+        t = self.snapshot.temp
+        return t.length if t is not None else 0
+
+
+def _to_host(state: Any) -> Any:
+    """The method state moves to the host, where the CPU threads update it."""
+    if state is None:
+        return None
+    moved = copy.copy(state)
+    for name, value in vars(state).items():
+        if isinstance(value, torch.Tensor):
+            setattr(moved, name, value.cpu())
+    return moved

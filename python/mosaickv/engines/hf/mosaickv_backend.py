@@ -1,0 +1,254 @@
+"""The hf engine's ``mosaickv`` backend: full-attention prefill, then the prompt's KV encoded per layer
+by a core method (mosaickv.core: full quest think naive2d mosaic); decode attends on the packed form.
+
+How it plugs into transformers 5.x:
+- ``PackedCache`` (a ``Cache``) holds one ``PackedLayer`` per decoder layer. During prefill a layer keeps
+  the dense K/V it is given; ``end_prefill`` encodes each layer with the method and drops the dense
+  copy. After that, ``update`` appends the new token to the packed cache (``KVCache.append``).
+- The attention function ``mosaickv`` (registered with transformers' ``AttentionInterface`` by
+  ``prepare``) runs stock SDPA during prefill and records the last queries of the prompt (ThinK's
+  query window); at decode it calls ``KVCache.attend`` on the packed cache. It finds that cache
+  through the layer whose ``update`` ran just before it on this thread: transformers calls
+  ``cache.update`` then the attention function inside the same attention forward.
+
+Options (``--backend-option KEY=VALUE``): ``method`` (default mosaic) and the method's parameters
+(``keep_ratio``, ``token_ratio``, ``block_size``, ``window``, ``n_sink``, ``segment_len``, ``summary``,
+``group``, ...; numbers parsed, ``none`` for None), plus ``budget_ratio``: fit the method's
+``keep_ratio`` per request so that the real bytes are at most (dense bytes / budget_ratio), measured on
+layer 0 (every layer has the same shape); only for methods with a keep_ratio (think, naive2d, mosaic).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, Cache, PreTrainedModel
+from transformers.cache_utils import CacheLayerMixin
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from mosaickv.core import METHODS, CompressionMethod, KVCache, make_method
+
+from .backends import KVBackend
+
+ATTENTION_NAME = "mosaickv"
+Q_WINDOW = 32  # prompt queries kept per layer for ThinK's channel scores (ThinK's observation window)
+_FIT_STEPS = 12  # bisection steps on keep_ratio: 2**-12 of resolution is far below one element
+_current = threading.local()  # the PackedLayer whose update ran last on this thread
+
+
+class PackedLayer(CacheLayerMixin):
+    """One decoder layer's cache: dense K/V ([1, H_kv, T, D]) during prefill, then a core KVCache."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.packed: KVCache | None = None
+        self.q_window: torch.Tensor | None = None  # [w, H_q, D], recorded by the attention function
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """key_states, value_states: [1, H_kv, t, D] post-RoPE. Returns what attention reads in prefill
+        (the dense K/V so far); at decode the attention function reads the packed cache instead."""
+        if key_states.shape[0] != 1:
+            raise ValueError(
+                f"the mosaickv backend holds one sequence per cache, got batch {key_states.shape[0]}"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        _current.layer = self
+        if self.packed is None:
+            if self.keys is not None:
+                raise ValueError(
+                    "the mosaickv backend prefills in one forward pass; call end_prefill before decoding"
+                )
+            self.keys, self.values = key_states, value_states
+            return key_states, value_states
+        self.packed.append(key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
+        return key_states, value_states
+
+    def encode(self, method: CompressionMethod) -> None:
+        """Compress the prefill K/V with `method` and drop the dense copy."""
+        if self.keys is None or self.values is None:
+            raise ValueError(f"layer {self.layer_idx} has no prefill K/V to encode")
+        self.packed = method.encode(
+            self.keys[0].transpose(0, 1), self.values[0].transpose(0, 1), q_window=self.q_window
+        )
+        self.keys = self.values = self.q_window = None
+
+    def get_seq_length(self) -> int:
+        if self.packed is not None:
+            return self.packed.length
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def nbytes(self) -> int:
+        """Real bytes held: the packed cache's tensors, or the dense prefill K/V before encoding."""
+        if self.packed is not None:
+            return self.packed.nbytes
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
+
+
+class PackedCache(Cache):
+    """One request's cache: a PackedLayer per decoder layer."""
+
+    def __init__(self, n_layers: int) -> None:
+        super().__init__(layers=[PackedLayer(i) for i in range(n_layers)])
+
+
+def mosaickv_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """query: [1, H_q, t, D]; key, value: [1, H_kv, T, D] (prefill). Returns ([1, t, H_q, D], None).
+
+    The positional order (..., attention_mask, dropout, scaling) is SDPA's: kvpress wraps every
+    registered attention function and calls it positionally.
+    """
+    layer = getattr(_current, "layer", None)
+    if not isinstance(layer, PackedLayer) or layer.layer_idx != module.layer_idx:
+        raise RuntimeError(
+            "mosaickv attention needs a PackedCache: build the cache with the mosaickv backend's new_cache"
+        )
+    if layer.packed is None:
+        out, weights = sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, **kwargs
+        )
+        layer.q_window = query[0, :, -Q_WINDOW:].transpose(0, 1).clone()
+        return out, weights
+    if query.shape[2] != 1:
+        raise ValueError(
+            f"after prefill the mosaickv backend decodes one token per step, got {query.shape[2]}"
+        )
+    out = layer.packed.attend(query[0, :, 0], scale=scaling)  # [H_q, D]
+    return out[None, None], None
+
+
+def _parse(value: str) -> Any:
+    low = value.strip().lower()
+    if low == "none":
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def fit_keep_ratio(
+    name: str,
+    params: Mapping[str, Any],
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_window: torch.Tensor | None,
+    budget_ratio: float,
+) -> float:
+    """The largest keep_ratio whose real bytes on (k, v) are <= dense bytes / budget_ratio.
+
+    k, v: [T, H_kv, D] one layer's prompt K/V; q_window: [w, H_q, D] or None.
+    """
+    target = k.numel() * k.element_size() * 2 / budget_ratio
+
+    def nbytes(ratio: float) -> int:
+        return make_method(name, **{**params, "keep_ratio": ratio}).encode(k, v, q_window=q_window).nbytes
+
+    lo, hi = 0.0, 1.0
+    if nbytes(1.0 / k.shape[2]) > target:
+        raise ValueError(
+            f"{name} cannot reach budget_ratio {budget_ratio} on {k.shape[0]} tokens even keeping one "
+            "element per vector (fixed costs: sinks, recent window, summaries); lower budget_ratio, the "
+            "window or the summary size"
+        )
+    for _ in range(_FIT_STEPS):
+        mid = (lo + hi) / 2
+        if nbytes(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return max(lo, 1.0 / k.shape[2])
+
+
+class MosaicKVBackend(KVBackend):
+    """KV backend for the core methods (see the module docstring for options)."""
+
+    name = "mosaickv"
+
+    def __init__(self, options: Mapping[str, str]) -> None:
+        params = {k: _parse(v) for k, v in options.items()}
+        method = str(params.pop("method", "mosaic"))
+        if method not in METHODS:
+            raise ValueError(
+                f"unknown method {method!r} for the mosaickv backend; allowed: {', '.join(METHODS)}"
+            )
+        budget = params.pop("budget_ratio", None)
+        if budget is not None:
+            if not isinstance(budget, (int, float)) or budget < 1:
+                raise ValueError(f"budget_ratio must be a number >= 1, got {budget!r}")
+            if method not in ("think", "naive2d", "mosaic") or params.get("keep_ratio", 0.25) is None:
+                raise ValueError(
+                    f"budget_ratio fits keep_ratio, which method {method!r} does not use as set; "
+                    "use it with think, naive2d or mosaic (with a fixed keep_ratio)"
+                )
+            params.pop("keep_ratio", None)
+        self.method = method
+        self.params: dict[str, Any] = params
+        self.budget_ratio: float | None = None if budget is None else float(budget)
+        self.last_keep_ratio: float | None = params.get("keep_ratio")
+        self._method = make_method(method, **params)  # validates the parameters now, before any request
+
+    def prepare(self, model: PreTrainedModel) -> None:
+        AttentionInterface.register(ATTENTION_NAME, mosaickv_attention)
+        model.set_attn_implementation(ATTENTION_NAME)
+
+    def new_cache(self, model: PreTrainedModel) -> Cache:
+        return PackedCache(model.config.num_hidden_layers)
+
+    def end_prefill(self, cache: Cache) -> None:
+        layers = [layer for layer in cache.layers if isinstance(layer, PackedLayer)]
+        if len(layers) != len(cache.layers):
+            raise TypeError("end_prefill expects the PackedCache made by this backend's new_cache")
+        method = self._method
+        if self.budget_ratio is not None:
+            first = layers[0]
+            if first.keys is None or first.values is None:
+                raise ValueError("end_prefill called before a prefill filled the cache")
+            ratio = fit_keep_ratio(
+                self.method,
+                self.params,
+                first.keys[0].transpose(0, 1),
+                first.values[0].transpose(0, 1),
+                first.q_window,
+                self.budget_ratio,
+            )
+            self.last_keep_ratio = ratio
+            method = make_method(self.method, **{**self.params, "keep_ratio": ratio})
+        for layer in layers:
+            layer.encode(method)
+
+    def kv_bytes(self, cache: Cache) -> int:
+        return sum(layer.nbytes for layer in cache.layers if isinstance(layer, PackedLayer))

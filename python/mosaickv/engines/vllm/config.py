@@ -1,0 +1,96 @@
+"""MosaicKV settings for the vLLM backend and the packed page size they imply (no vLLM import).
+
+vLLM has no sanctioned way to hand configuration to a plugin backend, so the settings come from
+one environment variable, read in every vLLM process (API server, engine core, workers):
+
+    MOSAICKV_VLLM_CONFIG='{"keep_ratio": 0.25, "group": 1, "token_ratio": 0.1}'
+
+Keys are ``mosaickv.core`` MosaicMethod parameters; unknown keys are an error. The page size is
+derived from the same settings, so every process sizes pages identically.
+"""
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from mosaickv.core import bitmap_words
+from mosaickv.core.methods.mosaic import MosaicMethod
+from mosaickv.core.packing import check_group
+from mosaickv.core.strategy import fixed_strategy
+from mosaickv.core.summaries import summary_width
+
+ENV_VAR = "MOSAICKV_VLLM_CONFIG"
+
+
+@dataclass(frozen=True)
+class MosaicSettings:
+    """The compression a vLLM deployment runs with (one value for every layer).
+
+    keep_ratio must be fixed (not None): a vLLM page has one size, so the per-stripe strategy
+    search, whose keep count varies per segment, cannot be paged and is refused.
+    """
+
+    keep_ratio: float = 0.25
+    group: int = 1
+    token_ratio: float = 0.10
+    block_size: int = 8
+    n_sink: int = 4
+    window: int = 64
+    segment_len: int = 1024
+    summary: str = "minmax"
+    summary_channels: int = 32
+
+    def __post_init__(self) -> None:
+        # The core checks g against a head dim only at encode time; every D the backend accepts is a
+        # multiple of 4, so checking against D = 4 refuses a bad g here, in every vLLM process.
+        check_group(4, self.group)
+        self.make_method()
+
+    def make_method(self) -> MosaicMethod:
+        """The core method these settings describe (validates every value)."""
+        return MosaicMethod(**asdict(self))
+
+    def token_head_bytes(self, head_size: int, dtype: torch.dtype) -> float:
+        """Packed bytes of one token of one KV head in a compressed segment (may be fractional).
+
+        K and V: kept values (k = keep_ratio * D, a multiple of g) in the storage dtype plus a
+        [W] uint32 bitmap; the K side's block summary amortised over B tokens; the segment's two
+        D x D float32 rotations amortised over segment_len tokens.
+        """
+        elem = torch.empty(0, dtype=dtype).element_size()
+        keep = fixed_strategy(head_size, self.keep_ratio, self.group, None).keep
+        row = keep * elem + 4 * bitmap_words(head_size, self.group)
+        summary = 0.0
+        if self.token_ratio < 1.0:
+            summary = summary_width(self.summary, head_size, self.summary_channels) * elem / self.block_size
+        rotations = 2 * head_size * head_size * 4 / self.segment_len
+        return 2 * row + summary + rotations
+
+    def state_bytes(self, head_size: int, dtype: torch.dtype) -> int:
+        """Bytes per (token, KV head) cell of a vLLM page: token_head_bytes rounded up, a multiple
+        of the storage dtype's size so vLLM can view the page in that dtype."""
+        elem = torch.empty(0, dtype=dtype).element_size()
+        return math.ceil(self.token_head_bytes(head_size, dtype) / elem) * elem
+
+    @classmethod
+    def from_env(cls) -> "MosaicSettings":
+        raw = os.environ.get(ENV_VAR, "")
+        if not raw.strip():
+            return cls()
+        try:
+            given = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{ENV_VAR} must be a JSON object, got {raw!r}: {err}") from err
+        if not isinstance(given, dict):
+            raise ValueError(f"{ENV_VAR} must be a JSON object, got {type(given).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise ValueError(f"{ENV_VAR}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        if given.get("keep_ratio", 0.25) is None:
+            raise ValueError(f"{ENV_VAR}: keep_ratio must be a number: vLLM pages have one size, so "
+                             "the per-segment strategy search (keep_ratio null) cannot be paged")
+        return cls(**given)

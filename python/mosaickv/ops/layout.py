@@ -1,0 +1,304 @@
+"""The flat GPU layout of one layer's compressed caches for a batch of sequences, and the decode
+workspace: what the CUDA kernels read (docs/KERNELS.md "GPU layout").
+
+``DecodeLayout.from_caches`` flattens ``mosaickv.core`` caches (mosaic: packed + rotated; quest:
+dense) into pools plus a stripe table; benchmarks may build a ``DecodeLayout`` directly on the GPU.
+``DecodeWorkspace.plan`` sizes every buffer once (plan once, run many): the run path allocates
+nothing and never synchronises with the host, so a CUDA graph can capture it.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from mosaickv.core import KVCache
+
+# Column order of the stripe table; must match StripeCol in cuda/mosaickv/params.h.
+STRIPE_COLS = (
+    "seq",
+    "head",
+    "tokens",
+    "keep_k",
+    "keep_v",
+    "group_k",
+    "group_v",
+    "kbit_off",
+    "vbit_off",
+    "kval_off",
+    "vval_off",
+    "block_off",
+    "row_off",
+)
+CHUNK_KEYS = 4096  # block scores per CTA in the selection stages (kChunk in cuda/mosaickv/select.cuh)
+SUMMARY_KIND_IDS = {"mean": 0, "compact": 0, "minmax": 1, "compact_minmax": 1}
+
+
+def round_up8(k: int) -> int:
+    """Row stride of a packed values row: keep rounded up to 8 elements (16-byte loads)."""
+    return (k + 7) // 8 * 8
+
+
+def n_select(n_blocks: int, ratio: float) -> int:
+    """Blocks attended out of n_blocks; same rounding as mosaickv.core.summaries.select_top_blocks."""
+    return min(n_blocks, math.ceil(ratio * n_blocks - 1e-9))
+
+
+@dataclass
+class DecodeLayout:
+    """One layer, a batch of B sequences with H_kv KV heads of dim D.
+
+    Attributes:
+        packed: True for MosaicKV stripes (bitmaps + values + rotations), False for dense rows.
+        stripes: [n_stripes, 13] int64, columns STRIPE_COLS, ordered by (b, h) then segment.
+        stripe_ptr, block_ptr: [B*H_kv + 1] int32 CSR offsets of each (b, h)'s stripes and blocks.
+        block_stripe: [n_blocks] int32 owning stripe of each block.
+        rot: [n_stripes, 2, D, D] float32 (R_K, R_V) or None (dense).
+        kbits, vbits: flat int32 bitmap pools (uint32 bit patterns); empty when dense.
+        kvals, vvals: flat storage-dtype value pools (packed) or [n_rows, D] rows (dense).
+        summary: [n_blocks, width] storage dtype; summary_kind: 0 mean/compact, 1 minmax.
+        n_select: [B*H_kv] int32 blocks attended per (b, h).
+        dense_k, dense_v: [B, H_kv, cap, D] sinks then tail (pending + window); dense_len: [B] int32.
+    """
+
+    packed: bool
+    stripes: torch.Tensor
+    stripe_ptr: torch.Tensor
+    block_ptr: torch.Tensor
+    block_stripe: torch.Tensor
+    rot: torch.Tensor | None
+    kbits: torch.Tensor
+    vbits: torch.Tensor
+    kvals: torch.Tensor
+    vvals: torch.Tensor
+    summary: torch.Tensor
+    summary_kind: int
+    block: int
+    n_select: torch.Tensor
+    dense_k: torch.Tensor
+    dense_v: torch.Tensor
+    dense_len: torch.Tensor
+
+    @property
+    def batch(self) -> int:
+        return self.dense_k.shape[0]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.dense_k.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.dense_k.shape[3]
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor of the layout (pools, tables, rotations, summaries, dense part)."""
+        ts = [
+            self.stripes,
+            self.stripe_ptr,
+            self.block_ptr,
+            self.block_stripe,
+            self.kbits,
+            self.vbits,
+            self.kvals,
+            self.vvals,
+            self.summary,
+            self.n_select,
+            self.dense_k,
+            self.dense_v,
+            self.dense_len,
+        ]
+        if self.rot is not None:
+            ts.append(self.rot)
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    @classmethod
+    def from_caches(cls, caches: list[KVCache], device: torch.device | str) -> "DecodeLayout":
+        """Flatten core caches (same method, H_kv, D, dtype; mosaic or quest) for the kernels."""
+        if not caches:
+            raise ValueError("from_caches needs at least one cache")
+        c0 = caches[0]
+        m = c0.method
+        if m.name not in ("mosaic", "quest"):
+            raise ValueError(
+                f"the CUDA kernels run 'mosaic' (packed) and 'quest' (dense) caches, got {m.name!r}; "
+                "other methods run on mosaickv.core"
+            )
+        if not m.selects_blocks:
+            raise ValueError("the CUDA decode path selects blocks: token_ratio must be < 1")
+        for c in caches:
+            if (c.method.name, c.n_kv_heads, c.dim, c.dtype, c.method.block_size) != (
+                m.name,
+                c0.n_kv_heads,
+                c0.dim,
+                c0.dtype,
+                m.block_size,
+            ):
+                raise ValueError("all caches of a batch need the same method, H_kv, D, dtype and block size")
+        packed = m.name == "mosaic"
+        h_kv, d, blk = c0.n_kv_heads, c0.dim, m.block_size
+        rows: list[list[int]] = []
+        kb, vb, kv, vv, summ, rots, block_stripe = [], [], [], [], [], [], []
+        stripe_ptr, block_ptr, nsel = [0], [0], []
+        offs = {"kbit": 0, "vbit": 0, "kval": 0, "vval": 0, "block": 0, "row": 0}
+        kinds = set()
+        for b, cache in enumerate(caches):
+            for h in range(h_kv):
+                n_b = 0
+                for seg in cache.segments:
+                    kinds.add(seg.summary_kind)
+                    s = seg.length
+                    nb = -(-s // blk)
+                    kk, kvk = seg.k.keep[h], seg.v.keep[h]
+                    gk, gv = seg.k.group[h], seg.v.group[h]
+                    sid = len(rows)
+                    rows.append(
+                        [
+                            b,
+                            h,
+                            s,
+                            kk,
+                            kvk,
+                            gk,
+                            gv,
+                            offs["kbit"],
+                            offs["vbit"],
+                            offs["kval"],
+                            offs["vval"],
+                            offs["block"],
+                            offs["row"],
+                        ]
+                    )
+                    if packed:
+                        for side, bits_pool, vals_pool, kb_key, kv_key in (
+                            (seg.k, kb, kv, "kbit", "kval"),
+                            (seg.v, vb, vv, "vbit", "vval"),
+                        ):
+                            if side.bitmaps is None or side.rotation is None:
+                                raise ValueError("mosaic segments must carry bitmaps and rotations")
+                            bits = side.bitmaps[h]
+                            bits_pool.append(bits.view(torch.int32).reshape(-1))
+                            offs[kb_key] += bits.numel()
+                            vals = side.values[h]
+                            padded = torch.zeros(
+                                s, round_up8(vals.shape[1]), dtype=vals.dtype, device=vals.device
+                            )
+                            padded[:, : vals.shape[1]] = vals
+                            vals_pool.append(padded.reshape(-1))
+                            offs[kv_key] += padded.numel()
+                        rots.append(torch.stack([seg.k.rotation[h], seg.v.rotation[h]]))
+                    else:
+                        kv.append(seg.k.values[h])
+                        vv.append(seg.v.values[h])
+                        offs["row"] += s
+                    summ.append(seg.summary[h])
+                    block_stripe += [sid] * nb
+                    offs["block"] += nb
+                    n_b += nb
+                stripe_ptr.append(len(rows))
+                block_ptr.append(offs["block"])
+                nsel.append(n_select(n_b, m.token_ratio))
+        if len(kinds) > 1:
+            raise ValueError(f"mixed summary kinds in one batch: {kinds}")
+        kind = SUMMARY_KIND_IDS[kinds.pop()] if kinds else SUMMARY_KIND_IDS[m.summary]
+        width = summ[0].shape[1] if summ else 8 * (2 if kind == 1 else 1)  # no blocks: never read
+        dense = [torch.cat([c.sink_k, c.tail_k]) for c in caches]
+        dense_v = [torch.cat([c.sink_v, c.tail_v]) for c in caches]
+        cap = max(1, max(x.shape[0] for x in dense))
+        dk = torch.zeros(len(caches), h_kv, cap, d, dtype=c0.dtype)
+        dv = torch.zeros_like(dk)
+        for b, (x, y) in enumerate(zip(dense, dense_v, strict=True)):
+            dk[b, :, : x.shape[0]] = x.transpose(0, 1).cpu()
+            dv[b, :, : y.shape[0]] = y.transpose(0, 1).cpu()
+
+        def cat(
+            parts: list[torch.Tensor], dtype: torch.dtype, shape_tail: tuple[int, ...] = ()
+        ) -> torch.Tensor:
+            if not parts:
+                return torch.zeros((8, *shape_tail), dtype=dtype, device=device)  # never read: no stripes
+            return torch.cat([p.cpu() for p in parts]).to(device)
+
+        i32 = torch.int32
+        return cls(
+            packed=packed,
+            stripes=torch.tensor(rows, dtype=torch.int64).reshape(-1, len(STRIPE_COLS)).to(device),
+            stripe_ptr=torch.tensor(stripe_ptr, dtype=i32, device=device),
+            block_ptr=torch.tensor(block_ptr, dtype=i32, device=device),
+            block_stripe=torch.tensor(block_stripe, dtype=i32, device=device),
+            rot=torch.stack([r.cpu() for r in rots]).to(device)
+            if packed and rots
+            else (torch.zeros(1, 2, d, d, device=device) if packed else None),
+            kbits=cat(kb, i32) if packed else torch.zeros(8, dtype=i32, device=device),
+            vbits=cat(vb, i32) if packed else torch.zeros(8, dtype=i32, device=device),
+            kvals=cat(kv, c0.dtype, () if packed else (d,)),
+            vvals=cat(vv, c0.dtype, () if packed else (d,)),
+            summary=cat(summ, c0.dtype, (width,)),
+            summary_kind=kind,
+            block=blk,
+            n_select=torch.tensor(nsel, dtype=i32, device=device),
+            dense_k=dk.to(device),
+            dense_v=dv.to(device),
+            dense_len=torch.tensor([x.shape[0] for x in dense], dtype=i32, device=device),
+        )
+
+
+@dataclass
+class DecodeWorkspace:
+    """Buffers of one decode step, sized once by ``plan`` and reused across layers and steps.
+
+    Attributes:
+        qrot: [n_stripes, G, D] f32; keys: [n_blocks] int32; sel: [B*H, max_select] int32;
+        sel_state: [B*H, 4] int32 (radix-select state); ghist: [B*H, 2048] int32, zero at rest (the
+        kernels re-zero it); chunk_counts: [B*H, max_chunks, 2] int32 (4096 keys per chunk);
+        pieces: [B*H, max_pieces, 3] int32; n_pieces: [B*H] int32; part_o: [B*H, max_pieces + 1, G, D]
+        f32; part_ml: [B*H, max_pieces + 1, G, 2] f32; stripe_out: [B*H, max_stripes + 1, G, D] f32;
+        status: [1] int32 (kernel status bits, mosaickv/params.h).
+    """
+
+    qrot: torch.Tensor
+    keys: torch.Tensor
+    sel: torch.Tensor
+    sel_state: torch.Tensor
+    ghist: torch.Tensor
+    chunk_counts: torch.Tensor
+    pieces: torch.Tensor
+    n_pieces: torch.Tensor
+    part_o: torch.Tensor
+    part_ml: torch.Tensor
+    stripe_out: torch.Tensor
+    status: torch.Tensor
+    piece_blocks: int
+
+    @classmethod
+    def plan(cls, layout: DecodeLayout, gqa_group: int, piece_blocks: int = 64) -> "DecodeWorkspace":
+        """Size the buffers for ``layout`` (reads its small int tables on the host once)."""
+        if not 1 <= piece_blocks <= 64:
+            raise ValueError(
+                f"piece_blocks must be in [1, 64] (the attention CTA stages 64 block ids), got {piece_blocks}"
+            )
+        dev = layout.dense_k.device
+        bh = layout.batch * layout.n_kv_heads
+        n_sel = layout.n_select.cpu()
+        n_str = (layout.stripe_ptr[1:] - layout.stripe_ptr[:-1]).cpu()
+        max_select = max(1, int(n_sel.max()) if bh else 1)
+        n_blk = (layout.block_ptr[1:] - layout.block_ptr[:-1]).cpu()
+        max_chunks = max(1, -(-int(n_blk.max()) // CHUNK_KEYS) if bh else 1)
+        max_stripes = int(n_str.max()) if bh else 0
+        max_pieces = max(1, int(((n_sel + piece_blocks - 1) // piece_blocks + n_str).max()))
+        g, d = gqa_group, layout.head_dim
+        f32, i32 = torch.float32, torch.int32
+        return cls(
+            qrot=torch.empty(max(1, layout.stripes.shape[0]), g, d, dtype=f32, device=dev),
+            keys=torch.empty(max(1, layout.block_stripe.numel()), dtype=i32, device=dev),
+            sel=torch.empty(bh, max_select, dtype=i32, device=dev),
+            sel_state=torch.zeros(bh, 4, dtype=i32, device=dev),
+            ghist=torch.zeros(bh, 2048, dtype=i32, device=dev),
+            chunk_counts=torch.zeros(bh, max_chunks, 2, dtype=i32, device=dev),
+            pieces=torch.empty(bh, max_pieces, 3, dtype=i32, device=dev),
+            n_pieces=torch.empty(bh, dtype=i32, device=dev),
+            part_o=torch.empty(bh, max_pieces + 1, g, d, dtype=f32, device=dev),
+            part_ml=torch.empty(bh, max_pieces + 1, g, 2, dtype=f32, device=dev),
+            stripe_out=torch.empty(bh, max_stripes + 1, g, d, dtype=f32, device=dev),
+            status=torch.zeros(1, dtype=i32, device=dev),
+            piece_blocks=piece_blocks,
+        )

@@ -1,0 +1,52 @@
+"""bench/decode/bench_decode.py --smoke: the H200 decode benchmark's harness, run on the CPU at tiny
+shapes (model, both backends, manager probe, capacity, JSON). Its timings are not checked: they
+say nothing about the GPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_decode_bench_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "decode.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "decode" / "bench_decode.py"),
+        "--smoke",
+        "--out",
+        str(out),
+        "--contexts",
+        "256",
+        "--batches",
+        "1",
+        "2",
+        "--repeats",
+        "1",
+        "--manager-steps",
+        "70",
+        "--manager-segment-len",
+        "32",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    doc = json.loads(out.read_text())
+    rows = doc["decode"]
+    assert sorted((r["batch"], r["backend"]) for r in rows) == [
+        (1, "mosaickv"),
+        (1, "stock"),
+        (2, "mosaickv"),
+        (2, "stock"),
+    ]
+    assert all(r["ms"] > 0 and r["fits"] for r in rows)
+    # dense fp32 K+V per token and layer: 2 * H_kv * D * 4 bytes at the smoke shape (2 KV heads, D 64)
+    stock = next(r for r in rows if r["backend"] == "stock")
+    assert stock["bytes_per_token_layer"] == 2 * 2 * 64 * 4
+    assert doc["capacity"]["context_ratio"] > 1.0  # packed rows are smaller than dense ones
+    for probe in doc["manager_overhead"]:
+        # 70 steps, a 64-token window, 32-token segments: at least one close per (request, layer)
+        assert probe["reencodes"] >= probe["batch"] * doc["shape"]["layers"]
+        assert probe["backlog_peak"] <= probe["backlog_limit"]
+        assert probe["append_ms_per_step"] > 0

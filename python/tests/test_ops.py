@@ -1,0 +1,226 @@
+"""mosaickv.ops on CPU: the fallback to the core reference, the flat GPU layout built from core caches,
+fake (meta) implementations, and argument validation. The kernels themselves are checked against the
+core reference on a GPU by test_ops_gpu.py."""
+
+import math
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from mosaickv.core import bitmap_words, block_summaries, make_method, pack_topk
+from mosaickv.ops import STRIPE_COLS, DecodeLayout, DecodePlan, DecodeWorkspace, encode_side, round_up8
+
+COL = {name: i for i, name in enumerate(STRIPE_COLS)}
+
+
+def caches(method: str, lengths: list[int], **params: object) -> list:
+    gen = torch.Generator().manual_seed(11)
+    m = make_method(method, n_sink=4, window=16, block_size=8, token_ratio=0.1, segment_len=64, **params)
+    out = []
+    for t in lengths:
+        k = (torch.randn(t, 2, 64, generator=gen) * torch.linspace(2, 0.2, 64)).to(torch.bfloat16)
+        v = torch.randn(t, 2, 64, generator=gen).to(torch.bfloat16)
+        out.append(m.encode(k, v))
+    return out
+
+
+def test_encode_side_cpu_layout_matches_core_pieces() -> None:
+    gen = torch.Generator().manual_seed(0)
+    s, h, d = 21, 2, 64
+    x = torch.randn(s, h, d, generator=gen).to(torch.bfloat16)
+    rot = torch.linalg.qr(torch.randn(h, d, d, generator=gen, dtype=torch.float64))[0].float()
+    keep, group = [12, 16], [2, 4]  # 12 is not a multiple of 8: rows are padded to 16
+    vals, bits, summary = encode_side(x, rot, keep, group, d, 8, 1, 2 * d)
+    xr = torch.einsum("shd,hed->hse", x.float(), rot)
+    vo = bo = 0
+    for i in range(h):
+        ref_vals, ref_bits = pack_topk(xr[i], keep[i], group[i], None, torch.bfloat16)
+        rows = vals[vo : vo + s * round_up8(keep[i])].view(s, round_up8(keep[i]))
+        assert torch.equal(rows[:, : keep[i]], ref_vals)
+        assert not rows[:, keep[i] :].any(), "padding must be zero"
+        w = bitmap_words(d, group[i])
+        assert torch.equal(bits[bo : bo + s * w].view(s, w), ref_bits.view(torch.int32))
+        vo += s * round_up8(keep[i])
+        bo += s * w
+    assert vo == vals.numel() and bo == bits.numel()
+    assert torch.equal(summary, block_summaries(xr, 8, "minmax", 0, torch.bfloat16))
+
+
+def test_encode_side_fake_shapes() -> None:
+    s, h, d = 37, 3, 128
+    with FakeTensorMode():
+        x = torch.empty(s, h, d, dtype=torch.float16)
+        rot = torch.empty(h, d, d)
+        vals, bits, summary = encode_side(x, rot, [32, 20, 8], [1, 2, 4], d, 8, 0, 16)
+    assert vals.shape == (s * (32 + 24 + 8),) and vals.dtype == torch.float16
+    assert bits.shape == (s * (4 + 2 + 1),) and bits.dtype == torch.int32
+    assert summary.shape == (h, math.ceil(s / 8), 16)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"keep": [16, 15]}, "multiple of g"),
+        ({"group": [3, 1]}, "multiple of g"),
+        ({"block": 0}, "block must be"),
+        ({"summary_width": 12}, "summary_width"),
+        ({"dtype": torch.float32}, "bfloat16 or float16"),
+    ],
+)
+def test_encode_side_rejects_bad_arguments(bad: dict, message: str) -> None:
+    args = {"keep": [16, 16], "group": [1, 2], "block": 8, "summary_width": 128, "dtype": torch.bfloat16}
+    args.update(bad)
+    x = torch.randn(5, 2, 64).to(args["dtype"])
+    rot = torch.eye(64).expand(2, 64, 64).contiguous()
+    with pytest.raises(ValueError, match=message):
+        encode_side(x, rot, args["keep"], args["group"], 64, args["block"], 1, args["summary_width"])
+
+
+@pytest.mark.parametrize("method", ["mosaic", "quest"])
+def test_decode_plan_cpu_falls_back_to_core(method: str) -> None:
+    cs = caches(method, [150, 3, 77])
+    q = torch.randn(3, 8, 64).to(torch.bfloat16)
+    out = DecodePlan(cs, "cpu").run(q)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    for b, c in enumerate(cs):
+        assert torch.equal(out[b], c.attend(q[b]))
+
+
+def test_layout_from_caches_describes_every_stripe() -> None:
+    cs = caches("mosaic", [300, 5, 129], keep_ratio=None)  # strategy search: k and g vary per stripe
+    lay = DecodeLayout.from_caches(cs, "cpu")
+    assert lay.packed and lay.stripes.shape[1] == len(STRIPE_COLS)
+    q = torch.randn(8, 64).to(torch.bfloat16)
+    sid = 0
+    for b, c in enumerate(cs):
+        for h in range(2):
+            bh = b * 2 + h
+            assert int(lay.stripe_ptr[bh + 1] - lay.stripe_ptr[bh]) == len(c.segments)
+            assert int(lay.block_ptr[bh + 1] - lay.block_ptr[bh]) == c.n_blocks
+            if c.segments:
+                assert int(lay.n_select[bh]) == c.select_blocks(q).shape[1]
+            for seg in c.segments:
+                row = lay.stripes[sid]
+                assert int(row[COL["tokens"]]) == seg.length
+                k, g = seg.k.keep[h], seg.k.group[h]
+                assert (int(row[COL["keep_k"]]), int(row[COL["group_k"]])) == (k, g)
+                off = int(row[COL["kval_off"]])
+                vals = lay.kvals[off : off + seg.length * round_up8(k)].view(seg.length, -1)[:, :k]
+                assert torch.equal(vals, seg.k.values[h])
+                w = bitmap_words(64, g)
+                boff = int(row[COL["kbit_off"]])
+                assert torch.equal(
+                    lay.kbits[boff : boff + seg.length * w].view(-1, w), seg.k.bitmaps[h].view(torch.int32)
+                )
+                assert torch.equal(lay.rot[sid, 1], seg.v.rotation[h])
+                sid += 1
+        dense = torch.cat([c.sink_k, c.tail_k])
+        assert int(lay.dense_len[b]) == dense.shape[0]
+        assert torch.equal(lay.dense_k[b, :, : dense.shape[0]], dense.transpose(0, 1))
+    assert sid == lay.stripes.shape[0]
+
+
+def test_workspace_plan_sizes_and_limits() -> None:
+    lay = DecodeLayout.from_caches(caches("mosaic", [400, 90]), "cpu")
+    ws = DecodeWorkspace.plan(lay, gqa_group=4, piece_blocks=2)
+    n_sel = lay.n_select.tolist()
+    assert ws.sel.shape == (4, max(n_sel))
+    n_str = (lay.stripe_ptr[1:] - lay.stripe_ptr[:-1]).tolist()
+    assert ws.pieces.shape[1] == max(math.ceil(a / 2) + s for a, s in zip(n_sel, n_str, strict=True))
+    assert ws.part_o.shape == (4, ws.pieces.shape[1] + 1, 4, 64)
+    assert not ws.ghist.any(), "the histogram workspace must start zeroed"
+    with pytest.raises(ValueError, match="piece_blocks"):
+        DecodeWorkspace.plan(lay, gqa_group=4, piece_blocks=65)
+
+
+def test_layout_rejects_methods_without_kernels() -> None:
+    with pytest.raises(ValueError, match="'think'"):
+        DecodeLayout.from_caches(caches("think", [200]), "cpu")
+
+
+def test_decode_op_is_registered_with_a_fake_impl() -> None:
+    lay = DecodeLayout.from_caches(caches("mosaic", [200]), "cpu")
+    ws = DecodeWorkspace.plan(lay, gqa_group=4)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        q = torch.empty(1, 8, 64, dtype=torch.bfloat16)
+        result = torch.ops.mosaickv.decode_(
+            q,
+            torch.empty_like(q),
+            0.125,
+            True,
+            31,
+            lay.stripes,
+            lay.stripe_ptr,
+            lay.block_ptr,
+            lay.block_stripe,
+            lay.rot,
+            lay.kbits,
+            lay.vbits,
+            lay.kvals,
+            lay.vvals,
+            lay.summary,
+            lay.summary_kind,
+            lay.block,
+            lay.n_select,
+            lay.dense_k,
+            lay.dense_v,
+            lay.dense_len,
+            ws.qrot,
+            ws.keys,
+            ws.sel,
+            ws.sel_state,
+            ws.ghist,
+            ws.chunk_counts,
+            ws.pieces,
+            ws.n_pieces,
+            ws.piece_blocks,
+            ws.part_o,
+            ws.part_ml,
+            ws.stripe_out,
+            ws.status,
+        )
+    assert result is None
+
+
+def test_cuda_ops_refuse_cpu_tensors_with_a_pointer_to_core() -> None:
+    lay = DecodeLayout.from_caches(caches("mosaic", [200]), "cpu")
+    ws = DecodeWorkspace.plan(lay, gqa_group=4)
+    q = torch.randn(1, 8, 64).to(torch.bfloat16)
+    with pytest.raises(NotImplementedError):
+        torch.ops.mosaickv.decode_(
+            q,
+            torch.empty_like(q),
+            0.125,
+            True,
+            31,
+            lay.stripes,
+            lay.stripe_ptr,
+            lay.block_ptr,
+            lay.block_stripe,
+            lay.rot,
+            lay.kbits,
+            lay.vbits,
+            lay.kvals,
+            lay.vvals,
+            lay.summary,
+            lay.summary_kind,
+            lay.block,
+            lay.n_select,
+            lay.dense_k,
+            lay.dense_v,
+            lay.dense_len,
+            ws.qrot,
+            ws.keys,
+            ws.sel,
+            ws.sel_state,
+            ws.ghist,
+            ws.chunk_counts,
+            ws.pieces,
+            ws.n_pieces,
+            ws.piece_blocks,
+            ws.part_o,
+            ws.part_ml,
+            ws.stripe_out,
+            ws.status,
+        )

@@ -1,0 +1,177 @@
+"""Builder, do_kv_cache_update and forward on CPU tensors against the mosaickv.core reference.
+
+Real parts: vLLM's VllmConfig (CPU platform), CommonAttentionMetadata, forward context and the
+MosaicKV spec. The one test double is ``Layer``: vLLM's Attention layer needs a loaded model, and
+the impl only reads its ``layer_name``.
+"""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from vllm.config import VllmConfig
+from vllm.forward_context import set_forward_context
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from mosaickv.core import make_method
+from mosaickv.engines.vllm.backend import (
+    MosaicKVAttentionBackend,
+    MosaicKVAttentionImpl,
+    MosaicKVMetadata,
+    MosaicKVMetadataBuilder,
+)
+
+H_Q, H_KV, D = 8, 2, 64
+BLOCK = 16
+SCALE = D**-0.5
+
+
+@dataclass
+class Layer:
+    layer_name: str
+
+
+@dataclass
+class Request:
+    block: int  # first physical block
+    k: torch.Tensor  # [T, H_KV, D] every token so far
+    v: torch.Tensor
+
+
+@pytest.fixture(scope="module")
+def config() -> VllmConfig:
+    return VllmConfig()
+
+
+@pytest.fixture(scope="module")
+def builder(config: VllmConfig) -> MosaicKVMetadataBuilder:
+    spec = MosaicKVAttentionBackend.customize_spec(
+        FullAttentionSpec(block_size=BLOCK, num_kv_heads=H_KV, head_size=D, dtype=torch.float32))
+    return MosaicKVMetadataBuilder(spec, ["layer0"], config, torch.device("cpu"))
+
+
+def common(rows: list[tuple[Request, int, int]]) -> CommonAttentionMetadata:
+    """rows: (request, cached tokens, new tokens) in batch order."""
+    qsl = torch.tensor([0] + [n for _, _, n in rows], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    seq = torch.tensor([c + n for _, c, n in rows], dtype=torch.int32)
+    width = max(-(-int(s) // BLOCK) for s in seq)
+    table = torch.stack([torch.arange(r.block, r.block + width, dtype=torch.int32) for r, _, _ in rows])
+    slots = torch.cat([table[i, torch.arange(c, c + n) // BLOCK] * BLOCK + torch.arange(c, c + n) % BLOCK
+                       for i, (_, c, n) in enumerate(rows)]).long()
+    return CommonAttentionMetadata(
+        query_start_loc=qsl, query_start_loc_cpu=qsl, seq_lens=seq, num_reqs=len(rows),
+        num_actual_tokens=int(qsl[-1]), max_query_len=max(n for _, _, n in rows),
+        max_seq_len=int(seq.max()), block_table_tensor=table, slot_mapping=slots)
+
+
+def naive_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Dense causal attention in float64: q [T, H_Q, D], k, v [T, H_KV, D] -> [T, H_Q, D]."""
+    rep = H_Q // H_KV
+    kk, vv = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)
+    logits = torch.einsum("thd,shd->hts", q.double(), kk) * SCALE
+    t = q.shape[0]
+    logits = logits.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("hts,shd->thd", logits.softmax(-1), vv).float()
+
+
+def step(impl: MosaicKVAttentionImpl, builder: MosaicKVMetadataBuilder, config: VllmConfig,
+         rows: list[tuple[Request, int, int]], k: torch.Tensor, v: torch.Tensor,
+         q: torch.Tensor) -> torch.Tensor:
+    """One vLLM step for one layer: build metadata, do_kv_cache_update, then forward."""
+    cm = common(rows)
+    md = builder.build(0, cm)
+    layer = Layer("layer0")
+    out = torch.empty(q.shape[0], H_Q * D)
+    kv_cache = torch.empty(0)  # the CPU path does not read vLLM's pages (see backend docstring)
+    with set_forward_context({"layer0": md}, config):
+        impl.do_kv_cache_update(layer, k, v, kv_cache, cm.slot_mapping)  # type: ignore[arg-type]
+        impl.forward(layer, q, k, v, kv_cache, md, out)  # type: ignore[arg-type]
+    return out.view(-1, H_Q, D)
+
+
+def test_builder_from_common_metadata(builder: MosaicKVMetadataBuilder) -> None:
+    a, b = Request(3, torch.empty(0), torch.empty(0)), Request(40, torch.empty(0), torch.empty(0))
+    md = builder.build(0, common([(a, 0, 37), (b, 120, 1)]))
+    assert isinstance(md, MosaicKVMetadata)
+    assert md.num_actual_tokens == 38 and md.num_reqs == 2
+    assert md.query_start_loc.tolist() == [0, 37, 38]
+    assert md.context_lens.tolist() == [0, 120]
+    assert md.request_keys.tolist() == [3, 40]
+    # b's token 120 sits in its 8th block (40 + 7), offset 120 - 7 * 16 = 8.
+    assert md.slot_mapping.tolist()[-1] == (40 + 7) * BLOCK + 8
+
+
+def test_mixed_prefill_and_decode_match_core(builder: MosaicKVMetadataBuilder, config: VllmConfig) -> None:
+    torch.manual_seed(0)
+    impl = MosaicKVAttentionImpl(H_Q, D, SCALE, H_KV)
+    ref_method = make_method("mosaic", keep_ratio=0.25, group=1, token_ratio=0.25, block_size=8, n_sink=4,
+                             window=8, segment_len=16, summary="minmax")
+    new = lambda t: (torch.randn(t, H_KV, D), torch.randn(t, H_KV, D), torch.randn(t, H_Q, D))  # noqa: E731
+
+    # Step 1: request a's prompt alone.
+    a_k, a_v, a_q = new(120)
+    a = Request(3, a_k, a_v)
+    out = step(impl, builder, config, [(a, 0, 120)], a_k, a_v, a_q)
+    torch.testing.assert_close(out, naive_causal(a_q, a_k, a_v), atol=1e-4, rtol=1e-4)
+    ref = {3: ref_method.encode(a_k, a_v)}
+
+    # Steps 2..: a decodes while b's prompt arrives in the same batch (prefill row first), then both
+    # decode for long enough that pending tokens close into new segments.
+    b_k, b_v, b_q = new(60)
+    b = Request(40, b_k, b_v)
+    for i in range(20):
+        rows, ks, vs, qs = [], [], [], []
+        if i == 0:
+            rows.append((b, 0, 60))
+            ks.append(b_k), vs.append(b_v), qs.append(b_q)
+        for r in ([a] if i == 0 else [a, b]):
+            k1, v1, q1 = new(1)
+            rows.append((r, r.k.shape[0], 1))
+            r.k, r.v = torch.cat([r.k, k1]), torch.cat([r.v, v1])
+            ks.append(k1), vs.append(v1), qs.append(q1)
+        out = step(impl, builder, config, rows, torch.cat(ks), torch.cat(vs), torch.cat(qs))
+        pos = 0
+        for (r, ctx, n), q in zip(rows, qs, strict=True):
+            if ctx == 0:
+                torch.testing.assert_close(out[pos:pos + n], naive_causal(q, r.k, r.v), atol=1e-4, rtol=1e-4)
+                ref[r.block] = ref_method.encode(r.k, r.v)
+            else:
+                ref[r.block].append(r.k[-1:], r.v[-1:])
+                expected = ref[r.block].attend(q[0], scale=SCALE)
+                torch.testing.assert_close(out[pos], expected, atol=1e-5, rtol=1e-5)
+            pos += n
+    for block, cache in ref.items():
+        assert impl.caches[block].length == cache.length
+        assert len(impl.caches[block].segments) == len(cache.segments)
+    assert len(ref[3].segments) > len(ref_method.encode(a_k, a_v).segments)  # decode closed one
+    assert impl.kv_bytes == sum(c.nbytes for c in ref.values())
+
+
+def test_decode_without_prompt_is_an_error(builder: MosaicKVMetadataBuilder, config: VllmConfig) -> None:
+    impl = MosaicKVAttentionImpl(H_Q, D, SCALE, H_KV)
+    r = Request(7, torch.randn(1, H_KV, D), torch.randn(1, H_KV, D))
+    with pytest.raises(RuntimeError, match="never encoded"):
+        step(impl, builder, config, [(r, 10, 1)], r.k, r.v, torch.randn(1, H_Q, D))
+
+
+def test_chunked_prefill_continuation_is_refused(builder: MosaicKVMetadataBuilder,
+                                                 config: VllmConfig) -> None:
+    impl = MosaicKVAttentionImpl(H_Q, D, SCALE, H_KV)
+    k, v = torch.randn(40, H_KV, D), torch.randn(40, H_KV, D)
+    r = Request(9, k, v)
+    step(impl, builder, config, [(r, 0, 20)], k[:20], v[:20], torch.randn(20, H_Q, D))
+    with pytest.raises(NotImplementedError, match="no-enable-chunked-prefill"):
+        step(impl, builder, config, [(r, 20, 20)], k[20:], v[20:], torch.randn(20, H_Q, D))
+
+
+@pytest.mark.parametrize(("kwargs", "reason"), [
+    ({"sliding_window": 4096}, "sliding window"),
+    ({"alibi_slopes": [1.0] * H_Q}, "ALiBi"),
+    ({"logits_soft_cap": 30.0}, "soft-capping"),
+    ({"attn_type": "encoder_only"}, "decoder self-attention"),
+    ({"kv_cache_dtype": "fp8"}, "kv_cache_dtype"),
+])
+def test_impl_refuses_unsupported_layers(kwargs: dict[str, object], reason: str) -> None:
+    with pytest.raises(ValueError, match=reason):
+        MosaicKVAttentionImpl(H_Q, D, SCALE, H_KV, **kwargs)  # type: ignore[arg-type]
