@@ -44,7 +44,8 @@ export function setupVllm() {
     writeFileSync(vllmStamp, vllmWant);
   }
   const pkgStamp = join(venv, '.mosaickv-package');
-  const pkgWant = createHash('sha256').update(readFileSync(join(root, 'python', 'pyproject.toml'))).digest('hex');
+  // The clone's path is part of the stamp: the editable install then points at the clone that ran last.
+  const pkgWant = createHash('sha256').update(root).update(readFileSync(join(root, 'python', 'pyproject.toml'))).digest('hex');
   if (!(existsSync(pkgStamp) && readFileSync(pkgStamp, 'utf8') === pkgWant)) {
     // --no-deps: vLLM already brings torch, transformers, pyzmq, msgpack and gguf; letting pip
     // resolve our own torch>=2.4 again could only disturb vLLM's pin.
