@@ -101,7 +101,7 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
             const at::Tensor& vbits, const at::Tensor& kvals, const at::Tensor& vvals, const at::Tensor& summary,
             int64_t summary_kind, int64_t block, const at::Tensor& n_select, const at::Tensor& dense_k,
             const at::Tensor& dense_v, const at::Tensor& dense_len, at::Tensor& qrot, at::Tensor& keys,
-            at::Tensor& sel, at::Tensor& sel_state, at::Tensor& ghist, at::Tensor& chunk_counts, at::Tensor& pieces, at::Tensor& n_pieces, int64_t piece_blocks, at::Tensor& part_o,
+            at::Tensor& sel, at::Tensor& pieces, at::Tensor& n_pieces, int64_t piece_blocks, at::Tensor& part_o,
             at::Tensor& part_ml, at::Tensor& stripe_out, at::Tensor& status) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.is_contiguous(), "q must be a contiguous CUDA tensor [B, H_q, D]");
   const DType dt = storage_dtype(q, "q");
@@ -119,7 +119,6 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
   }
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{stripe_ptr, "stripe_ptr"}, {block_ptr, "block_ptr"},
                                 {block_stripe, "block_stripe"}, {n_select, "n_select"}, {dense_len, "dense_len"},
-                                {sel_state, "sel_state"}, {ghist, "ghist"}, {chunk_counts, "chunk_counts"},
                                 {kbits, "kbits"}, {vbits, "vbits"}, {sel, "sel"}, {pieces, "pieces"},
                                 {n_pieces, "n_pieces"}, {status, "status"}, {keys, "keys"}}) {
     check_cuda(t, name, q);
@@ -141,9 +140,6 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
   const int64_t bh = batch * h_kv;
   TORCH_CHECK(stripe_ptr.numel() == bh + 1 && block_ptr.numel() == bh + 1, "stripe_ptr and block_ptr must have B*H_kv + 1 entries");
   TORCH_CHECK(sel.dim() == 2 && sel.size(0) == bh, "sel must be [B*H_kv, max_select]");
-  TORCH_CHECK(sel_state.numel() == bh * 4 && ghist.numel() == bh * 2048, "sel_state must be [B*H_kv, 4] and ghist [B*H_kv, 2048]");
-  TORCH_CHECK(chunk_counts.dim() == 3 && chunk_counts.size(0) == bh && chunk_counts.size(2) == 2,
-              "chunk_counts must be [B*H_kv, max_chunks, 2]");
   TORCH_CHECK(pieces.dim() == 3 && pieces.size(0) == bh && pieces.size(2) == 3, "pieces must be [B*H_kv, max_pieces, 3]");
   TORCH_CHECK(part_o.dim() == 4 && part_o.size(1) == pieces.size(1) + 1, "part_o must be [B*H_kv, max_pieces + 1, G, D]");
   TORCH_CHECK(stripe_out.dim() == 4 && stripe_out.size(0) == bh, "stripe_out must be [B*H_kv, max_stripes + 1, G, D]");
@@ -179,10 +175,6 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
   p.keys = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
   p.sel = sel.data_ptr<int32_t>();
   p.max_select = (int)sel.size(1);
-  p.sel_state = sel_state.data_ptr<int32_t>();
-  p.ghist = ghist.data_ptr<int32_t>();
-  p.chunk_counts = chunk_counts.data_ptr<int32_t>();
-  p.max_chunks = (int)chunk_counts.size(1);
   p.pieces = pieces.data_ptr<int32_t>();
   p.n_pieces = n_pieces.data_ptr<int32_t>();
   p.max_pieces = (int)pieces.size(1);

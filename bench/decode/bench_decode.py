@@ -7,7 +7,7 @@ attention, O, RMSNorm, SwiGLU MLP], final norm, LM head) and throughput (batch /
            GQA queries as [B, H_kv, G, D];
   mosaickv the MosaicKV decode kernel (mosaickv.ops) over packed layers (keep 32/128, compact-16
            summaries, block 8, 10% of blocks, 4 sinks + 64-token window, 64K-token segments).
-Caches are synthesised at their real size per layer (bench/kernels/bench_kernels.py builds them).
+Caches are synthesised at their real size per layer (mosaickv.ops.DecodeLayout.synthetic builds them).
 When 32 distinct layers do not fit in GPU memory, the step cycles over as many distinct layers as
 fit (always several times the L2 cache), and the row says ``fits: false``: the time is what a
 GPU with enough memory would take, the capacity columns say what fits on this one.
@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "bench" / "kernels"))  # timing.py, bench_kernels.py
+sys.path.insert(0, str(ROOT / "bench" / "kernels"))  # timing.py
 sys.path.insert(
     0, str(ROOT / "python")
 )  # the GPU host runs from the working tree, uninstalled
@@ -264,16 +264,32 @@ def stock_backend(
 def mosaic_backend_cuda(
     shape: Shape, batch: int, t: int, free: int
 ) -> tuple[Callable[[int, torch.Tensor], torch.Tensor], dict]:
-    """The decode kernel over synthesised packed layers (bench_kernels' layout, compact-16)."""
-    from bench_kernels import synth_mosaic
-    from mosaickv.ops import DecodeWorkspace, decode_
+    """The decode kernel over synthesised packed layers (DecodeLayout.synthetic, compact-16 summaries,
+    64K-token segments as in bench/kernels)."""
+    from mosaickv.ops import DecodeLayout, DecodeWorkspace, run_decode
 
-    probe = synth_mosaic(batch, t, 0, METHOD["summary_channels"])
+    def layer() -> DecodeLayout:
+        return DecodeLayout.synthetic(
+            batch,
+            shape.kv_heads,
+            shape.dim,
+            t,
+            keep=int(METHOD["keep_ratio"] * shape.dim),
+            block=METHOD["block_size"],
+            token_ratio=METHOD["token_ratio"],
+            n_sink=METHOD["n_sink"],
+            window=METHOD["window"],
+            segment_len=65536,
+            summary_kind=0,
+            summary_width=METHOD["summary_channels"],
+            dtype=torch.bfloat16,
+            device="cuda",
+        )
+
+    probe = layer()
     per_layer = probe.nbytes()
     n, fits = distinct_layers(per_layer, free, shape)
-    lays = [probe] + [
-        synth_mosaic(batch, t, 0, METHOD["summary_channels"]) for _ in range(n - 1)
-    ]
+    lays = [probe] + [layer() for _ in range(n - 1)]
     wss = [DecodeWorkspace.plan(lay, shape.group, piece_blocks=64) for lay in lays]
     outs = [
         torch.empty(batch, shape.heads, shape.dim, device="cuda", dtype=torch.bfloat16)
@@ -281,41 +297,8 @@ def mosaic_backend_cuda(
     ]
 
     def attend(layer: int, q: torch.Tensor) -> torch.Tensor:
-        lay, ws, out = lays[layer % n], wss[layer % n], outs[layer % n]
-        decode_(
-            q.contiguous(),
-            out,
-            shape.dim**-0.5,
-            lay.packed,
-            31,
-            lay.stripes,
-            lay.stripe_ptr,
-            lay.block_ptr,
-            lay.block_stripe,
-            lay.rot,
-            lay.kbits,
-            lay.vbits,
-            lay.kvals,
-            lay.vvals,
-            lay.summary,
-            lay.summary_kind,
-            lay.block,
-            lay.n_select,
-            lay.dense_k,
-            lay.dense_v,
-            lay.dense_len,
-            ws.qrot,
-            ws.keys,
-            ws.sel,
-            ws.pieces,
-            ws.n_pieces,
-            ws.piece_blocks,
-            ws.part_o,
-            ws.part_ml,
-            ws.stripe_out,
-            ws.status,
-        )
-        return out
+        i = layer % n
+        return run_decode(lays[i], wss[i], q.contiguous(), outs[i], shape.dim**-0.5)
 
     return attend, {
         "bytes_per_token_layer": per_layer / (batch * t),

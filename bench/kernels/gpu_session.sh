@@ -2,6 +2,8 @@
 # One GPU session (H200): build the extension, run the GPU correctness tests against the core
 # reference, then the kernel benchmark. Writes logs + JSON + plot to $OUT (default bench/results).
 #   bash bench/kernels/gpu_session.sh [tests|bench|all]
+# TEST_TIMEOUT / BENCH_TIMEOUT (seconds) bound each part so that a lease's command limit is never hit
+# with nothing written; BENCH_ARGS passes options to bench_kernels.py (e.g. fewer contexts).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-bench/results}
@@ -16,11 +18,17 @@ $PY -m mosaickv.ops.compile > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.lo
 echo "build: $(( $(date +%s) - t0 )) s"
 rc=0
 if [[ $MODE == tests || $MODE == all ]]; then
-  $PY -m pytest -q -p no:cacheprovider python/tests/test_ops_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+  t0=$(date +%s)
+  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider --durations=5 python/tests/test_ops_gpu.py 2>&1 \
+    | tee "$OUT/gpu_tests.log" | tail -40
   rc=${PIPESTATUS[0]}
+  echo "tests: $(( $(date +%s) - t0 )) s, rc $rc"
 fi
 if [[ $MODE == bench || $MODE == all ]]; then
-  $PY bench/kernels/bench_kernels.py --out "$OUT/kernels-h200.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log"
+  t0=$(date +%s)
+  timeout "${BENCH_TIMEOUT:-900}" $PY bench/kernels/bench_kernels.py --out "$OUT/kernels-h200.json" ${BENCH_ARGS:-} 2>&1 \
+    | tee "$OUT/bench.log"
   rc=$(( rc | PIPESTATUS[0] ))
+  echo "bench: $(( $(date +%s) - t0 )) s"
 fi
 exit $rc

@@ -497,14 +497,8 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   if ((p.stages & kStageRotate) && p.n_stripes > 0) rotate_q_kernel<T, D, G><<<dim3(p.n_stripes, D / kRotRows), 256, 0, stream>>>(p);
   if ((p.stages & kStageScore) && p.n_blocks > 0) score_kernel<T, D, G><<<(p.n_blocks + 255) / 256, 256, 0, stream>>>(p);
   if (p.stages & kStageSelect) {
-    const dim3 chunks(max(p.max_chunks, 1), bh);
-    for (int pass = 0; pass < 3; ++pass) {
-      select_hist_kernel<><<<chunks, kChunkThreads, 0, stream>>>(p, pass);
-      select_find_kernel<><<<bh, 32, 0, stream>>>(p, pass);
-    }
-    select_count_kernel<><<<chunks, kChunkThreads, 0, stream>>>(p);
-    select_write_kernel<><<<chunks, kChunkThreads, 0, stream>>>(p);
-    select_pieces_kernel<><<<bh, kSelectThreads, 0, stream>>>(p);
+    const cudaError_t err = launch_select(p, bh, stream);
+    if (err != cudaSuccess) return err;
   }
   if (p.stages & kStageAttend) {
     const int piece_tokens = max(p.piece_blocks * p.block, p.dense_cap);

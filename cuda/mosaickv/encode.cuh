@@ -43,8 +43,27 @@ __global__ void __launch_bounds__(128) encode_kernel(EncodeParams p) {
   }
   if (g != g_raw || keep <= 0 || keep % g != 0 || keep > p.n_channels) return;
 
-  const float* R = p.rot + ((int64_t)stripe * 2 + p.which) * D * D;
-  for (int i = threadIdx.x; i < D * D; i += blockDim.x) rs[(i / D) * (D + 1) + (i % D)] = R[i];
+  // R into shared memory with kBatch 16-byte loads in flight per thread before any store: a
+  // load-store loop waits a full memory round trip per element, which dominated the few-token
+  // append launch (one CTA per head, so nothing else hides that latency).
+  constexpr int kVec = D * D / 4, kBatch = 8;
+  const float4* R4 = reinterpret_cast<const float4*>(p.rot + ((int64_t)stripe * 2 + p.which) * D * D);
+  for (int i0 = threadIdx.x; i0 < kVec; i0 += kBatch * blockDim.x) {
+    float4 r[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = i0 + u * blockDim.x;
+      if (i < kVec) r[u] = R4[i];
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int i = i0 + u * blockDim.x;
+      if (i < kVec) {
+        float* dst = rs + (4 * i / D) * (D + 1) + (4 * i) % D;  // 4 | D: a float4 never crosses a row
+        dst[0] = r[u].x, dst[1] = r[u].y, dst[2] = r[u].z, dst[3] = r[u].w;
+      }
+    }
+  }
   __syncthreads();
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

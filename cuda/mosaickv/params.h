@@ -98,10 +98,6 @@ struct DecodeParams {
   float* qrot;                   // [n_stripes, G, D]
   uint32_t* keys;                // [n_blocks]
   int32_t* sel;                  // [B*H, max_select]
-  int32_t* sel_state;            // [B*H, 4] radix-select state
-  int32_t* ghist;                // [B*H, 2048] zero at rest (each pass zeroes it after use)
-  int32_t* chunk_counts;         // [B*H, max_chunks, 2]
-  int max_chunks;                // ceil(max blocks of one (b, h) / 4096)
   int max_select;
   int32_t* pieces;               // [B*H, max_pieces, 3]: first sel index, end sel index, stripe
   int32_t* n_pieces;             // [B*H]

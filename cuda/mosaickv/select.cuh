@@ -1,11 +1,13 @@
 // Block selection: rotate the query once per stripe, score every block summary of every stripe,
 // and pick the top n_select blocks of each (sequence, KV head) over the whole sequence, shared by
-// the GQA group (score = max over the group's query heads). The top-k runs in one CTA per (b, h):
-// it narrows a range of order-preserving score keys with linear histograms (exact, no generic sort),
-// followed by an order-preserving gather so
-// that the selected list is sorted by block id, hence grouped by stripe; the same kernel cuts the
-// list into attention "pieces" (at most piece_blocks blocks, never across a stripe boundary).
+// the GQA group (score = max over the group's query heads). The top-k is one launch: a cluster of
+// CTAs per (b, h) narrows the order-preserving score keys with radix histograms (exact, no generic
+// sort) exchanged through distributed shared memory, then gathers in index order so that the
+// selected list is sorted by block id, hence grouped by stripe, and cuts it into attention "pieces"
+// (at most piece_blocks blocks, never across a stripe boundary).
 #pragma once
+#include <cooperative_groups.h>
+
 #include "common.cuh"
 
 namespace mosaickv {
@@ -105,7 +107,7 @@ __global__ void __launch_bounds__(256) score_kernel(DecodeParams p) {
   p.keys[blk] = float_to_ordered(best);
 }
 
-// Exclusive block scan of one int per thread (blockDim.x == 1024); returns the prefix, sets *total.
+// Exclusive block scan of one int per thread (blockDim.x a multiple of 32); returns the prefix, sets *total.
 __device__ __forceinline__ int block_exclusive_scan(int v, int* scratch, int* total) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int x = v;
@@ -132,187 +134,156 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* scratch, int* to
   return before + x - v;
 }
 
-constexpr int kSelectThreads = 1024;
-constexpr int kSelectBins = 2048;   // 11-bit digits: passes over bits 31..21, 20..10, 9..0
-constexpr int kChunk = 4096;        // keys per CTA in the multi-CTA select stages
-constexpr int kChunkThreads = 256;  // kChunk / kChunkThreads consecutive keys per thread
-
-// Selection state per (b, h), int32 [4]: prefix bits so far, remaining count, k, flags (1 = take all).
-enum SelState : int { kStPrefix = 0, kStRemaining, kStK, kStFlags };
+constexpr int kSelectThreads = 1024;  // block_exclusive_scan and the 2-bins-per-thread digit search need 1024
+constexpr int kSelectBins = 2048;     // 11-bit digits: passes over bits 31..21, 20..10, 9..0
+constexpr int kSelectCluster = 8;     // CTAs per (b, h) on sm_90 (portable cluster size); 1 before sm_90
 
 __device__ __forceinline__ int digit_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
 __device__ __forceinline__ uint32_t digit_mask_above(int pass) {  // bits fixed by earlier passes
   return pass == 0 ? 0u : (pass == 1 ? 0xffe00000u : 0xfffffc00u);
 }
 
-// Radix-select pass `pass`, stage 1 (grid: chunks x B*H): histogram of this pass's digit over the
-// chunk's keys that match the prefix so far; bins added to the (b, h) global histogram.
-template <int kUnused = 0>  // a template: the header is included by several .cu files
-__global__ void __launch_bounds__(kChunkThreads) select_hist_kernel(DecodeParams p, int pass) {
-  __shared__ int hist[kSelectBins];
-  const int bh = blockIdx.y;
-  const int b0 = p.block_ptr[bh], n = p.block_ptr[bh + 1] - b0;
-  const int c0 = blockIdx.x * kChunk;
-  if (c0 >= n) return;
-  const int32_t* st = p.sel_state + bh * 4;
-  if (pass > 0 && (st[kStFlags] != 0 || st[kStK] == 0)) return;  // nothing to resolve
-  const uint32_t prefix = pass > 0 ? (uint32_t)st[kStPrefix] : 0u, mask = digit_mask_above(pass);
-  const int shift = digit_shift(pass), bins = pass == 2 ? 1024 : kSelectBins;
-  for (int i = threadIdx.x; i < bins; i += blockDim.x) hist[i] = 0;
-  __syncthreads();
-  const uint32_t* keys = p.keys + b0;
-  const int c1 = min(n, c0 + kChunk);
-  for (int i = c0 + threadIdx.x; i < c1; i += blockDim.x) {
-    const uint32_t key = keys[i];
-    if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & (uint32_t)(bins - 1)], 1);
+// The CTAs of one (b, h) form a thread-block cluster on sm_90: histograms and counts are exchanged
+// through distributed shared memory, so the whole selection is one launch with no global scratch.
+// Before sm_90 the launcher uses clusters of one CTA and these collapse to the CTA itself.
+struct SelectCluster {
+  static __device__ __forceinline__ int rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    return (int)cooperative_groups::this_cluster().block_rank();
+#else
+    return 0;
+#endif
   }
-  __syncthreads();
-  int* g = p.ghist + (int64_t)bh * kSelectBins;
-  for (int i = threadIdx.x; i < bins; i += blockDim.x)
-    if (hist[i]) atomicAdd(&g[i], hist[i]);
-}
+  static __device__ __forceinline__ int size() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    return (int)cooperative_groups::this_cluster().num_blocks();
+#else
+    return 1;
+#endif
+  }
+  // Barrier over the cluster; orders shared and global memory accesses across its CTAs.
+  static __device__ __forceinline__ void sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    cooperative_groups::this_cluster().sync();
+#else
+    __syncthreads();
+#endif
+  }
+  template <typename U>
+  static __device__ __forceinline__ U* map(U* local, int r) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    return cooperative_groups::this_cluster().map_shared_rank(local, (unsigned)r);
+#else
+    (void)r;
+    return local;
+#endif
+  }
+};
 
-// Stage 2 (grid: B*H, one warp): find the digit holding the remaining-th largest key, update the
-// state, and zero the global histogram for the next pass (and the next call).
+// Exact top-k per (b, h) over the whole sequence, then the order-preserving gather and the pieces,
+// in one launch. Grid (cluster size, B*H), kSelectThreads threads; CTA r of the cluster owns the r-th
+// contiguous slice of the (b, h)'s block keys. Three radix passes (11/11/10-bit digits) find the k-th
+// largest key (threshold) and how many keys equal to it to take; every CTA sums the cluster's
+// histograms itself (no broadcast step). Selected = key > threshold, plus the first `remaining` keys
+// == threshold in index order; each thread owns consecutive keys, so a scan of counts gives every
+// selected block its slot and the list comes out sorted by block id, hence grouped by stripe. Rank 0
+// then cuts the list into attention pieces of <= piece_blocks blocks that never cross a stripe.
 template <int kUnused = 0>  // a template: the header is included by several .cu files
-__global__ void __launch_bounds__(32) select_find_kernel(DecodeParams p, int pass) {
-  const int bh = blockIdx.x, lane = threadIdx.x;
-  int32_t* st = p.sel_state + bh * 4;
-  int* g = p.ghist + (int64_t)bh * kSelectBins;
-  const int n = p.block_ptr[bh + 1] - p.block_ptr[bh];
-  if (pass == 0) {
-    int k = min(p.n_select[bh], n);
-    if (k > p.max_select) {
-      if (lane == 0) atomicOr(p.status, kBadSelection);
-      k = p.max_select;
-    }
-    if (lane == 0) {
-      st[kStPrefix] = 0;
-      st[kStRemaining] = k;
-      st[kStK] = k;
-      st[kStFlags] = k >= n ? 1 : 0;
-    }
-    __syncwarp();
-  }
-  const bool active = st[kStFlags] == 0 && st[kStK] > 0;
-  const int bins = pass == 2 ? 1024 : kSelectBins, per = bins / 32, shift = digit_shift(pass);
-  if (active) {
-    const int remaining = st[kStRemaining];
-    int local = 0;
-    for (int e = 0; e < per; ++e) local += g[bins - 1 - per * lane - e];
-    int incl = local;
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += y;
-    }
-    const int excl = incl - local;
-    if (excl < remaining && incl >= remaining) {
-      int cum = excl;
-      for (int e = 0; e < per; ++e) {
-        const int d = bins - 1 - per * lane - e;
-        if (cum + g[d] >= remaining) {
-          st[kStPrefix] = (int)((uint32_t)st[kStPrefix] | ((uint32_t)d << shift));
-          st[kStRemaining] = remaining - cum;
-          break;
-        }
-        cum += g[d];
-      }
-    }
-  }
-  __syncwarp();
-  for (int i = lane; i < kSelectBins; i += 32) g[i] = 0;
-}
-
-// Gather, stage 1 (grid: chunks x B*H): per chunk, keys above the threshold and keys equal to it.
-// Final rule: select key > thresh, plus the first `remaining` keys == thresh in index order.
-template <int kUnused = 0>  // a template: the header is included by several .cu files
-__global__ void __launch_bounds__(kChunkThreads) select_count_kernel(DecodeParams p) {
+__global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) {
+  __shared__ int hist[2][kSelectBins];  // double buffered: pass p+2 reuses pass p's buffer (see below)
   __shared__ int scratch[32];
+  __shared__ int found[2];   // digit, remaining after this pass
+  __shared__ int counts[2];  // this CTA's keys above / equal to the threshold
+  const int tid = threadIdx.x, rank = SelectCluster::rank(), csize = SelectCluster::size();
   const int bh = blockIdx.y;
   const int b0 = p.block_ptr[bh], n = p.block_ptr[bh + 1] - b0;
-  const int c0 = blockIdx.x * kChunk;
-  if (c0 >= n) return;
-  const int32_t* st = p.sel_state + bh * 4;
-  const bool all = st[kStFlags] != 0;
-  const uint32_t thresh = (uint32_t)st[kStPrefix];
+  const int slice = (n + csize - 1) / csize;
+  const int c0 = min(n, rank * slice), c1 = min(n, c0 + slice);
   const uint32_t* keys = p.keys + b0;
-  const int c1 = min(n, c0 + kChunk);
+  int k = min(p.n_select[bh], n);
+  if (k > p.max_select) {
+    if (rank == 0 && tid == 0) atomicOr(p.status, kBadSelection);
+    k = p.max_select;
+  }
+  const bool all = k >= n;
+  uint32_t thresh = 0u;
+  int remaining = k;
+  if (!all && k > 0) {
+    for (int pass = 0; pass < 3; ++pass) {
+      // Other CTAs read this buffer between the cluster barrier of pass p and that of pass p+1; a CTA
+      // zeroes it again at pass p+2, after that second barrier, so no reader can still be using it.
+      int* hl = hist[pass & 1];
+      const int shift = digit_shift(pass), bins = pass == 2 ? 1024 : kSelectBins;
+      const uint32_t mask = digit_mask_above(pass);
+      for (int i = tid; i < bins; i += blockDim.x) hl[i] = 0;
+      __syncthreads();
+      for (int i = c0 + tid; i < c1; i += blockDim.x) {
+        const uint32_t key = keys[i];
+        if ((key & mask) == thresh) atomicAdd(&hl[(key >> shift) & (uint32_t)(bins - 1)], 1);
+      }
+      SelectCluster::sync();
+      // Thread i owns digits d0 = bins-1-2i and d0-1: a scan in descending digit order finds the digit
+      // where the count of larger keys crosses `remaining`.
+      const int d0 = bins - 1 - 2 * tid, d1 = d0 - 1;
+      int h0 = 0, h1 = 0;
+      for (int r = 0; r < csize; ++r) {
+        const int* hr = SelectCluster::map(hl, r);
+        if (d0 >= 0) h0 += hr[d0];
+        if (d1 >= 0) h1 += hr[d1];
+      }
+      int total;
+      const int above = block_exclusive_scan(h0 + h1, scratch, &total);
+      if (above < remaining && above + h0 + h1 >= remaining) {
+        const bool first = above + h0 >= remaining;
+        found[0] = first ? d0 : d1;
+        found[1] = remaining - above - (first ? 0 : h0);
+      }
+      __syncthreads();
+      thresh |= (uint32_t)found[0] << shift;
+      remaining = found[1];
+    }
+  }
+  // Gather: count, exchange the per-CTA counts, then write in index order.
+  const int per = (c1 - c0 + (int)blockDim.x - 1) / (int)blockDim.x;
+  const int i0 = c0 + tid * per, i1 = min(c1, i0 + per);
   int gt = 0, eq = 0;
-  for (int i = c0 + threadIdx.x; i < c1; i += blockDim.x) {
+  for (int i = i0; i < i1; ++i) {
     const uint32_t key = keys[i];
     gt += all || key > thresh;
     eq += !all && key == thresh;
   }
   int tot_gt, tot_eq;
-  block_exclusive_scan(gt, scratch, &tot_gt);
-  block_exclusive_scan(eq, scratch, &tot_eq);
-  if (threadIdx.x == 0) {
-    int32_t* c = p.chunk_counts + ((int64_t)bh * p.max_chunks + blockIdx.x) * 2;
-    c[0] = tot_gt;
-    c[1] = tot_eq;
+  int gt_before = block_exclusive_scan(gt, scratch, &tot_gt);
+  int eq_before = block_exclusive_scan(eq, scratch, &tot_eq);
+  if (tid == 0) counts[0] = tot_gt, counts[1] = tot_eq;
+  SelectCluster::sync();
+  for (int r = 0; r < rank; ++r) {
+    const int* cr = SelectCluster::map(counts, r);
+    gt_before += cr[0];
+    eq_before += cr[1];
   }
-}
-
-// Gather, stage 2 (grid: chunks x B*H): ordered write of the chunk's selected block ids.
-template <int kUnused = 0>  // a template: the header is included by several .cu files
-__global__ void __launch_bounds__(kChunkThreads) select_write_kernel(DecodeParams p) {
-  constexpr int kPer = kChunk / kChunkThreads;  // consecutive keys per thread
-  __shared__ int scratch[32];
-  const int bh = blockIdx.y;
-  const int b0 = p.block_ptr[bh], n = p.block_ptr[bh + 1] - b0;
-  const int c0 = blockIdx.x * kChunk;
-  if (c0 >= n) return;
-  const int32_t* st = p.sel_state + bh * 4;
-  if (st[kStK] == 0) return;
-  const bool all = st[kStFlags] != 0;
-  const uint32_t thresh = (uint32_t)st[kStPrefix];
-  const int need_eq = st[kStRemaining];
-  int gt_run = 0, eq_run = 0;  // counts of earlier chunks
-  const int32_t* cc = p.chunk_counts + (int64_t)bh * p.max_chunks * 2;
-  for (int c = 0; c < (int)blockIdx.x; ++c) gt_run += cc[2 * c], eq_run += cc[2 * c + 1];
-  const uint32_t* keys = p.keys + b0;
-  const int i0 = c0 + threadIdx.x * kPer, i1 = min(n, i0 + kPer);
-  uint32_t key[kPer];
-#pragma unroll
-  for (int u = 0; u < kPer; ++u) key[u] = i0 + u < i1 ? keys[i0 + u] : 0u;
-  int gt = 0, eq = 0;
-#pragma unroll
-  for (int u = 0; u < kPer; ++u) {
-    if (i0 + u < i1) {
-      gt += all || key[u] > thresh;
-      eq += !all && key[u] == thresh;
-    }
-  }
-  int tot;
-  int gt_before = gt_run + block_exclusive_scan(gt, scratch, &tot);
-  int eq_before = eq_run + block_exclusive_scan(eq, scratch, &tot);
   int32_t* sel = p.sel + (int64_t)bh * p.max_select;
-#pragma unroll
-  for (int u = 0; u < kPer; ++u) {
-    if (i0 + u >= i1) continue;
-    if (all || key[u] > thresh) {
-      sel[gt_before + min(eq_before, need_eq)] = b0 + i0 + u;
-      ++gt_before;
-    } else if (key[u] == thresh) {
-      if (eq_before < need_eq) sel[gt_before + eq_before] = b0 + i0 + u;
-      ++eq_before;
+  if (k > 0) {
+    for (int i = i0; i < i1; ++i) {
+      const uint32_t key = keys[i];
+      if (all || key > thresh) {
+        sel[gt_before + min(eq_before, remaining)] = b0 + i;
+        ++gt_before;
+      } else if (key == thresh) {
+        if (eq_before < remaining) sel[gt_before + eq_before] = b0 + i;
+        ++eq_before;
+      }
     }
   }
-}
-
-// Cut the sorted selected list of each (b, h) into attention pieces (grid: B*H).
-template <int kThreads = kSelectThreads>  // a template: the header is included by several .cu files
-__global__ void __launch_bounds__(kThreads) select_pieces_kernel(DecodeParams p) {
-  __shared__ int scratch[32];
-  const int bh = blockIdx.x;
-  const int k = p.sel_state[bh * 4 + kStK];
-  const int32_t* sel = p.sel + (int64_t)bh * p.max_select;
+  __threadfence();
+  SelectCluster::sync();  // the whole list is written (and no CTA reads another's shared memory after this)
+  if (rank != 0) return;
   // Pieces: per stripe, its selected range is [lower_bound(block_off_s), lower_bound(block_off_s+1)).
   const int s0 = p.stripe_ptr[bh], ns = p.stripe_ptr[bh + 1] - s0;
   int32_t* pc = p.pieces + (int64_t)bh * p.max_pieces * 3;
   int piece_run = 0;
   for (int t0 = 0; t0 < ns; t0 += blockDim.x) {
-    const int j = t0 + threadIdx.x;
+    const int j = t0 + tid;
     int first = 0, last = 0;
     if (j < ns) {
       const int64_t* meta = p.stripes + (int64_t)(s0 + j) * kStripeCols;
@@ -338,10 +309,33 @@ __global__ void __launch_bounds__(kThreads) select_pieces_kernel(DecodeParams p)
     }
     piece_run += tot;
   }
-  if (threadIdx.x == 0) {
+  if (tid == 0) {
     if (piece_run > p.max_pieces) atomicOr(p.status, kBadPieces);
     p.n_pieces[bh] = min(piece_run, p.max_pieces);
   }
+}
+
+// Launches select_kernel with one cluster of kSelectCluster CTAs per (b, h) on sm_90 and newer,
+// one CTA per (b, h) before (the kernel's cluster helpers then act on the CTA alone).
+inline cudaError_t launch_select(const DecodeParams& p, int bh, cudaStream_t stream) {
+  int dev = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err != cudaSuccess) return err;
+  const int csize = major >= 9 ? kSelectCluster : 1;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = (unsigned)csize;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)csize, (unsigned)bh);
+  cfg.blockDim = dim3(kSelectThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = major >= 9 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, select_kernel<>, p);
 }
 
 }  // namespace mosaickv

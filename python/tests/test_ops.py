@@ -9,7 +9,16 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mosaickv.core import bitmap_words, block_summaries, make_method, pack_topk
-from mosaickv.ops import STRIPE_COLS, DecodeLayout, DecodePlan, DecodeWorkspace, encode_side, round_up8
+from mosaickv.ops import (
+    STRIPE_COLS,
+    DecodeLayout,
+    DecodePlan,
+    DecodeWorkspace,
+    encode_side,
+    n_select,
+    round_up8,
+    run_decode,
+)
 
 COL = {name: i for i, name in enumerate(STRIPE_COLS)}
 
@@ -129,7 +138,6 @@ def test_workspace_plan_sizes_and_limits() -> None:
     n_str = (lay.stripe_ptr[1:] - lay.stripe_ptr[:-1]).tolist()
     assert ws.pieces.shape[1] == max(math.ceil(a / 2) + s for a, s in zip(n_sel, n_str, strict=True))
     assert ws.part_o.shape == (4, ws.pieces.shape[1] + 1, 4, 64)
-    assert not ws.ghist.any(), "the histogram workspace must start zeroed"
     with pytest.raises(ValueError, match="piece_blocks"):
         DecodeWorkspace.plan(lay, gqa_group=4, piece_blocks=65)
 
@@ -144,43 +152,8 @@ def test_decode_op_is_registered_with_a_fake_impl() -> None:
     ws = DecodeWorkspace.plan(lay, gqa_group=4)
     with FakeTensorMode(allow_non_fake_inputs=True):
         q = torch.empty(1, 8, 64, dtype=torch.bfloat16)
-        result = torch.ops.mosaickv.decode_(
-            q,
-            torch.empty_like(q),
-            0.125,
-            True,
-            31,
-            lay.stripes,
-            lay.stripe_ptr,
-            lay.block_ptr,
-            lay.block_stripe,
-            lay.rot,
-            lay.kbits,
-            lay.vbits,
-            lay.kvals,
-            lay.vvals,
-            lay.summary,
-            lay.summary_kind,
-            lay.block,
-            lay.n_select,
-            lay.dense_k,
-            lay.dense_v,
-            lay.dense_len,
-            ws.qrot,
-            ws.keys,
-            ws.sel,
-            ws.sel_state,
-            ws.ghist,
-            ws.chunk_counts,
-            ws.pieces,
-            ws.n_pieces,
-            ws.piece_blocks,
-            ws.part_o,
-            ws.part_ml,
-            ws.stripe_out,
-            ws.status,
-        )
-    assert result is None
+        result = run_decode(lay, ws, q, torch.empty_like(q), 0.125)
+    assert result.shape == q.shape
 
 
 def test_cuda_ops_refuse_cpu_tensors_with_a_pointer_to_core() -> None:
@@ -188,39 +161,40 @@ def test_cuda_ops_refuse_cpu_tensors_with_a_pointer_to_core() -> None:
     ws = DecodeWorkspace.plan(lay, gqa_group=4)
     q = torch.randn(1, 8, 64).to(torch.bfloat16)
     with pytest.raises(NotImplementedError):
-        torch.ops.mosaickv.decode_(
-            q,
-            torch.empty_like(q),
-            0.125,
-            True,
-            31,
-            lay.stripes,
-            lay.stripe_ptr,
-            lay.block_ptr,
-            lay.block_stripe,
-            lay.rot,
-            lay.kbits,
-            lay.vbits,
-            lay.kvals,
-            lay.vvals,
-            lay.summary,
-            lay.summary_kind,
-            lay.block,
-            lay.n_select,
-            lay.dense_k,
-            lay.dense_v,
-            lay.dense_len,
-            ws.qrot,
-            ws.keys,
-            ws.sel,
-            ws.sel_state,
-            ws.ghist,
-            ws.chunk_counts,
-            ws.pieces,
-            ws.n_pieces,
-            ws.piece_blocks,
-            ws.part_o,
-            ws.part_ml,
-            ws.stripe_out,
-            ws.status,
-        )
+        run_decode(lay, ws, q, torch.empty_like(q), 0.125)
+
+
+def test_synthetic_layout_has_the_documented_shape() -> None:
+    """The benchmarks' synthetic layout: every row keeps exactly `keep` positions, offsets tile the
+    pools without overlap, and the selection counts follow the core's rounding."""
+    batch, h, d, t, keep, blk, seg = 2, 3, 64, 4 + 16 + 150, 12, 8, 64
+    opts = {"keep": keep, "block": blk, "token_ratio": 0.1, "n_sink": 4, "window": 16, "segment_len": seg}
+    opts |= {"summary_kind": 0, "summary_width": 16, "dtype": torch.bfloat16, "device": "cpu"}
+    lay = DecodeLayout.synthetic(batch, h, d, t, **opts)
+    seg_lens = [64, 64, 22]  # 150 compressed tokens in segments of 64
+    assert lay.stripes.shape == (batch * h * len(seg_lens), len(STRIPE_COLS))
+    assert lay.stripes[:, COL["tokens"]].tolist() == seg_lens * batch * h
+    n_rows = 150 * batch * h
+    words = lay.kbits.view(n_rows, d // 32)
+    popcount = sum(((words >> i) & 1).sum(-1) for i in range(32))
+    assert popcount.tolist() == [keep] * n_rows
+    ks = round_up8(keep)
+    assert lay.kvals.numel() == n_rows * ks
+    assert not lay.kvals.view(n_rows, ks)[:, keep:].any(), "row padding must be zero"
+    assert lay.stripes[:, COL["kval_off"]].tolist() == [i * ks for i in _starts(seg_lens * batch * h)]
+    assert lay.stripes[:, COL["kbit_off"]].tolist() == [i * d // 32 for i in _starts(seg_lens * batch * h)]
+    blocks_bh = sum(math.ceil(s / blk) for s in seg_lens)
+    assert lay.block_ptr.tolist() == [i * blocks_bh for i in range(batch * h + 1)]
+    assert lay.n_select.tolist() == [n_select(blocks_bh, 0.1)] * (batch * h)
+    assert lay.summary.shape == (blocks_bh * batch * h, 16)
+    eye = torch.eye(d).expand(lay.rot.shape[0] * 2, d, d)
+    r = lay.rot.view(-1, d, d)
+    assert torch.allclose(r @ r.transpose(1, 2), eye, atol=1e-4), "rotations must be orthonormal"
+    ws = DecodeWorkspace.plan(lay, gqa_group=4)
+    assert ws.sel.shape == (batch * h, n_select(blocks_bh, 0.1))
+    with pytest.raises(ValueError, match="context"):
+        DecodeLayout.synthetic(1, 1, d, 20, **opts)
+
+
+def _starts(lengths: list[int]) -> list[int]:
+    return [sum(lengths[:i]) for i in range(len(lengths))]

@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from mosaickv.core import make_method
-from mosaickv.ops import DecodePlan, cuda_available, encode_side
+from mosaickv.ops import (
+    STRIPE_COLS,
+    DecodeLayout,
+    DecodePlan,
+    DecodeWorkspace,
+    cuda_available,
+    encode_side,
+    run_decode,
+)
 
 pytestmark = pytest.mark.skipif(
     not cuda_available(), reason="needs a CUDA GPU and the built extension (python -m mosaickv.ops.compile)"
@@ -143,3 +151,51 @@ def test_decode_cuda_graph_replay_matches_eager() -> None:
     eager = DecodePlan(caches, "cuda", piece_blocks=8).run(q2)
     assert torch.isfinite(out).all()
     assert rel_err(out.cpu(), eager.cpu()) < 1e-6
+
+
+@pytest.mark.parametrize("ties", ["distinct", "all_tied"])
+def test_select_matches_a_stable_sort_at_scale(ties: str) -> None:
+    """The one-launch cluster select on long sequences (37K blocks per (b, h), spread over the 8 CTAs
+    of a cluster): the selected ids equal a stable descending sort of the block scores (ties: lower
+    block id first) and the pieces tile each stripe's selection. all_tied: every block of a stripe
+    has the same summary, so each stripe's scores are one value and the tie rule decides."""
+    torch.manual_seed(5)
+    lay = DecodeLayout.synthetic(
+        2,
+        8,
+        128,
+        300_000,
+        keep=32,
+        block=8,
+        token_ratio=0.1,
+        n_sink=4,
+        window=64,
+        segment_len=65536,
+        summary_kind=0,
+        summary_width=16,
+        dtype=torch.bfloat16,
+        device="cuda",
+    )
+    if ties == "all_tied":
+        lay.summary[:] = torch.randn(16, device="cuda").to(torch.bfloat16)
+    ws = DecodeWorkspace.plan(lay, gqa_group=4, piece_blocks=64)
+    q = torch.randn(2, 32, 128, device="cuda").to(torch.bfloat16)
+    ws.sel.fill_(-1)
+    ws.n_pieces.fill_(-1)
+    run_decode(lay, ws, q, torch.empty_like(q), 128**-0.5, stages=1 | 2 | 4)
+    torch.cuda.synchronize()
+    assert int(ws.status.item()) == 0
+    keys = ws.keys.cpu().long() & 0xFFFFFFFF  # order-preserving uint32 score keys from the score stage
+    bptr, sptr = lay.block_ptr.cpu().tolist(), lay.stripe_ptr.cpu().tolist()
+    stripes = lay.stripes.cpu()
+    for bh in range(16):
+        b0, b1, k = bptr[bh], bptr[bh + 1], int(lay.n_select[bh])
+        order = torch.sort(-keys[b0:b1], stable=True).indices[:k]
+        want = torch.sort(order + b0).values
+        assert torch.equal(ws.sel[bh, :k].cpu().long(), want), f"{ties}: selection differs for bh={bh}"
+        n_pieces = 0
+        for s in range(sptr[bh], sptr[bh + 1]):
+            lo = int(stripes[s, STRIPE_COLS.index("block_off")])
+            hi = lo + -(-int(stripes[s, STRIPE_COLS.index("tokens")]) // 8)
+            n_pieces += -(-int(((want >= lo) & (want < hi)).sum()) // 64)
+        assert int(ws.n_pieces[bh]) == n_pieces, f"{ties}: piece count differs for bh={bh}"

@@ -102,6 +102,11 @@ const handlers: Handlers = {
     return runAbCommand(o);
   },
 
+  async plan(o) {
+    const { runPlanCommand } = await import('../policy/command.js');
+    return runPlanCommand(o);
+  },
+
   async demo(o) {
     const { demo } = await import('./demo.js');
     return demo({ model: o.model, backend: o.backend, workers: o.workers, ...(o.python ? { python: o.python } : {}) });

@@ -81,6 +81,22 @@ export const COMMANDS = {
       python: PYTHON,
     },
   },
+  plan: {
+    description: 'plan keep ratio, token ratio and loss threshold per layer and KV head under a memory target',
+    options: {
+      model: MODEL,
+      'target-ratio': { type: 'number', description: 'dense KV bytes / planned bytes, e.g. 4' },
+      'target-bytes': { type: 'number', description: 'planned KV bytes per token, summed over layers and KV heads' },
+      telemetry: { type: 'string', description: 'plan from this telemetry JSON (python -m mosaickv.policy writes it)' },
+      calibrate: { type: 'boolean', description: 'measure telemetry now: a forward pass of the model over a shipped text', default: false },
+      tokens: { type: 'number', description: 'prompt tokens for --calibrate', default: 1024 },
+      dtype: { type: 'string', description: 'KV storage dtype to plan for (default: the model\'s): float32, float16, bfloat16' },
+      'segment-len': { type: 'number', description: 'segment length: rotations are amortised over it', default: 4096 },
+      'token-ratio': { type: 'number', description: 'token selection ratio for heads without a recall curve', default: 0.1 },
+      json: { type: 'boolean', description: 'print the plan as JSON, with the achieved ratio', default: false },
+      python: PYTHON,
+    },
+  },
   demo: {
     description: 'start a server with the embedded model and 2 workers, run a few completions, print them',
     options: {

@@ -11,7 +11,7 @@ import { Context, Router } from 'zeromq';
 import { MosaicError } from '../protocol/errors.js';
 import {
   decodeFromWorker, encode, ProtocolError, type ControlMessage, type GenerateInput, type HelloMsg,
-  type SamplingParams, type StatsMsg, type WorkerMessage,
+  type HeadPolicyWire, type PolicyMsg, type SamplingParams, type StatsMsg, type WorkerMessage,
 } from '../protocol/protocol.js';
 import { readAllowList, readCertificate, writeKeyPair, writePublicCertificate, ZapHandler, type KeyPair } from './curve.js';
 import { family, PoolMetrics } from './metrics.js';
@@ -72,6 +72,10 @@ export interface WorkerInfo {
   kvBytes: number;
   spawned: boolean;
   restarts: number;
+  /** The segment policy version this worker acked (0: none yet, its backend's own settings). */
+  policyVersion: number;
+  /** The last policy it refused, with its reason (it keeps running `policyVersion`). */
+  policyRefused: { version: number; reason: string } | null;
 }
 
 interface WorkerEntry {
@@ -91,6 +95,8 @@ interface WorkerEntry {
   stderrTail: string[];
   /** Resolves `start()`'s wait for this worker's first handshake. */
   onReady: (() => void) | undefined;
+  policyVersion: number;
+  policyRefused: { version: number; reason: string } | null;
 }
 
 export interface SubmitOptions {
@@ -122,6 +128,7 @@ export class WorkerPool {
   private readonly queue: PendingRequest[] = [];
   private readonly pendingStats = new Map<number, (stats: StatsMsg) => void>();
   private nonce = 0;
+  private policy: PolicyMsg | null = null;
   private closing = false;
   private sendChain: Promise<void> = Promise.resolve();
   private pendingSends = 0;
@@ -238,6 +245,7 @@ export class WorkerPool {
     return {
       id, spec, state: 'starting', hello: null, child: null, inflight: new Map(), maxInflight: 0, kvBytes: 0,
       lastSeen: Date.now(), restarts: 0, consecutiveFailures: 0, readySince: 0, timer: undefined, stderrTail: [], onReady: undefined,
+      policyVersion: 0, policyRefused: null,
     };
   }
 
@@ -458,6 +466,14 @@ export class WorkerPool {
         });
         return;
       }
+      case 'policy_ack':
+        if (message.accepted) {
+          entry.policyVersion = message.version;
+        } else {
+          entry.policyRefused = { version: message.version, reason: message.reason ?? 'no reason given' };
+          this.log(`[pool] worker ${entry.id} refused policy ${message.version} (keeps ${entry.policyVersion}): ${message.reason}`);
+        }
+        return;
       case 'error': {
         if (message.request_id === null) {
           this.log(`[pool] worker ${entry.id} reported: ${message.code}: ${message.message}`);
@@ -500,6 +516,10 @@ export class WorkerPool {
     worker.lastSeen = Date.now();
     worker.maxInflight = Math.max(1, Math.min(this.opts.maxInflightPerWorker, hello.capabilities.max_inflight));
     this.send(senderId, { type: 'ready', worker_id: senderId, heartbeat_ms: this.opts.heartbeatMs });
+    // A new process starts from its backend's settings: a late joiner (or a restart) gets the current policy.
+    worker.policyVersion = 0;
+    worker.policyRefused = null;
+    if (this.policy) this.send(senderId, this.policy);
     this.log(`[pool] worker ${senderId} ready: pid ${hello.pid} on ${hello.host}, ${hello.engine}/${hello.backend} ${hello.model} on ${hello.device}${worker.spec ? '' : ' (joined remotely)'}`);
     worker.onReady?.();
     worker.onReady = undefined;
@@ -610,6 +630,18 @@ export class WorkerPool {
   // ------------------------------------------------------------------------------------------
   // Introspection
 
+  /**
+   * Publishes a segment policy to every ready worker (and, later, to each worker that joins); returns
+   * its version. Workers ack it: see `workerInfo()`'s policyVersion / policyRefused.
+   */
+  publishPolicy(heads: HeadPolicyWire[]): number {
+    const policy: PolicyMsg = { type: 'policy', version: (this.policy?.version ?? 0) + 1, heads };
+    encode(policy); // validates now: a bad policy throws here and the current one stays
+    this.policy = policy;
+    for (const w of this.workers.values()) if (w.state === 'ready') this.send(w.id, this.policy);
+    return this.policy.version;
+  }
+
   workerInfo(): WorkerInfo[] {
     return [...this.workers.values()].map((w) => ({
       id: w.id,
@@ -626,6 +658,8 @@ export class WorkerPool {
       kvBytes: w.kvBytes,
       spawned: w.spec !== null,
       restarts: w.restarts,
+      policyVersion: w.policyVersion,
+      policyRefused: w.policyRefused,
     }));
   }
 

@@ -83,6 +83,7 @@ export async function startHttpServer(cp: ControlPlane, options: HttpOptions): P
     workers: cp.workers().map((w) => ({
       id: w.id, pid: w.pid, host: w.host, engine: w.engine, model: w.model, backend: w.backend, device: w.device,
       state: w.state, inflight: w.inflight, max_inflight: w.maxInflight, kv_bytes: w.kvBytes, spawned: w.spawned, restarts: w.restarts,
+      policy_version: w.policyVersion, policy_refused: w.policyRefused,
     })),
     queue_depth: cp.pool.queueDepth,
   }));

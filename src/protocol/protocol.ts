@@ -119,18 +119,39 @@ export interface ShutdownMsg {
   type: 'shutdown';
   reason: string;
 }
+/** One layer x KV head of a segment policy (src/policy/planner.ts). */
+export interface HeadPolicyWire {
+  layer: number;
+  head: number;
+  keep_ratio: number;
+  token_ratio: number;
+  loss_threshold: number;
+}
+export interface PolicyMsg {
+  type: 'policy';
+  version: number;
+  heads: HeadPolicyWire[];
+}
+export interface PolicyAckMsg {
+  type: 'policy_ack';
+  worker_id: string;
+  version: number;
+  accepted: boolean;
+  /** Why the policy was refused (nil when accepted). */
+  reason: string | null;
+}
 
 /** Every message of the protocol. */
 export type Message =
   | HelloMsg | ReadyMsg | GenerateMsg | TokenMsg | DoneMsg | ErrorMsg | CancelMsg | HeartbeatMsg
-  | StatsRequestMsg | StatsMsg | ShutdownMsg;
+  | StatsRequestMsg | StatsMsg | ShutdownMsg | PolicyMsg | PolicyAckMsg;
 export type MessageType = Message['type'];
 /** What the control plane sends (C→W, plus error and heartbeat which go both ways). */
-export type ControlMessage = ReadyMsg | GenerateMsg | CancelMsg | HeartbeatMsg | StatsRequestMsg | ShutdownMsg | ErrorMsg;
+export type ControlMessage = ReadyMsg | GenerateMsg | CancelMsg | HeartbeatMsg | StatsRequestMsg | ShutdownMsg | ErrorMsg | PolicyMsg;
 /** What the control plane accepts from a worker (W→C). */
-export type WorkerMessage = HelloMsg | TokenMsg | DoneMsg | ErrorMsg | HeartbeatMsg | StatsMsg;
+export type WorkerMessage = HelloMsg | TokenMsg | DoneMsg | ErrorMsg | HeartbeatMsg | StatsMsg | PolicyAckMsg;
 
-const WORKER_TYPES: ReadonlySet<string> = new Set(['hello', 'token', 'done', 'error', 'heartbeat', 'stats']);
+const WORKER_TYPES: ReadonlySet<string> = new Set(['hello', 'token', 'done', 'error', 'heartbeat', 'stats', 'policy_ack']);
 
 // ---------------------------------------------------------------------------------------------
 // Schema
@@ -216,6 +237,22 @@ const SCHEMA: Record<MessageType, readonly Field[]> = {
     f('engine', { kind: 'dict', of: { kind: 'number' } }),
   ],
   shutdown: [f('reason', str)],
+  policy: [
+    f('version', { kind: 'int', min: 1 }),
+    f('heads', {
+      kind: 'array',
+      of: {
+        kind: 'map',
+        fields: [
+          f('layer', int0), f('head', int0),
+          f('keep_ratio', { kind: 'float', min: 0, minExclusive: true, max: 1 }),
+          f('token_ratio', { kind: 'float', min: 0, minExclusive: true, max: 1 }),
+          f('loss_threshold', { kind: 'float', min: 0, max: 1 }),
+        ],
+      },
+    }),
+  ],
+  policy_ack: [f('worker_id', str), f('version', int0), f('accepted', bool), f('reason', { kind: 'nullable', of: str })],
 };
 
 // ---------------------------------------------------------------------------------------------

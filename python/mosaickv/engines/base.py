@@ -123,6 +123,12 @@ class Engine(ABC):
     def stats(self) -> dict[str, int | float]:
         """Engine-specific numbers for the `stats` message (str -> number)."""
 
+    def apply_policy(self, heads: list[dict[str, Any]]) -> None:
+        """Applies a segment policy (the ``heads`` of a ``policy`` message) to requests that start
+        from now on. Raises ValueError or MosaicError with the reason when it cannot."""
+        raise MosaicError("unsupported", f"the {self.engine_name} engine with backend {self.backend_name} "
+                          "does not apply segment policies")
+
     @abstractmethod
     def close(self) -> None:
         """Cancels every running request (each ends with Finished("cancelled")) and stops the engine."""

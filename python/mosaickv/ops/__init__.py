@@ -14,10 +14,8 @@ import torch
 
 from mosaickv.core import KVCache
 from mosaickv.ops._ext import built_library, load
-from mosaickv.ops.kernels import decode_, encode_into_, encode_side
+from mosaickv.ops.kernels import STAGE_ALL, decode_, encode_into_, encode_side, run_decode
 from mosaickv.ops.layout import STRIPE_COLS, DecodeLayout, DecodeWorkspace, n_select, round_up8
-
-STAGE_ALL = 31
 
 
 def cuda_available() -> bool:
@@ -71,43 +69,7 @@ class DecodePlan:
         ws = self.workspace
         out = torch.empty_like(q) if out is None else out
         sc = lay.head_dim**-0.5 if scale is None else float(scale)
-        decode_(
-            q.contiguous(),
-            out,
-            sc,
-            lay.packed,
-            stages,
-            lay.stripes,
-            lay.stripe_ptr,
-            lay.block_ptr,
-            lay.block_stripe,
-            lay.rot,
-            lay.kbits,
-            lay.vbits,
-            lay.kvals,
-            lay.vvals,
-            lay.summary,
-            lay.summary_kind,
-            lay.block,
-            lay.n_select,
-            lay.dense_k,
-            lay.dense_v,
-            lay.dense_len,
-            ws.qrot,
-            ws.keys,
-            ws.sel,
-            ws.sel_state,
-            ws.ghist,
-            ws.chunk_counts,
-            ws.pieces,
-            ws.n_pieces,
-            ws.piece_blocks,
-            ws.part_o,
-            ws.part_ml,
-            ws.stripe_out,
-            ws.status,
-        )
-        return out
+        return run_decode(lay, ws, q.contiguous(), out, sc, stages)
 
 
 __all__ = [
@@ -123,4 +85,5 @@ __all__ = [
     "encode_side",
     "n_select",
     "round_up8",
+    "run_decode",
 ]

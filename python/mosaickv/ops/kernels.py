@@ -11,7 +11,9 @@ import torch
 
 from mosaickv.core import bitmap_words, block_summaries, pack_topk
 from mosaickv.ops import _ext
-from mosaickv.ops.layout import round_up8
+from mosaickv.ops.layout import DecodeLayout, DecodeWorkspace, round_up8
+
+STAGE_ALL = 31  # rotate q | score | select | attend | merge (Stage in cuda/mosaickv/params.h)
 
 SUMMARY_KIND_NAMES = {0: "compact", 1: "compact_minmax"}
 
@@ -210,9 +212,6 @@ def _(
         "qrot",
         "keys",
         "sel",
-        "sel_state",
-        "ghist",
-        "chunk_counts",
         "pieces",
         "n_pieces",
         "part_o",
@@ -247,9 +246,6 @@ def decode_(
     qrot: torch.Tensor,
     keys: torch.Tensor,
     sel: torch.Tensor,
-    sel_state: torch.Tensor,
-    ghist: torch.Tensor,
-    chunk_counts: torch.Tensor,
     pieces: torch.Tensor,
     n_pieces: torch.Tensor,
     piece_blocks: int,
@@ -288,9 +284,6 @@ def decode_(
         qrot,
         keys,
         sel,
-        sel_state,
-        ghist,
-        chunk_counts,
         pieces,
         n_pieces,
         piece_blocks,
@@ -302,40 +295,51 @@ def decode_(
 
 
 @decode_.register_fake
-def _(
-    q,
-    out,
-    scale,
-    packed,
-    stages,
-    stripes,
-    stripe_ptr,
-    block_ptr,
-    block_stripe,
-    rot,
-    kbits,
-    vbits,
-    kvals,
-    vvals,
-    summary,
-    summary_kind,
-    block,
-    n_select,
-    dense_k,
-    dense_v,
-    dense_len,
-    qrot,
-    keys,
-    sel,
-    sel_state,
-    ghist,
-    chunk_counts,
-    pieces,
-    n_pieces,
-    piece_blocks,
-    part_o,
-    part_ml,
-    stripe_out,
-    status,
-):
+def _(*args: object) -> None:  # mutates its workspace arguments only: nothing to describe
     return None
+
+
+def run_decode(
+    layout: DecodeLayout,
+    ws: DecodeWorkspace,
+    q: torch.Tensor,
+    out: torch.Tensor,
+    scale: float,
+    stages: int = STAGE_ALL,
+) -> torch.Tensor:
+    """``decode_`` over a layout and its workspace: q [B, H_q, D] contiguous -> out [B, H_q, D] (q's
+    dtype), written in place and returned. ``ws`` comes from ``DecodeWorkspace.plan(layout, H_q / H_kv)``."""
+    decode_(
+        q,
+        out,
+        scale,
+        layout.packed,
+        stages,
+        layout.stripes,
+        layout.stripe_ptr,
+        layout.block_ptr,
+        layout.block_stripe,
+        layout.rot,
+        layout.kbits,
+        layout.vbits,
+        layout.kvals,
+        layout.vvals,
+        layout.summary,
+        layout.summary_kind,
+        layout.block,
+        layout.n_select,
+        layout.dense_k,
+        layout.dense_v,
+        layout.dense_len,
+        ws.qrot,
+        ws.keys,
+        ws.sel,
+        ws.pieces,
+        ws.n_pieces,
+        ws.piece_blocks,
+        ws.part_o,
+        ws.part_ml,
+        ws.stripe_out,
+        ws.status,
+    )
+    return out

@@ -30,7 +30,6 @@ STRIPE_COLS = (
     "block_off",
     "row_off",
 )
-CHUNK_KEYS = 4096  # block scores per CTA in the selection stages (kChunk in cuda/mosaickv/select.cuh)
 SUMMARY_KIND_IDS = {"mean": 0, "compact": 0, "minmax": 1, "compact_minmax": 1}
 
 
@@ -42,6 +41,21 @@ def round_up8(k: int) -> int:
 def n_select(n_blocks: int, ratio: float) -> int:
     """Blocks attended out of n_blocks; same rounding as mosaickv.core.summaries.select_top_blocks."""
     return min(n_blocks, math.ceil(ratio * n_blocks - 1e-9))
+
+
+def random_bitmaps(rows: int, head_dim: int, keep: int, device: torch.device | str) -> torch.Tensor:
+    """[rows * head_dim / 32] int32 (uint32 bit patterns): each row a g = 1 bitmap of ``head_dim``
+    bits with exactly ``keep`` random bits set (head_dim a multiple of 32)."""
+    n_words = head_dim // 32
+    out = torch.empty(rows, n_words, dtype=torch.int32, device=device)
+    shifts = torch.arange(32, device=device, dtype=torch.int64)
+    for lo in range(0, rows, 1 << 21):  # bounded temporaries at 1M-token contexts
+        n = min(1 << 21, rows - lo)
+        idx = torch.rand(n, head_dim, device=device).topk(keep, dim=1).indices
+        mask = torch.zeros(n, head_dim, dtype=torch.int64, device=device).scatter_(1, idx, 1)
+        words = (mask.view(n, n_words, 32) << shifts).sum(-1)
+        out[lo : lo + n] = (words - (words >= 2**31).long() * 2**32).to(torch.int32)
+    return out.view(-1)
 
 
 @dataclass
@@ -111,6 +125,89 @@ class DecodeLayout:
         if self.rot is not None:
             ts.append(self.rot)
         return sum(t.numel() * t.element_size() for t in ts)
+
+    @classmethod
+    def synthetic(
+        cls,
+        batch: int,
+        n_kv_heads: int,
+        head_dim: int,
+        context: int,
+        *,
+        keep: int,
+        block: int,
+        token_ratio: float,
+        n_sink: int,
+        window: int,
+        segment_len: int,
+        summary_kind: int,
+        summary_width: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> "DecodeLayout":
+        """A packed layout of random content at real sizes, for benchmarks (speed does not depend on
+        the values; random scores spread the selection as far as it goes).
+
+        Every sequence holds ``context`` tokens: ``n_sink + window`` dense, the rest in compressed
+        segments of ``segment_len`` tokens (the last may be shorter), g = 1, ``keep`` random kept
+        positions per row, orthonormal random rotations, ``summary_width`` random summary values per
+        block of kind ``summary_kind`` (0 mean/compact, 1 minmax).
+        """
+        n_comp = context - n_sink - window
+        if n_comp < 1 or not 0 < keep <= head_dim or head_dim % 32:
+            raise ValueError(
+                f"need context > n_sink + window ({n_sink} + {window}), got {context}; keep in "
+                f"[1, head_dim]; head_dim a multiple of 32 (got keep {keep}, head_dim {head_dim})"
+            )
+        segs = [min(segment_len, n_comp - lo) for lo in range(0, n_comp, segment_len)]
+        n_words, stride = head_dim // 32, round_up8(keep)
+        rows: list[list[int]] = []
+        block_stripe: list[int] = []
+        nsel: list[int] = []
+        stripe_ptr, block_ptr = [0], [0]
+        row_base = blk = 0
+        for b in range(batch):
+            for h in range(n_kv_heads):
+                nb_bh = 0
+                for s in segs:
+                    nb = -(-s // block)
+                    bit, val = row_base * n_words, row_base * stride
+                    rows.append([b, h, s, keep, keep, 1, 1, bit, bit, val, val, blk, 0])
+                    block_stripe += [len(rows) - 1] * nb
+                    row_base += s
+                    blk += nb
+                    nb_bh += nb
+                stripe_ptr.append(len(rows))
+                block_ptr.append(blk)
+                nsel.append(n_select(nb_bh, token_ratio))
+        n_str, i32 = len(rows), torch.int32
+        rot = torch.linalg.qr(torch.randn(n_str * 2, head_dim, head_dim, device=device))[0]
+        cap = n_sink + window
+
+        def values() -> torch.Tensor:  # zero padding past `keep`, as the encoder writes it
+            v = torch.zeros(row_base, stride, device=device, dtype=dtype)
+            v[:, :keep] = torch.randn(row_base, keep, device=device, dtype=dtype)
+            return v.view(-1)
+
+        return cls(
+            packed=True,
+            stripes=torch.tensor(rows, dtype=torch.int64, device=device),
+            stripe_ptr=torch.tensor(stripe_ptr, dtype=i32, device=device),
+            block_ptr=torch.tensor(block_ptr, dtype=i32, device=device),
+            block_stripe=torch.tensor(block_stripe, dtype=i32, device=device),
+            rot=rot.view(n_str, 2, head_dim, head_dim).contiguous(),
+            kbits=random_bitmaps(row_base, head_dim, keep, device),
+            vbits=random_bitmaps(row_base, head_dim, keep, device),
+            kvals=values(),
+            vvals=values(),
+            summary=torch.randn(blk, summary_width, device=device, dtype=dtype),
+            summary_kind=summary_kind,
+            block=block,
+            n_select=torch.tensor(nsel, dtype=i32, device=device),
+            dense_k=torch.randn(batch, n_kv_heads, cap, head_dim, device=device, dtype=dtype),
+            dense_v=torch.randn(batch, n_kv_heads, cap, head_dim, device=device, dtype=dtype),
+            dense_len=torch.full((batch,), cap, dtype=i32, device=device),
+        )
 
     @classmethod
     def from_caches(cls, caches: list[KVCache], device: torch.device | str) -> "DecodeLayout":
@@ -248,8 +345,6 @@ class DecodeWorkspace:
 
     Attributes:
         qrot: [n_stripes, G, D] f32; keys: [n_blocks] int32; sel: [B*H, max_select] int32;
-        sel_state: [B*H, 4] int32 (radix-select state); ghist: [B*H, 2048] int32, zero at rest (the
-        kernels re-zero it); chunk_counts: [B*H, max_chunks, 2] int32 (4096 keys per chunk);
         pieces: [B*H, max_pieces, 3] int32; n_pieces: [B*H] int32; part_o: [B*H, max_pieces + 1, G, D]
         f32; part_ml: [B*H, max_pieces + 1, G, 2] f32; stripe_out: [B*H, max_stripes + 1, G, D] f32;
         status: [1] int32 (kernel status bits, mosaickv/params.h).
@@ -258,9 +353,6 @@ class DecodeWorkspace:
     qrot: torch.Tensor
     keys: torch.Tensor
     sel: torch.Tensor
-    sel_state: torch.Tensor
-    ghist: torch.Tensor
-    chunk_counts: torch.Tensor
     pieces: torch.Tensor
     n_pieces: torch.Tensor
     part_o: torch.Tensor
@@ -281,8 +373,6 @@ class DecodeWorkspace:
         n_sel = layout.n_select.cpu()
         n_str = (layout.stripe_ptr[1:] - layout.stripe_ptr[:-1]).cpu()
         max_select = max(1, int(n_sel.max()) if bh else 1)
-        n_blk = (layout.block_ptr[1:] - layout.block_ptr[:-1]).cpu()
-        max_chunks = max(1, -(-int(n_blk.max()) // CHUNK_KEYS) if bh else 1)
         max_stripes = int(n_str.max()) if bh else 0
         max_pieces = max(1, int(((n_sel + piece_blocks - 1) // piece_blocks + n_str).max()))
         g, d = gqa_group, layout.head_dim
@@ -291,9 +381,6 @@ class DecodeWorkspace:
             qrot=torch.empty(max(1, layout.stripes.shape[0]), g, d, dtype=f32, device=dev),
             keys=torch.empty(max(1, layout.block_stripe.numel()), dtype=i32, device=dev),
             sel=torch.empty(bh, max_select, dtype=i32, device=dev),
-            sel_state=torch.zeros(bh, 4, dtype=i32, device=dev),
-            ghist=torch.zeros(bh, 2048, dtype=i32, device=dev),
-            chunk_counts=torch.zeros(bh, max_chunks, 2, dtype=i32, device=dev),
             pieces=torch.empty(bh, max_pieces, 3, dtype=i32, device=dev),
             n_pieces=torch.empty(bh, dtype=i32, device=dev),
             part_o=torch.empty(bh, max_pieces + 1, g, d, dtype=f32, device=dev),

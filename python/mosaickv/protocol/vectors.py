@@ -314,6 +314,29 @@ VALID: list[Case] = [
         "shutdown with a unicode reason",
         {"type": "shutdown", "reason": "control plane stopping — bye"},
     ),
+    Case(
+        "policy",
+        "policy with two heads (integral floats go out as float64)",
+        {
+            "type": "policy",
+            "version": 3,
+            "heads": [
+                {"layer": 0, "head": 0, "keep_ratio": 0.125, "token_ratio": 0.1, "loss_threshold": 0.2},
+                {"layer": 0, "head": 1, "keep_ratio": 1.0, "token_ratio": 0.25, "loss_threshold": 0.0},
+            ],
+        },
+    ),
+    Case(
+        "policy_ack_accepted",
+        "policy_ack of an accepted policy (reason nil)",
+        {"type": "policy_ack", "worker_id": "w-0", "version": 3, "accepted": True, "reason": None},
+    ),
+    Case(
+        "policy_ack_refused",
+        "policy_ack refusing a policy with the reason",
+        {"type": "policy_ack", "worker_id": "w-1", "version": 4, "accepted": False,
+         "reason": "layer 30 is outside the model (30 layers)"},
+    ),
 ]
 
 
@@ -426,6 +449,21 @@ INVALID: list[Case] = [
         _raw({"v": V, "type": "stats_request", "nonce": 2**53}),
         "bad_message",
         "nonce",
+    ),
+    _bad(
+        "invalid_policy_keep_ratio_zero",
+        "a policy head's keep_ratio must be in (0, 1]",
+        _raw({"v": V, "type": "policy", "version": 1, "heads": [
+            {"layer": 0, "head": 0, "keep_ratio": 0.0, "token_ratio": 0.1, "loss_threshold": 0.1}]}),
+        "bad_message",
+        "keep_ratio",
+    ),
+    _bad(
+        "invalid_policy_version_zero",
+        "policy versions start at 1",
+        _raw({"v": V, "type": "policy", "version": 0, "heads": []}),
+        "bad_message",
+        "version",
     ),
     _bad(
         "invalid_negative_token_id",

@@ -416,11 +416,36 @@ SCHEMA: Mapping[str, tuple[Field, ...]] = {
         _f("engine", Dict(Number())),
     ),
     "shutdown": (_f("reason", _STR),),
+    "policy": (
+        _f("version", Int(1)),
+        _f(
+            "heads",
+            Array(
+                MapOf(
+                    (
+                        _f("layer", _INT0),
+                        _f("head", _INT0),
+                        _f("keep_ratio", Float(min=0.0, max=1.0, min_exclusive=True)),
+                        _f("token_ratio", Float(min=0.0, max=1.0, min_exclusive=True)),
+                        _f("loss_threshold", Float(min=0.0, max=1.0)),
+                    )
+                )
+            ),
+        ),
+    ),
+    "policy_ack": (
+        _f("worker_id", _STR),
+        _f("version", _INT0),
+        _f("accepted", _BOOL),
+        _f("reason", Nullable(_STR)),
+    ),
 }
 
 MESSAGE_TYPES = frozenset(SCHEMA)
-WORKER_SENDS = frozenset({"hello", "token", "done", "error", "heartbeat", "stats"})
-CONTROL_SENDS = frozenset({"ready", "generate", "cancel", "heartbeat", "stats_request", "shutdown", "error"})
+WORKER_SENDS = frozenset({"hello", "token", "done", "error", "heartbeat", "stats", "policy_ack"})
+CONTROL_SENDS = frozenset(
+    {"ready", "generate", "cancel", "heartbeat", "stats_request", "shutdown", "error", "policy"}
+)
 
 _HEADER_KEYS = frozenset({"v", "type"})
 

@@ -99,6 +99,7 @@ class Worker:
         self._requests_total = 0
         self._tokens_total = 0
         self._kv_bytes_peak = 0
+        self.policy_version = 0  # the segment policy in force (0: the backend's own settings)
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -309,12 +310,32 @@ class Worker:
                     "engine": self.engine.stats(),
                 }
             )
+        elif mtype == "policy":
+            self._apply_policy(message)
         elif mtype == "shutdown":
             raise WorkerExit(0, f"shutdown requested by the control plane: {message['reason']}")
         elif mtype == "ready":
             self._heartbeat_s = message["heartbeat_ms"] / 1000.0
         elif mtype == "error":
             log.warning("the control plane reported an error (%s): %s", message["code"], message["message"])
+
+    def _apply_policy(self, message: dict[str, Any]) -> None:
+        """Applies a policy to the engine and acks it; a refused one leaves the previous in force."""
+        version = message["version"]
+        reason: str | None = None
+        try:
+            self.engine.apply_policy(message["heads"])
+        except MosaicError as exc:
+            reason = exc.message
+        except ValueError as exc:
+            reason = str(exc)
+        if reason is None:
+            self.policy_version = version
+            log.info("policy %d applied (%d layer/head entries)", version, len(message["heads"]))
+        else:
+            log.warning("policy %d refused, keeping policy %d: %s", version, self.policy_version, reason)
+        self._send({"type": "policy_ack", "worker_id": self.worker_id, "version": version,
+                    "accepted": reason is None, "reason": reason})  # fmt: skip
 
     def _heartbeat(self) -> None:
         kv = self.engine.kv_bytes()

@@ -1,16 +1,18 @@
 """Builder, do_kv_cache_update and forward on CPU tensors against the mosaickv.core reference.
 
-Real parts: vLLM's VllmConfig (CPU platform), CommonAttentionMetadata, forward context and the
-MosaicKV spec. The one test double is ``Layer``: vLLM's Attention layer needs a loaded model, and
-the impl only reads its ``layer_name``.
+Real parts: vLLM's VllmConfig (CPU platform), its Attention layer (which builds our impl; the
+backend is passed explicitly because vLLM's CPU platform answers every backend request with
+CPU_ATTN), CommonAttentionMetadata, the forward context and the MosaicKV spec.
 """
 
+import itertools
 from dataclasses import dataclass
 
 import pytest
 import torch
-from vllm.config import VllmConfig
+from vllm.config import VllmConfig, set_current_vllm_config
 from vllm.forward_context import set_forward_context
+from vllm.model_executor.layers.attention.attention import Attention
 from vllm.v1.attention.backend import CommonAttentionMetadata
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
@@ -25,11 +27,6 @@ from mosaickv.engines.vllm.backend import (
 H_Q, H_KV, D = 8, 2, 64
 BLOCK = 16
 SCALE = D**-0.5
-
-
-@dataclass
-class Layer:
-    layer_name: str
 
 
 @dataclass
@@ -75,16 +72,27 @@ def naive_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Ten
     return torch.einsum("hts,shd->thd", logits.softmax(-1), vv).float()
 
 
-def step(impl: MosaicKVAttentionImpl, builder: MosaicKVMetadataBuilder, config: VllmConfig,
+_names = itertools.count()
+
+
+def make_layer(config: VllmConfig) -> Attention:
+    """A real vLLM attention layer on the MosaicKV backend (a fresh name: vLLM refuses duplicates)."""
+    with set_current_vllm_config(config):
+        return Attention(H_Q, D, SCALE, num_kv_heads=H_KV, prefix=f"model.layers.{next(_names)}.attn",
+                         attn_backend=MosaicKVAttentionBackend)
+
+
+def step(layer: Attention, builder: MosaicKVMetadataBuilder, config: VllmConfig,
          rows: list[tuple[Request, int, int]], k: torch.Tensor, v: torch.Tensor,
          q: torch.Tensor) -> torch.Tensor:
     """One vLLM step for one layer: build metadata, do_kv_cache_update, then forward."""
     cm = common(rows)
     md = builder.build(0, cm)
-    layer = Layer("layer0")
+    impl = layer.impl
+    assert isinstance(impl, MosaicKVAttentionImpl)
     out = torch.empty(q.shape[0], H_Q * D)
     kv_cache = torch.empty(0)  # the CPU path does not read vLLM's pages (see backend docstring)
-    with set_forward_context({"layer0": md}, config):
+    with set_forward_context({layer.layer_name: md}, config):
         impl.do_kv_cache_update(layer, k, v, kv_cache, cm.slot_mapping)  # type: ignore[arg-type]
         impl.forward(layer, q, k, v, kv_cache, md, out)  # type: ignore[arg-type]
     return out.view(-1, H_Q, D)
@@ -104,7 +112,9 @@ def test_builder_from_common_metadata(builder: MosaicKVMetadataBuilder) -> None:
 
 def test_mixed_prefill_and_decode_match_core(builder: MosaicKVMetadataBuilder, config: VllmConfig) -> None:
     torch.manual_seed(0)
-    impl = MosaicKVAttentionImpl(H_Q, D, SCALE, H_KV)
+    layer = make_layer(config)
+    impl = layer.impl
+    assert isinstance(impl, MosaicKVAttentionImpl)
     ref_method = make_method("mosaic", keep_ratio=0.25, group=1, token_ratio=0.25, block_size=8, n_sink=4,
                              window=8, segment_len=16, summary="minmax")
     new = lambda t: (torch.randn(t, H_KV, D), torch.randn(t, H_KV, D), torch.randn(t, H_Q, D))  # noqa: E731
@@ -112,7 +122,7 @@ def test_mixed_prefill_and_decode_match_core(builder: MosaicKVMetadataBuilder, c
     # Step 1: request a's prompt alone.
     a_k, a_v, a_q = new(120)
     a = Request(3, a_k, a_v)
-    out = step(impl, builder, config, [(a, 0, 120)], a_k, a_v, a_q)
+    out = step(layer, builder, config, [(a, 0, 120)], a_k, a_v, a_q)
     torch.testing.assert_close(out, naive_causal(a_q, a_k, a_v), atol=1e-4, rtol=1e-4)
     ref = {3: ref_method.encode(a_k, a_v)}
 
@@ -130,7 +140,7 @@ def test_mixed_prefill_and_decode_match_core(builder: MosaicKVMetadataBuilder, c
             rows.append((r, r.k.shape[0], 1))
             r.k, r.v = torch.cat([r.k, k1]), torch.cat([r.v, v1])
             ks.append(k1), vs.append(v1), qs.append(q1)
-        out = step(impl, builder, config, rows, torch.cat(ks), torch.cat(vs), torch.cat(qs))
+        out = step(layer, builder, config, rows, torch.cat(ks), torch.cat(vs), torch.cat(qs))
         pos = 0
         for (r, ctx, n), q in zip(rows, qs, strict=True):
             if ctx == 0:
@@ -149,20 +159,20 @@ def test_mixed_prefill_and_decode_match_core(builder: MosaicKVMetadataBuilder, c
 
 
 def test_decode_without_prompt_is_an_error(builder: MosaicKVMetadataBuilder, config: VllmConfig) -> None:
-    impl = MosaicKVAttentionImpl(H_Q, D, SCALE, H_KV)
+    layer = make_layer(config)
     r = Request(7, torch.randn(1, H_KV, D), torch.randn(1, H_KV, D))
     with pytest.raises(RuntimeError, match="never encoded"):
-        step(impl, builder, config, [(r, 10, 1)], r.k, r.v, torch.randn(1, H_Q, D))
+        step(layer, builder, config, [(r, 10, 1)], r.k, r.v, torch.randn(1, H_Q, D))
 
 
 def test_chunked_prefill_continuation_is_refused(builder: MosaicKVMetadataBuilder,
                                                  config: VllmConfig) -> None:
-    impl = MosaicKVAttentionImpl(H_Q, D, SCALE, H_KV)
+    layer = make_layer(config)
     k, v = torch.randn(40, H_KV, D), torch.randn(40, H_KV, D)
     r = Request(9, k, v)
-    step(impl, builder, config, [(r, 0, 20)], k[:20], v[:20], torch.randn(20, H_Q, D))
+    step(layer, builder, config, [(r, 0, 20)], k[:20], v[:20], torch.randn(20, H_Q, D))
     with pytest.raises(NotImplementedError, match="no-enable-chunked-prefill"):
-        step(impl, builder, config, [(r, 20, 20)], k[20:], v[20:], torch.randn(20, H_Q, D))
+        step(layer, builder, config, [(r, 20, 20)], k[20:], v[20:], torch.randn(20, H_Q, D))
 
 
 @pytest.mark.parametrize(("kwargs", "reason"), [

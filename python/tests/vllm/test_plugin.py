@@ -102,10 +102,25 @@ def test_customize_spec_is_idempotent_and_leaves_other_kinds() -> None:
     assert MosaicKVAttentionBackend.customize_spec(window) is window
 
 
-def test_layer_spec_patch_installed() -> None:
+def test_real_attention_layer_reports_the_packed_spec() -> None:
+    """vLLM's own Attention layer on our backend builds our impl and, through the plugin's
+    get_kv_cache_spec wrapper, reports the packed page itself (no runner involved)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.attention.attention import Attention
 
-    assert getattr(Attention.get_kv_cache_spec, "_mosaickv", False)
+    from mosaickv.engines.vllm.backend import MosaicKVAttentionImpl
+
+    config = VllmConfig()
+    with set_current_vllm_config(config):
+        layer = Attention(32, 128, 128**-0.5, num_kv_heads=8, prefix="model.layers.0.self_attn.attn",
+                          attn_backend=MosaicKVAttentionBackend)
+    assert isinstance(layer.impl, MosaicKVAttentionImpl)
+    spec = layer.get_kv_cache_spec(config)
+    assert isinstance(spec, MosaicKVAttentionSpec)
+    assert spec.num_kv_heads == 8 and spec.head_size == 128
+    assert spec.state_content_bytes == MosaicKVAttentionBackend.customize_spec(
+        FullAttentionSpec(block_size=spec.block_size, num_kv_heads=8, head_size=128, dtype=spec.dtype)
+    ).state_content_bytes
 
 
 def validate(**overrides: object) -> list[str]:

@@ -220,6 +220,14 @@ class MosaicKVBackend(KVBackend):
         self.budget_ratio: float | None = None if budget is None else float(budget)
         self.last_keep_ratio: float | None = params.get("keep_ratio")
         self._method = make_method(method, **params)  # validates the parameters now, before any request
+        self._layer_methods: dict[int, CompressionMethod] = {}
+
+    def set_layer_params(self, layer_params: Mapping[int, Mapping[str, Any]]) -> None:
+        """Per-layer parameter overrides (a segment policy), validated now and used by every prefill
+        that ends after this call; replaced as a whole, so a prefill sees the old or the new policy."""
+        self._layer_methods = {
+            i: make_method(self.method, **{**self.params, **p}) for i, p in layer_params.items()
+        }
 
     def prepare(self, model: PreTrainedModel) -> None:
         AttentionInterface.register(ATTENTION_NAME, mosaickv_attention)
@@ -247,8 +255,9 @@ class MosaicKVBackend(KVBackend):
             )
             self.last_keep_ratio = ratio
             method = make_method(self.method, **{**self.params, "keep_ratio": ratio})
-        for layer in layers:
-            layer.encode(method)
+        per_layer = self._layer_methods
+        for i, layer in enumerate(layers):
+            layer.encode(per_layer.get(i, method))
 
     def kv_bytes(self, cache: Cache) -> int:
         return sum(layer.nbytes for layer in cache.layers if isinstance(layer, PackedLayer))

@@ -1,0 +1,142 @@
+"""Planner telemetry: per layer and KV head, the energy a mosaic segment loses at each keep ratio.
+
+From a prompt's real post-RoPE K and V (the HF cache after prefill), each head's vectors are rotated
+by the eigenvectors of their uncentred second moment (what a segment's encoder does,
+docs/FORMAT.md section 2.2) and the relative energy not kept by the top-k elements is read off one
+sort per head (``energy_losses``). The JSON written here is what ``mosaickv plan --telemetry`` reads
+(src/policy/planner.ts, ``Telemetry``).
+
+    python -m mosaickv.policy --model smollm2-135m --tokens 1024 > telemetry.json
+    python -m mosaickv.policy --model smollm2-135m --shape      # layers, KV heads, head_dim, dtype only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from importlib import resources
+from typing import Any
+
+import torch
+
+from mosaickv.core.rotation import rotation_from_moment
+from mosaickv.core.strategy import energy_losses, fixed_strategy
+
+# The planner's candidates (src/policy/planner.ts PLAN_KEEP_RATIOS).
+PLAN_KEEP_RATIOS = (0.0625, 0.125, 0.1875, 0.25, 0.375, 0.5, 0.75)
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def check_policy(heads: list[dict[str, Any]], n_layers: int, n_kv_heads: int) -> None:
+    """Raises ValueError unless ``heads`` (a ``policy`` message's) names every layer x KV head of the
+    model exactly once."""
+    seen: set[tuple[int, int]] = set()
+    for h in heads:
+        key = (h["layer"], h["head"])
+        if not (0 <= key[0] < n_layers and 0 <= key[1] < n_kv_heads):
+            raise ValueError(
+                f"layer {key[0]} head {key[1]} is outside the model "
+                f"({n_layers} layers x {n_kv_heads} KV heads)"
+            )
+        if key in seen:
+            raise ValueError(f"layer {key[0]} head {key[1]} appears twice")
+        seen.add(key)
+    if len(seen) != n_layers * n_kv_heads:
+        raise ValueError(
+            f"the policy covers {len(seen)} of the model's {n_layers} x {n_kv_heads} layer/KV-head pairs; "
+            "it must name every one"
+        )
+
+
+def head_losses(x: torch.Tensor, keep_ratios: tuple[float, ...] = PLAN_KEEP_RATIOS) -> torch.Tensor:
+    """Energy not kept per head and keep ratio, after each head's own rotation (group g = 1).
+
+    Args:
+        x: [H_kv, T, D] any float dtype: one side (K or V) of one layer for one sequence.
+    Returns:
+        [H_kv, len(keep_ratios)] float64 losses in [0, 1].
+    """
+    if x.dim() != 3 or x.shape[1] == 0:
+        raise ValueError(f"x must be [H_kv, T, D] with T >= 1, got shape {tuple(x.shape)}")
+    xf = x.float()
+    d = xf.shape[2]
+    rot = rotation_from_moment(xf.transpose(1, 2) @ xf)  # [H, D, D]
+    strategies = [fixed_strategy(d, r, 1, None) for r in keep_ratios]
+    return torch.stack([energy_losses(xf[h] @ rot[h].T, strategies) for h in range(xf.shape[0])])
+
+
+def model_shape(model: Any, name: str) -> dict[str, Any]:
+    """Layers, KV heads, head_dim and storage dtype of a loaded HF causal LM."""
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    return {
+        "model": name,
+        "nLayers": cfg.num_hidden_layers,
+        "nKvHeads": getattr(cfg, "num_key_value_heads", None) or heads,
+        "headDim": getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        "dtype": DTYPE_NAMES[next(model.parameters()).dtype],
+    }
+
+
+def shape_json(name: str) -> str:
+    """``model_shape`` of a registered model or local directory, as JSON (for Node through pythonia)."""
+    from mosaickv.engines.hf.models import load_model
+
+    model, _ = load_model(name)
+    return json.dumps(model_shape(model, name))
+
+
+def telemetry(model: Any, tokenizer: Any, name: str, text: str, tokens: int,
+              keep_ratios: tuple[float, ...] = PLAN_KEEP_RATIOS) -> dict[str, Any]:
+    """Prefills the first ``tokens`` tokens of ``text`` and measures every layer's curves.
+
+    Returns the planner's Telemetry JSON (camelCase keys); ``overheadS`` is the curve computation
+    alone, ``prefillS`` the forward pass it rides on.
+    """
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :tokens].to(next(model.parameters()).device)
+    if ids.shape[1] < 2:
+        raise ValueError(f"the text gives {ids.shape[1]} tokens; the curves need at least 2")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).cache
+    t1 = time.perf_counter()
+    curves = []
+    for layer, entry in enumerate(cache.layers):
+        # keys/values: [1, H_kv, T, D]; K and V losses are averaged: the plan sets one keep ratio for both.
+        loss = (head_losses(entry.keys[0], keep_ratios) + head_losses(entry.values[0], keep_ratios)) / 2
+        curves += [{"layer": layer, "head": h, "loss": [round(float(x), 6) for x in loss[h]]}
+                   for h in range(loss.shape[0])]
+    t2 = time.perf_counter()
+    return {**model_shape(model, name), "keepRatios": list(keep_ratios), "curves": curves,
+            "tokens": int(ids.shape[1]), "prefillS": round(t1 - t0, 4), "overheadS": round(t2 - t1, 4)}
+
+
+def sample_text() -> str:
+    """The English essay shipped for the accuracy harness (python/mosaickv/eval/data)."""
+    return resources.files("mosaickv.eval").joinpath("data/persuasion.txt").read_text(encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mosaickv.engines.hf.models import load_model
+
+    p = argparse.ArgumentParser(prog="python -m mosaickv.policy", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--tokens", type=int, default=1024, help="prompt tokens to measure (default 1024)")
+    p.add_argument("--shape", action="store_true", help="print only the model's shape (no forward pass)")
+    args = p.parse_args(argv)
+    if args.tokens < 2:
+        p.error(f"--tokens must be >= 2, got {args.tokens}")
+    if args.shape:
+        sys.stdout.write(shape_json(args.model) + "\n")
+        return 0
+    torch.set_num_threads(1)  # a shared 2-core box: one thread is faster than an oversubscribed pool
+    model, tokenizer = load_model(args.model)
+    json.dump(telemetry(model, tokenizer, args.model, sample_text(), args.tokens), sys.stdout)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""Planner telemetry (mosaickv.policy): energy-loss curves against an independent SVD oracle, and the
+telemetry JSON of a real model (tiny-random: real Llama blocks, fast) in the shape the planner reads."""
+
+import json
+
+import pytest
+import torch
+
+from mosaickv.engines.hf.models import load_model
+from mosaickv.policy import PLAN_KEEP_RATIOS, head_losses, main, sample_text, telemetry
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors on a shared 2-core box: torch's thread pool only slows them down."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def svd_losses(x: torch.Tensor, keeps: list[int]) -> list[float]:
+    """Oracle: rotate by the right singular vectors (same basis as the eigenvectors of x^T x, found by a
+    different algorithm), keep each row's top-k squared elements, report the energy dropped."""
+    _, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    e = (x.double() @ vh.T).pow(2).sort(dim=1, descending=True).values
+    total = float(e.sum())
+    return [1.0 - float(e[:, :k].sum()) / total for k in keeps]
+
+
+def test_losses_match_the_svd_oracle_per_head():
+    gen = torch.Generator().manual_seed(0)
+    d, t = 32, 300
+    # Head 0: anisotropic (a few strong directions, in a random basis); head 1: isotropic noise.
+    basis = torch.linalg.qr(torch.randn(d, d, generator=gen)).Q
+    scales = torch.logspace(1, -2, d)
+    x = torch.stack([(torch.randn(t, d, generator=gen) * scales) @ basis.T, torch.randn(t, d, generator=gen)])
+    got = head_losses(x)
+    assert got.shape == (2, len(PLAN_KEEP_RATIOS))
+    keeps = [max(1, round(r * d)) for r in PLAN_KEEP_RATIOS]
+    for h in range(2):
+        want = torch.tensor(svd_losses(x[h], keeps), dtype=torch.float64)
+        torch.testing.assert_close(got[h], want, atol=1e-6, rtol=0)
+    # The rotation is what makes the anisotropic head cheap: far less lost than isotropic noise.
+    assert float(got[0, 1]) < 0.2 * float(got[1, 1])
+
+
+def test_low_rank_head_loses_nothing_once_its_rank_is_kept():
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(200, 2, generator=gen) @ torch.randn(2, 32, generator=gen)).unsqueeze(0)  # rank 2
+    losses = head_losses(x, (1 / 32, 2 / 32, 0.5))
+    assert float(losses[0, 0]) > 1e-3
+    assert float(losses[0, 1]) < 1e-9 and float(losses[0, 2]) < 1e-9
+
+
+def test_bad_input_is_refused():
+    with pytest.raises(ValueError, match=r"\[H_kv, T, D\] with T >= 1"):
+        head_losses(torch.zeros(2, 0, 16))
+    with pytest.raises(ValueError, match="must be \\[H_kv"):
+        head_losses(torch.zeros(16, 16))
+
+
+def test_telemetry_of_a_real_model_has_the_planners_shape():
+    model, tokenizer = load_model("tiny-random")
+    out = telemetry(model, tokenizer, "tiny-random", sample_text(), tokens=128)
+    assert {k: out[k] for k in ("nLayers", "nKvHeads", "headDim", "dtype", "tokens")} == {
+        "nLayers": 2, "nKvHeads": 2, "headDim": 16, "dtype": "float32", "tokens": 128}
+    assert sorted((c["layer"], c["head"]) for c in out["curves"]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    for c in out["curves"]:
+        assert len(c["loss"]) == len(PLAN_KEEP_RATIOS)
+        assert all(0.0 <= a <= 1.0 for a in c["loss"])
+        assert all(a >= b for a, b in zip(c["loss"], c["loss"][1:], strict=False))  # more kept, less lost
+    assert out["overheadS"] >= 0 and out["prefillS"] > 0
+    json.dumps(out)  # the planner reads it as JSON
+
+
+def test_entry_point_prints_the_shape(capsys):
+    assert main(["--model", "tiny-random", "--shape"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "model": "tiny-random", "nLayers": 2, "nKvHeads": 2, "headDim": 16, "dtype": "float32"}
