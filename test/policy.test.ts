@@ -125,6 +125,25 @@ describe('planner', () => {
     }
   });
 
+  it('per-layer plans give every head of a layer the same ratios, meet the target, and lose no less than per-head plans', () => {
+    // 32 layers: with 8 the per-layer steps are too coarse for 1% (see withinTolerance).
+    const deep = telemetry(32, 4);
+    expect(planFromTelemetry(t, { ratio: 3 }, { perLayer: true }).withinTolerance).toBe(false);
+    for (const ratio of [2, 3, 4]) {
+      const layered = planFromTelemetry(deep, { ratio }, { perLayer: true });
+      const target = layered.denseBytesPerToken / ratio;
+      expect(layered.bytesPerToken).toBeLessThanOrEqual(target + 1e-9);
+      expect(layered.bytesPerToken).toBeGreaterThanOrEqual(target * (1 - TARGET_TOLERANCE));
+      for (let layer = 0; layer < deep.nLayers; layer++) {
+        const own = layered.heads.filter((h) => h.layer === layer);
+        expect(own).toHaveLength(deep.nKvHeads);
+        expect(new Set(own.map((h) => `${h.keepRatio}/${h.tokenRatio}`)).size).toBe(1);
+      }
+      // Per-head allocation is the less constrained problem: at the same target it loses no more.
+      expect(planFromTelemetry(deep, { ratio }).totalLoss).toBeLessThanOrEqual(layered.totalLoss + 1e-12);
+    }
+  });
+
   it('picks token ratios from recall curves: the smallest one reaching the recall wanted', () => {
     const withRecall = { ...t, curves: t.curves.map((c) => ({ ...c, recall: { tokenRatios: [0.2, 0.05, 0.1], recall: [0.97, 0.6, c.head === 0 ? 0.93 : 0.8] } })) };
     const plan = planFromTelemetry(withRecall, { ratio: 3 });
@@ -182,6 +201,17 @@ describe('mosaickv plan', () => {
     const table = await run(['plan', '--telemetry', file, '--target-ratio', '3.2']);
     expect(table.out.split('\n').filter((l) => /^ +\d+ {2}/.test(l))).toHaveLength(8);
     expect(table.out).toMatch(/-> ratio 3\.2\d\d/);
+  });
+
+  it('measures telemetry with --calibrate (a real forward pass) and plans from it', async () => {
+    const res = await run(['plan', '--model', 'tiny-random', '--calibrate', '--tokens', '64', '--target-ratio', '2', '--json']);
+    expect(res.code).toBe(0);
+    expect(res.err).toMatch(/telemetry: curves took [\d.]+ s/);
+    const plan = JSON.parse(res.out) as { source: string; heads: { lossThreshold: number; keepRatio: number }[] };
+    expect(plan.source).toBe('telemetry');
+    expect(plan.heads).toHaveLength(4);
+    // Measured losses, not the uniform prior 1 - r.
+    expect(plan.heads.some((h) => Math.abs(h.lossThreshold - (1 - h.keepRatio)) > 1e-3)).toBe(true);
   });
 
   it("plans uniformly from a real model's config read through pythonia, warning when 4 heads cannot land within 1%", async () => {

@@ -12,9 +12,13 @@ namespace mosaickv {
 template <int D>
 __host__ __device__ constexpr int encode_words(int g) { return (D / g + 31) / 32; }
 
+// A warp per token: 8 warps so that an append (<= 8 tokens, one CTA per head) encodes its tokens in
+// parallel rather than two after another per warp.
+constexpr int kEncodeWarps = 8;
+
 template <typename T, int D>
-__global__ void __launch_bounds__(128) encode_kernel(EncodeParams p) {
-  constexpr int kWarps = 4;
+__global__ void __launch_bounds__(kEncodeWarps * 32) encode_kernel(EncodeParams p) {
+  constexpr int kWarps = kEncodeWarps;
   extern __shared__ float smem[];
   float* rs = smem;                                  // [D][D + 1] rotation, padded: no bank conflicts
   float* xr = rs + D * (D + 1);                      // [tokens_per_cta][D] rotated tokens
@@ -145,7 +149,7 @@ __global__ void __launch_bounds__(128) encode_kernel(EncodeParams p) {
 
 template <int D>
 inline size_t encode_smem_bytes(int tokens_per_cta) {
-  return sizeof(float) * ((size_t)D * (D + 1) + (size_t)tokens_per_cta * D + 2 * 4 * D);
+  return sizeof(float) * ((size_t)D * (D + 1) + (size_t)tokens_per_cta * D + 2 * kEncodeWarps * D);
 }
 
 // Host launcher (no torch). Returns the CUDA launch error, if any.
@@ -156,7 +160,7 @@ cudaError_t launch_encode(const EncodeParams& p, cudaStream_t stream) {
   cudaError_t err = cudaFuncSetAttribute(encode_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   if (err != cudaSuccess) return err;
   dim3 grid((p.n_tokens + p.tokens_per_cta - 1) / p.tokens_per_cta, p.n_heads);
-  encode_kernel<T, D><<<grid, 128, smem, stream>>>(p);
+  encode_kernel<T, D><<<grid, kEncodeWarps * 32, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -217,20 +217,31 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
       const uint32_t mask = digit_mask_above(pass);
       for (int i = tid; i < bins; i += blockDim.x) hl[i] = 0;
       __syncthreads();
-      for (int i = c0 + tid; i < c1; i += blockDim.x) {
-        const uint32_t key = keys[i];
-        if ((key & mask) == thresh) atomicAdd(&hl[(key >> shift) & (uint32_t)(bins - 1)], 1);
+      // Scores of similar size share their top digit, so a warp's keys often hit the same bin: one
+      // atomic per distinct bin per warp (match_any), not one per key, avoids serialising on it.
+      for (int i0 = c0; i0 < c1; i0 += blockDim.x) {
+        const int i = i0 + tid;
+        const uint32_t key = i < c1 ? keys[i] : 0u;
+        const bool mine = i < c1 && (key & mask) == thresh;
+        const int bin = mine ? (int)((key >> shift) & (uint32_t)(bins - 1)) : -1;
+        const uint32_t peers = __match_any_sync(0xffffffffu, bin);
+        if (mine && (tid & 31) == __ffs(peers) - 1) atomicAdd(&hl[bin], __popc(peers));
       }
       SelectCluster::sync();
       // Thread i owns digits d0 = bins-1-2i and d0-1: a scan in descending digit order finds the digit
-      // where the count of larger keys crosses `remaining`.
+      // where the count of larger keys crosses `remaining`. The remote reads are unrolled over the
+      // cluster so that all of them are in flight at once (each is a round trip to another SM).
       const int d0 = bins - 1 - 2 * tid, d1 = d0 - 1;
-      int h0 = 0, h1 = 0;
-      for (int r = 0; r < csize; ++r) {
-        const int* hr = SelectCluster::map(hl, r);
-        if (d0 >= 0) h0 += hr[d0];
-        if (d1 >= 0) h1 += hr[d1];
+      int r0[kSelectCluster], r1[kSelectCluster];
+#pragma unroll
+      for (int r = 0; r < kSelectCluster; ++r) {
+        const int* hr = SelectCluster::map(hl, r < csize ? r : 0);
+        r0[r] = r < csize && d0 >= 0 ? hr[d0] : 0;
+        r1[r] = r < csize && d1 >= 0 ? hr[d1] : 0;
       }
+      int h0 = 0, h1 = 0;
+#pragma unroll
+      for (int r = 0; r < kSelectCluster; ++r) h0 += r0[r], h1 += r1[r];
       int total;
       const int above = block_exclusive_scan(h0 + h1, scratch, &total);
       if (above < remaining && above + h0 + h1 >= remaining) {
@@ -257,11 +268,15 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
   int eq_before = block_exclusive_scan(eq, scratch, &tot_eq);
   if (tid == 0) counts[0] = tot_gt, counts[1] = tot_eq;
   SelectCluster::sync();
-  for (int r = 0; r < rank; ++r) {
-    const int* cr = SelectCluster::map(counts, r);
-    gt_before += cr[0];
-    eq_before += cr[1];
+  int cg[kSelectCluster], ce[kSelectCluster];  // earlier ranks' counts, all remote reads in flight at once
+#pragma unroll
+  for (int r = 0; r < kSelectCluster; ++r) {
+    const int* cr = SelectCluster::map(counts, r < rank ? r : 0);
+    cg[r] = r < rank ? cr[0] : 0;
+    ce[r] = r < rank ? cr[1] : 0;
   }
+#pragma unroll
+  for (int r = 0; r < kSelectCluster; ++r) gt_before += cg[r], eq_before += ce[r];
   int32_t* sel = p.sel + (int64_t)bh * p.max_select;
   if (k > 0) {
     for (int i = i0; i < i1; ++i) {

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mosaickv.engines.hf.models import load_model
-from mosaickv.policy import PLAN_KEEP_RATIOS, head_losses, main, sample_text, telemetry
+from mosaickv.policy import PLAN_KEEP_RATIOS, check_policy, head_losses, main, sample_text, telemetry
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -78,3 +78,19 @@ def test_entry_point_prints_the_shape(capsys):
     assert main(["--model", "tiny-random", "--shape"]) == 0
     assert json.loads(capsys.readouterr().out) == {
         "model": "tiny-random", "nLayers": 2, "nKvHeads": 2, "headDim": 16, "dtype": "float32"}
+
+
+def _heads(*keys: tuple[int, int]) -> list[dict[str, float]]:
+    return [{"layer": la, "head": he, "keep_ratio": 0.25, "token_ratio": 0.1, "loss_threshold": 0.1}
+            for la, he in keys]
+
+
+def test_check_policy_needs_every_layer_and_head_exactly_once():
+    full = [(la, he) for la in range(3) for he in range(2)]
+    check_policy(_heads(*full), 3, 2)  # complete: accepted
+    with pytest.raises(ValueError, match="covers 5 of the model's 3 x 2"):
+        check_policy(_heads(*full[:5]), 3, 2)
+    with pytest.raises(ValueError, match="layer 0 head 1 appears twice"):
+        check_policy(_heads(*full, (0, 1)), 3, 2)
+    with pytest.raises(ValueError, match=r"layer 3 head 0 is outside the model \(3 layers x 2 KV heads\)"):
+        check_policy(_heads(*full[:5], (3, 0)), 3, 2)

@@ -5,7 +5,6 @@ the real KV bytes of the next request."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -57,7 +56,7 @@ def _ack(cp: ControlPlane) -> dict[str, Any]:
 ALL = [(layer, head) for layer in range(2) for head in range(2)]  # tiny-random: 2 layers x 2 KV heads
 
 
-def test_policies_are_validated_acked_and_change_real_kv_bytes(worker: ControlPlane, tmp_path: Path) -> None:
+def test_policies_are_validated_acked_and_change_real_kv_bytes(worker: ControlPlane) -> None:
     before = _kv_bytes(worker, "before")
 
     worker.send(WID, _policy(1, {key: 0.125 for key in ALL[:3]}))
@@ -72,7 +71,8 @@ def test_policies_are_validated_acked_and_change_real_kv_bytes(worker: ControlPl
     assert _kv_bytes(worker, "after-refusals") == before  # the refused policies changed nothing
 
     worker.send(WID, _policy(3, {key: 0.125 for key in ALL}))
-    assert _ack(worker) == {"type": "policy_ack", "worker_id": WID, "version": 3, "accepted": True, "reason": None}
+    accepted = {"type": "policy_ack", "worker_id": WID, "version": 3, "accepted": True, "reason": None}
+    assert _ack(worker) == accepted
     planned = _kv_bytes(worker, "planned")
     # Keep 1/8 instead of 1/2 of 16 elements: the packed values shrink 4x, so the total must drop a lot.
     assert planned < 0.8 * before

@@ -93,6 +93,7 @@ export const COMMANDS = {
       dtype: { type: 'string', description: 'KV storage dtype to plan for (default: the model\'s): float32, float16, bfloat16' },
       'segment-len': { type: 'number', description: 'segment length: rotations are amortised over it', default: 4096 },
       'token-ratio': { type: 'number', description: 'token selection ratio for heads without a recall curve', default: 0.1 },
+      'per-layer': { type: 'boolean', description: 'one keep ratio per layer (what the hf mosaickv backend applies today)', default: false },
       json: { type: 'boolean', description: 'print the plan as JSON, with the achieved ratio', default: false },
       python: PYTHON,
     },

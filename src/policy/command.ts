@@ -44,7 +44,7 @@ export async function runPlanCommand(o: OptionsOf<'plan'>): Promise<number> {
   const python = o.python ?? join(PACKAGE_ROOT, '.venv', 'bin', 'python');
   const dtype = o.dtype as DType | undefined;
   if (dtype !== undefined && !Object.hasOwn(DTYPE_BYTES, dtype)) throw new UsageError(`--dtype must be one of ${Object.keys(DTYPE_BYTES).join(', ')}`);
-  const options: PlanOptions = { layout: { segmentLen: o['segment-len'] }, tokenRatio: o['token-ratio'] };
+  const options: PlanOptions = { layout: { segmentLen: o['segment-len'] }, tokenRatio: o['token-ratio'], perLayer: o['per-layer'] };
 
   let plan;
   if (o.telemetry || o.calibrate) {

@@ -47,6 +47,9 @@ export interface PlanOptions {
   tokenRatio?: number;
   /** With recall curves: the smallest token ratio whose recall reaches this (default 0.9). */
   minRecall?: number;
+  /** One keep and token ratio per layer (all its KV heads), for backends that encode a layer with one
+   *  method, like the hf engine's mosaickv backend today. */
+  perLayer?: boolean;
 }
 
 export interface HeadPolicy {
@@ -164,10 +167,15 @@ export function planFromTelemetry(telemetry: Telemetry, target: Target, options:
   checkLayout(layout);
   const tokenRatio = options.tokenRatio ?? DEFAULT_TOKEN_RATIO;
   if (!(tokenRatio > 0 && tokenRatio < 1)) throw new RangeError(`tokenRatio must be in (0, 1), got ${tokenRatio}`);
-  const units = [...telemetry.curves].sort((a, b) => a.layer - b.layer || a.head - b.head);
-  const hulls = units.map((c) =>
-    lowerHull(telemetry.keepRatios.map((r, index) => ({ index, bytes: mosaicBytesPerToken(layout, r, true), loss: c.loss[index]! }))));
-  const dense = denseBytesPerToken(layout.headDim, layout.dtype) * units.length;
+  const curves = [...telemetry.curves].sort((a, b) => a.layer - b.layer || a.head - b.head);
+  // A unit gets one keep ratio: one head, or with perLayer all heads of a layer (summed losses and bytes).
+  const units: HeadCurve[][] = options.perLayer
+    ? Array.from({ length: telemetry.nLayers }, (_, layer) => curves.filter((c) => c.layer === layer))
+    : curves.map((c) => [c]);
+  const hulls = units.map((group) => lowerHull(telemetry.keepRatios.map((r, index) => ({
+    index, bytes: group.length * mosaicBytesPerToken(layout, r, true), loss: group.reduce((s, c) => s + c.loss[index]!, 0),
+  }))));
+  const dense = denseBytesPerToken(layout.headDim, layout.dtype) * curves.length;
   const budget = targetBytes(target, dense);
   const sum = (pick: (h: Point[]) => Point) => hulls.reduce((s, h) => s + pick(h).bytes, 0);
   const lo = sum((h) => h[0]!);
@@ -211,10 +219,13 @@ export function planFromTelemetry(telemetry: Telemetry, target: Target, options:
     used += best.cost;
   }
 
-  const heads = units.map((c, u): HeadPolicy => {
+  const heads = units.flatMap((group, u): HeadPolicy[] => {
     const p = hulls[u]![at[u]!]!;
     const keepRatio = telemetry.keepRatios[p.index]!;
-    return { layer: c.layer, head: c.head, keepRatio, keep: keptElements(keepRatio, layout.headDim, layout.group), tokenRatio: tokenRatioFor(c, options), lossThreshold: p.loss, bytesPerToken: p.bytes };
+    const keep = keptElements(keepRatio, layout.headDim, layout.group);
+    // The heads of a unit share a token ratio too: the largest any of them needs.
+    const tokenRatio = Math.max(...group.map((c) => tokenRatioFor(c, options)));
+    return group.map((c) => ({ layer: c.layer, head: c.head, keepRatio, keep, tokenRatio, lossThreshold: c.loss[p.index]!, bytesPerToken: p.bytes / group.length }));
   });
   const bytes = heads.reduce((s, h) => s + h.bytesPerToken, 0);
   return {
@@ -243,6 +254,7 @@ export function formatPlan(plan: Plan): string {
   const lines = [
     `plan for ${plan.model} (${plan.source}): ${plan.nLayers} layers x ${plan.nKvHeads} KV heads, head_dim ${plan.layout.headDim}, ${plan.layout.dtype}, segment ${plan.layout.segmentLen}, summary ${plan.layout.summary}`,
     `bytes/token: ${plan.bytesPerToken.toFixed(1)} planned, ${plan.targetBytesPerToken.toFixed(1)} target, ${plan.denseBytesPerToken} dense -> ratio ${plan.achievedRatio.toFixed(3)}`,
+    ...(plan.source === 'uniform' ? ['no telemetry: the loss column is the prior 1 - keep ratio, not a measurement'] : []),
     '',
     `layer  ${Array.from({ length: plan.nKvHeads }, (_, h) => `h${h} keep/tok/loss`.padEnd(20)).join('')}`,
   ];
