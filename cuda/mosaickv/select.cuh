@@ -8,6 +8,8 @@
 #pragma once
 #include <cooperative_groups.h>
 
+#include <algorithm>
+
 #include "common.cuh"
 
 namespace mosaickv {
@@ -136,7 +138,7 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* scratch, int* to
 
 constexpr int kSelectThreads = 1024;  // block_exclusive_scan and the 2-bins-per-thread digit search need 1024
 constexpr int kSelectBins = 2048;     // 11-bit digits: passes over bits 31..21, 20..10, 9..0
-constexpr int kSelectCluster = 8;     // CTAs per (b, h) on sm_90 (portable cluster size); 1 before sm_90
+constexpr int kSelectCluster = 8;     // most CTAs per (b, h) on sm_90 (portable cluster size); 1 before sm_90
 
 __device__ __forceinline__ int digit_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
 __device__ __forceinline__ uint32_t digit_mask_above(int pass) {  // bits fixed by earlier passes
@@ -217,15 +219,9 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
       const uint32_t mask = digit_mask_above(pass);
       for (int i = tid; i < bins; i += blockDim.x) hl[i] = 0;
       __syncthreads();
-      // Scores of similar size share their top digit, so a warp's keys often hit the same bin: one
-      // atomic per distinct bin per warp (match_any), not one per key, avoids serialising on it.
-      for (int i0 = c0; i0 < c1; i0 += blockDim.x) {
-        const int i = i0 + tid;
-        const uint32_t key = i < c1 ? keys[i] : 0u;
-        const bool mine = i < c1 && (key & mask) == thresh;
-        const int bin = mine ? (int)((key >> shift) & (uint32_t)(bins - 1)) : -1;
-        const uint32_t peers = __match_any_sync(0xffffffffu, bin);
-        if (mine && (tid & 31) == __ffs(peers) - 1) atomicAdd(&hl[bin], __popc(peers));
+      for (int i = c0 + tid; i < c1; i += blockDim.x) {
+        const uint32_t key = keys[i];
+        if ((key & mask) == thresh) atomicAdd(&hl[(key >> shift) & (uint32_t)(bins - 1)], 1);
       }
       SelectCluster::sync();
       // Thread i owns digits d0 = bins-1-2i and d0-1: a scan in descending digit order finds the digit
@@ -293,24 +289,44 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
   __threadfence();
   SelectCluster::sync();  // the whole list is written (and no CTA reads another's shared memory after this)
   if (rank != 0) return;
-  // Pieces: per stripe, its selected range is [lower_bound(block_off_s), lower_bound(block_off_s+1)).
+  // Pieces. A (b, h)'s stripes cover consecutive block ranges in segment order, so stripe q's selected
+  // range is [first_q, first_{q+1}) with first_q = number of selected ids below its first block (the
+  // end is the (b, h)'s last block + 1). Rather than binary searches in global memory (chains of
+  // dependent loads), each thread reads its share of the list once, with several loads in flight,
+  // and marks in shared memory where each stripe of the tile begins: i begins every stripe whose
+  // first block lies in (sel[i-1], sel[i]].
+  __shared__ int s_lo[kSelectThreads + 1];     // first block of the tile's stripes, then the end
+  __shared__ int s_first[kSelectThreads + 1];  // their first selected index (k: none selected)
+  constexpr int kLoads = 4;
   const int s0 = p.stripe_ptr[bh], ns = p.stripe_ptr[bh + 1] - s0;
   int32_t* pc = p.pieces + (int64_t)bh * p.max_pieces * 3;
   int piece_run = 0;
   for (int t0 = 0; t0 < ns; t0 += blockDim.x) {
-    const int j = t0 + tid;
-    int first = 0, last = 0;
-    if (j < ns) {
-      const int64_t* meta = p.stripes + (int64_t)(s0 + j) * kStripeCols;
-      const int64_t lo_blk = meta[kColBlockOff];
-      const int64_t hi_blk = lo_blk + (meta[kColTokens] + p.block - 1) / p.block;
-      int lo = 0, hi = k;
-      while (lo < hi) { const int mid = (lo + hi) >> 1; if (sel[mid] < lo_blk) lo = mid + 1; else hi = mid; }
-      first = lo;
-      hi = k;
-      while (lo < hi) { const int mid = (lo + hi) >> 1; if (sel[mid] < hi_blk) lo = mid + 1; else hi = mid; }
-      last = lo;
+    const int nt = min((int)blockDim.x, ns - t0);
+    if (tid <= nt)
+      s_lo[tid] = t0 + tid < ns ? (int)p.stripes[(int64_t)(s0 + t0 + tid) * kStripeCols + kColBlockOff]
+                                : p.block_ptr[bh + 1];
+    if (tid <= nt) s_first[tid] = k;
+    __syncthreads();
+    for (int i0 = tid; i0 < k; i0 += kLoads * blockDim.x) {
+      int v[kLoads], u[kLoads];
+#pragma unroll
+      for (int m = 0; m < kLoads; ++m) {
+        const int i = i0 + m * blockDim.x;
+        v[m] = i < k ? sel[i] : 0;
+        u[m] = i > 0 && i < k ? sel[i - 1] : -1;
+      }
+#pragma unroll
+      for (int m = 0; m < kLoads; ++m) {
+        const int i = i0 + m * blockDim.x;
+        if (i >= k) continue;
+        int lo = 0, hi = nt + 1;  // first tile entry with s_lo > u[m]
+        while (lo < hi) { const int mid = (lo + hi) >> 1; if (s_lo[mid] <= u[m]) lo = mid + 1; else hi = mid; }
+        for (int q = lo; q <= nt && s_lo[q] <= v[m]; ++q) s_first[q] = i;
+      }
     }
+    __syncthreads();
+    const int first = tid < nt ? s_first[tid] : 0, last = tid < nt ? s_first[tid + 1] : 0;
     const int np = (last - first + p.piece_blocks - 1) / p.piece_blocks;
     int tot;
     const int before = piece_run + block_exclusive_scan(np, scratch, &tot);
@@ -319,10 +335,11 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
       if (slot < p.max_pieces) {
         pc[slot * 3 + 0] = first + q * p.piece_blocks;
         pc[slot * 3 + 1] = min(last, first + (q + 1) * p.piece_blocks);
-        pc[slot * 3 + 2] = s0 + j;
+        pc[slot * 3 + 2] = s0 + t0 + tid;
       }
     }
     piece_run += tot;
+    __syncthreads();  // the next tile rewrites s_lo / s_first
   }
   if (tid == 0) {
     if (piece_run > p.max_pieces) atomicOr(p.status, kBadPieces);
@@ -330,14 +347,17 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
   }
 }
 
-// Launches select_kernel with one cluster of kSelectCluster CTAs per (b, h) on sm_90 and newer,
+// Launches select_kernel with one cluster of up to kSelectCluster CTAs per (b, h) on sm_90 and newer,
 // one CTA per (b, h) before (the kernel's cluster helpers then act on the CTA alone).
 inline cudaError_t launch_select(const DecodeParams& p, int bh, cudaStream_t stream) {
-  int dev = 0, major = 0;
+  int dev = 0, major = 0, n_sm = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
   if (err != cudaSuccess) return err;
-  const int csize = major >= 9 ? kSelectCluster : 1;
+  // Enough CTAs to fill the GPU once (two 1024-thread CTAs per SM), no more: with many (b, h) a
+  // smaller cluster per (b, h) avoids running the whole select in several waves.
+  const int csize = major >= 9 ? std::max(1, std::min(kSelectCluster, 2 * n_sm / std::max(bh, 1))) : 1;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = (unsigned)csize;
