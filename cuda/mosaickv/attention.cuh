@@ -94,6 +94,19 @@ __device__ __forceinline__ void sum_parts(const float* red, int n_part, float* o
   }
 }
 
+// Issues kUnroll independent 16-byte loads (this thread's 8 elements of tokens t0 + slot + u*kSlots)
+// before any is used, so several rows are in flight; r[u] = -1 marks a token past n_tok or padding.
+template <typename T, int kSlots, typename RowOf>
+__device__ __forceinline__ void load_dense_rows(const T* base, int t0, int n_tok, int slot, int sub, RowOf row_of,
+                                                int64_t (&r)[kUnroll], uint4 (&x)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    const int t = t0 + slot + u * kSlots;
+    r[u] = t < n_tok ? row_of(t) : -1;
+    if (r[u] >= 0) x[u] = *reinterpret_cast<const uint4*>(base + r[u] + sub * 8);
+  }
+}
+
 // Dense rows (sinks + window, or the dense baseline): D/8 threads per token, 16-byte loads, kUnroll
 // tokens in flight per thread. row_of(t) gives the element offset of token t's row, or -1 (padding).
 template <typename T, int D, int G, typename RowOf>
@@ -106,12 +119,7 @@ __device__ __forceinline__ void dense_tokens(const T* k, const T* v, int n_tok, 
   for (int t0 = 0; t0 < n_tok; t0 += kSlots * kUnroll) {  // uniform trip count: shuffles need every lane
     int64_t r[kUnroll];
     uint4 x[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int t = t0 + slot + u * kSlots;
-      r[u] = t < n_tok ? row_of(t) : -1;
-      if (r[u] >= 0) x[u] = *reinterpret_cast<const uint4*>(k + r[u] + sub * 8);
-    }
+    load_dense_rows<T, kSlots>(k, t0, n_tok, slot, sub, row_of, r, x);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int t = t0 + slot + u * kSlots;
@@ -141,12 +149,7 @@ __device__ __forceinline__ void dense_tokens(const T* k, const T* v, int n_tok, 
   for (int t0 = 0; t0 < n_tok; t0 += kSlots * kUnroll) {
     int64_t r[kUnroll];
     uint4 x[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int t = t0 + slot + u * kSlots;
-      r[u] = t < n_tok ? row_of(t) : -1;
-      if (r[u] >= 0) x[u] = *reinterpret_cast<const uint4*>(v + r[u] + sub * 8);
-    }
+    load_dense_rows<T, kSlots>(v, t0, n_tok, slot, sub, row_of, r, x);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (r[u] < 0) continue;
