@@ -12,7 +12,7 @@ cudaError_t decode(DType dtype, int head_dim, int gqa_group, bool packed, const 
 }
 
 size_t decode_smem_bytes(int head_dim, int gqa_group, int piece_tokens, bool packed) {
-  return attention_smem_bytes(head_dim, gqa_group, piece_tokens, packed);
+  return packed ? packed_attention_smem_bytes(head_dim, gqa_group) : attention_smem_bytes(head_dim, gqa_group, piece_tokens);
 }
 
 }  // namespace mosaickv

@@ -278,6 +278,9 @@ describe('worker failures', () => {
     expect(stats.workerStats.map((s) => s.worker_id).sort()).toEqual(['w0', 'w1']);
     expect(stats.workerStats.reduce((a, s) => a + s.requests_total, 0)).toBeGreaterThan(0);
     expect(stats.queueDepth).toBe(0);
+    // /metrics carries each worker's engine map (tests/policy_e2e checks the cache manager's cache_*)
+    const metrics = await (await fetch(`${http.url}/metrics`, { headers: AUTH })).text();
+    for (const id of ['w0', 'w1']) expect(metrics).toMatch(new RegExp(`^mosaickv_engine_decode_tokens\\{worker="${id}"\\} \\d+$`, 'm'));
   });
 
   it('retries a request on another worker when its worker dies before streaming anything', async () => {

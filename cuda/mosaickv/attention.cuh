@@ -177,89 +177,21 @@ __device__ __forceinline__ void dense_tokens(const T* k, const T* v, int n_tok, 
   sum_parts<G, D>(red, kAttnWarps, out_o);
 }
 
-// One packed row: bitmap words (W <= 4) and the first 4 value chunks (keep <= 32) are loaded up front
-// so that a thread has all its loads in flight before the first use.
-template <typename T>
-struct PackedRow {
-  uint32_t w[4];
-  uint4 pre[4];
-  const T* vrow;
-  int keep, g;
-
-  __device__ __forceinline__ void load(const uint32_t* brow, int n_words, const T* row, int keep_, int g_) {
-    vrow = row, keep = keep_, g = g_;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = i < n_words ? brow[i] : 0u;
-#pragma unroll
-    for (int c = 0; c < 4; ++c)
-      if (c * 8 < keep) pre[c] = reinterpret_cast<const uint4*>(vrow)[c];
-  }
-
-  // f(pos, raw) for each kept element in ascending position order (raw: the stored T value).
-  template <typename F>
-  __device__ __forceinline__ void walk(F f) const {
-    uint32_t cur = w[0];
-    int wi = 0;
-    auto next_group = [&]() {
-      while (cur == 0u) {
-        ++wi;
-        cur = wi == 1 ? w[1] : (wi == 2 ? w[2] : w[3]);
-      }
-      const int grp = wi * 32 + __ffs(cur) - 1;
-      cur &= cur - 1u;
-      return grp;
-    };
-    if (g == 1 && (keep & 7) == 0) {  // the common case: one element per bit, whole 16-byte chunks
-      auto chunk = [&](const uint4& u) {
-        const T* x = reinterpret_cast<const T*>(&u);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) f(next_group(), x[i]);
-      };
-#pragma unroll
-      for (int c = 0; c < 4; ++c)
-        if (c * 8 < keep) chunk(pre[c]);
-      for (int j0 = 32; j0 < keep; j0 += 8) chunk(reinterpret_cast<const uint4*>(vrow)[j0 / 8]);
-      return;
-    }
-    int grp = 0, e = g;  // e == g: the next element starts a new group
-    auto chunk = [&](const uint4& u, int j0) {
-      const T* x = reinterpret_cast<const T*>(&u);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        if (j0 + i < keep) {
-          if (e == g) {
-            grp = next_group();
-            e = 0;
-          }
-          f(grp * g + e, x[i]);
-          ++e;
-        }
-      }
-    };
-#pragma unroll
-    for (int c = 0; c < 4; ++c)
-      if (c * 8 < keep) chunk(pre[c], c * 8);
-    for (int j0 = 32; j0 < keep; j0 += 8) chunk(reinterpret_cast<const uint4*>(vrow)[j0 / 8], j0);
-  }
-};
-
 __host__ __device__ constexpr int round_up4(int n) { return (n + 3) & ~3; }
 
-constexpr int kTileRows = 16;  // packed V rows staged per warp
-
-template <int D>
-__host__ __device__ constexpr int tile_stride() { return D + 8; }  // elements; 16-byte rows, no bank conflicts
-
-template <typename T, int D, int G, bool kPacked>
+// Dense token-selection baseline: grid (max_pieces + 1, B*H) x kAttnThreads. CTA x < n_pieces[bh]
+// handles one piece of selected dense rows, CTA x == max_pieces the dense sinks + window; both with
+// dense_tokens (CUDA cores). Output as the packed kernel's: unnormalised o + (max, sum) per head.
+template <typename T, int D, int G>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(DecodeParams p) {
   extern __shared__ __align__(16) float smem[];
   const int piece_tokens = max(p.piece_blocks * p.block, p.dense_cap);
-  float* qs = smem;                                          // [D][G]
-  float* ml = qs + D * G;                                    // [G][2]
-  float* scratch = ml + round_up4(2 * G);                    // [32 * G]
-  int* s_sel = reinterpret_cast<int*>(scratch + 32 * G);     // [64] selected blocks of the piece
-  float* logits = reinterpret_cast<float*>(s_sel + 64);      // [piece tokens][G]
-  float* region = logits + round_up4(piece_tokens * G);      // V tiles, then partial-sum reduction (16B aligned)
+  float* qs = smem;                                       // [D][G]
+  float* ml = qs + D * G;                                 // [G][2]
+  float* scratch = ml + round_up4(2 * G);                 // [32 * G]
+  int* s_sel = reinterpret_cast<int*>(scratch + 32 * G);  // [64] selected blocks of the piece
+  float* logits = reinterpret_cast<float*>(s_sel + 64);   // [piece tokens][G]
+  float* region = logits + round_up4(piece_tokens * G);   // partial-sum reduction (16B aligned)
 
   const int bh = blockIdx.y, b = bh / p.n_kv_heads, h = bh % p.n_kv_heads;
   const int x = blockIdx.x;
@@ -282,194 +214,595 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(DecodeParams p)
     const int first = pc[0], last = pc[1], stripe = pc[2];
     const int64_t* meta = p.stripes + (int64_t)stripe * kStripeCols;
     const int S = (int)meta[kColTokens];
-    const int64_t block_off = meta[kColBlockOff];
+    const int64_t block_off = meta[kColBlockOff], row_off = meta[kColRowOff];
     const int n_tok = (last - first) * p.block;
     const float* qr = p.qrot + (int64_t)stripe * G * D;
     for (int i = threadIdx.x; i < D * G; i += blockDim.x) qs[(i % D) * G + i / D] = qr[i];
     for (int i = threadIdx.x; i < last - first; i += blockDim.x)
       s_sel[i] = (int)(p.sel[(int64_t)bh * p.max_select + first + i] - block_off);
     __syncthreads();
-    // Stripe-relative token index of piece token t, or -1 past the end of a partial last block.
-    auto tok_of = [&](int t) -> int {
-      const int tok = s_sel[t / p.block] * p.block + t % p.block;
-      return tok < S ? tok : -1;
-    };
-    if constexpr (kPacked) {
-      const int kK = (int)meta[kColKeepK], kV = (int)meta[kColKeepV];
-      const int ksK = round_up8(kK), ksV = round_up8(kV);
-      const int gK = (int)meta[kColGroupK], gV = (int)meta[kColGroupV];
-      const int WK = (D / gK + 31) / 32, WV = (D / gV + 31) / 32;
-      const uint32_t* kb = p.kbits + meta[kColKBitOff];
-      const uint32_t* vb = p.vbits + meta[kColVBitOff];
-      const T* kv = static_cast<const T*>(p.kvals) + meta[kColKValOff];
-      const T* vv = static_cast<const T*>(p.vvals) + meta[kColVValOff];
-      // K: one thread per token, logits straight from the packed row (q' gathered at kept positions).
-      for (int t0 = 0; t0 < n_tok; t0 += 2 * kAttnThreads) {
-        PackedRow<T> row[2];
-        int tok[2];
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          const int t = t0 + threadIdx.x + u * kAttnThreads;
-          tok[u] = t < n_tok ? tok_of(t) : -1;
-          if (tok[u] >= 0) row[u].load(kb + (int64_t)tok[u] * WK, WK, kv + (int64_t)tok[u] * ksK, kK, gK);
-        }
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          const int t = t0 + threadIdx.x + u * kAttnThreads;
-          if (t >= n_tok) continue;
-          float s[G];
-#pragma unroll
-          for (int g = 0; g < G; ++g) s[g] = 0.f;
-          if (tok[u] >= 0) row[u].walk([&](int pos, T raw) { fma_q<G>(qs, pos, Conv<T>::to(raw), s); });
-#pragma unroll
-          for (int g = 0; g < G; ++g) logits[t * G + g] = tok[u] >= 0 ? s[g] * p.scale : -INFINITY;
-        }
-      }
-      softmax_phase<G>(logits, n_tok, ml, scratch);
-      // V: each of 16 lanes scatters its token's kept values into a zeroed on-chip row (no atomics: a
-      // row belongs to one lane), then the warp accumulates p * row with lane l owning positions 2l, 2l+1
-      // (+64 per pair): o' stays in registers, in the stripe's rotated V space.
-      const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-      T* tile = reinterpret_cast<T*>(region) + warp * kTileRows * tile_stride<D>();
-      float acc[G][D / 32];
-#pragma unroll
-      for (int g = 0; g < G; ++g)
-#pragma unroll
-        for (int c = 0; c < D / 32; ++c) acc[g][c] = 0.f;
-      const int my_row = lane % kTileRows, half = lane / kTileRows;
-      for (int t0 = 0; t0 < n_tok; t0 += kAttnWarps * kTileRows) {
-        const int base = t0 + warp * kTileRows;
-        const int t = base + my_row;
-        const int tk = half == 0 && t < n_tok ? tok_of(t) : -1;
-        PackedRow<T> row;
-        if (tk >= 0) row.load(vb + (int64_t)tk * WV, WV, vv + (int64_t)tk * ksV, kV, gV);  // in flight while zeroing
-        T* mine = tile + my_row * tile_stride<D>();
-#pragma unroll
-        for (int i = 0; i < D / 16; ++i) reinterpret_cast<uint4*>(mine)[half * (D / 16) + i] = make_uint4(0u, 0u, 0u, 0u);
-        __syncwarp();
-        if (tk >= 0) row.walk([&](int pos, T raw) { mine[pos] = raw; });
-        __syncwarp();
-        const int n_here = min(kTileRows, n_tok - base);
-        for (int tt = 0; tt < n_here; ++tt) {
-          const T* r = tile + tt * tile_stride<D>();
-          float pg[G];
-          if constexpr (G % 4 == 0) {
-#pragma unroll
-            for (int g4 = 0; g4 < G / 4; ++g4) {
-              const float4 v4 = reinterpret_cast<const float4*>(logits + (base + tt) * G)[g4];
-              pg[4 * g4] = v4.x, pg[4 * g4 + 1] = v4.y, pg[4 * g4 + 2] = v4.z, pg[4 * g4 + 3] = v4.w;
-            }
-          } else {
-#pragma unroll
-            for (int g = 0; g < G; ++g) pg[g] = logits[(base + tt) * G + g];
-          }
-#pragma unroll
-          for (int c = 0; c < D / 64; ++c) {
-            float2 f;
-            unpack2<T>(*reinterpret_cast<const uint32_t*>(r + 64 * c + 2 * lane), f);
-#pragma unroll
-            for (int g = 0; g < G; ++g) {
-              acc[g][2 * c] = fmaf(pg[g], f.x, acc[g][2 * c]);
-              acc[g][2 * c + 1] = fmaf(pg[g], f.y, acc[g][2 * c + 1]);
-            }
-          }
-        }
-        __syncwarp();
-      }
-      __syncthreads();  // tiles are dead; the region now holds per-warp partial sums
-#pragma unroll
-      for (int g = 0; g < G; ++g)
-#pragma unroll
-        for (int c = 0; c < D / 64; ++c) {
-          region[(warp * G + g) * D + 64 * c + 2 * lane] = acc[g][2 * c];
-          region[(warp * G + g) * D + 64 * c + 2 * lane + 1] = acc[g][2 * c + 1];
-        }
-      sum_parts<G, D>(region, kAttnWarps, out_o);
-    } else {
-      const int64_t row_off = meta[kColRowOff];
-      dense_tokens<T, D, G>(static_cast<const T*>(p.kdense), static_cast<const T*>(p.vdense), n_tok,
-                            [&](int t) -> int64_t {
-                              const int tok = tok_of(t);
-                              return tok >= 0 ? (row_off + tok) * D : -1;
-                            },
-                            qs, p.scale, logits, ml, scratch, region, out_o);
-    }
+    dense_tokens<T, D, G>(static_cast<const T*>(p.kdense), static_cast<const T*>(p.vdense), n_tok,
+                          [&](int t) -> int64_t {
+                            const int tok = s_sel[t / p.block] * p.block + t % p.block;
+                            return tok < S ? (row_off + tok) * D : -1;
+                          },
+                          qs, p.scale, logits, ml, scratch, region, out_o);
   }
   if (threadIdx.x < 2 * G) out_ml[threadIdx.x] = ml[threadIdx.x];
 }
 
-// Merge, stage 1: grid (max_stripes + 1, B*H). CTA x < n_stripes(bh) combines the pieces of stripe x
-// (scaled to the global max and normalised by the global sum) and un-rotates: o = R_V^T o'. CTA
-// x == max_stripes does the dense piece. Others write zeros so that stage 2 can sum blindly.
+// ---------------------------------------------------------------------------------------------------
+// PackedAttention (MosaicKV): tensor cores over rows expanded on chip.
+//
+// Grid (max_pieces + 1, B*H) x kPaThreads. CTA x < n_pieces[bh] handles one piece (<= 64 selected
+// blocks of one stripe), CTA x == max_pieces the dense sinks + window, both for all G query heads of
+// the KV head. Each warp runs flash-decoding over its own chunks of 16 tokens (chunks warp, warp + 4,
+// ...) with an online softmax, and the CTA combines its 4 warps at the end. Per chunk:
+//   1. lanes 0-15 expand the K rows of the chunk's 16 tokens, lanes 16-31 the V rows, each into one
+//      zeroed row of the warp's shared tiles (walk the bitmap, store each kept value at its rotated
+//      position); the next chunk's packed rows are already in flight (registers);
+//   2. logits on tensor cores: S^T[16 x 16] = Q[16 x D] K^T with mma.m16n8k16 (f32 accumulate);
+//      Q's rows hold q' split into hi + lo 16-bit halves (rows r and r + 8), so the logits keep ~16
+//      bits of q' although the operands are 16-bit;
+//   3. p = exp2(s - m) per head, the running max/sum updated, o'^T rescaled when a max moved;
+//   4. o'^T[D x 8] += V^T P^T with mma.m16n8k16: A = V tile through ldmatrix.trans, B = p split into
+//      hi + lo again (columns n and n + 4 for G <= 4; two mmas for G = 8).
+// Output as before: unnormalised o' in the stripe's rotated V space (dense piece: unrotated) and
+// (max, sum of exp) per head, natural-log units.
+// ---------------------------------------------------------------------------------------------------
+constexpr int kPaThreads = 128;
+constexpr int kPaWarps = kPaThreads / 32;
+constexpr int kChunk = 16;  // tokens per warp step (one mma M/N tile)
+
+template <int D>
+__host__ __device__ constexpr int pa_stride() { return D + 8; }  // elements; ldmatrix rows conflict-free
+
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {  // ex2.approx: exp2(-inf) = 0
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// c += a (16x16, row) * b (16x8, col); 16-bit operands, f32 accumulators.
+template <typename T>
+struct Mma;
+template <>
+struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <>
+struct Mma<__half> {
+  static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Two floats rounded to storage type, packed low half first (the mma fragment element order).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  T e[2] = {Conv<T>::from(lo), Conv<T>::from(hi)};
+  uint32_t u;
+  memcpy(&u, e, 4);
+  return u;
+}
+
+// x = hi + lo with hi = round(x) and lo = round(x - hi): ~16 significant bits in two 16-bit values.
+template <typename T>
+__device__ __forceinline__ void split2(float x, float& hi, float& lo) {
+  hi = Conv<T>::to(Conv<T>::from(x));
+  lo = x - hi;
+}
+
+// A fragments of Q for every k-step (16 rotated positions): row r < 8 holds the hi part of head r % G,
+// row r + 8 the lo part of the same head; scaled by scale * log2(e) so that the logits come out in
+// log2 units. q(g, d) reads head g's element d (any source type).
+template <typename T, int D, int G, typename QOf>
+__device__ __forceinline__ void q_fragments(QOf q, float scale, uint32_t (&qa)[D / 16][4]) {
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  const int g = gid % G;
+#pragma unroll
+  for (int s = 0; s < D / 16; ++s) {
+    const int d0 = 16 * s + 2 * tig;
+    float hi[4], lo[4];
+    const float v[4] = {q(g, d0) * scale, q(g, d0 + 1) * scale, q(g, d0 + 8) * scale, q(g, d0 + 9) * scale};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) split2<T>(v[i], hi[i], lo[i]);
+    qa[s][0] = pack2<T>(hi[0], hi[1]);  // row gid,     cols 2 tig, 2 tig + 1
+    qa[s][1] = pack2<T>(lo[0], lo[1]);  // row gid + 8
+    qa[s][2] = pack2<T>(hi[2], hi[3]);  // row gid,     cols + 8
+    qa[s][3] = pack2<T>(lo[2], lo[3]);  // row gid + 8, cols + 8
+  }
+}
+
+// One warp's flash-decoding state. acc: o'^T in the mma C layout (m-tile mt: rows = rotated positions
+// 16 mt + gid (+ 8), columns 2 tig, 2 tig + 1 = (head, hi/lo part) columns of P); m: running max of
+// head gid % G (log2 units); l: this lane's share of the running sum (its 4 tokens of each chunk).
+template <int D>
+struct WarpFlash {
+  float acc[D / 16][4];
+  float m, l;
+};
+
+// Attends one chunk of 16 tokens whose K and V rows are in the warp's tiles (row = token, stride
+// pa_stride<D>()); valid: bit t set if token t of the chunk exists.
 template <typename T, int D, int G>
-__global__ void __launch_bounds__(128) merge_kernel(DecodeParams p) {
+__device__ __forceinline__ void flash_chunk(const T* ktile, const T* vtile, uint32_t valid,
+                                            const uint32_t (&qa)[D / 16][4], WarpFlash<D>& st) {
+  constexpr int kStride = pa_stride<D>();
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  // ldmatrix.x4: lanes 8m .. 8m + 7 address the rows of matrix m = (tokens 8 (m >> 1) + r, columns
+  // 8 (m & 1) + 16 k of the tile); the same addressing serves K (B fragments of two 8-token n-tiles)
+  // and V (.trans: the A fragment of a 16-position m-tile).
+  const int row = ((lane >> 4) << 3) + (lane & 7), col = ((lane >> 3) & 1) << 3;
+  const uint32_t kaddr = smem_u32(ktile + row * kStride + col);
+  const uint32_t vaddr = smem_u32(vtile + row * kStride + col);
+  float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int s = 0; s < D / 16; ++s) {
+    uint32_t kb[4];
+    ldmatrix_x4(kb, kaddr + s * 32);
+    Mma<T>::run(c0, qa[s], kb[0], kb[1]);  // tokens 0-7
+    Mma<T>::run(c1, qa[s], kb[2], kb[3]);  // tokens 8-15
+  }
+  // This lane's logits: head gid % G, tokens 2 tig, 2 tig + 1, 8 + 2 tig, 9 + 2 tig (hi + lo rows).
+  float sv[4] = {c0[0] + c0[2], c0[1] + c0[3], c1[0] + c1[2], c1[1] + c1[3]};
+  const int tt[4] = {2 * tig, 2 * tig + 1, 8 + 2 * tig, 9 + 2 * tig};
+  float cm = -INFINITY;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if (!((valid >> tt[i]) & 1u)) sv[i] = -INFINITY;
+    cm = fmaxf(cm, sv[i]);
+  }
+  cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 1));
+  cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, 2));
+  const float mn = fmaxf(st.m, cm);
+  const float alpha = mn == -INFINITY ? 1.f : fast_exp2(st.m - mn);
+  float pv[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) pv[i] = sv[i] == -INFINITY ? 0.f : fast_exp2(sv[i] - mn);
+  st.l = st.l * alpha + ((pv[0] + pv[1]) + (pv[2] + pv[3]));
+  st.m = mn;
+  if (__any_sync(0xffffffffu, alpha != 1.f)) {
+    // Column c of o'^T belongs to head c % G; that head's factor sits in lane 4 (c % G).
+    const float a0 = __shfl_sync(0xffffffffu, alpha, 4 * ((2 * tig) % G));
+    const float a1 = __shfl_sync(0xffffffffu, alpha, 4 * ((2 * tig + 1) % G));
+#pragma unroll
+    for (int mt = 0; mt < D / 16; ++mt) {
+      st.acc[mt][0] *= a0;
+      st.acc[mt][1] *= a1;
+      st.acc[mt][2] *= a0;
+      st.acc[mt][3] *= a1;
+    }
+  }
+  float hi[4], lo[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) split2<T>(pv[i], hi[i], lo[i]);
+  // B fragment of P^T (16 tokens x 8 columns): b0 = tokens 2 tig, 2 tig + 1, b1 = + 8, column gid.
+  if constexpr (G == 8) {  // column = head; hi and lo in two mmas into the same accumulators
+    const uint32_t bh0 = pack2<T>(hi[0], hi[1]), bh1 = pack2<T>(hi[2], hi[3]);
+    const uint32_t bl0 = pack2<T>(lo[0], lo[1]), bl1 = pack2<T>(lo[2], lo[3]);
+#pragma unroll
+    for (int mt = 0; mt < D / 16; ++mt) {
+      uint32_t va[4];
+      ldmatrix_x4_trans(va, vaddr + mt * 32);
+      Mma<T>::run(st.acc[mt], va, bh0, bh1);
+      Mma<T>::run(st.acc[mt], va, bl0, bl1);
+    }
+  } else {  // column gid: head gid % G, hi part for gid < 4, lo part for gid >= 4
+    const bool lo_part = gid >= 4;
+    const uint32_t b0 = lo_part ? pack2<T>(lo[0], lo[1]) : pack2<T>(hi[0], hi[1]);
+    const uint32_t b1 = lo_part ? pack2<T>(lo[2], lo[3]) : pack2<T>(hi[2], hi[3]);
+#pragma unroll
+    for (int mt = 0; mt < D / 16; ++mt) {
+      uint32_t va[4];
+      ldmatrix_x4_trans(va, vaddr + mt * 32);
+      Mma<T>::run(st.acc[mt], va, b0, b1);
+    }
+  }
+}
+
+// One packed row in registers: bitmap words (W <= 4) and the first 4 value chunks (keep <= 32), all
+// loaded before any is used; values past the first 32 are read from global memory during the walk.
+template <typename T>
+struct PackedRow {
+  uint32_t w[4];
+  uint4 pre[4];
+
+  __device__ __forceinline__ void load(const uint32_t* brow, int n_words, const T* vrow, int keep) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = i < n_words ? brow[i] : 0u;
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      if (c * 8 < keep) pre[c] = reinterpret_cast<const uint4*>(vrow)[c];
+  }
+
+  // Fast path (g = 1, keep a multiple of 8, no empty bitmap word before the last non-empty one): per
+  // kept value one bfind on the bit-reversed current word (its lowest position), one 16-bit shared
+  // store, one bit clear, and a predicated shift to the next word when the current one runs out.
+  __device__ __forceinline__ void scatter_fast(const T* vrow, int keep, uint32_t dst) const {
+    uint32_t cur = __brev(w[0]), n1 = __brev(w[1]), n2 = __brev(w[2]), n3 = __brev(w[3]);
+    uint32_t rb = dst + 62;  // position 32 k + 31 - b for bit b of reversed word k: address rb - 2 b
+    auto put = [&](uint32_t v) {
+      uint32_t b;
+      asm("bfind.u32 %0, %1;" : "=r"(b) : "r"(cur));
+      asm volatile("st.shared.b16 [%0], %1;" ::"r"(rb - 2 * b), "h"((unsigned short)v) : "memory");
+      cur ^= 1u << b;
+      const bool z = cur == 0u;
+      cur = z ? n1 : cur;
+      n1 = z ? n2 : n1;
+      n2 = z ? n3 : n2;
+      rb = z ? rb + 64 : rb;
+    };
+    auto chunk = [&](const uint4& u) {
+      put(u.x), put(u.x >> 16), put(u.y), put(u.y >> 16), put(u.z), put(u.z >> 16), put(u.w), put(u.w >> 16);
+    };
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      if (c * 8 < keep) chunk(pre[c]);
+    for (int j0 = 32; j0 < keep; j0 += 8) chunk(reinterpret_cast<const uint4*>(vrow)[j0 / 8]);
+  }
+
+  // General path: any g, any keep. Writes every kept value to dst[position]. kG: elements per bitmap
+  // bit (g); kExact: keep is a multiple of 8 (no per-element bound check).
+  template <int kG, bool kExact>
+  __device__ __forceinline__ void scatter(const T* vrow, int keep, T* dst) const {
+    uint32_t cur = w[0], n1 = w[1], n2 = w[2], n3 = w[3];
+    int base = 0, grp = 0;
+    // Next kept group in ascending order; empty words are skipped by shifting the word queue.
+    auto next = [&]() {
+      while (cur == 0u && base < 96) {
+        cur = n1, n1 = n2, n2 = n3, n3 = 0u;
+        base += 32;
+      }
+      const int b = base + __ffs(cur) - 1;
+      cur &= cur - 1u;
+      return b;
+    };
+    auto chunk = [&](const uint4& u, int j0) {
+      const T* xv = reinterpret_cast<const T*>(&u);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        if (kExact || j0 + i < keep) {
+          if (i % kG == 0) grp = next() * kG;
+          dst[grp + i % kG] = xv[i];
+        }
+      }
+    };
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      if (c * 8 < keep) chunk(pre[c], c * 8);
+    for (int j0 = 32; j0 < keep; j0 += 8) chunk(reinterpret_cast<const uint4*>(vrow)[j0 / 8], j0);
+  }
+
+  // dst: a zeroed row of D elements in shared memory.
+  __device__ __forceinline__ void expand(const T* vrow, int keep, int g, T* dst) const {
+    const uint32_t nz = (w[0] != 0u) | (w[1] != 0u) << 1 | (w[2] != 0u) << 2 | (w[3] != 0u) << 3;
+    if (g == 1 && (keep & 7) == 0 && (nz & (nz + 1)) == 0) {
+      scatter_fast(vrow, keep, smem_u32(dst));
+    } else if (g == 1) {
+      scatter<1, false>(vrow, keep, dst);
+    } else if (g == 2) {
+      scatter<2, false>(vrow, keep, dst);
+    } else {
+      scatter<4, false>(vrow, keep, dst);
+    }
+  }
+};
+
+template <typename T, int D>
+__device__ __forceinline__ void zero_row(T* dst) {
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) reinterpret_cast<uint4*>(dst)[i] = make_uint4(0u, 0u, 0u, 0u);
+}
+
+template <typename T, int D, int G>
+__global__ void __launch_bounds__(kPaThreads, 3) packed_attention_kernel(DecodeParams p) {
+  constexpr int kStride = pa_stride<D>();
+  __shared__ __align__(16) T s_tile[kPaWarps][2][kChunk * kStride];  // per warp: K rows, V rows
+  __shared__ float s_m[kPaWarps][G], s_l[kPaWarps][G];
+  __shared__ int s_sel[64];
+  static_assert(sizeof(s_tile) >= sizeof(float) * kPaWarps * G * D, "the warp partials reuse the tiles");
+
+  const int bh = blockIdx.y, b = bh / p.n_kv_heads, h = bh % p.n_kv_heads;
+  const int x = blockIdx.x;
+  const int np = p.n_pieces[bh];
+  if (x < p.max_pieces && x >= np) return;  // unused slot: the merge reads only the first n_pieces
+  float* out_o = p.part_o + ((int64_t)bh * (p.max_pieces + 1) + x) * G * D;
+  float* out_ml = p.part_ml + ((int64_t)bh * (p.max_pieces + 1) + x) * G * 2;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
+  const float qscale = p.scale * 1.4426950408889634f;  // logits in log2 units
+  const bool is_v = lane >= 16;                          // lanes 0-15 fill K rows, 16-31 V rows
+  const int my = lane & 15;                              // this lane's token (row) in the chunk
+  T* ktile = s_tile[warp][0];
+  T* vtile = s_tile[warp][1];
+  T* my_row = s_tile[warp][is_v ? 1 : 0] + my * kStride;
+
+  WarpFlash<D> st;
+#pragma unroll
+  for (int mt = 0; mt < D / 16; ++mt)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) st.acc[mt][j] = 0.f;
+  st.m = -INFINITY;
+  st.l = 0.f;
+  uint32_t qa[D / 16][4];
+
+  if (x == p.max_pieces) {
+    // Sinks + recent window: dense, unrotated rows copied into the tiles.
+    const T* q = static_cast<const T*>(p.q) + ((int64_t)b * p.n_kv_heads * G + (int64_t)h * G) * D;
+    q_fragments<T, D, G>([&](int g, int d) { return Conv<T>::to(q[g * D + d]); }, qscale, qa);
+    const int n_tok = p.dense_len[b];
+    const int n_chunks = (n_tok + kChunk - 1) / kChunk;
+    const T* rows = static_cast<const T*>(is_v ? p.dense_v : p.dense_k) + (int64_t)bh * p.dense_cap * D;
+    for (int c = warp; c < n_chunks; c += kPaWarps) {
+      const int t = c * kChunk + my;
+      if (t < n_tok) {
+        const uint4* src = reinterpret_cast<const uint4*>(rows + (int64_t)t * D);
+#pragma unroll
+        for (int i0 = 0; i0 < D / 8; i0 += 4) {
+          uint4 v[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) v[i] = src[i0 + i];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) reinterpret_cast<uint4*>(my_row)[i0 + i] = v[i];
+        }
+      } else {
+        zero_row<T, D>(my_row);
+      }
+      const uint32_t valid = __ballot_sync(0xffffffffu, t < n_tok) & 0xffffu;
+      __syncwarp();
+      flash_chunk<T, D, G>(ktile, vtile, valid, qa, st);
+      __syncwarp();
+    }
+  } else {
+    const int32_t* pc = p.pieces + ((int64_t)bh * p.max_pieces + x) * 3;
+    const int first = pc[0], last = pc[1], stripe = pc[2];
+    const int64_t* meta = p.stripes + (int64_t)stripe * kStripeCols;
+    const int S = (int)meta[kColTokens];
+    const int64_t block_off = meta[kColBlockOff];
+    for (int i = threadIdx.x; i < last - first; i += blockDim.x)
+      s_sel[i] = (int)(p.sel[(int64_t)bh * p.max_select + first + i] - block_off);
+    const float* qr = p.qrot + (int64_t)stripe * G * D;
+    q_fragments<T, D, G>([&](int g, int d) { return qr[g * D + d]; }, qscale, qa);
+    // This lane's side (K or V) of the stripe.
+    const int keep = (int)meta[is_v ? kColKeepV : kColKeepK];
+    const int grp = (int)meta[is_v ? kColGroupV : kColGroupK];
+    const int n_words = (D / grp + 31) / 32, stride = round_up8(keep);
+    const uint32_t* bits = (is_v ? p.vbits : p.kbits) + meta[is_v ? kColVBitOff : kColKBitOff];
+    const T* vals = static_cast<const T*>(is_v ? p.vvals : p.kvals) + meta[is_v ? kColVValOff : kColKValOff];
+    const int B = p.block, n_tok = (last - first) * B;
+    const int n_chunks = (n_tok + kChunk - 1) / kChunk;
+    const float inv_b = 1.f / (float)B;
+    __syncthreads();  // s_sel
+    // Stripe-relative token of piece token t, or -1 (past the piece, or past a partial last block).
+    // t / B through a float reciprocal: exact for t < 2^12 (piece tokens <= 64 blocks x 64).
+    auto tok_of = [&](int t) -> int {
+      if (t >= n_tok) return -1;
+      const int blk = (int)(((float)t + 0.5f) * inv_b);
+      const int tok = s_sel[blk] * B + (t - blk * B);
+      return tok < S ? tok : -1;
+    };
+    PackedRow<T> cur{}, nxt{};  // nxt stays defined when a lane has no next row (it is copied to cur)
+    int tok_c = warp < n_chunks ? tok_of(warp * kChunk + my) : -1;
+    if (tok_c >= 0) cur.load(bits + (int64_t)tok_c * n_words, n_words, vals + (int64_t)tok_c * stride, keep);
+    for (int c = warp; c < n_chunks; c += kPaWarps) {
+      const int cn = c + kPaWarps;
+      const int tok_n = cn < n_chunks ? tok_of(cn * kChunk + my) : -1;
+      if (tok_n >= 0) nxt.load(bits + (int64_t)tok_n * n_words, n_words, vals + (int64_t)tok_n * stride, keep);
+      zero_row<T, D>(my_row);
+      if (tok_c >= 0) cur.expand(vals + (int64_t)tok_c * stride, keep, grp, my_row);
+      const uint32_t valid = __ballot_sync(0xffffffffu, tok_c >= 0) & 0xffffu;  // lanes 0-15 = tokens 0-15
+      __syncwarp();
+      flash_chunk<T, D, G>(ktile, vtile, valid, qa, st);
+      __syncwarp();
+      cur = nxt;
+      tok_c = tok_n;
+    }
+  }
+
+  // Combine the warps: each warp's (m, l, o') to shared memory, then rescale to the CTA max.
+  st.l += __shfl_xor_sync(0xffffffffu, st.l, 1);
+  st.l += __shfl_xor_sync(0xffffffffu, st.l, 2);
+  if constexpr (G != 8) {  // column c (hi part) + column c + 4 (lo part), held by lane tig ^ 2
+#pragma unroll
+    for (int mt = 0; mt < D / 16; ++mt)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) st.acc[mt][j] += __shfl_xor_sync(0xffffffffu, st.acc[mt][j], 2);
+  }
+  __syncthreads();  // every warp is done with its tiles: they now hold the warps' partial outputs
+  float* wo = reinterpret_cast<float*>(&s_tile[0][0][0]);  // [kPaWarps][G][D]
+  if (tig == 0 && gid < G) {
+    s_m[warp][gid] = st.m;
+    s_l[warp][gid] = st.l;
+  }
+  if (G == 8 || tig == 0 || (G == 4 && tig == 1)) {
+    const int h0 = (2 * tig) % G, h1 = (2 * tig + 1) % G;
+    float* w0 = wo + (warp * G + h0) * D;
+    float* w1 = wo + (warp * G + h1) * D;
+#pragma unroll
+    for (int mt = 0; mt < D / 16; ++mt) {
+      w0[16 * mt + gid] = st.acc[mt][0];
+      w0[16 * mt + gid + 8] = st.acc[mt][2];
+      if (G != 1) {
+        w1[16 * mt + gid] = st.acc[mt][1];
+        w1[16 * mt + gid + 8] = st.acc[mt][3];
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
+    const int g = i / D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kPaWarps; ++w) mx = fmaxf(mx, s_m[w][g]);
+    float a = 0.f;
+#pragma unroll
+    for (int w = 0; w < kPaWarps; ++w)
+      if (s_m[w][g] != -INFINITY) a += fast_exp2(s_m[w][g] - mx) * wo[(w * G + g) * D + i % D];
+    out_o[i] = a;
+  }
+  if (threadIdx.x < G) {
+    const int g = threadIdx.x;
+    float mx = -INFINITY, l = 0.f;
+#pragma unroll
+    for (int w = 0; w < kPaWarps; ++w) mx = fmaxf(mx, s_m[w][g]);
+#pragma unroll
+    for (int w = 0; w < kPaWarps; ++w)
+      if (s_m[w][g] != -INFINITY) l += fast_exp2(s_m[w][g] - mx) * s_l[w][g];
+    out_ml[2 * g] = mx * 0.6931471805599453f;  // back to natural-log units (the merge's); -inf stays -inf
+    out_ml[2 * g + 1] = l;
+  }
+}
+
+// Merge, stage 1: grid (max_stripes + 1, B*H) x kMergeThreads. CTA x < n_stripes(bh) combines the
+// pieces of stripe x (scaled to the global max and normalised by the global sum) and un-rotates:
+// o = R_V^T o'. CTA x == max_stripes does the dense piece. Others write zeros so that stage 2 can sum
+// blindly. Latency-bound at these sizes, so every step keeps many loads in flight: the global max and
+// sum cover all heads in one pass, and the un-rotation splits the D rows of R_V over kMergeThreads / D
+// thread groups (each thread D / groups independent loads, unrolled).
+constexpr int kMergeThreads = 512;
+
+template <typename T, int D, int G>
+__global__ void __launch_bounds__(kMergeThreads) merge_kernel(DecodeParams p) {
+  constexpr int kParts = kMergeThreads / D;  // thread groups of the un-rotation
+  constexpr int kRows = D / kParts;          // rows of R_V per group
+  constexpr int kWarps = kMergeThreads / 32;
   __shared__ float os[G][D];
+  __shared__ float red[kParts][G][D];
+  __shared__ float wred[kWarps][G];
   __shared__ float gm[G], gl[G];
-  __shared__ float scratch[32];
-  const int bh = blockIdx.y, x = blockIdx.x;
+  __shared__ int range[2];
+  const int bh = blockIdx.y, x = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int np = p.n_pieces[bh];
   const float* ml = p.part_ml + (int64_t)bh * (p.max_pieces + 1) * G * 2;
   const float* po = p.part_o + (int64_t)bh * (p.max_pieces + 1) * G * D;
   auto slot_of = [&](int i) { return i < np ? i : p.max_pieces; };  // i == np: the dense piece
-  for (int g = 0; g < G; ++g) {
-    float m = -INFINITY;
-    for (int i = threadIdx.x; i <= np; i += blockDim.x) m = fmaxf(m, ml[(slot_of(i) * G + g) * 2]);
-    m = block_reduce<true>(m, scratch);
-    float l = 0.f;
-    for (int i = threadIdx.x; i <= np; i += blockDim.x) {
-      const float mi = ml[(slot_of(i) * G + g) * 2];
-      if (mi != -INFINITY) l += __expf(mi - m) * ml[(slot_of(i) * G + g) * 2 + 1];
-    }
-    l = block_reduce<false>(l, scratch);
-    if (threadIdx.x == 0) { gm[g] = m; gl[g] = l > 0.f ? 1.f / l : 0.f; }
-  }
-  __syncthreads();
   float* dst = p.stripe_out + ((int64_t)bh * (p.max_stripes + 1) + x) * G * D;
   const int s0 = p.stripe_ptr[bh], ns = p.stripe_ptr[bh + 1] - s0;
-  if (x == p.max_stripes || x < ns) {
-    const int stripe = s0 + x;
-    // Pieces are sorted by stripe: this stripe's pieces are one contiguous range [lo, hi).
-    __shared__ int range[2];
-    if (threadIdx.x == 0) { range[0] = np; range[1] = np; }
-    __syncthreads();
-    if (x == p.max_stripes) {
-      if (threadIdx.x == 0) range[1] = np + 1;  // the dense piece, slot max_pieces
-    } else {
-      for (int j = threadIdx.x; j < np; j += blockDim.x) {
-        const int sj = p.pieces[((int64_t)bh * p.max_pieces + j) * 3 + 2];
-        const int prev = j > 0 ? p.pieces[((int64_t)bh * p.max_pieces + j - 1) * 3 + 2] : -1;
-        const int next = j + 1 < np ? p.pieces[((int64_t)bh * p.max_pieces + j + 1) * 3 + 2] : -1;
-        if (sj == stripe && prev != stripe) range[0] = j;
-        if (sj == stripe && next != stripe) range[1] = j + 1;
-      }
+  if (x != p.max_stripes && x >= ns) {
+    for (int i = tid; i < G * D; i += blockDim.x) dst[i] = 0.f;
+    return;
+  }
+  // Global max, then sum, per head over the pieces and the dense piece (all heads in one pass).
+  float m[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) m[g] = -INFINITY;
+  for (int i = tid; i <= np; i += blockDim.x)
+#pragma unroll
+    for (int g = 0; g < G; ++g) m[g] = fmaxf(m[g], ml[(slot_of(i) * G + g) * 2]);
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    m[g] = warp_max(m[g]);
+    if (lane == 0) wred[warp][g] = m[g];
+  }
+  __syncthreads();
+  if (tid < G) {
+    float r = -INFINITY;
+    for (int w = 0; w < kWarps; ++w) r = fmaxf(r, wred[w][tid]);
+    gm[tid] = r;
+  }
+  __syncthreads();
+  float l[G];
+#pragma unroll
+  for (int g = 0; g < G; ++g) l[g] = 0.f;
+  for (int i = tid; i <= np; i += blockDim.x)
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float mi = ml[(slot_of(i) * G + g) * 2];
+      if (mi != -INFINITY) l[g] += __expf(mi - gm[g]) * ml[(slot_of(i) * G + g) * 2 + 1];
     }
-    __syncthreads();
-    const int lo = range[0], hi = range[1];
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-      const int g = i / D;
-      float a = 0.f;
-      for (int j = lo; j < hi; ++j) {
-        const int slot = slot_of(j);
-        const float mj = ml[(slot * G + g) * 2];
-        if (mj != -INFINITY) a += __expf(mj - gm[g]) * po[(int64_t)slot * G * D + i];
-      }
-      os[g][i % D] = a * gl[g];
-    }
-    __syncthreads();
-    const float* R = (x == p.max_stripes || p.rot == nullptr) ? nullptr : p.rot + ((int64_t)stripe * 2 + 1) * D * D;
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-      const int g = i / D, d = i % D;
-      float a;
-      if (R == nullptr) {
-        a = os[g][d];
-      } else {
-        a = 0.f;
-        for (int j = 0; j < D; ++j) a = fmaf(R[(int64_t)j * D + d], os[g][j], a);
-      }
-      dst[i] = a;
-    }
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    l[g] = warp_sum(l[g]);
+    if (lane == 0) wred[warp][g] = l[g];
+  }
+  // This stripe's pieces: sorted by stripe, so one contiguous range [lo, hi).
+  const int stripe = s0 + x;
+  if (tid == 0) range[0] = range[1] = np;
+  __syncthreads();
+  if (tid < G) {
+    float r = 0.f;
+    for (int w = 0; w < kWarps; ++w) r += wred[w][tid];
+    gl[tid] = r > 0.f ? 1.f / r : 0.f;
+  }
+  if (x == p.max_stripes) {
+    if (tid == 0) range[1] = np + 1;  // the dense piece, slot max_pieces
   } else {
-    for (int i = threadIdx.x; i < G * D; i += blockDim.x) dst[i] = 0.f;
+    for (int j = tid; j < np; j += blockDim.x) {
+      const int sj = p.pieces[((int64_t)bh * p.max_pieces + j) * 3 + 2];
+      const int prev = j > 0 ? p.pieces[((int64_t)bh * p.max_pieces + j - 1) * 3 + 2] : -1;
+      const int next = j + 1 < np ? p.pieces[((int64_t)bh * p.max_pieces + j + 1) * 3 + 2] : -1;
+      if (sj == stripe && prev != stripe) range[0] = j;
+      if (sj == stripe && next != stripe) range[1] = j + 1;
+    }
+  }
+  __syncthreads();
+  const int lo = range[0], hi = range[1];
+  for (int i = tid; i < G * D; i += blockDim.x) {
+    const int g = i / D;
+    float a = 0.f;
+#pragma unroll 4
+    for (int j = lo; j < hi; ++j) {
+      const int slot = slot_of(j);
+      const float mj = ml[(slot * G + g) * 2];
+      const float v = po[(int64_t)slot * G * D + i];
+      if (mj != -INFINITY) a += __expf(mj - gm[g]) * v;
+    }
+    os[g][i % D] = a * gl[g];
+  }
+  __syncthreads();
+  const float* R = (x == p.max_stripes || p.rot == nullptr) ? nullptr : p.rot + ((int64_t)stripe * 2 + 1) * D * D;
+  if (R == nullptr) {
+    for (int i = tid; i < G * D; i += blockDim.x) dst[i] = os[i / D][i % D];
+    return;
+  }
+  // o[g][d] = sum_j R[j][d] o'[g][j]: group `part` takes rows j in [part * kRows, (part + 1) * kRows).
+  {
+    const int d = tid % D, part = tid / D;
+    float rv[kRows];
+#pragma unroll
+    for (int u = 0; u < kRows; ++u) rv[u] = R[(int64_t)(part * kRows + u) * D + d];
+    float a[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) a[g] = 0.f;
+#pragma unroll
+    for (int u = 0; u < kRows; ++u)
+#pragma unroll
+      for (int g = 0; g < G; ++g) a[g] = fmaf(rv[u], os[g][part * kRows + u], a[g]);
+#pragma unroll
+    for (int g = 0; g < G; ++g) red[part][g][d] = a[g];
+  }
+  __syncthreads();
+  for (int i = tid; i < G * D; i += blockDim.x) {
+    float a = 0.f;
+#pragma unroll
+    for (int q = 0; q < kParts; ++q) a += red[q][i / D][i % D];
+    dst[i] = a;
   }
 }
 
@@ -481,16 +814,22 @@ __global__ void __launch_bounds__(256) final_kernel(DecodeParams p) {
   T* out = static_cast<T*>(p.out) + (int64_t)bh * G * D;  // [b][h*G + g][d] == bh * G * D + g * D + d
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
     float a = 0.f;
+#pragma unroll 4
     for (int x = 0; x <= p.max_stripes; ++x) a += src[(int64_t)x * G * D + i];
     out[i] = Conv<T>::from(a);
   }
 }
 
-inline size_t attention_smem_bytes(int D, int G, int piece_tokens, bool packed) {
+// Dynamic shared memory of the dense baseline's attention kernel (the packed kernel uses static
+// shared memory: packed_attention_smem_bytes).
+inline size_t attention_smem_bytes(int D, int G, int piece_tokens) {
   const size_t head = (size_t)D * G + round_up4(2 * G) + 32 * G + 64 + round_up4(piece_tokens * G);
-  const size_t red = (size_t)kAttnWarps * G * D;                                          // per-warp partials
-  const size_t tiles = packed ? (size_t)kAttnWarps * kTileRows * (D + 8) * 2 / sizeof(float) : 0;  // 16-bit rows
-  return sizeof(float) * (head + std::max(tiles, red));
+  const size_t red = (size_t)kAttnWarps * G * D;  // per-warp partials
+  return sizeof(float) * (head + red);
+}
+
+inline size_t packed_attention_smem_bytes(int D, int G) {
+  return (size_t)kPaWarps * 2 * kChunk * (D + 8) * 2 + sizeof(float) * 2 * kPaWarps * G + sizeof(int) * 64;
 }
 
 // Runs the stages selected in p.stages on `stream`. No host synchronisation, no allocation.
@@ -504,15 +843,19 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
   }
   if (p.stages & kStageAttend) {
-    const int piece_tokens = max(p.piece_blocks * p.block, p.dense_cap);
-    const size_t smem = attention_smem_bytes(D, G, piece_tokens, kPacked);
-    cudaError_t err = cudaFuncSetAttribute(attention_kernel<T, D, G, kPacked>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (err != cudaSuccess) return err;
-    attention_kernel<T, D, G, kPacked><<<dim3(p.max_pieces + 1, bh), kAttnThreads, smem, stream>>>(p);
+    if constexpr (kPacked) {
+      packed_attention_kernel<T, D, G><<<dim3(p.max_pieces + 1, bh), kPaThreads, 0, stream>>>(p);
+    } else {
+      const int piece_tokens = max(p.piece_blocks * p.block, p.dense_cap);
+      const size_t smem = attention_smem_bytes(D, G, piece_tokens);
+      cudaError_t err =
+          cudaFuncSetAttribute(attention_kernel<T, D, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+      if (err != cudaSuccess) return err;
+      attention_kernel<T, D, G><<<dim3(p.max_pieces + 1, bh), kAttnThreads, smem, stream>>>(p);
+    }
   }
   if (p.stages & kStageMerge) {
-    merge_kernel<T, D, G><<<dim3(p.max_stripes + 1, bh), 128, 0, stream>>>(p);
+    merge_kernel<T, D, G><<<dim3(p.max_stripes + 1, bh), kMergeThreads, 0, stream>>>(p);
     final_kernel<T, D, G><<<bh, 256, 0, stream>>>(p);
   }
   return cudaGetLastError();

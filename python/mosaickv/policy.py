@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from mosaickv.core import KVCache, make_method
 from mosaickv.core.rotation import rotation_from_moment
 from mosaickv.core.strategy import energy_losses, fixed_strategy
 
@@ -65,6 +66,62 @@ def head_losses(x: torch.Tensor, keep_ratios: tuple[float, ...] = PLAN_KEEP_RATI
     rot = rotation_from_moment(xf.transpose(1, 2) @ xf)  # [H, D, D]
     strategies = [fixed_strategy(d, r, 1, None) for r in keep_ratios]
     return torch.stack([energy_losses(xf[h] @ rot[h].T, strategies) for h in range(xf.shape[0])])
+
+
+def decompressed(cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache's K/V as attention sees them, back in original coordinates: [T, H_kv, D] float32 each.
+
+    Packed attention over a segment equals dense attention over its decompressed rows (it only skips
+    the zeros), so this gives the exact output of a cache without block selection.
+    """
+    def side(sink: torch.Tensor, tail: torch.Tensor, which: str) -> torch.Tensor:
+        segs = [
+            torch.stack([getattr(seg, which).unpack(h) for h in range(cache.n_kv_heads)], 1)
+            for seg in cache.segments
+        ]
+        return torch.cat([sink.float(), *segs, tail.float()])
+
+    return side(cache.sink_k, cache.tail_k, "k"), side(cache.sink_v, cache.tail_v, "v")
+
+
+def attention_losses(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_window: torch.Tensor,
+    keep_ratios: tuple[float, ...] = PLAN_KEEP_RATIOS,
+    **method_params: Any,
+) -> torch.Tensor:
+    """Relative squared error of the attention output per KV head and keep ratio.
+
+    The prompt's last queries (``q_window``, what the decode queries resemble) attend over the
+    prompt's K/V as a mosaic cache at each keep ratio stores them, against the exact K/V:
+    sum ||o - o_hat||^2 / sum ||o||^2 over the window and the head's GQA group, clamped to 1. Unlike
+    the energy loss this sees which elements the queries read, so it finds the retrieval heads that
+    need precise keys.
+
+    Args:
+        k, v: [T, H_kv, D] one layer's post-RoPE prompt K/V; q_window: [w, H_q, D].
+        method_params: mosaic parameters besides keep_ratio (token selection is switched off: this
+            measures the element dimension only).
+    Returns:
+        [H_kv, len(keep_ratios)] float64 in [0, 1].
+    """
+    t, h, d = k.shape
+    q = q_window.float().reshape(q_window.shape[0], h, -1, d).permute(1, 2, 0, 3)  # [H, G, w, D]
+
+    def out(kk: torch.Tensor, vv: torch.Tensor) -> torch.Tensor:
+        kh, vh = kk.float().permute(1, 0, 2)[:, None], vv.float().permute(1, 0, 2)[:, None]  # [H, 1, T, D]
+        return torch.softmax(q @ kh.transpose(-1, -2) * d**-0.5, -1) @ vh  # [H, G, w, D]
+
+    exact = out(k, v)
+    norm = exact.pow(2).sum((1, 2, 3)).clamp_min(1e-30)
+    params = {"segment_len": max(t, 1), **method_params, "token_ratio": 1.0}
+    losses = []
+    for r in keep_ratios:
+        cache = make_method("mosaic", **params, keep_ratio=r).encode(k, v, q_window=q_window)
+        err = (out(*decompressed(cache)) - exact).pow(2).sum((1, 2, 3)) / norm
+        losses.append(err.clamp(max=1.0).double())
+    return torch.stack(losses, 1)
 
 
 def model_shape(model: Any, name: str) -> dict[str, Any]:

@@ -284,6 +284,51 @@ def test_free_returns_every_page() -> None:
         mgr.close()
 
 
+def test_each_request_and_layer_runs_its_own_method() -> None:
+    """add_request(methods=...): a per-request fitted keep ratio and a per-layer policy, in one manager."""
+    base = SCENARIOS["fixed_len"]
+    per_layer = [dict(base, keep_ratio=0.5), dict(base, keep_ratio=0.125, segment_len=32)]
+    k, v = tokens(220, seed=12)
+    mgr = manager(base, n_layers=2, n_threads=2)
+    try:
+        mgr.add_request("r", [make_method("mosaic", **p) for p in per_layer])
+        mgr.add_request("default")
+        for layer in range(2):
+            feed(mgr, "r", k, v, n_prompt=100, layer=layer)
+            feed(mgr, "default", k, v, n_prompt=100, layer=layer)
+        mgr.drain()
+        for layer, params in enumerate(per_layer):
+            assert_same_segments(mgr, "r", synchronous(params, k, v, n_prompt=100), layer)
+            assert_same_segments(mgr, "default", synchronous(base, k, v, n_prompt=100), layer)
+        with pytest.raises(ValueError, match="one method per layer"):
+            mgr.add_request("x", [make_method("mosaic", **base)])
+        with pytest.raises(ValueError, match="'mosaic' only"):
+            mgr.add_request("x", [make_method("quest"), make_method("mosaic", **base)])
+    finally:
+        mgr.close()
+
+
+def test_callers_in_and_out_of_inference_mode_mix() -> None:
+    """An engine prefills under torch.inference_mode (its tensors, the method state included, are
+    inference tensors) while the re-encoder threads and other callers run outside it."""
+    params = SCENARIOS["fixed_len"]
+    k, v = tokens(100 + 2 * 48, seed=13)
+    mgr = manager(params, n_threads=1)
+    try:
+        mgr.add_request("r")
+        with torch.inference_mode():
+            mgr.prefill("r", 0, k[:100], v[:100])
+        for i in range(100, 148):
+            mgr.append("r", 0, k[i : i + 1], v[i : i + 1])
+        with torch.inference_mode():
+            for i in range(148, k.shape[0]):
+                mgr.append("r", 0, k[i : i + 1], v[i : i + 1])
+        mgr.drain()
+        assert_same_segments(mgr, "r", synchronous(params, k, v, n_prompt=100))
+    finally:
+        mgr.close()
+
+
 def test_many_concurrent_requests() -> None:
     params = dict(SCENARIOS["fixed_len"], segment_len=24, window=8)
     streams = {f"r{i}": tokens(60 + 90, seed=20 + i) for i in range(6)}

@@ -62,3 +62,22 @@ export function family(name: string, type: 'counter' | 'gauge', help: string, sa
   }
   return lines;
 }
+
+/**
+ * Each worker's `stats.engine` map (engine and KV-backend numbers, e.g. the cache manager's
+ * `cache_page_bytes`) as one gauge family per key, `mosaickv_engine_<key>{worker="..."}`. The map is
+ * untyped on the wire: counters among them (`steps`, `cache_reencodes`) are exported as gauges too.
+ */
+export function engineFamilies(stats: readonly { worker_id: string; engine: Record<string, number> }[]): string[] {
+  const byKey = new Map<string, GaugeSample[]>();
+  for (const s of stats) {
+    for (const [key, value] of Object.entries(s.engine)) {
+      const samples = byKey.get(key) ?? [];
+      samples.push({ labels: { worker: s.worker_id }, value });
+      byKey.set(key, samples);
+    }
+  }
+  return [...byKey.keys()].sort().flatMap((key) => family(
+    `mosaickv_engine_${key.replace(/[^a-zA-Z0-9_]/g, '_')}`, 'gauge', `Engine number ${key} from each worker's stats.`, byKey.get(key)!,
+  ));
+}

@@ -14,7 +14,7 @@ import {
   type HeadPolicyWire, type PolicyMsg, type SamplingParams, type StatsMsg, type WorkerMessage,
 } from '../protocol/protocol.js';
 import { readAllowList, readCertificate, writeKeyPair, writePublicCertificate, ZapHandler, type KeyPair } from './curve.js';
-import { family, PoolMetrics } from './metrics.js';
+import { engineFamilies, family, PoolMetrics } from './metrics.js';
 import { PendingRequest, type GenerateEvent, type TokenEvent } from './request.js';
 
 export const PACKAGE_ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
@@ -702,8 +702,8 @@ export class WorkerPool {
     return (await Promise.all(replies)).filter((s): s is StatsMsg => s !== null);
   }
 
-  /** Prometheus text for the pool's own metrics. */
-  renderMetrics(): string {
+  /** Prometheus text for the pool's own metrics, plus the engine numbers of `workerStats` (from `workerStats()`). */
+  renderMetrics(workerStats: readonly StatsMsg[] = []): string {
     const m = this.metrics;
     const workers = this.workerInfo();
     const outcomes = (['stop', 'length', 'cancelled', 'error'] as const).map((o) => ({ labels: { outcome: o }, value: m.requests.get(o) ?? 0 }));
@@ -720,6 +720,7 @@ export class WorkerPool {
       ...family('mosaickv_inflight', 'gauge', 'Requests running on each worker.', workers.map((w) => ({ labels: { worker: w.id }, value: w.inflight }))),
       ...family('mosaickv_worker_kv_bytes', 'gauge', 'KV cache bytes held by each worker (from its heartbeats).', workers.map((w) => ({ labels: { worker: w.id, backend: w.backend }, value: w.kvBytes }))),
       ...family('mosaickv_worker_up', 'gauge', '1 when the worker is ready.', workers.map((w) => ({ labels: { worker: w.id, state: w.state }, value: w.state === 'ready' ? 1 : 0 }))),
+      ...engineFamilies(workerStats),
     ];
     return `${lines.join('\n')}\n`;
   }

@@ -94,7 +94,9 @@ export async function startHttpServer(cp: ControlPlane, options: HttpOptions): P
       const [route, status] = key.split('|');
       lines.push(`mosaickv_http_requests_total{route="${route}",status="${status}"} ${value}`);
     }
-    return reply.type('text/plain; version=0.0.4; charset=utf-8').send(`${cp.pool.renderMetrics()}${lines.join('\n')}\n`);
+    // Each ready worker's own numbers (a worker that does not answer within a second is left out).
+    const pool = cp.pool.renderMetrics(await cp.pool.workerStats(1000));
+    return reply.type('text/plain; version=0.0.4; charset=utf-8').send(`${pool}${lines.join('\n')}\n`);
   });
 
   app.post('/v1/completions', (request, reply) => generate(cp, 'completion', parseCompletion(request.body, maxTokens), reply));

@@ -4,7 +4,7 @@ One manager serves every engine; an engine adapter calls, per layer and request:
 
     from mosaickv.cache import CacheConfig, CacheManager
     mgr = CacheManager.for_model(model.config, torch.bfloat16, "cuda", CacheConfig(), keep_ratio=0.25)
-    mgr.add_request(rid)
+    mgr.add_request(rid)                   # or add_request(rid, methods): one mosaic method per layer
     mgr.prefill(rid, layer, k, v, token_ids=ids)  # prompt K/V [T, H_kv, D] post-RoPE -> pages;
                                            # token_ids (optional) shares segments of a common prefix
     mgr.append(rid, layer, k_new, v_new)   # decode K/V [t, H_kv, D]: window + temporary segment

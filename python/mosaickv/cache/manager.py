@@ -17,7 +17,7 @@ from mosaickv.cache.pages import PagedStripe, PagePool
 from mosaickv.cache.segments import PagedSegment
 from mosaickv.cache.stream import Stream
 from mosaickv.core import CompressionMethod, Segment, make_method
-from mosaickv.ops import DecodePlan
+from mosaickv.ops import DecodePlan, cuda_available
 
 
 def default_threads() -> int:
@@ -56,8 +56,12 @@ class CacheConfig:
 class CacheManager:
     """Compressed paged KV caches of many requests x layers, re-encoded by a pool of CPU threads.
 
+    Every tensor the manager makes or updates is made in ``torch.inference_mode`` (inference mode is
+    per thread: the decode thread and the re-encoders must agree, whatever mode the caller runs in).
+
     Args:
-        method: a "mosaic" CompressionMethod (the manager stores bitmap-layout segments).
+        method: a "mosaic" CompressionMethod (the manager stores bitmap-layout segments): the
+            default of every (request, layer); ``add_request`` may give a request its own per layer.
         n_layers: L. n_kv_heads: H_kv. head_dim: D. dtype: storage dtype. device: where pages live.
         config: CacheConfig.
     """
@@ -72,20 +76,19 @@ class CacheManager:
         device: torch.device | str = "cpu",
         config: CacheConfig | None = None,
     ) -> None:
-        if method.name != "mosaic":
-            raise ValueError(
-                f"the cache manager stores method 'mosaic' only, got {method.name!r}; "
-                "dense and mask methods keep the core KVCache"
-            )
+        _check_method(method)
         if n_layers < 1 or n_kv_heads < 1 or head_dim < 1:
             raise ValueError(
                 f"n_layers, n_kv_heads and head_dim must be >= 1, got {n_layers}, {n_kv_heads}, {head_dim}"
             )
         self.method, self.n_layers, self.n_kv_heads, self.head_dim = method, n_layers, n_kv_heads, head_dim
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device = dtype, _concrete(torch.device(device))
         self.config = config or CacheConfig()
         page_bytes = self.config.page_bytes or (4096 if method.segment_len < 16384 else 16384)
         self.pool = PagePool(page_bytes, self.device, self.config.chunk_pages, self.config.max_pages)
+        # attention runs the CUDA kernels when they are built, else the core reference on the device
+        kernels = self.device.type == "cuda" and cuda_available()
+        self._plan_device = self.device if kernels else torch.device("cpu")
         self._requests: dict[str, list[Stream]] = {}
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -132,20 +135,22 @@ class CacheManager:
         )
 
     # ---- requests ---------------------------------------------------------------------------------
-    def add_request(self, request_id: str) -> None:
+    @torch.inference_mode()
+    def add_request(self, request_id: str, methods: Sequence[CompressionMethod] | None = None) -> None:
+        """Open a request's cache. ``methods``: one "mosaic" method per layer (a per-request fitted
+        keep ratio, a per-layer policy); default: the manager's method for every layer."""
+        if methods is None:
+            methods = [self.method] * self.n_layers
+        if len(methods) != self.n_layers:
+            raise ValueError(f"methods must have one method per layer ({self.n_layers}), got {len(methods)}")
+        for m in methods:
+            _check_method(m)
         with self._lock:
             if request_id in self._requests:
                 raise ValueError(f"request {request_id!r} already has a cache; free it first")
             self._requests[request_id] = [
-                Stream(
-                    self.method,
-                    self.pool,
-                    self.n_kv_heads,
-                    self.head_dim,
-                    self.dtype,
-                    self.config.reencode_delay_s,
-                )
-                for _ in range(self.n_layers)
+                Stream(m, self.pool, self.n_kv_heads, self.head_dim, self.dtype, self.config.reencode_delay_s)
+                for m in methods
             ]
 
     def _stream(self, request_id: str, layer: int) -> Stream:
@@ -168,6 +173,7 @@ class CacheManager:
         if k.shape != v.shape:
             raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
 
+    @torch.inference_mode()
     def prefill(
         self,
         request_id: str,
@@ -190,7 +196,7 @@ class CacheManager:
             stream.prefill(k, v)
             return
         ids = torch.as_tensor(list(token_ids), dtype=torch.int64).numpy().tobytes()
-        salt = f"{layer}|{self.dtype}|{self.method!r}|".encode()
+        salt = f"{layer}|{self.dtype}|{stream.method!r}|".encode()
 
         def page(seg: Segment, start: int) -> PagedSegment:
             key = hashlib.sha256(salt + ids[: 8 * (start + seg.length)]).digest()
@@ -199,19 +205,20 @@ class CacheManager:
                 if held is not None:
                     self._prefix_hits += 1
                     return held.shared()
-            fresh = PagedSegment.from_core(seg, start, self.pool, self.dtype, self.method.block_size)
+            fresh = PagedSegment.from_core(seg, start, self.pool, self.dtype, stream.method.block_size)
             with self._lock:
                 self._prefix.setdefault(key, fresh.shared())
             return fresh
 
         stream.prefill(k, v, page)
 
+    @torch.inference_mode()
     def append(self, request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add decode tokens k, v: [t, H_kv, D] for one layer. Returns at once unless the CPU backlog is
         at ``max_backlog_tokens``, then waits for the re-encoders (counted as a stall in stats)."""
         self._check_kv(k, v)
         stream = self._stream(request_id, layer)
-        need = max(0, stream.snapshot.window_k.shape[0] + k.shape[0] - self.method.window)
+        need = max(0, stream.snapshot.window_k.shape[0] + k.shape[0] - stream.method.window)
         with self._cond:
             if need and self._backlog and self._backlog + need > self.config.max_backlog_tokens:
                 self._stalls += 1
@@ -239,6 +246,7 @@ class CacheManager:
             stream.scheduled = True
         self._queue.put(stream)
 
+    @torch.inference_mode()
     def fork(self, src_id: str, dst_id: str) -> None:
         """Start request dst as a copy of src (parallel sampling, beam search): closed segments are
         shared page for page, the rest copied. Waits for src's queued re-encodes first."""
@@ -278,28 +286,30 @@ class CacheManager:
                     del self._prefix[key]
 
     # ---- attention --------------------------------------------------------------------------------
+    @torch.inference_mode()
     def attend(
         self, request_ids: list[str], layer: int, q: torch.Tensor, scale: float | None = None
     ) -> torch.Tensor:
         """Decode attention for one layer over a batch: q [B, H_q, D] post-RoPE -> [B, H_q, D].
 
         Each request's cache is read from one snapshot (never a half-swapped state) through
-        ``mosaickv.ops.DecodePlan`` (CUDA kernels on the GPU, the core reference on CPU).
+        ``mosaickv.ops.DecodePlan`` (CUDA kernels when built, else the core reference).
         """
         streams = [self._stream(r, layer) for r in request_ids]
         snaps = [s.acquire() for s in streams]
         try:
-            caches = [snap.to_kvcache(self.method) for snap in snaps]
-            return DecodePlan(caches, self.device).run(q, scale)
+            caches = [snap.to_kvcache(s.method) for s, snap in zip(streams, snaps, strict=True)]
+            return DecodePlan(caches, self._plan_device).run(q, scale)
         finally:
             for s, snap in zip(streams, snaps, strict=True):
                 s.release(snap)
 
-    def tokens(self, request_id: str) -> int:
-        """Tokens held for the request (layer 0)."""
-        return self._stream(request_id, 0).snapshot.length
+    def tokens(self, request_id: str, layer: int = 0) -> int:
+        """Tokens held for the request in one layer."""
+        return self._stream(request_id, layer).snapshot.length
 
     # ---- CPU pool ---------------------------------------------------------------------------------
+    @torch.inference_mode()
     def _worker(self) -> None:
         while True:
             stream = self._queue.get()
@@ -415,6 +425,21 @@ class CacheManager:
         }
 
 
+def _check_method(method: CompressionMethod) -> None:
+    if method.name != "mosaic":
+        raise ValueError(
+            f"the cache manager stores method 'mosaic' only, got {method.name!r}; "
+            "dense and mask methods keep the core KVCache"
+        )
+
+
 def _unique_rows(stripes: Iterable[PagedStripe]) -> int:
     """Row bytes, each shared stripe once (stripes that share rows share their first page)."""
     return sum({st.pages[0]: st.used_bytes for st in stripes if st.pages}.values())
+
+
+def _concrete(device: torch.device) -> torch.device:
+    """``cuda`` means the current CUDA device; tensors always carry its index, so compare with that."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device

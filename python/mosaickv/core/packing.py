@@ -63,7 +63,12 @@ def bitmap_positions(bitmap: torch.Tensor, dim: int, group: int, keep: int) -> t
 
 
 def pack_topk(
-    x: torch.Tensor, keep: int, group: int, channels: int | None, dtype: torch.dtype
+    x: torch.Tensor,
+    keep: int,
+    group: int,
+    channels: int | None,
+    dtype: torch.dtype,
+    weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep each row's ``keep / group`` highest-energy groups among the first ``channels`` positions.
 
@@ -73,6 +78,8 @@ def pack_topk(
         group: g in {1, 2, 4}.
         channels: truncation c (a multiple of g) or None for all D.
         dtype: storage dtype of the values.
+        weight: optional [D] float32 w^2 per position: energy is x^2 w^2, the expected squared error a
+            dropped element adds to q . x when E[q_i^2] = w_i^2 (query-weighted selection).
     Returns:
         values: [S, keep] ``dtype``, kept elements in ascending position order.
         bitmap: [S, W] uint32.
@@ -83,7 +90,8 @@ def pack_topk(
     if keep % group or not 0 < keep <= limit or limit % group:
         raise ValueError(
             f"keep = {keep} must be a positive multiple of g = {group} and <= channels = {limit}")
-    energy = x.float().view(s, d // group, group).pow(2).sum(-1)
+    sq = x.float().pow(2) if weight is None else x.float().pow(2) * weight
+    energy = sq.view(s, d // group, group).sum(-1)
     if limit < d:
         energy[:, limit // group :] = -1.0
     top = energy.topk(keep // group, dim=1).indices

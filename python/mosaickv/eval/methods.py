@@ -45,6 +45,9 @@ def make_method_backend(method: str, budget_ratio: float) -> KVBackend:
         options[key] = value
     if name in _FITTED and "keep_ratio" not in options:
         options["budget_ratio"] = str(budget_ratio)
+    # The core reference, synchronously: what the method computes, not the serving path's timing
+    # (``mosaic:cache=manager`` runs the cache manager instead).
+    options.setdefault("cache", "core")
     return MosaicKVBackend(options)
 
 
@@ -59,6 +62,7 @@ def installed(backend: KVBackend, model: PreTrainedModel) -> Iterator[None]:
         release = getattr(backend, "release", None)
         if release is not None:
             release()
+        backend.close()
         model.set_attn_implementation(saved)
 
 

@@ -44,13 +44,16 @@ def continuation_nll(model: PreTrainedModel, backend: KVBackend, window: list[in
     p = prefill(model, backend, torch.tensor([window[:ctx]], device=device))
     logits = p.logits
     nll = []
-    for offset, token in enumerate(window[ctx:]):
-        nll.append(float(-torch.log_softmax(logits.float(), dim=-1)[token]))
-        if offset == len(window) - ctx - 1:
-            break
-        ids = torch.tensor([[token]], device=device)
-        pos = torch.tensor([[ctx + offset]], device=device)
-        logits = model(input_ids=ids, position_ids=pos, cache=p.cache, use_cache=True).logits[0, -1]
+    try:
+        for offset, token in enumerate(window[ctx:]):
+            nll.append(float(-torch.log_softmax(logits.float(), dim=-1)[token]))
+            if offset == len(window) - ctx - 1:
+                break
+            ids = torch.tensor([[token]], device=device)
+            pos = torch.tensor([[ctx + offset]], device=device)
+            logits = model(input_ids=ids, position_ids=pos, cache=p.cache, use_cache=True).logits[0, -1]
+    finally:
+        backend.release_cache(p.cache)
     return nll
 
 

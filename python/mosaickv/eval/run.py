@@ -76,7 +76,10 @@ def run(
                     t0 = time.perf_counter()
                     p = prefill(model, backend, ids)
                     t1 = time.perf_counter()
-                    new = greedy_continue(model, p.cache, p.logits, ids.shape[1], s.max_new_tokens, eos)
+                    try:
+                        new = greedy_continue(model, p.cache, p.logits, ids.shape[1], s.max_new_tokens, eos)
+                    finally:
+                        backend.release_cache(p.cache)
                     t2 = time.perf_counter()
                     outs.append(tokenizer.decode(new, skip_special_tokens=True))  # type: ignore[attr-defined]
                     kv += p.kv_bytes

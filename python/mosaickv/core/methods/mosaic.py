@@ -26,12 +26,15 @@ class MosaicState:
 
     acc_k, acc_v: moments of the pending tokens (None while nothing is pending), so a closing
     segment's rotation needs no second pass over its tokens.
+    query_moment [H_kv, D, D]: E[q q^T] over the prompt's last queries of each GQA group (None when
+    the selection is not query-weighted).
     last_rotation [H_kv, D, D], last_strategies, last_loss: the previous segment's K strategy and its
     energy loss; pending tokens are scored against it (dropped / total energy) to detect drift.
     """
 
     acc_k: CovarianceAccumulator | None = None
     acc_v: CovarianceAccumulator | None = None
+    query_moment: torch.Tensor | None = None
     last_rotation: torch.Tensor | None = None
     last_strategies: list[Strategy] | None = None
     last_loss: float = 0.0
@@ -50,9 +53,18 @@ class MosaicMethod(CompressionMethod):
         keep_ratio: fixed fraction of elements kept per vector, or None to search per stripe over
             ``keep_ratios`` x ``groups`` for the most compressive candidate with energy loss
             <= ``loss_threshold``.
+        value_keep_ratio: V's fixed fraction when it differs from K's (None: keep_ratio); needs a
+            fixed keep_ratio. Keys set which tokens are attended, values only what they return, so
+            the two sides need not cost the same.
+        head_keep_ratios: one fixed keep ratio per KV head (K and V), overriding keep_ratio: a
+            segment policy's per-head budget (src/policy). Needs a fixed keep_ratio.
         group: g in {1, 2, 4} for fixed keep_ratio.
         channels: optional truncation c: only the first c rotated channels may be kept.
         loss_threshold: search threshold on relative energy not kept.
+        query_weight: alpha in [0, 1]. K elements are ranked by x_i^2 w_i^2 with
+            w^2 = alpha * E[q'^2] / mean(E[q'^2]) + (1 - alpha), q' the prompt's last queries
+            (q_window) rotated like the keys: an element counts by the score error its loss causes.
+            0 (or no q_window) ranks by magnitude alone.
         drift: a decode segment closes early once the pending tokens' loss under the previous
             segment's strategy exceeds drift x that segment's own loss (the rotation went stale);
             it closes at segment_len in any case.
@@ -67,6 +79,8 @@ class MosaicMethod(CompressionMethod):
         self,
         *,
         keep_ratio: float | None = 0.25,
+        value_keep_ratio: float | None = None,
+        head_keep_ratios: tuple[float, ...] | None = None,
         group: int = 1,
         channels: int | None = None,
         loss_threshold: float = 0.1,
@@ -74,6 +88,7 @@ class MosaicMethod(CompressionMethod):
         groups: tuple[int, ...] = (1, 2, 4),
         drift: float = 1.5,
         min_segment_len: int = 128,
+        query_weight: float = 0.0,
         **params: Any,
     ) -> None:
         # Measured (docs/FORMAT.md, bench/results/analysis_sweep.json): Quest's bound over the first
@@ -83,11 +98,25 @@ class MosaicMethod(CompressionMethod):
         super().__init__(**params)
         if keep_ratio is not None:
             check_ratio(keep_ratio, "keep_ratio")
+        if value_keep_ratio is not None:
+            if keep_ratio is None:
+                raise ValueError("value_keep_ratio needs a fixed keep_ratio (the strategy search sets both)")
+            check_ratio(value_keep_ratio, "value_keep_ratio")
+        if head_keep_ratios is not None:
+            if keep_ratio is None or value_keep_ratio is not None:
+                raise ValueError("head_keep_ratios needs a fixed keep_ratio and no value_keep_ratio")
+            for r in head_keep_ratios:
+                check_ratio(r, "head_keep_ratios")
+        self.head_keep_ratios = None if head_keep_ratios is None else tuple(head_keep_ratios)
         if not 0.0 <= loss_threshold <= 1.0:
             raise ValueError(f"loss_threshold must be in [0, 1], got {loss_threshold}")
         if drift <= 1.0 or min_segment_len < 1:
             raise ValueError(f"drift must be > 1 and min_segment_len >= 1, got {drift}, {min_segment_len}")
+        if not 0.0 <= query_weight <= 1.0:
+            raise ValueError(f"query_weight must be in [0, 1], got {query_weight}")
+        self.query_weight = query_weight
         self.keep_ratio = keep_ratio
+        self.value_keep_ratio = value_keep_ratio
         self.group = group
         self.channels = channels
         self.loss_threshold = loss_threshold
@@ -99,24 +128,46 @@ class MosaicMethod(CompressionMethod):
     def _init_state(self, k: torch.Tensor, v: torch.Tensor, q_window: torch.Tensor | None) -> MosaicState:
         if self.keep_ratio is not None:
             fixed_strategy(k.shape[2], self.keep_ratio, self.group, self.channels)  # validate early
-        return MosaicState()
+        for r in (self.value_keep_ratio, *(self.head_keep_ratios or ())):
+            if r is not None:
+                fixed_strategy(k.shape[2], r, self.group, self.channels)
+        if self.head_keep_ratios is not None and len(self.head_keep_ratios) != k.shape[1]:
+            raise ValueError(
+                f"head_keep_ratios has {len(self.head_keep_ratios)} ratios for {k.shape[1]} KV heads")
+        state = MosaicState()
+        if self.query_weight > 0 and q_window is not None:
+            h, d = k.shape[1], k.shape[2]
+            q = q_window.float().reshape(-1, h, q_window.shape[1] // h, d).transpose(1, 2).reshape(-1, h, d)
+            state.query_moment = torch.einsum("nhd,nhe->hde", q, q) / q.shape[0]
+        return state
 
-    def _strategy(self, x: torch.Tensor, elem_bytes: int) -> tuple[Strategy, float]:
+    def _strategy(self, x: torch.Tensor, elem_bytes: int, keep_ratio: float | None) -> tuple[Strategy, float]:
         """Strategy and its loss for one stripe x: [S, D] float32 rotated (loss -1: not computed)."""
         d = x.shape[1]
-        if self.keep_ratio is not None:
-            return fixed_strategy(d, self.keep_ratio, self.group, self.channels), -1.0
+        if keep_ratio is not None:
+            return fixed_strategy(d, keep_ratio, self.group, self.channels), -1.0
         return search_strategy(x, candidate_strategies(d, self.keep_ratios, self.groups),
                                self.loss_threshold, elem_bytes)
 
-    def _pack(self, x: torch.Tensor, rotation: torch.Tensor, dtype: torch.dtype
+    def _weights(self, rotation: torch.Tensor, state: MosaicState) -> torch.Tensor | None:
+        """[H, D] w^2 per rotated position (see query_weight), or None for magnitude ranking."""
+        if state.query_moment is None:
+            return None
+        eq = torch.einsum("hed,hdf,hef->he", rotation, state.query_moment, rotation)  # diag(R M R^T)
+        rel = eq / eq.mean(-1, keepdim=True).clamp_min(1e-30)
+        return self.query_weight * rel + (1.0 - self.query_weight)
+
+    def _pack(self, x: torch.Tensor, rotation: torch.Tensor, dtype: torch.dtype,
+              keep_ratios: list[float | None], weights: torch.Tensor | None = None
               ) -> tuple[PackedSide, list[Strategy], float]:
-        """x: [H, S, D] float32 rotated -> side, per-head strategies, energy-weighted loss."""
+        """x: [H, S, D] float32 rotated, one keep ratio per head (None: search) -> side, per-head
+        strategies, energy-weighted loss."""
         elem = torch.empty(0, dtype=dtype).element_size()
         values, bitmaps, strategies, dropped = [], [], [], 0.0
         for h in range(x.shape[0]):
-            st, loss = self._strategy(x[h], elem)
-            vals, bits = pack_topk(x[h], st.keep, st.group, st.channels, dtype)
+            st, loss = self._strategy(x[h], elem, keep_ratios[h])
+            w = None if weights is None else weights[h]
+            vals, bits = pack_topk(x[h], st.keep, st.group, st.channels, dtype, w)
             if loss < 0:  # fixed strategy: the loss follows from what was kept, no extra sort
                 energy = float(x[h].pow(2).sum())
                 loss = 1.0 - float(vals.float().pow(2).sum()) / energy if energy else 0.0
@@ -144,8 +195,11 @@ class MosaicMethod(CompressionMethod):
         rot_v = rotation_from_moment(acc_v.second_moment())
         k_rot = torch.einsum("shd,hed->hse", k.float(), rot_k)  # [H, S, D]
         v_rot = torch.einsum("shd,hed->hse", v.float(), rot_v)
-        side_k, strategies, loss = self._pack(k_rot, rot_k, k.dtype)
-        side_v, _, _ = self._pack(v_rot, rot_v, v.dtype)
+        n = k.shape[1]
+        k_keep = list(self.head_keep_ratios or [self.keep_ratio] * n)
+        v_keep = k_keep if self.value_keep_ratio is None else [self.value_keep_ratio] * n
+        side_k, strategies, loss = self._pack(k_rot, rot_k, k.dtype, k_keep, self._weights(rot_k, state))
+        side_v, _, _ = self._pack(v_rot, rot_v, v.dtype, v_keep)
         summary = self._summarise(k_rot, k.dtype)
         state.last_rotation, state.last_strategies, state.last_loss = rot_k, strategies, loss
         state.acc_k = state.acc_v = None

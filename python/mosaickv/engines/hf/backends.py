@@ -2,13 +2,16 @@
 
 A backend decides how one request's KV cache is held. The engine's decode loop calls, per request:
 `new_cache` before prefill, the model forward with that cache (prefill, then one token per step),
-`end_prefill` once the prompt's KV is in the cache, and `kv_bytes` to report real memory.
-`prepare` runs once after the model is loaded (e.g. to register an AttentionInterface function).
+`end_prefill` once the prompt's KV is in the cache, `kv_bytes` to report real memory, and
+`release_cache` when the request ends, however it ends (finished, cancelled, failed, shutdown).
+`prepare` runs once after the model is loaded (e.g. to register an AttentionInterface function),
+`stats` adds the backend's numbers to the engine's `stats`, and `close` runs once when the engine
+stops.
 
 - ``stock``: transformers' DynamicCache, dense, in the model's dtype.
-- ``mosaickv``: the compressed cache of the core methods (issue 4 wires it in here: a Cache
-  subclass whose `end_prefill` encodes the prompt's KV, plus an attention function over the packed
-  form; `options` carries the method and its parameters).
+- ``mosaickv``: the compressed cache of the core methods (a Cache subclass whose `end_prefill`
+  encodes the prompt's KV, plus an attention function over the packed form; for method mosaic the
+  packed form lives in the backend's cache manager; `options` carries the method and its parameters).
 """
 
 from __future__ import annotations
@@ -55,6 +58,16 @@ class KVBackend:
         return storage_bytes(
             t for layer in cache.layers for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor)
         )
+
+    def release_cache(self, cache: Cache) -> None:
+        """The request of `cache` ended: free what the backend holds for it beyond the object itself."""
+
+    def stats(self) -> dict[str, int | float]:
+        """Backend numbers for the engine's `stats` map (str -> number)."""
+        return {}
+
+    def close(self) -> None:
+        """Once, when the engine stops (after every request has ended)."""
 
 
 def full_kv_bytes(model: PreTrainedModel, tokens: int) -> int:

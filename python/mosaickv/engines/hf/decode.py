@@ -220,9 +220,11 @@ class Generation:
         return events
 
     def finish(self, reason: str) -> Finished:
-        """Ends the request (also used for cancellation) and frees its cache."""
+        """Ends the request (also used for cancellation and failures) and frees its cache."""
         self.finished = True
-        self._cache = None
+        if self._cache is not None:
+            self._backend.release_cache(self._cache)
+            self._cache = None
         return Finished(
             finish_reason=reason,
             prompt_tokens=self.prompt_tokens,

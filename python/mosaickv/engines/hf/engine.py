@@ -127,6 +127,7 @@ class HFEngine(Engine):
             return sum(r.kv_bytes for r in self._running.values())
 
     def stats(self) -> dict[str, int | float]:
+        backend = self._backend.stats()  # outside the lock: the cache manager takes its own locks
         with self._cv:
             return {
                 "load_ms": round(self.load_ms, 3),
@@ -140,6 +141,7 @@ class HFEngine(Engine):
                 if self._decode_s
                 else 0,
                 "failures": self._failures,
+                **backend,
             }
 
     def apply_policy(self, heads: list[dict[str, Any]]) -> None:
@@ -178,7 +180,8 @@ class HFEngine(Engine):
             self._closing = True
             self._cancelled.update(self._running)
             self._cv.notify()
-        self._thread.join()
+        self._thread.join()  # every request has ended and released its cache
+        self._backend.close()
 
     # -- scheduler ----------------------------------------------------------------------------
 

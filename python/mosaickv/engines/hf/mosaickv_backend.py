@@ -1,13 +1,22 @@
 """The hf engine's ``mosaickv`` backend: full-attention prefill, then the prompt's KV encoded per layer
 by a core method (mosaickv.core: full quest think naive2d mosaic); decode attends on the packed form.
 
+Two ways to hold the packed form (option ``cache``):
+- ``manager`` (the default for method mosaic): the backend's one ``mosaickv.cache.CacheManager`` (per
+  backend instance, so per worker model) holds every request's cache in pages, with the temporary
+  segment, host copies and CPU re-encoders (docs/CACHE.md); the vLLM backend adapts to the same
+  manager. A request's pages go back to the pool in ``release_cache``.
+- ``core`` (the only one for the other methods): one ``mosaickv.core.KVCache`` per layer, encoded and
+  appended synchronously on the decode thread.
+
 How it plugs into transformers 5.x:
 - ``PackedCache`` (a ``Cache``) holds one ``PackedLayer`` per decoder layer. During prefill a layer keeps
-  the dense K/V it is given; ``end_prefill`` encodes each layer with the method and drops the dense
-  copy. After that, ``update`` appends the new token to the packed cache (``KVCache.append``).
+  the dense K/V it is given; ``end_prefill`` encodes each layer with the method (into a core KVCache,
+  or into the manager) and drops the dense copy. After that, ``update`` appends the new token.
 - The attention function ``mosaickv`` (registered with transformers' ``AttentionInterface`` by
   ``prepare``) runs stock SDPA during prefill and records the last queries of the prompt (ThinK's
-  query window); at decode it calls ``KVCache.attend`` on the packed cache. It finds that cache
+  query window); at decode it attends on the packed cache (``KVCache.attend`` or
+  ``CacheManager.attend``). It finds that cache
   through the layer whose ``update`` ran just before it on this thread: transformers calls
   ``cache.update`` then the attention function inside the same attention forward.
 
@@ -15,11 +24,16 @@ Options (``--backend-option KEY=VALUE``): ``method`` (default mosaic) and the me
 (``keep_ratio``, ``token_ratio``, ``block_size``, ``window``, ``n_sink``, ``segment_len``, ``summary``,
 ``group``, ...; numbers parsed, ``none`` for None), plus ``budget_ratio``: fit the method's
 ``keep_ratio`` per request so that the real bytes are at most (dense bytes / budget_ratio), measured on
-layer 0 (every layer has the same shape); only for methods with a keep_ratio (think, naive2d, mosaic).
+a core encode of layer 0 (every layer has the same shape); only for methods with a keep_ratio
+(think, naive2d, mosaic). With ``cache=manager``: ``cache_threads`` (CPU re-encoders,
+default: usable cores - 1) and ``max_backlog_tokens`` (default 4096), see ``CacheConfig``; the
+manager's ``stats()`` join the engine's ``stats`` and ``kv_bytes`` is its ``request_stats`` (pages +
+dense device tensors).
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -29,6 +43,7 @@ from transformers import AttentionInterface, Cache, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from mosaickv.cache import CacheConfig, CacheManager
 from mosaickv.core import METHODS, CompressionMethod, KVCache, make_method
 
 from .backends import KVBackend
@@ -39,8 +54,29 @@ _FIT_STEPS = 12  # bisection steps on keep_ratio: 2**-12 of resolution is far be
 _current = threading.local()  # the PackedLayer whose update ran last on this thread
 
 
+class ManagedKV:
+    """One (request, layer) held by a CacheManager, with the part of the core ``KVCache`` surface that
+    PackedLayer and the attention function use: ``append``, ``attend``, ``length``."""
+
+    def __init__(self, manager: CacheManager, request_id: str, layer: int) -> None:
+        self.manager, self.request_id, self.layer = manager, request_id, layer
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [t, H_kv, D] decode tokens."""
+        self.manager.append(self.request_id, self.layer, k, v)
+
+    def attend(self, q: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """q: [H_q, D] -> [H_q, D]."""
+        return self.manager.attend([self.request_id], self.layer, q[None], scale)[0]
+
+    @property
+    def length(self) -> int:
+        return self.manager.tokens(self.request_id, self.layer)
+
+
 class PackedLayer(CacheLayerMixin):
-    """One decoder layer's cache: dense K/V ([1, H_kv, T, D]) during prefill, then a core KVCache."""
+    """One decoder layer's cache: dense K/V ([1, H_kv, T, D]) during prefill, then a core KVCache or
+    the layer's handle in a CacheManager."""
 
     is_compileable = False
     is_croppable = False
@@ -48,7 +84,7 @@ class PackedLayer(CacheLayerMixin):
     def __init__(self, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.packed: KVCache | None = None
+        self.packed: KVCache | ManagedKV | None = None
         self.q_window: torch.Tensor | None = None  # [w, H_q, D], recorded by the attention function
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -77,13 +113,24 @@ class PackedLayer(CacheLayerMixin):
         self.packed.append(key_states[0].transpose(0, 1), value_states[0].transpose(0, 1))
         return key_states, value_states
 
-    def encode(self, method: CompressionMethod) -> None:
-        """Compress the prefill K/V with `method` and drop the dense copy."""
+    def _prompt_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prefill K/V as [T, H_kv, D]."""
         if self.keys is None or self.values is None:
             raise ValueError(f"layer {self.layer_idx} has no prefill K/V to encode")
-        self.packed = method.encode(
-            self.keys[0].transpose(0, 1), self.values[0].transpose(0, 1), q_window=self.q_window
-        )
+        return self.keys[0].transpose(0, 1), self.values[0].transpose(0, 1)
+
+    def encode(self, method: CompressionMethod) -> None:
+        """Compress the prefill K/V with `method` into a core KVCache and drop the dense copy."""
+        k, v = self._prompt_kv()
+        self.packed = method.encode(k, v, q_window=self.q_window)
+        self.keys = self.values = self.q_window = None
+
+    def encode_into(self, manager: CacheManager, request_id: str) -> None:
+        """Hand the prefill K/V to `manager` (request already added, with this layer's method) and
+        drop the dense copy."""
+        k, v = self._prompt_kv()
+        manager.prefill(request_id, self.layer_idx, k, v)
+        self.packed = ManagedKV(manager, request_id, self.layer_idx)
         self.keys = self.values = self.q_window = None
 
     def get_seq_length(self) -> int:
@@ -99,17 +146,20 @@ class PackedLayer(CacheLayerMixin):
 
     @property
     def nbytes(self) -> int:
-        """Real bytes held: the packed cache's tensors, or the dense prefill K/V before encoding."""
-        if self.packed is not None:
+        """Real bytes held: the core cache's tensors, or the dense prefill K/V before encoding. A
+        managed layer's bytes are counted per request by its manager (``MosaicKVBackend.kv_bytes``)."""
+        if isinstance(self.packed, KVCache):
             return self.packed.nbytes
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values) if t is not None)
 
 
 class PackedCache(Cache):
-    """One request's cache: a PackedLayer per decoder layer."""
+    """One request's cache: a PackedLayer per decoder layer. ``request_id`` names the request in the
+    backend's CacheManager while the manager holds it (from end_prefill to release), else None."""
 
     def __init__(self, n_layers: int) -> None:
         super().__init__(layers=[PackedLayer(i) for i in range(n_layers)])
+        self.request_id: str | None = None
 
 
 def mosaickv_attention(
@@ -193,6 +243,28 @@ def fit_keep_ratio(
     return max(lo, 1.0 / k.shape[2])
 
 
+def _cache_config(method: str, params: dict[str, Any]) -> CacheConfig | None:
+    """Pops the cache options from `params`: the manager's config, or None for the core path."""
+    cache = params.pop("cache", "manager" if method == "mosaic" else "core")
+    knobs = {
+        key: params.pop(option)
+        for option, key in (("cache_threads", "n_threads"), ("max_backlog_tokens", "max_backlog_tokens"))
+        if option in params
+    }
+    if cache == "core":
+        if knobs:
+            raise ValueError("cache_threads and max_backlog_tokens are options of cache=manager")
+        return None
+    if cache != "manager":
+        raise ValueError(f"cache must be manager or core, got {cache!r}")
+    if method != "mosaic":
+        raise ValueError(f"cache=manager stores method mosaic only, got {method!r}; use cache=core")
+    for key, value in knobs.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+    return CacheConfig(**knobs)
+
+
 class MosaicKVBackend(KVBackend):
     """KV backend for the core methods (see the module docstring for options)."""
 
@@ -205,6 +277,7 @@ class MosaicKVBackend(KVBackend):
             raise ValueError(
                 f"unknown method {method!r} for the mosaickv backend; allowed: {', '.join(METHODS)}"
             )
+        self.cache_config = _cache_config(method, params)
         budget = params.pop("budget_ratio", None)
         if budget is not None:
             if not isinstance(budget, (int, float)) or budget < 1:
@@ -221,6 +294,8 @@ class MosaicKVBackend(KVBackend):
         self.last_keep_ratio: float | None = params.get("keep_ratio")
         self._method = make_method(method, **params)  # validates the parameters now, before any request
         self._layer_methods: dict[int, CompressionMethod] = {}
+        self.manager: CacheManager | None = None  # made by prepare when cache=manager
+        self._request_ids = itertools.count()
 
     def set_layer_params(self, layer_params: Mapping[int, Mapping[str, Any]]) -> None:
         """Per-layer parameter overrides (a segment policy), validated now and used by every prefill
@@ -232,13 +307,17 @@ class MosaicKVBackend(KVBackend):
     def prepare(self, model: PreTrainedModel) -> None:
         AttentionInterface.register(ATTENTION_NAME, mosaickv_attention)
         model.set_attn_implementation(ATTENTION_NAME)
+        if self.cache_config is not None and self.manager is None:
+            self.manager = CacheManager.for_model(
+                model.config, model.dtype, model.device, self.cache_config, **self.params
+            )
 
     def new_cache(self, model: PreTrainedModel) -> Cache:
         return PackedCache(model.config.num_hidden_layers)
 
     def end_prefill(self, cache: Cache) -> None:
         layers = [layer for layer in cache.layers if isinstance(layer, PackedLayer)]
-        if len(layers) != len(cache.layers):
+        if not isinstance(cache, PackedCache) or len(layers) != len(cache.layers):
             raise TypeError("end_prefill expects the PackedCache made by this backend's new_cache")
         method = self._method
         if self.budget_ratio is not None:
@@ -255,9 +334,36 @@ class MosaicKVBackend(KVBackend):
             )
             self.last_keep_ratio = ratio
             method = make_method(self.method, **{**self.params, "keep_ratio": ratio})
-        per_layer = self._layer_methods
-        for i, layer in enumerate(layers):
-            layer.encode(per_layer.get(i, method))
+        per_layer = self._layer_methods  # one policy for the whole prefill (see set_layer_params)
+        methods = [per_layer.get(i, method) for i in range(len(layers))]
+        if self.cache_config is None:
+            for layer, m in zip(layers, methods, strict=True):
+                layer.encode(m)
+            return
+        if self.manager is None:
+            raise RuntimeError("cache=manager needs prepare(model) before the first request")
+        request_id = f"hf-{next(self._request_ids)}"
+        self.manager.add_request(request_id, methods)
+        cache.request_id = request_id  # from here on release_cache frees it, whatever happens next
+        for layer in layers:
+            layer.encode_into(self.manager, request_id)
 
     def kv_bytes(self, cache: Cache) -> int:
+        if isinstance(cache, PackedCache) and cache.request_id is not None and self.manager is not None:
+            return self.manager.request_stats(cache.request_id)["kv_bytes"]
         return sum(layer.nbytes for layer in cache.layers if isinstance(layer, PackedLayer))
+
+    def release_cache(self, cache: Cache) -> None:
+        """Every page of the request back to the manager's pool (nothing to do on the core path)."""
+        if isinstance(cache, PackedCache) and cache.request_id is not None and self.manager is not None:
+            self.manager.free(cache.request_id)
+            cache.request_id = None
+
+    def stats(self) -> dict[str, int | float]:
+        """The manager's ``stats()`` (``cache_*``: pages, bytes, backlog, re-encodes), if it runs."""
+        return self.manager.stats() if self.manager is not None else {}
+
+    def close(self) -> None:
+        if self.manager is not None:
+            self.manager.close()
+            self.manager = None

@@ -1,0 +1,109 @@
+"""The vLLM adapter of the cache manager (no vLLM import): one ``mosaickv.cache.CacheManager`` per
+vLLM worker process, spoken to in the backend's terms (docs/CACHE.md, "Adapters").
+
+``MosaicKVAttentionImpl`` (backend.py) sees, per step and layer, rows ``(request key, first token,
+end token, cached tokens)``: the key is the request's first physical KV block, unique among live
+requests because prefix caching is off. The adapter maps each key to a manager request:
+
+- a row with 0 cached tokens is a new prompt. The first layer to see it in a step opens a manager
+  request for the key, freeing the one that held the key before (vLLM reused a finished request's
+  first block); the other layers of the same step prefill into it. A step is told apart by its
+  metadata object (vLLM builds one per step and hands it to every layer of the KV cache group).
+- a row with cached tokens appends its one decode token; ``attend`` reads the decode rows.
+- ``release(key)`` frees a request whose end is known (every page back to the pool).
+
+Not wired into the impl yet (docs/CACHE.md, "Known gaps" says what remains).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+
+import torch
+
+from mosaickv.cache import CacheConfig, CacheManager
+from mosaickv.engines.vllm.config import MosaicSettings
+
+Row = tuple[int, int, int, int]
+"""(request key, first token, end token, cached tokens) of one request in a step."""
+
+
+class VllmCacheAdapter:
+    """One CacheManager for every MosaicKV layer of a vLLM worker process (see the module docstring)."""
+
+    def __init__(self, manager: CacheManager) -> None:
+        self.manager = manager
+        self._requests: dict[int, str] = {}  # request key -> manager request id
+        self._opened_by: dict[int, object] = {}  # request key -> the step that opened its request
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: MosaicSettings,
+        n_layers: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        config: CacheConfig | None = None,
+    ) -> VllmCacheAdapter:
+        method = settings.make_method()
+        return cls(CacheManager(method, n_layers, n_kv_heads, head_dim, dtype, device, config))
+
+    def _request(self, key: int) -> str:
+        request_id = self._requests.get(key)
+        if request_id is None:
+            raise RuntimeError(
+                f"MosaicKV has no cache for the request in block {key}: its prompt was never stored"
+            )
+        return request_id
+
+    def _open(self, step: object, key: int) -> str:
+        """The manager request for a prompt of `step` in `key`, opened by the first layer to ask."""
+        if self._opened_by.get(key) is step:
+            return self._requests[key]
+        if key in self._requests:
+            self.release(key)
+        request_id = f"vllm-{next(self._ids)}"
+        self.manager.add_request(request_id)
+        self._requests[key], self._opened_by[key] = request_id, step
+        return request_id
+
+    def store(
+        self, step: object, layer: int, rows: Sequence[Row], key: torch.Tensor, value: torch.Tensor
+    ) -> None:
+        """do_kv_cache_update for one layer: key, value [num_tokens, H_kv, D] post-RoPE, the step's
+        tokens in row order; `step` is the step's metadata object."""
+        for req, lo, hi, cached in rows:
+            if cached == 0:
+                self.manager.prefill(self._open(step, req), layer, key[lo:hi], value[lo:hi])
+            elif hi - lo != 1:
+                raise NotImplementedError(
+                    f"MosaicKV got {hi - lo} new tokens for a request with {cached} cached ones (chunked "
+                    "prefill or speculative decoding)"
+                )
+            else:
+                self.manager.append(self._request(req), layer, key[lo:hi], value[lo:hi])
+
+    def attend(self, layer: int, keys: Sequence[int], q: torch.Tensor, scale: float) -> torch.Tensor:
+        """Decode attention of one layer: q [B, H_q, D], one row per request key -> [B, H_q, D]."""
+        return self.manager.attend([self._request(k) for k in keys], layer, q, scale)
+
+    def release(self, key: int) -> None:
+        """The request in `key` ended: every page it holds goes back to the pool."""
+        self.manager.free(self._requests.pop(key))
+        self._opened_by.pop(key, None)
+
+    def kv_bytes(self, key: int) -> int:
+        """Real device bytes of one request (pages + dense tensors), ``request_stats``' kv_bytes."""
+        return self.manager.request_stats(self._request(key))["kv_bytes"]
+
+    def stats(self) -> dict[str, int | float]:
+        return self.manager.stats()
+
+    def close(self) -> None:
+        self.manager.close()
+        self._requests.clear()
+        self._opened_by.clear()
