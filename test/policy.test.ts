@@ -161,7 +161,17 @@ describe('planner', () => {
     const bad = t.curves.map((c, i) => (i === 5 ? { ...c, loss: c.loss.map(() => 1.5) } : c));
     expect(() => planFromTelemetry({ ...t, curves: bad }, { ratio: 3 })).toThrow(/layer 1 head 1: needs 7 losses in \[0, 1\]/);
     expect(() => planFromTelemetry(t, { ratio: 3 }, { layout: { group: 3 as never } })).toThrow(/group must be 1, 2 or 4/);
-    expect(() => planFromTelemetry(t, { ratio: 3 }, { tokenRatio: 1 })).toThrow(/tokenRatio must be in \(0, 1\)/);
+    expect(() => planFromTelemetry(t, { ratio: 3 }, { tokenRatio: 0 })).toThrow(/tokenRatio must be in \(0, 1\]/);
+  });
+
+  it('stores no block summaries when every block is attended (token ratio 1)', () => {
+    const t = telemetry();
+    const withSummaries = planFromTelemetry(t, { ratio: 3 });
+    const without = planFromTelemetry(t, { ratio: 3 }, { tokenRatio: 1 });
+    // Same target bytes, but without summaries the elements are all the budget buys: more are kept.
+    const kept = (p: typeof without) => p.heads.reduce((s, h) => s + h.keep, 0);
+    expect(kept(without)).toBeGreaterThan(kept(withSummaries));
+    expect(without.heads.every((h) => h.tokenRatio === 1)).toBe(true);
   });
 });
 

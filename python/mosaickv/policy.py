@@ -51,6 +51,40 @@ def check_policy(heads: list[dict[str, Any]], n_layers: int, n_kv_heads: int) ->
         )
 
 
+def layer_params(heads: list[dict[str, Any]], n_layers: int, n_kv_heads: int) -> dict[int, dict[str, Any]]:
+    """A policy's heads (wire form: layer, head, keep_ratio, token_ratio) as mosaic parameters per
+    layer: one keep ratio per KV head (``head_keep_ratios``) and the layer's token ratio, which its
+    heads must share (block selection runs once per layer step)."""
+    check_policy(heads, n_layers, n_kv_heads)
+    out: dict[int, dict[str, Any]] = {}
+    for layer in range(n_layers):
+        mine = sorted((h for h in heads if h["layer"] == layer), key=lambda h: h["head"])
+        token_ratios = {h["token_ratio"] for h in mine}
+        if len(token_ratios) > 1:
+            raise ValueError(
+                f"layer {layer} asks for different token ratios per head {sorted(token_ratios)}; "
+                "a layer selects blocks with one token ratio"
+            )
+        keeps = tuple(float(h["keep_ratio"]) for h in mine)
+        out[layer] = {
+            "keep_ratio": max(keeps),
+            "head_keep_ratios": keeps,
+            "token_ratio": mine[0]["token_ratio"],
+        }
+    return out
+
+
+def read_plan(path: str, n_layers: int, n_kv_heads: int) -> dict[int, dict[str, Any]]:
+    """``layer_params`` of a plan file written by ``mosaickv plan --json`` (camelCase heads)."""
+    with open(path, encoding="utf-8") as f:
+        plan = json.load(f)
+    heads = [
+        {"layer": h["layer"], "head": h["head"], "keep_ratio": h["keepRatio"], "token_ratio": h["tokenRatio"]}
+        for h in plan["heads"]
+    ]
+    return layer_params(heads, n_layers, n_kv_heads)
+
+
 def head_losses(x: torch.Tensor, keep_ratios: tuple[float, ...] = PLAN_KEEP_RATIOS) -> torch.Tensor:
     """Energy not kept per head and keep ratio, after each head's own rotation (group g = 1).
 
@@ -74,6 +108,7 @@ def decompressed(cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
     Packed attention over a segment equals dense attention over its decompressed rows (it only skips
     the zeros), so this gives the exact output of a cache without block selection.
     """
+
     def side(sink: torch.Tensor, tail: torch.Tensor, which: str) -> torch.Tensor:
         segs = [
             torch.stack([getattr(seg, which).unpack(h) for h in range(cache.n_kv_heads)], 1)
@@ -145,8 +180,14 @@ def shape_json(name: str) -> str:
     return json.dumps(model_shape(model, name))
 
 
-def telemetry(model: Any, tokenizer: Any, name: str, text: str, tokens: int,
-              keep_ratios: tuple[float, ...] = PLAN_KEEP_RATIOS) -> dict[str, Any]:
+def telemetry(
+    model: Any,
+    tokenizer: Any,
+    name: str,
+    text: str,
+    tokens: int,
+    keep_ratios: tuple[float, ...] = PLAN_KEEP_RATIOS,
+) -> dict[str, Any]:
     """Prefills the first ``tokens`` tokens of ``text`` and measures every layer's curves.
 
     Returns the planner's Telemetry JSON (camelCase keys); ``overheadS`` is the curve computation
@@ -163,11 +204,77 @@ def telemetry(model: Any, tokenizer: Any, name: str, text: str, tokens: int,
     for layer, entry in enumerate(cache.layers):
         # keys/values: [1, H_kv, T, D]; K and V losses are averaged: the plan sets one keep ratio for both.
         loss = (head_losses(entry.keys[0], keep_ratios) + head_losses(entry.values[0], keep_ratios)) / 2
-        curves += [{"layer": layer, "head": h, "loss": [round(float(x), 6) for x in loss[h]]}
-                   for h in range(loss.shape[0])]
+        curves += [
+            {"layer": layer, "head": h, "loss": [round(float(x), 6) for x in loss[h]]}
+            for h in range(loss.shape[0])
+        ]
     t2 = time.perf_counter()
-    return {**model_shape(model, name), "keepRatios": list(keep_ratios), "curves": curves,
-            "tokens": int(ids.shape[1]), "prefillS": round(t1 - t0, 4), "overheadS": round(t2 - t1, 4)}
+    return {
+        **model_shape(model, name),
+        "keepRatios": list(keep_ratios),
+        "curves": curves,
+        "tokens": int(ids.shape[1]),
+        "prefillS": round(t1 - t0, 4),
+        "overheadS": round(t2 - t1, 4),
+    }
+
+
+def attention_telemetry(
+    model: Any,
+    tokenizer: Any,
+    name: str,
+    prompts: list[str],
+    keep_ratios: tuple[float, ...] = PLAN_KEEP_RATIOS,
+) -> dict[str, Any]:
+    """Telemetry whose curves are ``attention_losses`` (averaged over ``prompts``) instead of energy.
+
+    Each prompt is prefilled with full attention through the mosaickv backend, which records every
+    layer's post-RoPE K/V and the prompt's last queries. Calibrate on prompts like the workload's,
+    but not the very prompts that are evaluated afterwards.
+    """
+    from mosaickv.engines.hf.mosaickv_backend import MosaicKVBackend
+    from mosaickv.eval.methods import installed
+
+    backend = MosaicKVBackend({"method": "full"})
+    total: torch.Tensor | None = None
+    prefill_s = overhead_s = 0.0
+    tokens = []
+    with installed(backend, model), torch.no_grad():
+        for text in prompts:
+            ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)], device=model.device)
+            tokens.append(int(ids.shape[1]))
+            cache = backend.new_cache(model)
+            t0 = time.perf_counter()
+            model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+            t1 = time.perf_counter()
+            losses = torch.stack(
+                [
+                    attention_losses(
+                        la.keys[0].transpose(0, 1), la.values[0].transpose(0, 1), la.q_window, keep_ratios
+                    )
+                    for la in cache.layers
+                ]
+            )  # [L, H_kv, n_ratios]
+            total = losses if total is None else total + losses
+            prefill_s += t1 - t0
+            overhead_s += time.perf_counter() - t1
+    if total is None:
+        raise ValueError("attention telemetry needs at least one prompt")
+    mean = total / len(prompts)
+    curves = [
+        {"layer": layer, "head": h, "loss": [round(float(x), 6) for x in mean[layer, h]]}
+        for layer in range(mean.shape[0])
+        for h in range(mean.shape[1])
+    ]
+    return {
+        **model_shape(model, name),
+        "keepRatios": list(keep_ratios),
+        "curves": curves,
+        "loss": "attention",
+        "tokens": tokens,
+        "prefillS": round(prefill_s, 4),
+        "overheadS": round(overhead_s, 4),
+    }
 
 
 def sample_text() -> str:
@@ -182,15 +289,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--tokens", type=int, default=1024, help="prompt tokens to measure (default 1024)")
     p.add_argument("--shape", action="store_true", help="print only the model's shape (no forward pass)")
+    p.add_argument(
+        "--loss",
+        choices=("energy", "attention"),
+        default="energy",
+        help="curves: energy not kept (cheap, any text) or the attention output error of the "
+        "prompts' last queries (finds retrieval heads; needs --tasks)",
+    )
+    p.add_argument("--tasks", default="", help="attention loss: calibration prompts from these RULER tasks")
+    p.add_argument("--ctx", type=int, default=4096, help="attention loss: calibration prompt length")
+    p.add_argument("--samples", type=int, default=1, help="attention loss: prompts per task")
+    p.add_argument("--seed", type=int, default=1, help="attention loss: task seed (evaluate on another)")
     args = p.parse_args(argv)
     if args.tokens < 2:
         p.error(f"--tokens must be >= 2, got {args.tokens}")
     if args.shape:
         sys.stdout.write(shape_json(args.model) + "\n")
         return 0
+    if args.loss == "attention" and not args.tasks:
+        p.error("--loss attention needs --tasks (calibration prompts), e.g. --tasks niah_single_1")
     torch.set_num_threads(1)  # a shared 2-core box: one thread is faster than an oversubscribed pool
     model, tokenizer = load_model(args.model)
-    json.dump(telemetry(model, tokenizer, args.model, sample_text(), args.tokens), sys.stdout)
+    if args.loss == "attention":
+        from mosaickv.eval import tasks
+
+        prompts = [
+            s.prompt
+            for t in args.tasks.split(",")
+            if t
+            for s in tasks.generate(t, args.samples, args.ctx, tokenizer, seed=args.seed)
+        ]
+        out = attention_telemetry(model, tokenizer, args.model, prompts)
+    else:
+        out = telemetry(model, tokenizer, args.model, sample_text(), args.tokens)
+    json.dump(out, sys.stdout)
     sys.stdout.write("\n")
     return 0
 

@@ -400,3 +400,48 @@ def test_cuda_matches_cpu(label):
     assert cpu.nbytes == gpu.nbytes
     assert torch.equal(cpu.select_blocks(q), gpu.select_blocks(q.cuda()).cpu())
     torch.testing.assert_close(gpu.attend(q.cuda()).cpu(), cpu.attend(q), rtol=1e-3, atol=1e-4)
+
+
+# ---- per-head and per-side budgets, query-weighted selection ---------------------------------------
+def test_head_and_value_keep_ratios_set_each_stripes_keep_count():
+    torch.manual_seed(0)
+    k, v = torch.randn(200, 3, 32), torch.randn(200, 3, 32)
+    per_head = make_method("mosaic", keep_ratio=0.5, head_keep_ratios=(0.125, 0.25, 1.0), **SMALL)
+    seg = per_head.encode(k, v).segments[0]
+    assert seg.k.keep == [4, 8, 32] and seg.v.keep == [4, 8, 32]
+    split = make_method("mosaic", keep_ratio=0.5, value_keep_ratio=0.125, **SMALL).encode(k, v)
+    assert split.segments[0].k.keep == [16] * 3 and split.segments[0].v.keep == [4] * 3
+    uniform = make_method("mosaic", keep_ratio=0.5, **SMALL).encode(k, v)
+    assert split.nbytes < uniform.nbytes
+    with pytest.raises(ValueError, match="head_keep_ratios has 2 ratios for 3 KV heads"):
+        make_method("mosaic", keep_ratio=0.5, head_keep_ratios=(0.5, 0.5), **SMALL).encode(k, v)
+    with pytest.raises(ValueError, match="value_keep_ratio needs a fixed keep_ratio"):
+        make_method("mosaic", keep_ratio=None, value_keep_ratio=0.25)
+
+
+def test_weighted_selection_keeps_what_the_queries_read():
+    x = torch.tensor([[3.0, 1.0, 0.5, 0.2]])
+    _, plain = pack_topk(x, 1, 1, None, torch.float32)
+    _, weighted = pack_topk(x, 1, 1, None, torch.float32, torch.tensor([0.01, 100.0, 1.0, 1.0]))
+    assert int(plain[0, 0]) == 0b0001 and int(weighted[0, 0]) == 0b0010
+
+
+def test_query_weighting_lowers_the_score_error_of_those_queries():
+    torch.manual_seed(1)
+    t, d = 400, 32
+    # Distinct variances per axis, so the rotation is close to the identity; the queries read the four
+    # weakest axes, which magnitude ranking drops first.
+    k = torch.randn(t, 1, d) * torch.linspace(4.0, 0.5, d)
+    q = torch.zeros(16, 2, d)
+    q[..., -4:] = torch.randn(16, 2, 4) * 3
+    scale = d**-0.5
+
+    def score_error(query_weight: float) -> float:
+        cache = make_method("mosaic", keep_ratio=0.25, token_ratio=1.0, query_weight=query_weight,
+                            **SMALL).encode(k, k, q_window=q)
+        rows = torch.cat([cache.sink_k[:, 0].float()]
+                         + [seg.k.unpack(0) for seg in cache.segments] + [cache.tail_k[:, 0].float()])
+        qq = q.reshape(-1, d)
+        return float(((qq @ rows.T - qq @ k[:, 0].T) * scale).pow(2).mean())
+
+    assert score_error(1.0) < 0.5 * score_error(0.0)

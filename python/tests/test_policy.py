@@ -6,8 +6,19 @@ import json
 import pytest
 import torch
 
+from mosaickv.core import make_method
 from mosaickv.engines.hf.models import load_model
-from mosaickv.policy import PLAN_KEEP_RATIOS, check_policy, head_losses, main, sample_text, telemetry
+from mosaickv.policy import (
+    PLAN_KEEP_RATIOS,
+    attention_losses,
+    check_policy,
+    decompressed,
+    head_losses,
+    layer_params,
+    main,
+    sample_text,
+    telemetry,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,7 +75,12 @@ def test_telemetry_of_a_real_model_has_the_planners_shape():
     model, tokenizer = load_model("tiny-random")
     out = telemetry(model, tokenizer, "tiny-random", sample_text(), tokens=128)
     assert {k: out[k] for k in ("nLayers", "nKvHeads", "headDim", "dtype", "tokens")} == {
-        "nLayers": 2, "nKvHeads": 2, "headDim": 16, "dtype": "float32", "tokens": 128}
+        "nLayers": 2,
+        "nKvHeads": 2,
+        "headDim": 16,
+        "dtype": "float32",
+        "tokens": 128,
+    }
     assert sorted((c["layer"], c["head"]) for c in out["curves"]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     for c in out["curves"]:
         assert len(c["loss"]) == len(PLAN_KEEP_RATIOS)
@@ -77,12 +93,19 @@ def test_telemetry_of_a_real_model_has_the_planners_shape():
 def test_entry_point_prints_the_shape(capsys):
     assert main(["--model", "tiny-random", "--shape"]) == 0
     assert json.loads(capsys.readouterr().out) == {
-        "model": "tiny-random", "nLayers": 2, "nKvHeads": 2, "headDim": 16, "dtype": "float32"}
+        "model": "tiny-random",
+        "nLayers": 2,
+        "nKvHeads": 2,
+        "headDim": 16,
+        "dtype": "float32",
+    }
 
 
 def _heads(*keys: tuple[int, int]) -> list[dict[str, float]]:
-    return [{"layer": la, "head": he, "keep_ratio": 0.25, "token_ratio": 0.1, "loss_threshold": 0.1}
-            for la, he in keys]
+    return [
+        {"layer": la, "head": he, "keep_ratio": 0.25, "token_ratio": 0.1, "loss_threshold": 0.1}
+        for la, he in keys
+    ]
 
 
 def test_check_policy_needs_every_layer_and_head_exactly_once():
@@ -94,3 +117,50 @@ def test_check_policy_needs_every_layer_and_head_exactly_once():
         check_policy(_heads(*full, (0, 1)), 3, 2)
     with pytest.raises(ValueError, match=r"layer 3 head 0 is outside the model \(3 layers x 2 KV heads\)"):
         check_policy(_heads(*full[:5], (3, 0)), 3, 2)
+
+
+def test_layer_params_gives_each_head_its_keep_ratio():
+    heads = [
+        {"layer": layer, "head": h, "keep_ratio": 0.125 * (1 + h + layer), "token_ratio": 0.1}
+        for layer in range(2)
+        for h in range(3)
+    ]
+    params = layer_params(heads[::-1], 2, 3)  # order of the heads on the wire does not matter
+    assert params[0]["head_keep_ratios"] == (0.125, 0.25, 0.375)
+    assert params[1]["head_keep_ratios"] == (0.25, 0.375, 0.5)
+    assert params[1]["token_ratio"] == 0.1
+    heads[4]["token_ratio"] = 0.2
+    with pytest.raises(ValueError, match="layer 1 asks for different token ratios"):
+        layer_params(heads, 2, 3)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain softmax attention, [w, H_q, D] over [T, H_kv, D] (GQA by repeat), float64: the oracle."""
+    g = q.shape[1] // k.shape[1]
+    kk, vv = k.double().repeat_interleave(g, 1), v.double().repeat_interleave(g, 1)
+    p = torch.softmax(torch.einsum("whd,thd->hwt", q.double(), kk) * q.shape[2] ** -0.5, -1)
+    return torch.einsum("hwt,thd->whd", p, vv)
+
+
+def test_attention_losses_follow_the_output_error():
+    torch.manual_seed(0)
+    t, h, g, d = 300, 2, 3, 16
+    k, v = torch.randn(t, h, d), torch.randn(t, h, d)
+    q = torch.randn(8, h * g, d) * 2
+    losses = attention_losses(k, v, q, (0.25, 1.0), n_sink=4, window=16, segment_len=128)
+    assert losses.shape == (h, 2)
+    assert losses[:, 1].max() < 1e-10  # keeping every element reproduces attention exactly
+    assert (losses[:, 0] > 1e-3).all()
+    # The loss at keep 0.25 is the relative squared output error of dense attention over what the
+    # cache holds; recompute it from the decompressed cache with an independent float64 attention.
+    cache = make_method(
+        "mosaic", keep_ratio=0.25, token_ratio=1.0, n_sink=4, window=16, segment_len=128
+    ).encode(k, v)
+    k_hat, v_hat = decompressed(cache)
+    exact, approx = _attention(q, k, v), _attention(q, k_hat, v_hat)
+    err = (approx - exact).pow(2).view(8, h, g, d).sum((0, 2, 3)) / exact.pow(2).view(8, h, g, d).sum(
+        (0, 2, 3)
+    )
+    torch.testing.assert_close(losses[:, 0], err, rtol=1e-3, atol=1e-6)
+    # And the decompressed cache is what packed attention reads: its own path agrees with the oracle.
+    torch.testing.assert_close(cache.attend(q[0]).double(), approx[0], rtol=1e-4, atol=1e-5)

@@ -43,9 +43,12 @@ def _kv_bytes(cp: ControlPlane, request_id: str) -> int:
         assert message["type"] == "token", message
 
 
-def _policy(version: int, keep: dict[tuple[int, int], float]) -> dict[str, Any]:
-    heads = [{"layer": layer, "head": head, "keep_ratio": k, "token_ratio": 0.1, "loss_threshold": 0.2}
-             for (layer, head), k in keep.items()]  # fmt: skip
+def _policy(
+    version: int, keep: dict[tuple[int, int], float], token: dict[tuple[int, int], float] | None = None
+) -> dict[str, Any]:
+    token = token or {}
+    heads = [{"layer": layer, "head": head, "keep_ratio": k, "token_ratio": token.get((layer, head), 0.1),
+              "loss_threshold": 0.2} for (layer, head), k in keep.items()]  # fmt: skip
     return {"type": "policy", "version": version, "heads": heads}
 
 
@@ -67,9 +70,9 @@ def test_policies_are_validated_acked_and_change_real_kv_bytes(worker: ControlPl
                    "reason": ack["reason"]}  # fmt: skip
     assert "covers 3 of the model's 2 x 2" in ack["reason"]
 
-    worker.send(WID, _policy(2, {**{key: 0.125 for key in ALL}, (0, 1): 0.25}))
+    worker.send(WID, _policy(2, {key: 0.125 for key in ALL}, token={(0, 1): 0.25}))
     ack = _ack(worker)
-    assert not ack["accepted"] and "layer 0 asks for different" in ack["reason"]
+    assert not ack["accepted"] and "layer 0 asks for different token ratios" in ack["reason"]
     assert _kv_bytes(worker, "after-refusals") == before  # the refused policies changed nothing
 
     worker.send(WID, _policy(3, {key: 0.125 for key in ALL}))
@@ -82,3 +85,8 @@ def test_policies_are_validated_acked_and_change_real_kv_bytes(worker: ControlPl
     worker.send(WID, _policy(4, {(5, 0): 0.125}))
     assert not _ack(worker)["accepted"]
     assert _kv_bytes(worker, "after-bad") == planned  # policy 3 stays in force
+
+    # Per-head budgets: head 0 of every layer keeps everything again, head 1 stays at 2 of 16.
+    worker.send(WID, _policy(5, {key: 1.0 if key[1] == 0 else 0.125 for key in ALL}))
+    assert _ack(worker)["accepted"]
+    assert planned < _kv_bytes(worker, "per-head") < before

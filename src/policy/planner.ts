@@ -17,7 +17,9 @@ export const TARGET_TOLERANCE = 0.01;
 export interface HeadCurve {
   layer: number;
   head: number;
-  /** loss[i]: relative energy not kept at keepRatios[i] (K and V averaged), in [0, 1]. */
+  /** loss[i] at keepRatios[i], in [0, 1]: the relative energy not kept (K and V averaged), or with
+   *  `python -m mosaickv.policy --loss attention` the relative attention-output error of the prompts'
+   *  last queries (which finds the retrieval heads that need precise keys). */
   loss: number[];
   /** Optional: recall[i] of full attention's mass captured when attending tokenRatios[i] of the blocks. */
   recall?: { tokenRatios: number[]; recall: number[] };
@@ -47,8 +49,7 @@ export interface PlanOptions {
   tokenRatio?: number;
   /** With recall curves: the smallest token ratio whose recall reaches this (default 0.9). */
   minRecall?: number;
-  /** One keep and token ratio per layer (all its KV heads), for backends that encode a layer with one
-   *  method, like the hf engine's mosaickv backend today. */
+  /** One keep and token ratio per layer (all its KV heads) instead of one keep ratio per head. */
   perLayer?: boolean;
 }
 
@@ -166,14 +167,16 @@ export function planFromTelemetry(telemetry: Telemetry, target: Target, options:
   const layout: Layout = { ...defaultLayout(telemetry.headDim, telemetry.dtype), ...options.layout };
   checkLayout(layout);
   const tokenRatio = options.tokenRatio ?? DEFAULT_TOKEN_RATIO;
-  if (!(tokenRatio > 0 && tokenRatio < 1)) throw new RangeError(`tokenRatio must be in (0, 1), got ${tokenRatio}`);
+  if (!(tokenRatio > 0 && tokenRatio <= 1)) throw new RangeError(`tokenRatio must be in (0, 1], got ${tokenRatio}`);
+  // Token ratio 1 attends every block: no block selection, so no block summaries to store.
+  const selects = tokenRatio < 1 || telemetry.curves.some((c) => c.recall);
   const curves = [...telemetry.curves].sort((a, b) => a.layer - b.layer || a.head - b.head);
   // A unit gets one keep ratio: one head, or with perLayer all heads of a layer (summed losses and bytes).
   const units: HeadCurve[][] = options.perLayer
     ? Array.from({ length: telemetry.nLayers }, (_, layer) => curves.filter((c) => c.layer === layer))
     : curves.map((c) => [c]);
   const hulls = units.map((group) => lowerHull(telemetry.keepRatios.map((r, index) => ({
-    index, bytes: group.length * mosaicBytesPerToken(layout, r, true), loss: group.reduce((s, c) => s + c.loss[index]!, 0),
+    index, bytes: group.length * mosaicBytesPerToken(layout, r, selects), loss: group.reduce((s, c) => s + c.loss[index]!, 0),
   }))));
   const dense = denseBytesPerToken(layout.headDim, layout.dtype) * curves.length;
   const budget = targetBytes(target, dense);

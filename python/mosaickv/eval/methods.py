@@ -43,7 +43,7 @@ def make_method_backend(method: str, budget_ratio: float) -> KVBackend:
         if not sep:
             raise ValueError(f"method parameter {pair!r} in {method!r} must be key=value")
         options[key] = value
-    if name in _FITTED and "keep_ratio" not in options:
+    if name in _FITTED and "keep_ratio" not in options and "policy" not in options:
         options["budget_ratio"] = str(budget_ratio)
     # The core reference, synchronously: what the method computes, not the serving path's timing
     # (``mosaic:cache=manager`` runs the cache manager instead).

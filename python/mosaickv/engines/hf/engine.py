@@ -145,10 +145,9 @@ class HFEngine(Engine):
             }
 
     def apply_policy(self, heads: list[dict[str, Any]]) -> None:
-        """Per layer: the mosaickv backend (method mosaic) encodes a layer with one keep ratio and
-        token ratio, so the heads of a layer must agree (a uniform plan does; per-head keeps need the
-        core's fixed mode to take one ratio per head). loss_threshold only matters in search mode."""
-        from mosaickv.policy import check_policy
+        """A segment policy: per layer, one keep ratio per KV head and the layer's token ratio
+        (mosaickv.policy.layer_params). loss_threshold only matters in search mode."""
+        from mosaickv.policy import layer_params
 
         from .mosaickv_backend import MosaicKVBackend
 
@@ -160,20 +159,7 @@ class HFEngine(Engine):
             )
         cfg = self._model.config
         n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        check_policy(heads, cfg.num_hidden_layers, n_kv)
-        layers: dict[int, set[tuple[float, float]]] = {}
-        for h in heads:
-            layers.setdefault(h["layer"], set()).add((h["keep_ratio"], h["token_ratio"]))
-        for layer, values in sorted(layers.items()):
-            if len(values) > 1:
-                raise MosaicError(
-                    "unsupported",
-                    f"layer {layer} asks for different (keep_ratio, token_ratio) per head {sorted(values)}; "
-                    "this backend applies one per layer",
-                )
-        self._backend.set_layer_params(
-            {layer: {"keep_ratio": k, "token_ratio": t} for layer, ((k, t),) in layers.items()}
-        )
+        self._backend.set_layer_params(layer_params(heads, cfg.num_hidden_layers, n_kv))
 
     def close(self) -> None:
         with self._cv:

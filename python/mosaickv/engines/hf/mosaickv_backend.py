@@ -25,10 +25,11 @@ Options (``--backend-option KEY=VALUE``): ``method`` (default mosaic) and the me
 ``group``, ...; numbers parsed, ``none`` for None), plus ``budget_ratio``: fit the method's
 ``keep_ratio`` per request so that the real bytes are at most (dense bytes / budget_ratio), measured on
 a core encode of layer 0 (every layer has the same shape); only for methods with a keep_ratio
-(think, naive2d, mosaic). With ``cache=manager``: ``cache_threads`` (CPU re-encoders,
-default: usable cores - 1) and ``max_backlog_tokens`` (default 4096), see ``CacheConfig``; the
-manager's ``stats()`` join the engine's ``stats`` and ``kv_bytes`` is its ``request_stats`` (pages +
-dense device tensors).
+(think, naive2d, mosaic); ``policy``: a plan file from ``mosaickv plan --json`` whose per-head keep
+ratios and per-layer token ratios replace keep_ratio/token_ratio (method mosaic). With
+``cache=manager``: ``cache_threads`` (CPU re-encoders, default: usable cores - 1) and
+``max_backlog_tokens`` (default 4096), see ``CacheConfig``; the manager's ``stats()`` join the engine's
+``stats`` and ``kv_bytes`` is its ``request_stats`` (pages + dense device tensors).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mosaickv.cache import CacheConfig, CacheManager
 from mosaickv.core import METHODS, CompressionMethod, KVCache, make_method
+from mosaickv.policy import read_plan
 
 from .backends import KVBackend
 
@@ -278,6 +280,10 @@ class MosaicKVBackend(KVBackend):
                 f"unknown method {method!r} for the mosaickv backend; allowed: {', '.join(METHODS)}"
             )
         self.cache_config = _cache_config(method, params)
+        self.policy_file: str | None = params.pop("policy", None)
+        if self.policy_file is not None and (method != "mosaic" or "budget_ratio" in params):
+            raise ValueError("policy=FILE (a `mosaickv plan --json` plan) sets method mosaic's per-head keep "
+                             "ratios; it goes without budget_ratio and with method mosaic only")
         budget = params.pop("budget_ratio", None)
         if budget is not None:
             if not isinstance(budget, (int, float)) or budget < 1:
@@ -307,6 +313,10 @@ class MosaicKVBackend(KVBackend):
     def prepare(self, model: PreTrainedModel) -> None:
         AttentionInterface.register(ATTENTION_NAME, mosaickv_attention)
         model.set_attn_implementation(ATTENTION_NAME)
+        if self.policy_file is not None:
+            cfg = model.config
+            n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+            self.set_layer_params(read_plan(self.policy_file, cfg.num_hidden_layers, n_kv))
         if self.cache_config is not None and self.manager is None:
             self.manager = CacheManager.for_model(
                 model.config, model.dtype, model.device, self.cache_config, **self.params
