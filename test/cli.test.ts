@@ -128,3 +128,27 @@ describe('mosaickv serve over tcp:// with CurveZMQ, and a remote mosaickv worker
     expect([serve.pid!, worker.pid!, pythonPid].filter(isAlive)).toEqual([]);
   });
 });
+
+describe('mosaickv serve --target-ratio', () => {
+  let serve: ChildProcess | undefined;
+  afterAll(() => {
+    if (serve && serve.exitCode === null && serve.signalCode === null) serve.kill('SIGKILL');
+  });
+
+  it('plans a policy from the model shape and every worker acks it', async () => {
+    let err = '';
+    serve = spawn(process.execPath, [BIN, 'serve', '--workers', '1', '--port', '0', '--model', 'tiny-random', '--backend', 'mosaickv',
+      '--target-ratio', '2'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    serve.stderr!.on('data', (b: Buffer) => (err += b.toString()));
+    const [, url] = await waitFor('serve to listen', () => /serving .* on (http:\/\/\S+)/.exec(err) ?? undefined, 90_000);
+    expect(err).toMatch(/policy 1: uniform plan at 2\.\d\dx less KV, published to every worker/);
+    const acked = await waitFor('the worker to ack policy 1', async () => {
+      const workers = ((await (await fetch(`${url}/admin/workers`)).json()) as { workers: { policy_version: number }[] }).workers;
+      return workers.length === 1 && workers[0]!.policy_version === 1 ? workers[0] : undefined;
+    }, 90_000);
+    expect(acked.policy_version).toBe(1);
+    const exited = new Promise<number | null>((resolve) => serve!.once('exit', (code) => resolve(code)));
+    serve.kill('SIGTERM');
+    expect(await exited).toBe(0);
+  });
+});

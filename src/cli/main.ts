@@ -42,6 +42,16 @@ const handlers: Handlers = {
       maxQueue: o['max-queue'],
       requestTimeoutMs: o['request-timeout'] * 1000,
     });
+    if (o['target-ratio'] !== undefined) {
+      const { makePlan } = await import('../policy/command.js');
+      const { policyHeads } = await import('../policy/planner.js');
+      const plan = await makePlan({
+        model: o.model, 'target-ratio': o['target-ratio'], 'target-bytes': undefined, telemetry: o.telemetry, calibrate: false, tokens: 0, dtype: undefined,
+        'segment-len': 4096, 'token-ratio': o['token-ratio'], 'per-layer': false, python: o.python,
+      });
+      const version = cp.pool.publishPolicy(policyHeads(plan));
+      process.stderr.write(`[mosaickv] policy ${version}: ${plan.source} plan at ${plan.achievedRatio.toFixed(2)}x less KV, published to every worker (GET /admin/workers shows what each runs)\n`);
+    }
     const http = await cp.listen({ port: o.port, host: o.host, maxTokens: o['max-tokens'], ...(o['api-key'] ? { apiKey: o['api-key'] } : {}) });
     process.stderr.write(`[mosaickv] serving ${o.model} on ${http.url} (workers join at ${cp.endpoint})${o['api-key'] ? ', API key required' : ''}\n`);
     onSignals(async () => {

@@ -6,7 +6,7 @@ import { join } from 'node:path';
 import { PACKAGE_ROOT } from '../control/pool.js';
 import { UsageError, type OptionsOf } from '../cli/options.js';
 import { DTYPE_BYTES, type DType } from './bytes.js';
-import { formatPlan, planFromTelemetry, uniformPlan, type ModelShape, type PlanOptions, type Target, type Telemetry } from './planner.js';
+import { formatPlan, planFromTelemetry, uniformPlan, type ModelShape, type Plan, type PlanOptions, type Target, type Telemetry } from './planner.js';
 
 /** The model's shape through pythonia (mosaickv.policy.shape_json, which uses the hf engine's loader). */
 export async function readModelShape(model: string, python: string): Promise<ModelShape> {
@@ -36,9 +36,13 @@ export function calibrate(model: string, tokens: number, python: string): Promis
   });
 }
 
-export async function runPlanCommand(o: OptionsOf<'plan'>): Promise<number> {
+/** What a plan is made from: `mosaickv plan`'s options (serve passes the subset it has). */
+export type PlanArgs = Pick<OptionsOf<'plan'>, 'model' | 'target-ratio' | 'target-bytes' | 'telemetry' | 'calibrate' | 'tokens' | 'dtype' | 'segment-len' | 'token-ratio' | 'per-layer' | 'python'>;
+
+/** A plan from telemetry (a file, or measured now) or, without any, the uniform plan from the model's shape. */
+export async function makePlan(o: PlanArgs): Promise<Plan> {
   const given = [o['target-ratio'], o['target-bytes']].filter((v) => v !== undefined);
-  if (given.length !== 1) throw new UsageError('mosaickv plan needs exactly one of --target-ratio R (dense / planned bytes) or --target-bytes B (per token, all layers and KV heads)');
+  if (given.length !== 1) throw new UsageError('a plan needs exactly one of --target-ratio R (dense / planned bytes) or --target-bytes B (per token, all layers and KV heads)');
   if (o.telemetry && o.calibrate) throw new UsageError('--telemetry FILE and --calibrate are alternatives: pass one');
   const target: Target = o['target-ratio'] !== undefined ? { ratio: o['target-ratio'] } : { bytesPerToken: o['target-bytes']! };
   const python = o.python ?? join(PACKAGE_ROOT, '.venv', 'bin', 'python');
@@ -46,7 +50,7 @@ export async function runPlanCommand(o: OptionsOf<'plan'>): Promise<number> {
   if (dtype !== undefined && !Object.hasOwn(DTYPE_BYTES, dtype)) throw new UsageError(`--dtype must be one of ${Object.keys(DTYPE_BYTES).join(', ')}`);
   const options: PlanOptions = { layout: { segmentLen: o['segment-len'] }, tokenRatio: o['token-ratio'], perLayer: o['per-layer'] };
 
-  let plan;
+  let plan: Plan;
   if (o.telemetry || o.calibrate) {
     const telemetry = o.telemetry ? JSON.parse(readFileSync(o.telemetry, 'utf8')) as Telemetry : await calibrate(o.model, o.tokens, python);
     plan = planFromTelemetry(dtype ? { ...telemetry, dtype } : telemetry, target, options);
@@ -59,6 +63,11 @@ export async function runPlanCommand(o: OptionsOf<'plan'>): Promise<number> {
     process.stderr.write(`[mosaickv] warning: the plan uses ${plan.bytesPerToken.toFixed(1)} of ${plan.targetBytesPerToken.toFixed(1)} bytes/token `
       + `(${(100 * (1 - plan.bytesPerToken / plan.targetBytesPerToken)).toFixed(1)}% under): ${plan.heads.length} heads are too few for the keep-ratio steps to land within 1%\n`);
   }
+  return plan;
+}
+
+export async function runPlanCommand(o: OptionsOf<'plan'>): Promise<number> {
+  const plan = await makePlan(o);
   process.stdout.write(o.json ? `${JSON.stringify(plan)}\n` : `${formatPlan(plan)}\n`);
   return 0;
 }
