@@ -2,6 +2,7 @@
 // method (model tiny-random: real Llama code, random weights, so the scores are noise and are not
 // checked), the control plane, the printed table and the HTML report. Accuracy is measured in
 // bench/results, not here.
+import { resolve } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { formatTable, runAb, scoreOutput, workerFor } from '../src/ab/ab.js';
 import { renderReport } from '../src/ab/report.js';
@@ -17,6 +18,17 @@ describe('mosaickv ab', () => {
     expect(workerFor('kvpress:snapkv', 2).args).toEqual(['--backend-option', 'press=snapkv', '--backend-option', 'budget_ratio=2']);
     expect(() => workerFor('mosiac', 3)).toThrow(/unknown method 'mosiac'/);
     expect(() => workerFor('mosaic:keep_ratio', 3)).toThrow(/key=value/);
+    // A plan file replaces the fitted budget and reaches the worker as an absolute path.
+    expect(workerFor('mosaic:policy=bench/plan.json', 3).args).toEqual(
+      ['--backend-option', 'method=mosaic', '--backend-option', `policy=${resolve('bench/plan.json')}`]);
+  });
+
+  it('maps the vllm engine to its stock and mosaickv backends', () => {
+    expect(workerFor('stock', 3, 'vllm')).toEqual({ backend: 'stock', args: [] });
+    expect(workerFor('mosaickv:keep_ratio=0.25:token_ratio=0.1', 3, 'vllm')).toEqual({
+      backend: 'mosaickv', args: ['--backend-option', 'keep_ratio=0.25', '--backend-option', 'token_ratio=0.1'],
+    });
+    expect(() => workerFor('mosaic', 3, 'vllm')).toThrow(/for engine vllm: use stock or mosaickv/);
   });
 
   it('scores contained gold strings case-insensitively', () => {

@@ -2,7 +2,7 @@
 // methods through the control plane, one worker per method, at the same real KV memory.
 // Scoring is RULER's: the share of gold strings contained in the output, case-insensitive.
 import { spawn } from 'node:child_process';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
 import { ControlPlane } from '../index.js';
 import { PACKAGE_ROOT } from '../control/pool.js';
 import type { WorkerSpec } from '../control/pool.js';
@@ -14,6 +14,8 @@ export interface AbOptions {
   samples: number;
   methods: string[];
   budgetRatio: number;
+  /** hf (default): the methods below; vllm: `stock` and `mosaickv` (with :key=value settings). */
+  engine?: 'hf' | 'vllm';
   seed?: number;
   device?: string;
   python?: string;
@@ -58,24 +60,30 @@ const CORE = new Set(['full', 'quest', 'think', 'naive2d', 'mosaic']);
 /**
  * How a method name runs on the hf engine: `full` is the stock cache; `quest|think|naive2d|mosaic`
  * (with `:key=value` parameters) the mosaickv backend; `kvpress:<press>` the kvpress backend.
- * think/naive2d/mosaic without a keep_ratio get theirs fitted to the budget.
+ * think/naive2d/mosaic without a keep_ratio or a policy file get theirs fitted to the budget. On the vllm
+ * engine: `stock` is vLLM's own backend, `mosaickv:key=value...` ours with those settings.
  */
-export function workerFor(method: string, budgetRatio: number): Pick<WorkerSpec, 'backend' | 'args'> {
+export function workerFor(method: string, budgetRatio: number, engine: 'hf' | 'vllm' = 'hf'): Pick<WorkerSpec, 'backend' | 'args'> {
   const option = (kv: string) => ['--backend-option', kv];
-  if (method === 'full') return { backend: 'stock', args: [] };
-  if (method.startsWith('kvpress:')) {
+  if (method === (engine === 'vllm' ? 'stock' : 'full')) return { backend: 'stock', args: [] };
+  if (engine === 'hf' && method.startsWith('kvpress:')) {
     return { backend: 'kvpress', args: [...option(`press=${method.slice(8)}`), ...option(`budget_ratio=${budgetRatio}`)] };
   }
   const [name = '', ...pairs] = method.split(':');
+  for (const pair of pairs) {
+    if (!pair.includes('=')) throw new Error(`method parameter '${pair}' in '${method}' must be key=value`);
+  }
+  // A plan file is read by the worker, whose working directory may differ.
+  const settings = pairs.flatMap((p) => option(p.startsWith('policy=') ? `policy=${resolve(p.slice(7))}` : p));
+  if (engine === 'vllm') {
+    if (name === 'mosaickv') return { backend: 'mosaickv', args: settings };
+    throw new Error(`unknown method '${method}' for engine vllm: use stock or mosaickv (with :key=value settings, docs/vllm.md)`);
+  }
   if (!CORE.has(name) || name === 'full') {
     throw new Error(`unknown method '${method}': use full, quest, think, naive2d, mosaic (with :key=value parameters) or kvpress:<press>`);
   }
-  const args = option(`method=${name}`);
-  for (const pair of pairs) {
-    if (!pair.includes('=')) throw new Error(`method parameter '${pair}' in '${method}' must be key=value`);
-    args.push(...option(pair));
-  }
-  if (FITTED.has(name) && !pairs.some((p) => p.startsWith('keep_ratio='))) args.push(...option(`budget_ratio=${budgetRatio}`));
+  const args = [...option(`method=${name}`), ...settings];
+  if (FITTED.has(name) && !pairs.some((p) => p.startsWith('keep_ratio=') || p.startsWith('policy='))) args.push(...option(`budget_ratio=${budgetRatio}`));
   return { backend: 'mosaickv', args };
 }
 
@@ -106,14 +114,15 @@ export async function generateSamples(o: AbOptions): Promise<AbSample[]> {
 
 /** Runs every method on the same samples, one control plane (and worker) per method in turn. */
 export async function runAb(o: AbOptions): Promise<AbResult> {
-  for (const m of o.methods) workerFor(m, o.budgetRatio); // bad names fail before anything starts
+  const engine = o.engine ?? 'hf';
+  for (const m of o.methods) workerFor(m, o.budgetRatio, engine); // bad names fail before anything starts
   const samples = await generateSamples(o);
   const total = samples.length * o.methods.length;
   let done = 0;
   const methods: Record<string, MethodResult> = {};
   for (const method of o.methods) {
     const cp = await ControlPlane.start({
-      workers: [{ engine: 'hf', model: o.model, ...(o.device ? { device: o.device } : {}), ...workerFor(method, o.budgetRatio) }],
+      workers: [{ engine, model: o.model, ...(o.device ? { device: o.device } : {}), ...workerFor(method, o.budgetRatio, engine) }],
       ...(o.python ? { python: o.python } : {}),
       log: () => undefined,
       requestTimeoutMs: 3_600_000,

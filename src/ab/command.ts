@@ -3,8 +3,10 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { dirname, resolve } from 'node:path';
 import { formatTable, progressBar, runAb } from './ab.js';
 import { renderReport } from './report.js';
+import { UsageError } from '../cli/options.js';
 
 export interface AbCommandOptions {
+  engine: string;
   model: string;
   device?: string | undefined;
   tasks: string;
@@ -28,7 +30,9 @@ function write(path: string, text: string): string {
 }
 
 export async function runAbCommand(o: AbCommandOptions): Promise<number> {
+  if (o.engine !== 'hf' && o.engine !== 'vllm') throw new UsageError(`mosaickv ab runs on engine hf or vllm, got '${o.engine}'`);
   const result = await runAb({
+    engine: o.engine,
     model: o.model,
     tasks: list(o.tasks),
     ctx: o.ctx,

@@ -71,12 +71,13 @@ export const COMMANDS = {
   ab: {
     description: 'A/B accuracy: one RULER-style workload over several methods at the same real KV memory',
     options: {
+      engine: ENGINE,
       model: MODEL,
       device: DEVICE,
       tasks: { type: 'string', description: 'comma-separated tasks (niah_single_1..3, niah_multikey_1..3, niah_multivalue, niah_multiquery, vt, fwe)', default: 'niah_single_1,niah_multikey_1' },
       ctx: { type: 'number', description: 'prompt + answer length in tokens', default: 1024 },
       samples: { type: 'number', description: 'samples per task', default: 2 },
-      methods: { type: 'string', description: 'comma-separated: full, quest, think, naive2d, mosaic (with :key=value), kvpress:<press>', default: 'full,mosaic,naive2d' },
+      methods: { type: 'string', description: 'comma-separated: full, quest, think, naive2d, mosaic (with :key=value, e.g. mosaic:policy=PLAN.json), kvpress:<press>; on --engine vllm: stock, mosaickv (with :key=value)', default: 'full,mosaic,naive2d' },
       'budget-ratio': { type: 'number', description: 'dense KV bytes / method bytes, for methods that fit it', default: 3 },
       seed: { type: 'number', description: 'task generator seed', default: 0 },
       json: { type: 'string', description: 'write the result JSON here' },
