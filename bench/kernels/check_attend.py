@@ -14,6 +14,18 @@ import torch
 from mosaickv.ops import STAGE_ALL, DecodeLayout, DecodeWorkspace, run_decode
 
 
+
+def record(err: dict, name: str, ml: torch.Tensor, o_part: torch.Tensor, logits: torch.Tensor,
+           values: torch.Tensor) -> None:
+    """Worst errors so far of one piece's partials (ml: [g, 2] max and sum of exp, o_part: [g, d]
+    unnormalised output) against float64 over the same logits [g, n] and values [n, d]."""
+    m = logits.max(1).values
+    p = torch.exp(logits - m[:, None])
+    o = p @ values
+    err[f"{name}_m"] = max(err[f"{name}_m"], (ml[:, 0] - m).abs().max().item())
+    err[f"{name}_l"] = max(err[f"{name}_l"], (ml[:, 1] / p.sum(1) - 1).abs().max().item())
+    err[f"{name}_o"] = max(err[f"{name}_o"], ((o_part - o).abs().max() / o.abs().max()).item())
+
 def dense_rows(
     bits: torch.Tensor, vals: torch.Tensor, d: int, keep: int, n: int
 ) -> torch.Tensor:
@@ -75,37 +87,15 @@ def check(
             tok = tok[tok < n_tok]
             qr = qd[b, h] @ rot[s, 0].T  # [g, d] rotated query
             sc = qr @ k_all[tok].T * scale  # [g, n]
-            m = sc.max(1).values
-            p = torch.exp(sc - m[:, None])
-            o = p @ v_all[tok]  # rotated V space
-            err["piece_m"] = max(
-                err["piece_m"], (part_ml[bh, i, :, 0] - m).abs().max().item()
-            )
-            err["piece_l"] = max(
-                err["piece_l"], (part_ml[bh, i, :, 1] / p.sum(1) - 1).abs().max().item()
-            )
-            err["piece_o"] = max(
-                err["piece_o"], ((part_o[bh, i] - o).abs().max() / o.abs().max()).item()
-            )
+            record(err, "piece", part_ml[bh, i], part_o[bh, i], sc, v_all[tok])  # rotated V space
             logits.append(sc)
             values.append(v_all[tok] @ rot[s, 1])  # un-rotated: v = R_V^T v'
         n_dense = int(lay.dense_len[b])
         dk = lay.dense_k[b, h, :n_dense].cpu().double()
         dv = lay.dense_v[b, h, :n_dense].cpu().double()
         sc = qd[b, h] @ dk.T * scale
-        m = sc.max(1).values
-        p = torch.exp(sc - m[:, None])
-        o = p @ dv
         slot = ws.part_o.shape[1] - 1
-        err["dense_m"] = max(
-            err["dense_m"], (part_ml[bh, slot, :, 0] - m).abs().max().item()
-        )
-        err["dense_l"] = max(
-            err["dense_l"], (part_ml[bh, slot, :, 1] / p.sum(1) - 1).abs().max().item()
-        )
-        err["dense_o"] = max(
-            err["dense_o"], ((part_o[bh, slot] - o).abs().max() / o.abs().max()).item()
-        )
+        record(err, "dense", part_ml[bh, slot], part_o[bh, slot], sc, dv)
         logits.append(sc)
         values.append(dv)
         sc_all = torch.cat(logits, 1)

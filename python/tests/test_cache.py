@@ -16,14 +16,6 @@ from mosaickv.core import KVCache, make_method, pack_topk
 H_KV, H_Q, D = 2, 4, 32
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread():
-    """Tiny tensors: torch's intra-op pool only adds contention on a loaded 2-core CI box (an einsum
-    of [1, 2, 32] took 20 ms with 2 threads there, 80 us with 1); the re-encoders are the parallelism."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # Named scenarios: fixed keep closing at segment_len, and the searched strategy closing on drift.

@@ -24,13 +24,6 @@ from mosaickv.core import (
 SMALL = {"n_sink": 4, "window": 16, "block_size": 8, "segment_len": 128}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on a shared 2-core CI box, torch's thread pool made them 5x slower."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 # name -> (T, H_kv, GQA ratio, D)
 SCENARIOS = {

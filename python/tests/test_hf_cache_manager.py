@@ -10,10 +10,8 @@ segment with the previous segment's strategy, the core keeps them dense (docs/CA
 from __future__ import annotations
 
 import queue
-from collections.abc import Iterator
 
 import pytest
-import torch
 
 from mosaickv.engines.base import Event, Failed, Finished, GenerateRequest, SamplingParams, TokenChunk
 from mosaickv.engines.hf.backends import make_backend
@@ -34,12 +32,6 @@ PROMPT = " ".join(
 )
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

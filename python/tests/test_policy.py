@@ -21,15 +21,6 @@ from mosaickv.policy import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors on a shared 2-core box: torch's thread pool only slows them down."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def svd_losses(x: torch.Tensor, keeps: list[int]) -> list[float]:
     """Oracle: rotate by the right singular vectors (same basis as the eigenvectors of x^T x, found by a
     different algorithm), keep each row's top-k squared elements, report the energy dropped."""

@@ -24,12 +24,6 @@ SCALE = D**-0.5
 LOSSLESS = MosaicSettings(keep_ratio=1.0, token_ratio=1.0, n_sink=4, window=8, segment_len=16)
 
 
-@pytest.fixture(autouse=True)
-def one_intra_op_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
