@@ -14,7 +14,6 @@ import torch
 from mosaickv.ops import STAGE_ALL, DecodeLayout, DecodeWorkspace, run_decode
 
 
-
 def record(err: dict, name: str, ml: torch.Tensor, o_part: torch.Tensor, logits: torch.Tensor,
            values: torch.Tensor) -> None:
     """Worst errors so far of one piece's partials (ml: [g, 2] max and sum of exp, o_part: [g, d]
@@ -25,6 +24,7 @@ def record(err: dict, name: str, ml: torch.Tensor, o_part: torch.Tensor, logits:
     err[f"{name}_m"] = max(err[f"{name}_m"], (ml[:, 0] - m).abs().max().item())
     err[f"{name}_l"] = max(err[f"{name}_l"], (ml[:, 1] / p.sum(1) - 1).abs().max().item())
     err[f"{name}_o"] = max(err[f"{name}_o"], ((o_part - o).abs().max() / o.abs().max()).item())
+
 
 def dense_rows(
     bits: torch.Tensor, vals: torch.Tensor, d: int, keep: int, n: int
