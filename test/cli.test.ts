@@ -152,3 +152,30 @@ describe('mosaickv serve --target-ratio', () => {
     expect(await exited).toBe(0);
   });
 });
+
+describe('mosaickv serve --replan-every', () => {
+  let serve: ChildProcess | undefined;
+  afterAll(() => {
+    if (serve && serve.exitCode === null && serve.signalCode === null) serve.kill('SIGKILL');
+  });
+
+  it('re-plans from the telemetry a worker sends with a completion and publishes policy 2', async () => {
+    let err = '';
+    serve = spawn(process.execPath, [BIN, 'serve', '--workers', '1', '--port', '0', '--model', 'tiny-random', '--backend', 'mosaickv',
+      '--target-ratio', '2', '--replan-every', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
+    serve.stderr!.on('data', (b: Buffer) => (err += b.toString()));
+    const [, url] = await waitFor('serve to listen', () => /serving .* on (http:\/\/\S+)/.exec(err) ?? undefined, 90_000);
+    expect(err).toMatch(/policy 1: uniform plan at 2\.\d\dx less KV/);
+    const policyOf = async () => ((await (await fetch(`${url}/admin/workers`)).json()) as { workers: { policy_version: number }[] }).workers[0]?.policy_version;
+    await waitFor('the worker to ack policy 1', async () => ((await policyOf()) === 1 ? true : undefined), 90_000);
+
+    const prompt = Array.from({ length: 40 }, (_, i) => `item ${i} is ${(i * 7) % 13}.`).join(' ');
+    const res = await post(`${url}/v1/completions`, { prompt, max_tokens: 2 });
+    expect(res.status).toBe(200);
+    await waitFor('the re-plan line', () => /policy 2: re-planned from 1 telemetry samples at \d+\.\d\dx less KV/.exec(err) ?? undefined, 60_000);
+    await waitFor('the worker to ack policy 2', async () => ((await policyOf()) === 2 ? true : undefined), 60_000);
+    const exited = new Promise<number | null>((resolve) => serve!.once('exit', (code) => resolve(code)));
+    serve.kill('SIGTERM');
+    expect(await exited).toBe(0);
+  });
+});

@@ -33,8 +33,17 @@ const handlers: Handlers = {
       }
       curve = loadCurveOptions(o['curve-server-key'], o['curve-clients']);
     }
+    const replanEvery = o['replan-every'];
+    const telemetryEvery = o['telemetry-every'];
+    if (!Number.isInteger(replanEvery) || replanEvery < 0) throw new UsageError(`--replan-every must be an integer >= 0, got ${replanEvery}`);
+    if (replanEvery > 0 && o['target-ratio'] === undefined) throw new UsageError('--replan-every re-plans for --target-ratio: give it too');
+    if (replanEvery > 0 && (!Number.isInteger(telemetryEvery) || telemetryEvery < 1)) throw new UsageError(`--telemetry-every must be an integer >= 1, got ${telemetryEvery}`);
+    // Workers measure telemetry only when it is used (the mosaickv backend's option telemetry_every).
+    const workerArgs = replanEvery > 0 ? ['--backend-option', `telemetry_every=${telemetryEvery}`] : [];
     const cp = await ControlPlane.start({
-      workers: Array.from({ length: o.workers }, () => ({ engine: o.engine, backend: o.backend, model: o.model, ...(o.device ? { device: o.device } : {}) })),
+      workers: Array.from({ length: o.workers }, () => ({
+        engine: o.engine, backend: o.backend, model: o.model, ...(o.device ? { device: o.device } : {}), ...(workerArgs.length ? { args: workerArgs } : {}),
+      })),
       bind: o.bind,
       ...(curve ? { curve } : {}),
       ...(o.python ? { python: o.python } : {}),
@@ -51,6 +60,25 @@ const handlers: Handlers = {
       });
       const version = cp.pool.publishPolicy(policyHeads(plan));
       process.stderr.write(`[mosaickv] policy ${version}: ${plan.source} plan at ${plan.achievedRatio.toFixed(2)}x less KV, published to every worker (GET /admin/workers shows what each runs)\n`);
+      if (replanEvery > 0) {
+        const { planFromTelemetry } = await import('../policy/planner.js');
+        const target = { ratio: o['target-ratio'] };
+        const options = { layout: { segmentLen: 4096 }, tokenRatio: o['token-ratio'] };
+        let lastPlanned = 0;
+        cp.pool.onTelemetry((model, samples) => {
+          if (model !== o.model || samples - lastPlanned < replanEvery) return;
+          lastPlanned = samples;
+          const measured = cp.pool.telemetry(model)!;
+          try {
+            const replan = planFromTelemetry(measured.telemetry, target, options);
+            const v = cp.pool.publishPolicy(policyHeads(replan));
+            process.stderr.write(`[mosaickv] policy ${v}: re-planned from ${samples} telemetry samples at ${replan.achievedRatio.toFixed(2)}x less KV `
+              + `(mean attention loss ${(replan.totalLoss / replan.heads.length).toFixed(4)}; curves cost ${measured.meanOverheadS.toFixed(3)} s per sampled ${Math.round(measured.meanTokens)}-token prompt), published\n`);
+          } catch (err) {
+            process.stderr.write(`[mosaickv] re-plan from ${samples} telemetry samples failed, policy unchanged: ${(err as Error).message}\n`);
+          }
+        });
+      }
     }
     const http = await cp.listen({ port: o.port, host: o.host, maxTokens: o['max-tokens'], ...(o['api-key'] ? { apiKey: o['api-key'] } : {}) });
     process.stderr.write(`[mosaickv] serving ${o.model} on ${http.url} (workers join at ${cp.endpoint})${o['api-key'] ? ', API key required' : ''}\n`);

@@ -40,6 +40,8 @@ export const COMMANDS = {
       'target-ratio': { type: 'number', description: 'plan a segment policy for this dense / KV bytes ratio and publish it to every worker (backend mosaickv, method mosaic)' },
       telemetry: { type: 'string', description: 'with --target-ratio: plan from this telemetry JSON (python -m mosaickv.policy); default: the uniform plan' },
       'token-ratio': { type: 'number', description: 'with --target-ratio: token selection ratio of the plan (1: attend every block)', default: 0.1 },
+      'replan-every': { type: 'number', description: 'with --target-ratio: re-plan from the workers\' telemetry after every N telemetry messages and publish it (0: plan once at start)', default: 0 },
+      'telemetry-every': { type: 'number', description: 'with --replan-every: each worker measures the attention-loss curves of its 1st, (N+1)-th, ... prompt (backend option telemetry_every)', default: 8 },
       python: PYTHON,
     },
   },

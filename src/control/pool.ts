@@ -11,8 +11,9 @@ import { Context, Router } from 'zeromq';
 import { MosaicError } from '../protocol/errors.js';
 import {
   decodeFromWorker, encode, ProtocolError, type ControlMessage, type GenerateInput, type HelloMsg,
-  type HeadPolicyWire, type PolicyMsg, type SamplingParams, type StatsMsg, type WorkerMessage,
+  type HeadPolicyWire, type PolicyMsg, type SamplingParams, type StatsMsg, type TelemetryMsg, type WorkerMessage,
 } from '../protocol/protocol.js';
+import type { Telemetry } from '../policy/planner.js';
 import { readAllowList, readCertificate, writeKeyPair, writePublicCertificate, ZapHandler, type KeyPair } from './curve.js';
 import { engineFamilies, family, PoolMetrics } from './metrics.js';
 import { PendingRequest, type GenerateEvent, type TokenEvent } from './request.js';
@@ -54,6 +55,18 @@ export interface PoolOptions {
   /** How long `close()` waits for workers to exit after `shutdown` before SIGTERM, then SIGKILL. */
   shutdownGraceMs?: number;
   log?: (line: string) => void;
+}
+
+/** Per model: the running mean of every layer x KV head curve over the `telemetry` messages received. */
+interface TelemetryAccumulator {
+  model: string;
+  headDim: number;
+  dtype: TelemetryMsg['dtype'];
+  keepRatios: number[];
+  sums: Map<string, { layer: number; head: number; loss: number[]; count: number }>;
+  samples: number;
+  overheadS: number;
+  tokens: number;
 }
 
 export type WorkerState = 'starting' | 'ready' | 'dead' | 'backoff' | 'stopping';
@@ -129,6 +142,8 @@ export class WorkerPool {
   private readonly pendingStats = new Map<number, (stats: StatsMsg) => void>();
   private nonce = 0;
   private policy: PolicyMsg | null = null;
+  private readonly telemetryByModel = new Map<string, TelemetryAccumulator>();
+  private readonly telemetryListeners = new Set<(model: string, samples: number) => void>();
   private closing = false;
   private sendChain: Promise<void> = Promise.resolve();
   private pendingSends = 0;
@@ -474,6 +489,9 @@ export class WorkerPool {
           this.log(`[pool] worker ${entry.id} refused policy ${message.version} (keeps ${entry.policyVersion}): ${message.reason}`);
         }
         return;
+      case 'telemetry':
+        this.addTelemetry(message);
+        return;
       case 'error': {
         if (message.request_id === null) {
           this.log(`[pool] worker ${entry.id} reported: ${message.code}: ${message.message}`);
@@ -640,6 +658,62 @@ export class WorkerPool {
     this.policy = policy;
     for (const w of this.workers.values()) if (w.state === 'ready') this.send(w.id, this.policy);
     return this.policy.version;
+  }
+
+  private addTelemetry(message: TelemetryMsg): void {
+    let acc = this.telemetryByModel.get(message.model);
+    const same = acc && acc.headDim === message.head_dim && acc.dtype === message.dtype
+      && acc.keepRatios.length === message.keep_ratios.length && acc.keepRatios.every((r, i) => r === message.keep_ratios[i]);
+    if (!acc || !same) {
+      if (acc) this.log(`[pool] telemetry for ${message.model} from ${message.worker_id} has other keep ratios or shape; starting over from it`);
+      acc = {
+        model: message.model, headDim: message.head_dim, dtype: message.dtype, keepRatios: [...message.keep_ratios],
+        sums: new Map(), samples: 0, overheadS: 0, tokens: 0,
+      };
+      this.telemetryByModel.set(message.model, acc);
+    }
+    for (const curve of message.curves) {
+      const key = `${curve.layer}/${curve.head}`;
+      const sum = acc.sums.get(key);
+      if (sum) {
+        curve.loss.forEach((x, i) => (sum.loss[i]! += x));
+        sum.count += 1;
+      } else {
+        acc.sums.set(key, { layer: curve.layer, head: curve.head, loss: [...curve.loss], count: 1 });
+      }
+    }
+    acc.samples += 1;
+    acc.overheadS += message.overhead_s;
+    acc.tokens += message.tokens;
+    for (const listener of this.telemetryListeners) listener(message.model, acc.samples);
+  }
+
+  /**
+   * The running mean of every curve the workers serving `model` sent (`telemetry` messages), in the
+   * planner's shape, with the number of messages averaged (`samples`) and their mean overhead and
+   * prompt length; null before the first.
+   */
+  telemetry(model: string): { telemetry: Telemetry; samples: number; meanOverheadS: number; meanTokens: number } | null {
+    const acc = this.telemetryByModel.get(model);
+    if (!acc) return null;
+    const curves = [...acc.sums.values()]
+      .sort((a, b) => a.layer - b.layer || a.head - b.head)
+      .map((c) => ({ layer: c.layer, head: c.head, loss: c.loss.map((x) => Math.min(1, Math.max(0, x / c.count))) }));
+    return {
+      telemetry: {
+        model, nLayers: curves.length ? Math.max(...curves.map((c) => c.layer)) + 1 : 0, nKvHeads: curves.length ? Math.max(...curves.map((c) => c.head)) + 1 : 0,
+        headDim: acc.headDim, dtype: acc.dtype, keepRatios: [...acc.keepRatios], curves, overheadS: acc.overheadS,
+      },
+      samples: acc.samples,
+      meanOverheadS: acc.overheadS / acc.samples,
+      meanTokens: acc.tokens / acc.samples,
+    };
+  }
+
+  /** Calls `listener(model, samples)` after every `telemetry` message; returns the unsubscribe function. */
+  onTelemetry(listener: (model: string, samples: number) => void): () => void {
+    this.telemetryListeners.add(listener);
+    return () => this.telemetryListeners.delete(listener);
   }
 
   workerInfo(): WorkerInfo[] {

@@ -141,17 +141,37 @@ export interface PolicyAckMsg {
   reason: string | null;
 }
 
+/** One layer x KV head of a `telemetry` message: loss[i] at keep_ratios[i]. */
+export interface TelemetryCurveWire {
+  layer: number;
+  head: number;
+  loss: number[];
+}
+export interface TelemetryMsg {
+  type: 'telemetry';
+  worker_id: string;
+  model: string;
+  head_dim: number;
+  dtype: 'float32' | 'float16' | 'bfloat16';
+  keep_ratios: number[];
+  curves: TelemetryCurveWire[];
+  /** The prompt length measured. */
+  tokens: number;
+  /** Seconds the curves took (not the prefill). */
+  overhead_s: number;
+}
+
 /** Every message of the protocol. */
 export type Message =
   | HelloMsg | ReadyMsg | GenerateMsg | TokenMsg | DoneMsg | ErrorMsg | CancelMsg | HeartbeatMsg
-  | StatsRequestMsg | StatsMsg | ShutdownMsg | PolicyMsg | PolicyAckMsg;
+  | StatsRequestMsg | StatsMsg | ShutdownMsg | PolicyMsg | PolicyAckMsg | TelemetryMsg;
 export type MessageType = Message['type'];
 /** What the control plane sends (C→W, plus error and heartbeat which go both ways). */
 export type ControlMessage = ReadyMsg | GenerateMsg | CancelMsg | HeartbeatMsg | StatsRequestMsg | ShutdownMsg | ErrorMsg | PolicyMsg;
 /** What the control plane accepts from a worker (W→C). */
-export type WorkerMessage = HelloMsg | TokenMsg | DoneMsg | ErrorMsg | HeartbeatMsg | StatsMsg | PolicyAckMsg;
+export type WorkerMessage = HelloMsg | TokenMsg | DoneMsg | ErrorMsg | HeartbeatMsg | StatsMsg | PolicyAckMsg | TelemetryMsg;
 
-const WORKER_TYPES: ReadonlySet<string> = new Set(['hello', 'token', 'done', 'error', 'heartbeat', 'stats', 'policy_ack']);
+const WORKER_TYPES: ReadonlySet<string> = new Set(['hello', 'token', 'done', 'error', 'heartbeat', 'stats', 'policy_ack', 'telemetry']);
 
 // ---------------------------------------------------------------------------------------------
 // Schema
@@ -253,6 +273,16 @@ const SCHEMA: Record<MessageType, readonly Field[]> = {
     }),
   ],
   policy_ack: [f('worker_id', str), f('version', int0), f('accepted', bool), f('reason', { kind: 'nullable', of: str })],
+  telemetry: [
+    f('worker_id', str), f('model', str), f('head_dim', { kind: 'int', min: 1 }),
+    f('dtype', { kind: 'str', oneOf: ['float32', 'float16', 'bfloat16'] }),
+    f('keep_ratios', { kind: 'array', of: { kind: 'float', min: 0, minExclusive: true, max: 1 } }),
+    f('curves', {
+      kind: 'array',
+      of: { kind: 'map', fields: [f('layer', int0), f('head', int0), f('loss', { kind: 'array', of: { kind: 'float', min: 0, max: 1 } })] },
+    }),
+    f('tokens', int0), f('overhead_s', { kind: 'float', min: 0 }),
+  ],
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -429,6 +459,12 @@ function validate(header: unknown, received: ReceivedFrames | null): Message {
     const length = (body.logprobs as Tensor).shape[0];
     const tokens = (body.token_ids as number[]).length;
     if (length !== tokens) bad('logprobs', `has ${length} entries for ${tokens} token_ids (one per token)`);
+  }
+  if (type === 'telemetry') {
+    const n = (body.keep_ratios as number[]).length;
+    (body.curves as TelemetryCurveWire[]).forEach((curve, i) => {
+      if (curve.loss.length !== n) bad(`curves[${i}].loss`, `has ${curve.loss.length} losses for ${n} keep_ratios (one each)`);
+    });
   }
   return { type, ...body } as unknown as Message;
 }

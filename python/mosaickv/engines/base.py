@@ -129,6 +129,12 @@ class Engine(ABC):
         raise MosaicError("unsupported", f"the {self.engine_name} engine with backend {self.backend_name} "
                           "does not apply segment policies")
 
+    def set_telemetry_sink(self, sink: Callable[[dict[str, Any]], None]) -> None:
+        """Where the engine hands policy telemetry (a ``telemetry`` message's head_dim, dtype,
+        keep_ratios, curves, tokens and overhead_s), from any thread. Engines without telemetry
+        ignore it."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Cancels every running request (each ends with Finished("cancelled")) and stops the engine."""

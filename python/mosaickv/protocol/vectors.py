@@ -337,6 +337,24 @@ VALID: list[Case] = [
         {"type": "policy_ack", "worker_id": "w-1", "version": 4, "accepted": False,
          "reason": "layer 30 is outside the model (30 layers)"},
     ),
+    Case(
+        "telemetry",
+        "telemetry: attention-loss curves of two heads at three keep ratios (integral floats as float64)",
+        {
+            "type": "telemetry",
+            "worker_id": "w-0",
+            "model": "smollm2-135m",
+            "head_dim": 64,
+            "dtype": "bfloat16",
+            "keep_ratios": [0.125, 0.5, 0.75],
+            "curves": [
+                {"layer": 0, "head": 0, "loss": [0.5, 0.125, 0.0]},
+                {"layer": 0, "head": 1, "loss": [1.0, 0.25, 0.0625]},
+            ],
+            "tokens": 1024,
+            "overhead_s": 0.375,
+        },
+    ),
 ]
 
 
@@ -457,6 +475,24 @@ INVALID: list[Case] = [
             {"layer": 0, "head": 0, "keep_ratio": 0.0, "token_ratio": 0.1, "loss_threshold": 0.1}]}),
         "bad_message",
         "keep_ratio",
+    ),
+    _bad(
+        "invalid_telemetry_loss_above_one",
+        "a telemetry loss must be in [0, 1]",
+        _raw({"v": V, "type": "telemetry", "worker_id": "w", "model": "m", "head_dim": 16, "dtype": "float32",
+              "keep_ratios": [0.5], "curves": [{"layer": 0, "head": 0, "loss": [1.5]}], "tokens": 8,
+              "overhead_s": 0.1}),
+        "bad_message",
+        "loss",
+    ),
+    _bad(
+        "invalid_telemetry_loss_length",
+        "a telemetry curve needs one loss per keep ratio",
+        _raw({"v": V, "type": "telemetry", "worker_id": "w", "model": "m", "head_dim": 16, "dtype": "float32",
+              "keep_ratios": [0.25, 0.5], "curves": [{"layer": 0, "head": 0, "loss": [0.5]}], "tokens": 8,
+              "overhead_s": 0.1}),
+        "bad_message",
+        "keep_ratios",
     ),
     _bad(
         "invalid_policy_version_zero",

@@ -439,10 +439,33 @@ SCHEMA: Mapping[str, tuple[Field, ...]] = {
         _f("accepted", _BOOL),
         _f("reason", Nullable(_STR)),
     ),
+    "telemetry": (
+        _f("worker_id", _STR),
+        _f("model", _STR),
+        _f("head_dim", Int(1)),
+        _f("dtype", Str(("float32", "float16", "bfloat16"))),
+        _f("keep_ratios", Array(Float(min=0.0, max=1.0, min_exclusive=True))),
+        _f(
+            "curves",
+            Array(
+                MapOf(
+                    (
+                        _f("layer", _INT0),
+                        _f("head", _INT0),
+                        _f("loss", Array(Float(min=0.0, max=1.0))),
+                    )
+                )
+            ),
+        ),
+        _f("tokens", _INT0),
+        _f("overhead_s", Float(min=0.0)),
+    ),
 }
 
 MESSAGE_TYPES = frozenset(SCHEMA)
-WORKER_SENDS = frozenset({"hello", "token", "done", "error", "heartbeat", "stats", "policy_ack"})
+WORKER_SENDS = frozenset(
+    {"hello", "token", "done", "error", "heartbeat", "stats", "policy_ack", "telemetry"}
+)
 CONTROL_SENDS = frozenset(
     {"ready", "generate", "cancel", "heartbeat", "stats_request", "shutdown", "error", "policy"}
 )
@@ -459,6 +482,11 @@ def _cross_checks(message: dict[str, Any]) -> None:
                 f"shape {list(message['logprobs'].shape)} must be [len(token_ids)] = "
                 f"[{len(message['token_ids'])}]",
             )
+    if message["type"] == "telemetry":
+        n = len(message["keep_ratios"])
+        for i, curve in enumerate(message["curves"]):
+            if len(curve["loss"]) != n:
+                _bad(f"curves[{i}].loss", f"has {len(curve['loss'])} losses for {n} keep_ratios (one each)")
 
 
 def _request_id_of(header: Any) -> str | None:

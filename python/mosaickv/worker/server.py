@@ -85,6 +85,7 @@ class Worker:
         self._sock.connect(url)
         self._url = url
         self._outbox: queue.SimpleQueue[tuple[str, Event]] = queue.SimpleQueue()
+        self._notices: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()  # worker-level messages
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -100,6 +101,7 @@ class Worker:
         self._tokens_total = 0
         self._kv_bytes_peak = 0
         self.policy_version = 0  # the segment policy in force (0: the backend's own settings)
+        engine.set_telemetry_sink(self._telemetry)
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -112,6 +114,12 @@ class Worker:
     def _sink(self, request_id: str, event: Event) -> None:
         """Engine thread -> main thread."""
         self._outbox.put((request_id, event))
+        self._wake()
+
+    def _telemetry(self, data: Mapping[str, Any]) -> None:
+        """Engine thread -> main thread: policy curves, sent as one ``telemetry`` message."""
+        self._notices.put({"type": "telemetry", "worker_id": self.worker_id, "model": self.engine.model_name,
+                           **data})  # fmt: skip
         self._wake()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -350,6 +358,14 @@ class Worker:
         )
 
     def _flush_outbox(self) -> None:
+        while True:
+            try:
+                notice = self._notices.get_nowait()
+            except queue.Empty:
+                break
+            if self._send(notice) and notice["type"] == "telemetry":
+                log.info("telemetry sent: %d curves of a %d-token prompt, measured in %.3f s",
+                         len(notice["curves"]), notice["tokens"], notice["overhead_s"])  # fmt: skip
         while True:
             try:
                 request_id, event = self._outbox.get_nowait()

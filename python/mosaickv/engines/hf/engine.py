@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -160,6 +160,11 @@ class HFEngine(Engine):
         cfg = self._model.config
         n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         self._backend.set_layer_params(layer_params(heads, cfg.num_hidden_layers, n_kv))
+
+    def set_telemetry_sink(self, sink: Callable[[dict[str, Any]], None]) -> None:
+        """The mosaickv backend's sampled curves (its option telemetry_every) go to `sink`."""
+        if hasattr(self._backend, "telemetry_sink"):
+            self._backend.telemetry_sink = sink
 
     def close(self) -> None:
         with self._cv:

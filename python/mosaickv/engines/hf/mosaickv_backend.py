@@ -30,13 +30,20 @@ ratios and per-layer token ratios replace keep_ratio/token_ratio (method mosaic)
 ``cache=manager``: ``cache_threads`` (CPU re-encoders, default: usable cores - 1) and
 ``max_backlog_tokens`` (default 4096), see ``CacheConfig``; the manager's ``stats()`` join the engine's
 ``stats`` and ``kv_bytes`` is its ``request_stats`` (pages + dense device tensors).
+``telemetry_every=N`` (method mosaic; default 0 = off): on the 1st, (N+1)-th, ... prefill, measure
+every layer's ``attention_losses`` at the planner's keep ratios from the prompt K/V and query window
+before they are encoded, and hand the curves to ``telemetry_sink`` (the worker sends them to the
+control plane as a ``telemetry`` message); it runs on the engine thread and delays that request's
+first token by its ``overhead_s``.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -46,9 +53,11 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mosaickv.cache import CacheConfig, CacheManager
 from mosaickv.core import METHODS, CompressionMethod, KVCache, make_method
-from mosaickv.policy import read_plan
+from mosaickv.policy import DTYPE_NAMES, PLAN_KEEP_RATIOS, attention_losses, read_plan
 
 from .backends import KVBackend
+
+log = logging.getLogger("mosaickv.engines.hf.mosaickv")
 
 ATTENTION_NAME = "mosaickv"
 Q_WINDOW = 32  # prompt queries kept per layer for ThinK's channel scores (ThinK's observation window)
@@ -284,6 +293,16 @@ class MosaicKVBackend(KVBackend):
         if self.policy_file is not None and (method != "mosaic" or "budget_ratio" in params):
             raise ValueError("policy=FILE (a `mosaickv plan --json` plan) sets method mosaic's per-head keep "
                              "ratios; it goes without budget_ratio and with method mosaic only")
+        every = params.pop("telemetry_every", 0)
+        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+            raise ValueError(f"telemetry_every must be an integer >= 0, got {every!r}")
+        if every and method != "mosaic":
+            raise ValueError(f"telemetry_every measures method mosaic's curves; got method {method!r}")
+        self.telemetry_every: int = every
+        # Called on the engine thread with {head_dim, dtype, keep_ratios, curves, tokens, overhead_s}.
+        self.telemetry_sink: Callable[[dict[str, Any]], None] | None = None
+        self._prefills = 0
+        self._shape: tuple[int, str] = (0, "float32")  # head_dim, dtype name; set by prepare
         budget = params.pop("budget_ratio", None)
         if budget is not None:
             if not isinstance(budget, (int, float)) or budget < 1:
@@ -313,6 +332,9 @@ class MosaicKVBackend(KVBackend):
     def prepare(self, model: PreTrainedModel) -> None:
         AttentionInterface.register(ATTENTION_NAME, mosaickv_attention)
         model.set_attn_implementation(ATTENTION_NAME)
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self._shape = (int(head_dim), DTYPE_NAMES.get(model.dtype, "float32"))
         if self.policy_file is not None:
             cfg = model.config
             n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
@@ -344,6 +366,14 @@ class MosaicKVBackend(KVBackend):
             )
             self.last_keep_ratio = ratio
             method = make_method(self.method, **{**self.params, "keep_ratio": ratio})
+        if self.telemetry_every and self.telemetry_sink is not None:
+            sampled = self._prefills % self.telemetry_every == 0
+            self._prefills += 1
+            if sampled:
+                try:  # telemetry is best effort: it never fails the request it rides on
+                    self.telemetry_sink(self.measure_telemetry(layers))
+                except Exception:
+                    log.exception("telemetry of this prefill failed; the request goes on without it")
         per_layer = self._layer_methods  # one policy for the whole prefill (see set_layer_params)
         methods = [per_layer.get(i, method) for i in range(len(layers))]
         if self.cache_config is None:
@@ -357,6 +387,34 @@ class MosaicKVBackend(KVBackend):
         cache.request_id = request_id  # from here on release_cache frees it, whatever happens next
         for layer in layers:
             layer.encode_into(self.manager, request_id)
+
+    def measure_telemetry(self, layers: list[PackedLayer]) -> dict[str, Any]:
+        """Per layer x KV head, ``attention_losses`` at PLAN_KEEP_RATIOS of this prefill (the layers
+        still hold the dense K/V and the query window): a ``telemetry`` message without worker_id
+        and model."""
+        start = time.perf_counter()
+        curves: list[dict[str, Any]] = []
+        tokens = 0
+        with torch.no_grad():
+            for layer in layers:
+                if layer.q_window is None:
+                    raise ValueError(f"layer {layer.layer_idx} recorded no query window for telemetry")
+                k, v = layer._prompt_kv()
+                tokens = int(k.shape[0])
+                loss = attention_losses(k, v, layer.q_window, PLAN_KEEP_RATIOS)  # [H_kv, n]
+                curves += [
+                    {"layer": layer.layer_idx, "head": h, "loss": [min(1.0, max(0.0, float(x))) for x in row]}
+                    for h, row in enumerate(loss)
+                ]
+        head_dim, dtype = self._shape
+        return {
+            "head_dim": head_dim,
+            "dtype": dtype,
+            "keep_ratios": list(PLAN_KEEP_RATIOS),
+            "curves": curves,
+            "tokens": tokens,
+            "overhead_s": time.perf_counter() - start,
+        }
 
     def kv_bytes(self, cache: Cache) -> int:
         if isinstance(cache, PackedCache) and cache.request_id is not None and self.manager is not None:
