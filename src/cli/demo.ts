@@ -69,12 +69,16 @@ export async function demo(options: DemoOptions): Promise<number> {
     await http.close();
     await cp.close();
   }
-  // A short A/B on the same model: full attention vs MosaicKV vs naive 2-D at 3x less real KV memory.
+  // A short A/B on the same model: full attention vs MosaicKV (a uniform and, for the embedded model,
+  // the planned per-head policy of bench/accuracy/README.md) vs naive 2-D at 3x less real KV memory.
   const { formatTable, progressBar, runAb } = await import('../ab/ab.js');
   const { renderReport } = await import('../ab/report.js');
-  console.log('\n[demo] A/B: niah_single_1 at 1024 tokens, full vs mosaic vs naive2d at 3x less real KV memory');
+  const { join } = await import('node:path');
+  const { PACKAGE_ROOT } = await import('../control/pool.js');
+  const planned = options.model === 'smollm2-135m' ? [`mosaic:policy=${join(PACKAGE_ROOT, 'bench', 'results', 'plan_smollm2_1k.json')}`] : [];
+  console.log(`\n[demo] A/B: niah_single_1 at 1024 tokens, full vs mosaic (uniform${planned.length ? ', planned' : ''}) vs naive2d at 3x less real KV memory`);
   const ab = await runAb({
-    model: options.model, tasks: ['niah_single_1'], ctx: 1024, samples: 1, methods: ['full', 'mosaic', 'naive2d'], budgetRatio: 3,
+    model: options.model, tasks: ['niah_single_1'], ctx: 1024, samples: 1, methods: ['full', 'mosaic', ...planned, 'naive2d'], budgetRatio: 3,
     ...(options.python ? { python: options.python } : {}), progress: progressBar,
   });
   console.log(formatTable(ab));
