@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_worker import ControlPlane
+from test_worker import ControlPlane, mosaickv_worker
 
 WID = "policy"
 # Small segments so that a ~300-token prompt is mostly packed (the dense sinks + window stay small).
@@ -20,17 +20,8 @@ PROMPT = " ".join(f"item {i} is {i * 7 % 13}." for i in range(60))
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    cp = ControlPlane(tmp_path_factory.mktemp("policy"))
-    extra = [a for o in OPTIONS for a in ("--backend-option", o)]
-    proc = cp.spawn(WID, "--backend", "mosaickv", *extra)
-    try:
-        cp.handshake(WID)
-        cp.beating.add(WID)
+    with mosaickv_worker(tmp_path_factory.mktemp("policy"), WID, OPTIONS) as cp:
         yield cp
-    finally:
-        proc.kill()
-        proc.wait()
-        cp.close()
 
 
 def _kv_bytes(cp: ControlPlane, request_id: str) -> int:

@@ -9,7 +9,7 @@ from itertools import combinations
 from typing import Any
 
 import pytest
-from test_worker import ControlPlane
+from test_worker import ControlPlane, mosaickv_worker
 
 from mosaickv.policy import PLAN_KEEP_RATIOS
 from mosaickv.protocol import encode
@@ -21,17 +21,8 @@ PROMPT = " ".join(f"item {i} is {i * 7 % 13}." for i in range(60))
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
-    cp = ControlPlane(tmp_path_factory.mktemp("telemetry"))
-    extra = [a for o in OPTIONS for a in ("--backend-option", o)]
-    proc = cp.spawn(WID, "--backend", "mosaickv", *extra)
-    try:
-        cp.handshake(WID)
-        cp.beating.add(WID)
+    with mosaickv_worker(tmp_path_factory.mktemp("telemetry"), WID, OPTIONS) as cp:
         yield cp
-    finally:
-        proc.kill()
-        proc.wait()
-        cp.close()
 
 
 def _generate(cp: ControlPlane, request_id: str) -> list[dict[str, Any]]:

@@ -8,7 +8,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,23 @@ class ControlPlane:
     def close(self) -> None:
         self.sock.close(linger=0)
         self.ctx.term()
+
+
+@contextmanager
+def mosaickv_worker(directory: Path, worker_id: str, options: Sequence[str]) -> Iterator[ControlPlane]:
+    """A control plane with one ready worker (tiny-random, backend mosaickv with `options`), torn
+    down on exit."""
+    plane = ControlPlane(directory)
+    flags = [a for o in options for a in ("--backend-option", o)]
+    proc = plane.spawn(worker_id, "--backend", "mosaickv", *flags)
+    try:
+        plane.handshake(worker_id)
+        plane.beating.add(worker_id)
+        yield plane
+    finally:
+        proc.kill()
+        proc.wait()
+        plane.close()
 
 
 @pytest.fixture(scope="module")
