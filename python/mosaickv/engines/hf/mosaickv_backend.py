@@ -228,15 +228,19 @@ def fit_keep_ratio(
     v: torch.Tensor,
     q_window: torch.Tensor | None,
     budget_ratio: float,
+    measure: Callable[[CompressionMethod], int] | None = None,
 ) -> float:
     """The largest keep_ratio whose real bytes on (k, v) are <= dense bytes / budget_ratio.
 
     k, v: [T, H_kv, D] one layer's prompt K/V; q_window: [w, H_q, D] or None.
+    measure: the real bytes of one layer stored with a method; default the core layout's
+        (``method.encode(k, v).nbytes``); the cache manager's pages are measured by ``paged_nbytes``.
     """
     target = k.numel() * k.element_size() * 2 / budget_ratio
 
     def nbytes(ratio: float) -> int:
-        return make_method(name, **{**params, "keep_ratio": ratio}).encode(k, v, q_window=q_window).nbytes
+        method = make_method(name, **{**params, "keep_ratio": ratio})
+        return measure(method) if measure is not None else method.encode(k, v, q_window=q_window).nbytes
 
     lo, hi = 0.0, 1.0
     if nbytes(1.0 / k.shape[2]) > target:
@@ -252,6 +256,26 @@ def fit_keep_ratio(
         else:
             hi = mid
     return max(lo, 1.0 / k.shape[2])
+
+
+def paged_nbytes(
+    scratch: CacheManager, k: torch.Tensor, v: torch.Tensor
+) -> Callable[[CompressionMethod], int]:
+    """Real bytes of one layer (k, v: [T, H_kv, D]) as a cache manager stores it: whole pages, rows
+    padded to the kernels' stride, plus its dense tensors; measured by prefilling a one-layer
+    ``scratch`` manager (same page size as the serving one) and freeing the request again."""
+    ids = itertools.count()
+
+    def measure(method: CompressionMethod) -> int:
+        request_id = f"fit-{next(ids)}"
+        scratch.add_request(request_id, [method])
+        try:
+            scratch.prefill(request_id, 0, k, v)
+            return scratch.request_stats(request_id)["kv_bytes"]
+        finally:
+            scratch.free(request_id)
+
+    return measure
 
 
 def _cache_config(method: str, params: dict[str, Any]) -> CacheConfig | None:
@@ -291,8 +315,10 @@ class MosaicKVBackend(KVBackend):
         self.cache_config = _cache_config(method, params)
         self.policy_file: str | None = params.pop("policy", None)
         if self.policy_file is not None and (method != "mosaic" or "budget_ratio" in params):
-            raise ValueError("policy=FILE (a `mosaickv plan --json` plan) sets method mosaic's per-head keep "
-                             "ratios; it goes without budget_ratio and with method mosaic only")
+            raise ValueError(
+                "policy=FILE (a `mosaickv plan --json` plan) sets method mosaic's per-head keep "
+                "ratios; it goes without budget_ratio and with method mosaic only"
+            )
         every = params.pop("telemetry_every", 0)
         if not isinstance(every, int) or isinstance(every, bool) or every < 0:
             raise ValueError(f"telemetry_every must be an integer >= 0, got {every!r}")
@@ -320,6 +346,7 @@ class MosaicKVBackend(KVBackend):
         self._method = make_method(method, **params)  # validates the parameters now, before any request
         self._layer_methods: dict[int, CompressionMethod] = {}
         self.manager: CacheManager | None = None  # made by prepare when cache=manager
+        self._fit_manager: CacheManager | None = None  # one layer, for budget_ratio fits on pages
         self._request_ids = itertools.count()
 
     def set_layer_params(self, layer_params: Mapping[int, Mapping[str, Any]]) -> None:
@@ -343,6 +370,16 @@ class MosaicKVBackend(KVBackend):
             self.manager = CacheManager.for_model(
                 model.config, model.dtype, model.device, self.cache_config, **self.params
             )
+            if self.budget_ratio is not None:  # budgets are fitted on the pages the manager allocates
+                self._fit_manager = CacheManager(
+                    self._method,
+                    1,
+                    self.manager.n_kv_heads,
+                    self.manager.head_dim,
+                    model.dtype,
+                    model.device,
+                    CacheConfig(page_bytes=self.manager.pool.page_bytes, n_threads=1),
+                )
 
     def new_cache(self, model: PreTrainedModel) -> Cache:
         return PackedCache(model.config.num_hidden_layers)
@@ -356,13 +393,10 @@ class MosaicKVBackend(KVBackend):
             first = layers[0]
             if first.keys is None or first.values is None:
                 raise ValueError("end_prefill called before a prefill filled the cache")
+            k0, v0 = first._prompt_kv()
+            measure = None if self._fit_manager is None else paged_nbytes(self._fit_manager, k0, v0)
             ratio = fit_keep_ratio(
-                self.method,
-                self.params,
-                first.keys[0].transpose(0, 1),
-                first.values[0].transpose(0, 1),
-                first.q_window,
-                self.budget_ratio,
+                self.method, self.params, k0, v0, first.q_window, self.budget_ratio, measure
             )
             self.last_keep_ratio = ratio
             method = make_method(self.method, **{**self.params, "keep_ratio": ratio})
@@ -432,6 +466,7 @@ class MosaicKVBackend(KVBackend):
         return self.manager.stats() if self.manager is not None else {}
 
     def close(self) -> None:
-        if self.manager is not None:
-            self.manager.close()
-            self.manager = None
+        for manager in (self.manager, self._fit_manager):
+            if manager is not None:
+                manager.close()
+        self.manager = self._fit_manager = None

@@ -18,6 +18,14 @@ What runs where (checked against the installed vLLM 0.33.0):
 This CPU path is the reference (``mosaickv.core``): its packed tensors live in per-request core
 caches held by the impl, keyed by the request's first physical block, not inside vLLM's page
 tensor; writing packed rows into the pages is the CUDA kernels' job and is not done here.
+
+``cache: manager`` (MosaicSettings) stores and attends through one ``mosaickv.cache.CacheManager``
+per worker process instead (``engines/vllm/cache.py``): its layers are the MosaicKV layers of
+vLLM's static forward context in construction order (vLLM gives the impl no layer name at
+construction; ``layer.layer_name`` reaches ``do_kv_cache_update`` and ``forward``), and a request's
+pages go back to the pool when the model runner drops it (the plugin wraps
+``GPUModelRunner._on_request_state_removed``) or when a new prompt takes its first block. vLLM's
+page tensor is still allocated at the packed size, so the packed bytes are held twice.
 """
 
 import logging
@@ -41,6 +49,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCacheSpec
 
 from mosaickv.core import KVCache
+from mosaickv.engines.vllm import cache as manager_cache
 from mosaickv.engines.vllm.config import MosaicSettings
 from mosaickv.ops import DecodePlan, cuda_available
 
@@ -161,13 +170,30 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
         self.attn_type = attn_type
         self.settings = MosaicSettings.from_env()
         self.method = self.settings.make_method()
-        self.caches: dict[int, KVCache] = {}
+        self.caches: dict[int, KVCache] = {}  # cache: core, by request key
+        self.use_manager = self.settings.cache == "manager"
 
     @property
     def kv_bytes(self) -> int:
         """Bytes this layer's compressed caches really hold (values, bitmaps, rotations, summaries,
-        dense sinks and windows), over every request it still holds."""
+        dense sinks and windows), over every request it still holds. With ``cache: manager`` the
+        layers share one manager: its pages and dense tensors over every layer."""
+        if self.use_manager:
+            adapter = manager_cache.current()
+            if adapter is None:
+                return 0
+            stats = adapter.stats()
+            return int(stats["cache_page_bytes"] + stats["cache_dense_bytes"])
         return sum(cache.nbytes for cache in self.caches.values())
+
+    def _adapter(self, key: torch.Tensor) -> manager_cache.VllmCacheAdapter:
+        """The worker's shared adapter, made on the first step from the MosaicKV layers vLLM has
+        registered (construction order) and this step's K dtype and device."""
+        layers = get_forward_context().no_compile_layers
+        names = [name for name, module in layers.items()
+                 if isinstance(getattr(module, "impl", None), MosaicKVAttentionImpl)]
+        return manager_cache.shared(self.settings, names, self.num_kv_heads, self.head_size,
+                                    key.dtype, key.device)
 
     def _rows(self, md: MosaicKVMetadata) -> list[tuple[int, int, int, int]]:
         """(request key, first token, end token, context length) per request with tokens."""
@@ -187,16 +213,22 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
         md = _step_metadata(layer)
         if md is None:  # profiling / dummy run
             return
-        for req, lo, hi, ctx in self._rows(md):
-            k, v = key[lo:hi], value[lo:hi]
-            if ctx == 0:
-                self.caches[req] = self.method.encode(k, v)
-                continue
-            if hi - lo != 1:
+        rows = self._rows(md)
+        for _, lo, hi, ctx in rows:
+            if ctx and hi - lo != 1:
                 raise NotImplementedError(
                     f"MosaicKV got {hi - lo} new tokens for a request with {ctx} cached ones (chunked "
                     "prefill or speculative decoding); run vLLM with --no-enable-chunked-prefill, "
                     "--max-num-batched-tokens >= --max-model-len and without speculative decoding")
+        if self.use_manager:
+            adapter = self._adapter(key)
+            adapter.store(md, adapter.layer(layer.layer_name), rows, key, value)  # type: ignore[attr-defined]
+            return
+        for req, lo, hi, ctx in rows:
+            k, v = key[lo:hi], value[lo:hi]
+            if ctx == 0:
+                self.caches[req] = self.method.encode(k, v)
+                continue
             if req not in self.caches:
                 raise RuntimeError(f"MosaicKV has no cache for the request in block {req} ({ctx} tokens "
                                    "cached by vLLM): its prompt was never encoded by this layer")
@@ -221,14 +253,20 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
         n = attn_metadata.num_actual_tokens
         q = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
-        decode_rows, decode_caches = [], []
+        decode_rows, decode_keys = [], []
         for req, lo, hi, ctx in self._rows(attn_metadata):
             if ctx == 0:
                 out[lo:hi] = _causal_attention(q[lo:hi], key[lo:hi], value[lo:hi], self.scale)
             else:
                 decode_rows.append(lo)
-                decode_caches.append(self.caches[req])
-        if decode_rows:
+                decode_keys.append(req)
+        if decode_rows and self.use_manager:
+            rows = torch.tensor(decode_rows, device=q.device)
+            adapter = self._adapter(key)
+            got = adapter.attend(adapter.layer(layer.layer_name), decode_keys, q[rows], self.scale)  # type: ignore[attr-defined]
+            out[rows] = got.to(out.device, out.dtype)
+        elif decode_rows:
+            decode_caches = [self.caches[req] for req in decode_keys]
             # One plan for every decode row of this layer: the CUDA kernels when they are built and
             # the caches are on a GPU; otherwise the core reference (a "cpu" plan runs the core on
             # the caches' own device).

@@ -12,12 +12,16 @@ requests because prefix caching is off. The adapter maps each key to a manager r
 - a row with cached tokens appends its one decode token; ``attend`` reads the decode rows.
 - ``release(key)`` frees a request whose end is known (every page back to the pool).
 
-Not wired into the impl yet (docs/CACHE.md, "Known gaps" says what remains).
+With ``cache: manager`` (MosaicSettings) the impl uses the process-wide adapter of ``shared``: its
+layers are the MosaicKV attention layers of the worker's model in construction order (vLLM's
+static forward context), and the plugin's wrapper of the model runner's request-removal hook calls
+``release_block`` when vLLM drops a finished request (docs/CACHE.md, "Adapters").
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -37,6 +41,17 @@ class VllmCacheAdapter:
         self._requests: dict[int, str] = {}  # request key -> manager request id
         self._opened_by: dict[int, object] = {}  # request key -> the step that opened its request
         self._ids = itertools.count()
+        self.layers: dict[str, int] = {}  # vLLM layer name -> manager layer (set by ``shared``)
+
+    def layer(self, name: str) -> int:
+        """The manager layer of a vLLM attention layer."""
+        index = self.layers.get(name)
+        if index is None:
+            raise RuntimeError(
+                f"MosaicKV cache manager has no layer {name!r}: it was made for {len(self.layers)} "
+                "layers, the MosaicKV layers the worker had when its first step ran"
+            )
+        return index
 
     @classmethod
     def from_settings(
@@ -96,6 +111,17 @@ class VllmCacheAdapter:
         self.manager.free(self._requests.pop(key))
         self._opened_by.pop(key, None)
 
+    def discard(self, key: int) -> bool:
+        """``release`` if a request holds `key` (idempotent); True when one did."""
+        if key not in self._requests:
+            return False
+        self.release(key)
+        return True
+
+    def held(self) -> list[int]:
+        """Keys of the requests the adapter holds."""
+        return list(self._requests)
+
     def kv_bytes(self, key: int) -> int:
         """Real device bytes of one request (pages + dense tensors), ``request_stats``' kv_bytes."""
         return self.manager.request_stats(self._request(key))["kv_bytes"]
@@ -107,3 +133,50 @@ class VllmCacheAdapter:
         self.manager.close()
         self._requests.clear()
         self._opened_by.clear()
+
+
+_shared: VllmCacheAdapter | None = None
+_shared_lock = threading.Lock()
+
+
+def shared(
+    settings: MosaicSettings,
+    layer_names: Sequence[str],
+    n_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: torch.device | str,
+) -> VllmCacheAdapter:
+    """The worker process's adapter, made by the first caller: one manager layer per name in
+    `layer_names` (the MosaicKV layers in construction order); later callers get the same one."""
+    global _shared
+    with _shared_lock:
+        if _shared is None:
+            adapter = VllmCacheAdapter.from_settings(
+                settings, len(layer_names), n_kv_heads, head_dim, dtype, device
+            )
+            adapter.layers = {name: i for i, name in enumerate(layer_names)}
+            _shared = adapter
+        return _shared
+
+
+def current() -> VllmCacheAdapter | None:
+    """The process-wide adapter, if a step has made one."""
+    return _shared
+
+
+def release_block(key: int) -> bool:
+    """vLLM dropped the request whose first block is `key`: free its manager request, if any
+    (idempotent; a no-op before the first step or with ``cache: core``)."""
+    with _shared_lock:
+        adapter = _shared
+    return adapter.discard(key) if adapter is not None else False
+
+
+def close_shared() -> None:
+    """Stop and forget the process-wide adapter (tests; a new one is made by the next step)."""
+    global _shared
+    with _shared_lock:
+        adapter, _shared = _shared, None
+    if adapter is not None:
+        adapter.close()

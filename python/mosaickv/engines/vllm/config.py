@@ -5,8 +5,10 @@ one environment variable, read in every vLLM process (API server, engine core, w
 
     MOSAICKV_VLLM_CONFIG='{"keep_ratio": 0.25, "group": 1, "token_ratio": 0.1}'
 
-Keys are ``mosaickv.core`` MosaicMethod parameters; unknown keys are an error. The page size is
-derived from the same settings, so every process sizes pages identically.
+Keys are ``mosaickv.core`` MosaicMethod parameters plus ``cache`` (``core``, the default: each
+layer keeps its own core caches; ``manager``: every layer of a worker process stores and attends
+through one ``mosaickv.cache.CacheManager``, engines/vllm/cache.py); unknown keys are an error. The
+page size is derived from the same settings, so every process sizes pages identically.
 """
 
 import json
@@ -23,6 +25,7 @@ from mosaickv.core.strategy import fixed_strategy
 from mosaickv.core.summaries import summary_width
 
 ENV_VAR = "MOSAICKV_VLLM_CONFIG"
+CACHES = ("core", "manager")
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,11 @@ class MosaicSettings:
     segment_len: int = 1024
     summary: str = "minmax"
     summary_channels: int = 32
+    cache: str = "core"
 
     def __post_init__(self) -> None:
+        if self.cache not in CACHES:
+            raise ValueError(f"cache must be one of {CACHES}, got {self.cache!r}")
         # The core checks g against a head dim only at encode time; every D the backend accepts is a
         # multiple of 4, so checking against D = 4 refuses a bad g here, in every vLLM process.
         check_group(4, self.group)
@@ -51,7 +57,9 @@ class MosaicSettings:
 
     def make_method(self) -> MosaicMethod:
         """The core method these settings describe (validates every value)."""
-        return MosaicMethod(**asdict(self))
+        params = asdict(self)
+        del params["cache"]  # where the caches live, not a method parameter
+        return MosaicMethod(**params)
 
     def token_head_bytes(self, head_size: int, dtype: torch.dtype) -> float:
         """Packed bytes of one token of one KV head in a compressed segment (may be fractional).
