@@ -7,6 +7,7 @@ CPU_ATTN), CommonAttentionMetadata, the forward context and the MosaicKV spec.
 
 import itertools
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -185,3 +186,96 @@ def test_chunked_prefill_continuation_is_refused(builder: MosaicKVMetadataBuilde
 def test_impl_refuses_unsupported_layers(kwargs: dict[str, object], reason: str) -> None:
     with pytest.raises(ValueError, match=reason):
         MosaicKVAttentionImpl(H_Q, D, SCALE, H_KV, **kwargs)  # type: ignore[arg-type]
+
+
+LOSSLESS = ('{"keep_ratio": 1.0, "group": 1, "token_ratio": 1.0, "block_size": 8, "n_sink": 4, '
+            '"window": 8, "segment_len": 16, "summary": "minmax"%s}')
+
+
+def run_mixed(layers: list[Attention], builder: MosaicKVMetadataBuilder, config: VllmConfig,
+              after_step=lambda: None) -> list[torch.Tensor]:  # noqa: ANN001
+    """The mixed prefill + decode steps of test_mixed_prefill_and_decode_match_core through every
+    layer (each layer its own K/V, seeded): request a (block 3) prefills alone, then b (block 40)
+    prefills beside a's decode, then both decode. Returns every (step, layer) output in order."""
+    g = torch.Generator().manual_seed(0)
+    new = lambda t: (torch.randn(t, H_KV, D, generator=g), torch.randn(t, H_KV, D, generator=g),  # noqa: E731
+                     torch.randn(t, H_Q, D, generator=g))
+    a, b = Request(3, torch.empty(0), torch.empty(0)), Request(40, torch.empty(0), torch.empty(0))
+    lengths = {3: 0, 40: 0}
+    outs = []
+    for i in range(21):
+        rows = [(a, 0, 120)] if i == 0 else [(b, 0, 60)] if i == 1 else []
+        rows += [(r, lengths[r.block], 1) for r in ([a] if i == 1 else [a, b] if i > 1 else [])]
+        n = sum(t for _, _, t in rows)
+        # as in vLLM, one metadata object per step, shared by every layer of the KV cache group
+        cm = common(rows)
+        md = builder.build(0, cm)
+        with set_forward_context({layer.layer_name: md for layer in layers}, config):
+            for layer in layers:
+                k, v, q = new(n)
+                out = torch.empty(n, H_Q * D)
+                layer.impl.do_kv_cache_update(layer, k, v, torch.empty(0), cm.slot_mapping)
+                layer.impl.forward(layer, q, k, v, torch.empty(0), md, out)
+                outs.append(out.view(-1, H_Q, D))
+        after_step()
+        for r, ctx, t in rows:
+            lengths[r.block] = ctx + t
+    return outs
+
+
+def test_cache_manager_matches_core_in_the_lossless_setting(
+        builder: MosaicKVMetadataBuilder, config: VllmConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from mosaickv.engines.vllm import cache as manager_cache
+    from mosaickv.engines.vllm.plugin import patch_request_end
+
+    monkeypatch.setenv("MOSAICKV_VLLM_CONFIG", LOSSLESS % "")
+    core_layers = [make_layer(config) for _ in range(2)]
+    monkeypatch.setenv("MOSAICKV_VLLM_CONFIG", LOSSLESS % ', "cache": "manager"')
+    manager_cache.close_shared()
+    manager_layers = [make_layer(config) for _ in range(2)]
+    assert [layer.impl.use_manager for layer in core_layers + manager_layers] == [False, False, True, True]
+    try:
+        want = run_mixed(core_layers, builder, config)
+
+        # drain after each step: decode-time re-encodes swap in at fixed steps, whatever the threads do
+        def drain() -> None:
+            adapter = manager_cache.current()
+            assert adapter is not None
+            adapter.manager.drain()
+
+        got = run_mixed(manager_layers, builder, config, drain)
+        for w, o in zip(want, got, strict=True):
+            torch.testing.assert_close(o, w, atol=1e-5, rtol=1e-5)
+        adapter = manager_cache.current()
+        assert adapter is not None and not any(layer.impl.caches for layer in manager_layers)
+        # one manager, one manager layer per vLLM layer, in construction order
+        assert adapter.layers == {layer.layer_name: i for i, layer in enumerate(manager_layers)}
+        stats = adapter.stats()
+        assert stats["cache_requests"] == 2 and stats["cache_pages_used"] > 0
+        assert stats["cache_reencodes"] >= 2  # decode closed segments in the manager too
+        assert manager_layers[0].impl.kv_bytes > 0
+
+        # vLLM removes the finished requests: the wrapped runner hook frees them (idempotently)
+        class Runner(GPUModelRunner):
+            pass
+
+        patch_request_end(Runner)
+        hook = Runner._on_request_state_removed
+        patch_request_end(Runner)  # idempotent: wraps once
+        assert Runner._on_request_state_removed is hook and getattr(hook, "_mosaickv", False)
+        state = lambda first: SimpleNamespace(block_ids=([first, first + 1],))  # noqa: E731
+        # a stale first block that now starts a live runner request is not released
+        hook(SimpleNamespace(requests={"live": state(40)}), "old", state(40))
+        assert sorted(adapter.held()) == [3, 40]
+        runner = SimpleNamespace(requests={})
+        hook(runner, "a", state(3))
+        hook(runner, "a", state(3))
+        hook(runner, "b", state(40))
+        hook(runner, "none", None)
+        assert adapter.held() == []
+        stats = adapter.stats()
+        assert stats["cache_requests"] == 0 and stats["cache_pages_used"] == 0
+    finally:
+        manager_cache.close_shared()

@@ -15,12 +15,15 @@ from mosaickv.engines.vllm.engine import VLLMEngine, settings_from_options
 def test_backend_options_are_typed() -> None:
     settings = settings_from_options({"keep_ratio": "0.5", "group": "2", "summary": "mean"})
     assert settings == MosaicSettings(keep_ratio=0.5, group=2, summary="mean")
+    assert settings.cache == "core"
+    assert settings_from_options({"cache": "manager"}).cache == "manager"
 
 
 @pytest.mark.parametrize(("options", "match"), [
     ({"ratio": "0.5"}, "unknown mosaickv option"),
     ({"group": "two"}, "bad mosaickv option value"),
     ({"group": "3"}, "group size g must be 1, 2 or 4"),
+    ({"cache": "disk"}, "cache must be one of"),
 ])
 def test_bad_backend_options(options: dict[str, str], match: str) -> None:
     with pytest.raises(ValueError, match=match):

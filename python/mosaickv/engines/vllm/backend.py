@@ -187,11 +187,11 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
         return sum(cache.nbytes for cache in self.caches.values())
 
     def _adapter(self, key: torch.Tensor) -> manager_cache.VllmCacheAdapter:
-        """The worker's shared adapter, made on the first step from the MosaicKV layers vLLM has
-        registered (construction order) and this step's K dtype and device."""
+        """The worker's shared adapter, made on the first step from the MosaicKV (cache: manager)
+        layers vLLM has registered, in construction order, and this step's K dtype and device."""
         layers = get_forward_context().no_compile_layers
         names = [name for name, module in layers.items()
-                 if isinstance(getattr(module, "impl", None), MosaicKVAttentionImpl)]
+                 if getattr(getattr(module, "impl", None), "use_manager", False)]
         return manager_cache.shared(self.settings, names, self.num_kv_heads, self.head_size,
                                     key.dtype, key.device)
 
