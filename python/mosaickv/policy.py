@@ -159,6 +159,15 @@ def attention_losses(
     return torch.stack(losses, 1)
 
 
+def head_curves(losses: torch.Tensor) -> list[dict[str, Any]]:
+    """[L, H_kv, n_ratios] losses -> the planner's curves ({layer, head, loss}), 6 digits."""
+    return [
+        {"layer": layer, "head": h, "loss": [round(float(x), 6) for x in losses[layer, h]]}
+        for layer in range(losses.shape[0])
+        for h in range(losses.shape[1])
+    ]
+
+
 def model_shape(model: Any, name: str) -> dict[str, Any]:
     """Layers, KV heads, head_dim and storage dtype of a loaded HF causal LM."""
     cfg = model.config
@@ -200,14 +209,14 @@ def telemetry(
     with torch.no_grad():
         cache = model(ids, use_cache=True).cache
     t1 = time.perf_counter()
-    curves = []
-    for layer, entry in enumerate(cache.layers):
-        # keys/values: [1, H_kv, T, D]; K and V losses are averaged: the plan sets one keep ratio for both.
-        loss = (head_losses(entry.keys[0], keep_ratios) + head_losses(entry.values[0], keep_ratios)) / 2
-        curves += [
-            {"layer": layer, "head": h, "loss": [round(float(x), 6) for x in loss[h]]}
-            for h in range(loss.shape[0])
+    # keys/values: [1, H_kv, T, D]; K and V losses are averaged: the plan sets one keep ratio for both.
+    losses = torch.stack(
+        [
+            (head_losses(entry.keys[0], keep_ratios) + head_losses(entry.values[0], keep_ratios)) / 2
+            for entry in cache.layers
         ]
+    )
+    curves = head_curves(losses)
     t2 = time.perf_counter()
     return {
         **model_shape(model, name),
@@ -232,7 +241,7 @@ def attention_telemetry(
     layer's post-RoPE K/V and the prompt's last queries. Calibrate on prompts like the workload's,
     but not the very prompts that are evaluated afterwards.
     """
-    from mosaickv.engines.hf.mosaickv_backend import MosaicKVBackend
+    from mosaickv.engines.hf.mosaickv_backend import MosaicKVBackend, prefill_attention_losses
     from mosaickv.eval.methods import installed
 
     backend = MosaicKVBackend({"method": "full"})
@@ -247,25 +256,13 @@ def attention_telemetry(
             t0 = time.perf_counter()
             model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
             t1 = time.perf_counter()
-            losses = torch.stack(
-                [
-                    attention_losses(
-                        la.keys[0].transpose(0, 1), la.values[0].transpose(0, 1), la.q_window, keep_ratios
-                    )
-                    for la in cache.layers
-                ]
-            )  # [L, H_kv, n_ratios]
+            losses = prefill_attention_losses(cache.layers, keep_ratios)
             total = losses if total is None else total + losses
             prefill_s += t1 - t0
             overhead_s += time.perf_counter() - t1
     if total is None:
         raise ValueError("attention telemetry needs at least one prompt")
-    mean = total / len(prompts)
-    curves = [
-        {"layer": layer, "head": h, "loss": [round(float(x), 6) for x in mean[layer, h]]}
-        for layer in range(mean.shape[0])
-        for h in range(mean.shape[1])
-    ]
+    curves = head_curves(total / len(prompts))
     return {
         **model_shape(model, name),
         "keepRatios": list(keep_ratios),

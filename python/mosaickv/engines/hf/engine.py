@@ -147,7 +147,7 @@ class HFEngine(Engine):
     def apply_policy(self, heads: list[dict[str, Any]]) -> None:
         """A segment policy: per layer, one keep ratio per KV head and the layer's token ratio
         (mosaickv.policy.layer_params). loss_threshold only matters in search mode."""
-        from mosaickv.policy import layer_params
+        from mosaickv.policy import layer_params, model_shape
 
         from .mosaickv_backend import MosaicKVBackend
 
@@ -157,9 +157,8 @@ class HFEngine(Engine):
                 f"backend {self.backend_name} (method {self.method}) does not apply segment policies; "
                 "run the worker with --backend mosaickv and method mosaic",
             )
-        cfg = self._model.config
-        n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self._backend.set_layer_params(layer_params(heads, cfg.num_hidden_layers, n_kv))
+        shape = model_shape(self._model, self.model_name)
+        self._backend.set_layer_params(layer_params(heads, shape["nLayers"], shape["nKvHeads"]))
 
     def set_telemetry_sink(self, sink: Callable[[dict[str, Any]], None]) -> None:
         """The mosaickv backend's sampled curves (its option telemetry_every) go to `sink`."""

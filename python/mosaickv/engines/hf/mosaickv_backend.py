@@ -24,12 +24,13 @@ Options (``--backend-option KEY=VALUE``): ``method`` (default mosaic) and the me
 (``keep_ratio``, ``token_ratio``, ``block_size``, ``window``, ``n_sink``, ``segment_len``, ``summary``,
 ``group``, ...; numbers parsed, ``none`` for None), plus ``budget_ratio``: fit the method's
 ``keep_ratio`` per request so that the real bytes are at most (dense bytes / budget_ratio), measured on
-a core encode of layer 0 (every layer has the same shape); only for methods with a keep_ratio
-(think, naive2d, mosaic); ``policy``: a plan file from ``mosaickv plan --json`` whose per-head keep
-ratios and per-layer token ratios replace keep_ratio/token_ratio (method mosaic). With
-``cache=manager``: ``cache_threads`` (CPU re-encoders, default: usable cores - 1) and
-``max_backlog_tokens`` (default 4096), see ``CacheConfig``; the manager's ``stats()`` join the engine's
-``stats`` and ``kv_bytes`` is its ``request_stats`` (pages + dense device tensors).
+layer 0 (every layer has the same shape) as the cache will hold it (core tensors, or the manager's
+pages); only for methods with a keep_ratio (think, naive2d, mosaic); ``policy``: a plan file from
+``mosaickv plan --json`` whose per-head keep ratios and per-layer token ratios replace
+keep_ratio/token_ratio (method mosaic). With ``cache=manager``: ``cache_threads`` (CPU re-encoders,
+default: usable cores - 1) and ``max_backlog_tokens`` (default 4096), see ``CacheConfig``; the manager's
+``stats()`` join the engine's ``stats`` and ``kv_bytes`` is its ``request_stats`` (pages + dense device
+tensors).
 ``telemetry_every=N`` (method mosaic; default 0 = off): on the 1st, (N+1)-th, ... prefill, measure
 every layer's ``attention_losses`` at the planner's keep ratios from the prompt K/V and query window
 before they are encoded, and hand the curves to ``telemetry_sink`` (the worker sends them to the
@@ -53,7 +54,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mosaickv.cache import CacheConfig, CacheManager
 from mosaickv.core import METHODS, CompressionMethod, KVCache, make_method
-from mosaickv.policy import DTYPE_NAMES, PLAN_KEEP_RATIOS, attention_losses, read_plan
+from mosaickv.policy import PLAN_KEEP_RATIOS, attention_losses, head_curves, model_shape, read_plan
 
 from .backends import KVBackend
 
@@ -278,6 +279,17 @@ def paged_nbytes(
     return measure
 
 
+@torch.no_grad()
+def prefill_attention_losses(layers: list[PackedLayer], keep_ratios: tuple[float, ...]) -> torch.Tensor:
+    """``attention_losses`` of every layer of a prefilled (not yet encoded) cache: [L, H_kv, n_ratios]."""
+    losses = []
+    for layer in layers:
+        if layer.q_window is None:
+            raise ValueError(f"layer {layer.layer_idx} recorded no query window for attention losses")
+        losses.append(attention_losses(*layer._prompt_kv(), layer.q_window, keep_ratios))
+    return torch.stack(losses)
+
+
 def _cache_config(method: str, params: dict[str, Any]) -> CacheConfig | None:
     """Pops the cache options from `params`: the manager's config, or None for the core path."""
     cache = params.pop("cache", "manager" if method == "mosaic" else "core")
@@ -359,13 +371,10 @@ class MosaicKVBackend(KVBackend):
     def prepare(self, model: PreTrainedModel) -> None:
         AttentionInterface.register(ATTENTION_NAME, mosaickv_attention)
         model.set_attn_implementation(ATTENTION_NAME)
-        cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        self._shape = (int(head_dim), DTYPE_NAMES.get(model.dtype, "float32"))
+        shape = model_shape(model, "")
+        self._shape = (int(shape["headDim"]), str(shape["dtype"]))
         if self.policy_file is not None:
-            cfg = model.config
-            n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-            self.set_layer_params(read_plan(self.policy_file, cfg.num_hidden_layers, n_kv))
+            self.set_layer_params(read_plan(self.policy_file, shape["nLayers"], shape["nKvHeads"]))
         if self.cache_config is not None and self.manager is None:
             self.manager = CacheManager.for_model(
                 model.config, model.dtype, model.device, self.cache_config, **self.params
@@ -427,26 +436,14 @@ class MosaicKVBackend(KVBackend):
         still hold the dense K/V and the query window): a ``telemetry`` message without worker_id
         and model."""
         start = time.perf_counter()
-        curves: list[dict[str, Any]] = []
-        tokens = 0
-        with torch.no_grad():
-            for layer in layers:
-                if layer.q_window is None:
-                    raise ValueError(f"layer {layer.layer_idx} recorded no query window for telemetry")
-                k, v = layer._prompt_kv()
-                tokens = int(k.shape[0])
-                loss = attention_losses(k, v, layer.q_window, PLAN_KEEP_RATIOS)  # [H_kv, n]
-                curves += [
-                    {"layer": layer.layer_idx, "head": h, "loss": [min(1.0, max(0.0, float(x))) for x in row]}
-                    for h, row in enumerate(loss)
-                ]
+        losses = prefill_attention_losses(layers, PLAN_KEEP_RATIOS)
         head_dim, dtype = self._shape
         return {
             "head_dim": head_dim,
             "dtype": dtype,
             "keep_ratios": list(PLAN_KEEP_RATIOS),
-            "curves": curves,
-            "tokens": tokens,
+            "curves": head_curves(losses),
+            "tokens": int(layers[0]._prompt_kv()[0].shape[0]),
             "overhead_s": time.perf_counter() - start,
         }
 
