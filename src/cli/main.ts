@@ -52,33 +52,11 @@ const handlers: Handlers = {
       requestTimeoutMs: o['request-timeout'] * 1000,
     });
     if (o['target-ratio'] !== undefined) {
-      const { makePlan } = await import('../policy/command.js');
-      const { policyHeads } = await import('../policy/planner.js');
-      const plan = await makePlan({
-        model: o.model, 'target-ratio': o['target-ratio'], 'target-bytes': undefined, telemetry: o.telemetry, calibrate: false, tokens: 0, dtype: undefined,
-        'segment-len': 4096, 'token-ratio': o['token-ratio'], 'per-layer': false, python: o.python,
+      const { servePolicy } = await import('../policy/serve.js');
+      await servePolicy(cp.pool, {
+        model: o.model, targetRatio: o['target-ratio'], telemetry: o.telemetry, tokenRatio: o['token-ratio'], replanEvery,
+        python: o.python, log: (line) => process.stderr.write(`[mosaickv] ${line}\n`),
       });
-      const version = cp.pool.publishPolicy(policyHeads(plan));
-      process.stderr.write(`[mosaickv] policy ${version}: ${plan.source} plan at ${plan.achievedRatio.toFixed(2)}x less KV, published to every worker (GET /admin/workers shows what each runs)\n`);
-      if (replanEvery > 0) {
-        const { planFromTelemetry } = await import('../policy/planner.js');
-        const target = { ratio: o['target-ratio'] };
-        const options = { layout: { segmentLen: 4096 }, tokenRatio: o['token-ratio'] };
-        let lastPlanned = 0;
-        cp.pool.onTelemetry((model, samples) => {
-          if (model !== o.model || samples - lastPlanned < replanEvery) return;
-          lastPlanned = samples;
-          const measured = cp.pool.telemetry(model)!;
-          try {
-            const replan = planFromTelemetry(measured.telemetry, target, options);
-            const v = cp.pool.publishPolicy(policyHeads(replan));
-            process.stderr.write(`[mosaickv] policy ${v}: re-planned from ${samples} telemetry samples at ${replan.achievedRatio.toFixed(2)}x less KV `
-              + `(mean attention loss ${(replan.totalLoss / replan.heads.length).toFixed(4)}; curves cost ${measured.meanOverheadS.toFixed(3)} s per sampled ${Math.round(measured.meanTokens)}-token prompt), published\n`);
-          } catch (err) {
-            process.stderr.write(`[mosaickv] re-plan from ${samples} telemetry samples failed, policy unchanged: ${(err as Error).message}\n`);
-          }
-        });
-      }
     }
     const http = await cp.listen({ port: o.port, host: o.host, maxTokens: o['max-tokens'], ...(o['api-key'] ? { apiKey: o['api-key'] } : {}) });
     process.stderr.write(`[mosaickv] serving ${o.model} on ${http.url} (workers join at ${cp.endpoint})${o['api-key'] ? ', API key required' : ''}\n`);

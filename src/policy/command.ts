@@ -39,6 +39,11 @@ export function calibrate(model: string, tokens: number, python: string): Promis
 /** What a plan is made from: `mosaickv plan`'s options (serve passes the subset it has). */
 export type PlanArgs = Pick<OptionsOf<'plan'>, 'model' | 'target-ratio' | 'target-bytes' | 'telemetry' | 'calibrate' | 'tokens' | 'dtype' | 'segment-len' | 'token-ratio' | 'per-layer' | 'python'>;
 
+/** The planner's options from the command line's. */
+export function planOptions(o: Pick<PlanArgs, 'segment-len' | 'token-ratio' | 'per-layer'>): PlanOptions {
+  return { layout: { segmentLen: o['segment-len'] }, tokenRatio: o['token-ratio'], perLayer: o['per-layer'] };
+}
+
 /** A plan from telemetry (a file, or measured now) or, without any, the uniform plan from the model's shape. */
 export async function makePlan(o: PlanArgs): Promise<Plan> {
   const given = [o['target-ratio'], o['target-bytes']].filter((v) => v !== undefined);
@@ -48,7 +53,7 @@ export async function makePlan(o: PlanArgs): Promise<Plan> {
   const python = o.python ?? join(PACKAGE_ROOT, '.venv', 'bin', 'python');
   const dtype = o.dtype as DType | undefined;
   if (dtype !== undefined && !Object.hasOwn(DTYPE_BYTES, dtype)) throw new UsageError(`--dtype must be one of ${Object.keys(DTYPE_BYTES).join(', ')}`);
-  const options: PlanOptions = { layout: { segmentLen: o['segment-len'] }, tokenRatio: o['token-ratio'], perLayer: o['per-layer'] };
+  const options = planOptions(o);
 
   let plan: Plan;
   if (o.telemetry || o.calibrate) {
