@@ -17,6 +17,7 @@ with the dense cache of the same prompt in the model's dtype.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -126,11 +127,12 @@ def main() -> int:
             outs, nlls, kv_bytes, dense = [], [], 0, 0
             for kv in prompts:
                 cache = encoded_cache(model, kv, config)
+                scored = copy.deepcopy(cache)  # decoding appends to the cache: score the gold on a twin
                 kv_bytes += sum(la.nbytes for la in cache.layers)
                 dense += full_kv_bytes(model, kv.ids.shape[1])
                 new = greedy_continue(model, cache, kv.logits, kv.ids.shape[1], kv.sample.max_new_tokens, eos)
                 outs.append(tok.decode(new, skip_special_tokens=True))
-                nlls.append(gold_nll(model, tok, encoded_cache(model, kv, config), kv))
+                nlls.append(gold_nll(model, tok, scored, kv))
             row = {
                 "name": config["name"],
                 "score": tasks.score_task(outs, samples),
