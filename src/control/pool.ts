@@ -698,7 +698,7 @@ export class WorkerPool {
     if (!acc) return null;
     const curves = [...acc.sums.values()]
       .sort((a, b) => a.layer - b.layer || a.head - b.head)
-      .map((c) => ({ layer: c.layer, head: c.head, loss: c.loss.map((x) => Math.min(1, Math.max(0, x / c.count))) }));
+      .map((c) => ({ layer: c.layer, head: c.head, loss: c.loss.map((x) => x / c.count) })); // means of [0, 1] (checked on the wire)
     return {
       telemetry: {
         model, nLayers: curves.length ? Math.max(...curves.map((c) => c.layer)) + 1 : 0, nKvHeads: curves.length ? Math.max(...curves.map((c) => c.head)) + 1 : 0,
