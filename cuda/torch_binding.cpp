@@ -94,6 +94,83 @@ void encode(const at::Tensor& x, int64_t token0, const at::Tensor& stripe_ids, c
   launch_ok(mosaickv::encode(dt, (int)d, p, at::cuda::getCurrentCUDAStream()), "encode");
 }
 
+// Rows, pools and rotations follow mosaickv.ops.kernels.append_encode_ (Python); shapes are checked
+// here, each row's offsets by the kernel (status bit kBadAppendRow).
+void append_encode(const at::Tensor& x_k, const at::Tensor& x_v, const at::Tensor& rows, const at::Tensor& stripes,
+                   const at::Tensor& rot, at::Tensor& kbits, at::Tensor& vbits, at::Tensor& kvals, at::Tensor& vvals,
+                   const std::optional<at::Tensor>& summary, const std::optional<at::Tensor>& block_sum,
+                   int64_t summary_kind, int64_t n_channels, int64_t block, at::Tensor& status) {
+  TORCH_CHECK(x_k.is_cuda(), "x_k must be a CUDA tensor (CPU tensors take the torch reference path)");
+  const DType dt = storage_dtype(x_k, "x_k");
+  TORCH_CHECK(rot.dim() == 4 && rot.size(1) == 2 && rot.size(2) == rot.size(3), "rot must be [n_stripes, 2, D, D]");
+  const int64_t d = rot.size(3);
+  check_head_dim(d);
+  check_cuda(x_k, "x_k", x_k);
+  check_cuda(x_v, "x_v", x_k);
+  TORCH_CHECK(x_v.scalar_type() == x_k.scalar_type() && x_v.numel() == x_k.numel(), "x_v must match x_k's dtype and size");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x_k.data_ptr()) % 8 == 0 && reinterpret_cast<uintptr_t>(x_v.data_ptr()) % 8 == 0,
+              "x_k and x_v must start on an 8-byte boundary (4 elements are read at once)");
+  check_cuda(rows, "rows", x_k); check_type(rows, "rows", at::kLong);
+  TORCH_CHECK(rows.dim() == 2 && rows.size(1) == mosaickv::kAppendCols, "rows must be [n_rows, ",
+              (int)mosaickv::kAppendCols, "] int64");
+  check_cuda(stripes, "stripes", x_k); check_type(stripes, "stripes", at::kLong);
+  TORCH_CHECK(stripes.dim() == 2 && stripes.size(1) == mosaickv::kStripeCols, "stripes must be [n, ",
+              (int)mosaickv::kStripeCols, "] int64");
+  TORCH_CHECK(rot.size(0) == stripes.size(0), "rot must hold one (R_K, R_V) pair per stripe");
+  check_cuda(rot, "rot", x_k); check_type(rot, "rot", at::kFloat);
+  check_cuda(kbits, "kbits", x_k); check_type(kbits, "kbits", at::kInt);
+  check_cuda(vbits, "vbits", x_k); check_type(vbits, "vbits", at::kInt);
+  check_cuda(kvals, "kvals", x_k);
+  check_cuda(vvals, "vvals", x_k);
+  TORCH_CHECK(kvals.scalar_type() == x_k.scalar_type() && vvals.scalar_type() == x_k.scalar_type(),
+              "kvals and vvals must have x_k's dtype ", x_k.scalar_type());
+  check_cuda(status, "status", x_k); check_type(status, "status", at::kInt);
+  TORCH_CHECK(block >= 1 && block <= 64, "block size must be in [1, 64], got ", block);
+  TORCH_CHECK(n_channels >= 1 && n_channels <= d, "n_channels must be in [1, D]");
+  mosaickv::AppendParams p{};
+  p.xk = x_k.data_ptr();
+  p.xv = x_v.data_ptr();
+  p.x_numel = x_k.numel();
+  p.rows = rows.data_ptr<int64_t>();
+  p.n_rows = (int)rows.size(0);
+  p.stripes = stripes.data_ptr<int64_t>();
+  p.n_stripes = (int)stripes.size(0);
+  p.rot = rot.data_ptr<float>();
+  p.kbits = reinterpret_cast<uint32_t*>(kbits.data_ptr<int32_t>());
+  p.vbits = reinterpret_cast<uint32_t*>(vbits.data_ptr<int32_t>());
+  p.kvals = kvals.data_ptr();
+  p.vvals = vvals.data_ptr();
+  p.kbits_numel = kbits.numel();
+  p.vbits_numel = vbits.numel();
+  p.kvals_numel = kvals.numel();
+  p.vvals_numel = vvals.numel();
+  if (summary.has_value()) {
+    check_cuda(*summary, "summary", x_k);
+    TORCH_CHECK(summary->scalar_type() == x_k.scalar_type() && summary->dim() == 2, "summary must be [n_blocks, width] of x_k's dtype");
+    TORCH_CHECK(summary_kind == mosaickv::kSummaryMean || summary_kind == mosaickv::kSummaryMinMax,
+                "summary_kind must be 0 (mean/compact) or 1 (minmax)");
+    TORCH_CHECK(summary_kind == mosaickv::kSummaryMinMax ? summary->size(1) % 2 == 0 && summary->size(1) <= 2 * d
+                                                         : summary->size(1) <= d,
+                "summary width must be 2m (m <= D) for minmax and <= D for mean/compact");
+    p.summary = summary->data_ptr();
+    p.summary_rows = summary->size(0);
+    p.summary_width = (int)summary->size(1);
+    if (summary_kind == mosaickv::kSummaryMean) {
+      TORCH_CHECK(block_sum.has_value(), "mean/compact summaries need block_sum [n_stripes, width] float32");
+      check_cuda(*block_sum, "block_sum", x_k); check_type(*block_sum, "block_sum", at::kFloat);
+      TORCH_CHECK(block_sum->dim() == 2 && block_sum->size(0) == stripes.size(0) && block_sum->size(1) == summary->size(1),
+                  "block_sum must be [n_stripes, summary width] float32");
+      p.block_sum = block_sum->data_ptr<float>();
+    }
+  }
+  p.summary_kind = (int)summary_kind;
+  p.n_channels = (int)n_channels;
+  p.block = (int)block;
+  p.status = status.data_ptr<int32_t>();
+  const c10::cuda::CUDAGuard guard(x_k.device());
+  launch_ok(mosaickv::append_encode(dt, (int)d, p, at::cuda::getCurrentCUDAStream()), "append_encode");
+}
+
 // Tensor order follows mosaickv.ops.layout.DecodeLayout / DecodeWorkspace (Python).
 void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int64_t stages,
             const at::Tensor& stripes, const at::Tensor& stripe_ptr, const at::Tensor& block_ptr,
@@ -194,5 +271,6 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "MosaicKV CUDA kernels (see docs/KERNELS.md)";
   m.def("encode", &encode, "Rotate, top-r select in groups, pack values + bitmaps, block summaries");
+  m.def("append_encode", &append_encode, "Encode new tokens of many stripes (K and V), updating block summaries");
   m.def("decode", &decode, "Block scoring + selection + PackedAttention (or dense token-selection) decode");
 }

@@ -7,12 +7,17 @@ Side by side in one run, per layer call (decode, one query token per sequence):
   mosaic_compact16          MosaicKV end to end (rotate q, score compact-16 summaries, select, attend)
   mosaic_cminmax16          MosaicKV with min/max of the first 16 rotated channels (core default)
   mosaic_minmax             MosaicKV with Quest-style min/max summaries over all D rotated channels
-plus a stage breakdown, encode throughput, and the per-step cost of encoding appended tokens.
+plus a stage breakdown, encode throughput, and the per-step cost of encoding appended tokens: the
+old per-layer append (encode_into_, K and V launches per request, re-encoding the partial block),
+the new append per layer (append_encode_, one launch, one new token per stripe) and the new append
+batched over all 32 layers of a step in one launch, each against the 128K decode step of 32 layers
+(32 x one layer call, measured in the same run). ``--sections append`` runs only that part.
 Caches are synthesised on the GPU at the right sizes (speed does not depend on values; selection
 scores are random, so the selected set is as spread as it gets). Each timed call cycles over enough
 distinct layers that the bytes read exceed the L2 cache several times over.
 
     python bench/kernels/bench_kernels.py --out bench/results/kernels-h200.json
+    python bench/kernels/bench_kernels.py --sections append --out bench/results/append-h200.json
 """
 
 import argparse
@@ -30,8 +35,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mosaickv.ops import (
     STAGE_ALL,
+    AppendPools,
     DecodeLayout,
     DecodeWorkspace,
+    append_to_pools,
     encode_into_,
     n_select,
     run_decode,
@@ -39,6 +46,7 @@ from mosaickv.ops import (
 from timing import copy_bandwidth_gbs, graph_time_ms
 
 H_Q, H_KV, D, G = 32, 8, 128, 4
+N_LAYERS = 32  # Llama-3.1-8B: a decode step runs every layer once
 KEEP, BLOCK, RATIO, N_SINK, WINDOW, SEG_LEN = 32, 8, 0.10, 4, 64, 65536
 DT = torch.bfloat16
 L2_BYTES = 60 << 20
@@ -110,6 +118,19 @@ def synth_dense_select(k: torch.Tensor, v: torch.Tensor) -> DecodeLayout:
         dense_v=torch.randn(batch, H_KV, N_SINK + WINDOW, D, device=DEV, dtype=DT),
         dense_len=torch.full((batch,), N_SINK + WINDOW, dtype=i32, device=DEV),
     )
+
+
+def mosaic_layers(
+    batch: int, t: int, kind: int, width: int
+) -> tuple[list[DecodeLayout], list[DecodeWorkspace], int]:
+    """Enough distinct synthetic MosaicKV layers that one timed cycle reads > 4x the L2 cache, their
+    workspaces, and the bytes one layer call must read."""
+    probe = synth_mosaic(batch, t, kind, width)
+    rb = bytes_read(probe, 2 * (KEEP * 2 + 16))
+    lays = [probe] + [
+        synth_mosaic(batch, t, kind, width) for _ in range(layers_for(rb) - 1)
+    ]
+    return lays, [DecodeWorkspace.plan(lay, G, piece_blocks=64) for lay in lays], rb
 
 
 def runner(
@@ -215,13 +236,7 @@ def bench_decode(
                 ("mosaic_cminmax16", 1, 32),
                 ("mosaic_minmax", 1, 2 * D),
             ):
-                probe = synth_mosaic(batch, t, kind, width)
-                rb = bytes_read(probe, 2 * (KEEP * 2 + 16))
-                n_layers = layers_for(rb)
-                lays = [probe] + [
-                    synth_mosaic(batch, t, kind, width) for _ in range(n_layers - 1)
-                ]
-                wss = [DecodeWorkspace.plan(lay, G, piece_blocks=64) for lay in lays]
+                lays, wss, rb = mosaic_layers(batch, t, kind, width)
                 res[name] = (
                     time_cycle(
                         [
@@ -348,6 +363,151 @@ def bench_encode(repeats: int) -> dict:
     return result
 
 
+def decode_layer_ms(batch: int, t: int, repeats: int) -> float:
+    """One MosaicKV (compact-16) layer call at context t, cycling over layers as bench_decode does."""
+    lays, wss, _ = mosaic_layers(batch, t, 0, 16)
+    q = torch.randn(batch, H_Q, D, device=DEV, dtype=DT)
+    out = torch.empty_like(q)
+    ms = time_cycle(
+        [runner(lay, w, q, out, STAGE_ALL) for lay, w in zip(lays, wss, strict=True)],
+        repeats,
+    )
+    assert int(wss[0].status.item()) == 0, "kernel status set"
+    return ms
+
+
+def bench_append(batches: list[int], repeats: int, context: int = 131072) -> list[dict]:
+    """Per decode step (32 layers) cost of encoding the tokens that leave the window, three ways, vs
+    the decode step at ``context`` (32 x one layer call), for each batch size (see append_times)."""
+    results = []
+    for batch in batches:
+        times = append_times(batch, repeats)
+        torch.cuda.empty_cache()
+        dec_ms = decode_layer_ms(batch, context, repeats)
+        step_ms = N_LAYERS * dec_ms
+        row: dict = {
+            "batch": batch,
+            "context": context,
+            "layers": N_LAYERS,
+            "copies_cycled": times.pop("copies"),
+        }
+        row |= {"decode_layer_ms": dec_ms, "decode_step_ms": step_ms}
+        for name, ms in times.items():
+            step = ms if name == "batched_32_layers" else N_LAYERS * ms
+            row[name] = {
+                "call_ms": ms,
+                "step_ms": step,
+                "fraction_of_decode_step": step / step_ms,
+            }
+        results.append(row)
+        parts = [
+            f"{k} {row[k]['step_ms'] * 1e3:.1f} us ({row[k]['fraction_of_decode_step']:.1%})"
+            for k in times
+        ]
+        print(
+            f"  append B={batch}: decode step {step_ms * 1e3:.0f} us (layer {dec_ms * 1e3:.1f}); per step: "
+            + ", ".join(parts),
+            flush=True,
+        )
+    return results
+
+
+def append_times(batch: int, repeats: int) -> dict:
+    """Milliseconds per call of
+      old_per_layer      encode_into_ per layer and request, K then V: re-encodes the 8 tokens of
+                         the partial block (one CTA per head, R staged in shared memory)
+      fused_per_layer    append_encode_ per layer: 8 x batch stripes, 1 new token each, K and V
+      batched_32_layers  append_encode_ once per step: 32 x 8 x batch stripes
+    Every stripe (layer, request, head) has its own rotation; the step's data is replicated over enough
+    copies that each timed graph cycles through more than 4x the L2 cache (32 MB of rotations per
+    step at batch 1), so R comes from DRAM as in a real step."""
+    per_step = N_LAYERS * batch * H_KV  # stripes touched per decode step
+    copies = max(1, math.ceil(4 * L2_BYTES / (per_step * 2 * D * D * 4)))
+    n = (
+        copies * per_step
+    )  # stripe id = ((copy * N_LAYERS + layer) * batch + b) * H_KV + h
+    rot = (
+        torch.linalg.qr(torch.randn(n * 2, D, D, device=DEV))[0]
+        .view(n, 2, D, D)
+        .contiguous()
+    )
+    cap, pos = (
+        8 * BLOCK,
+        8 * BLOCK - 1,
+    )  # the new token closes a block (mid-block costs the same)
+    keep, ones = [KEEP] * n, [1] * n
+    pools = AppendPools.allocate(
+        cap,
+        rot,
+        keep,
+        keep,
+        ones,
+        ones,
+        summary_kind=0,
+        summary_width=16,
+        block=BLOCK,
+        dtype=DT,
+    )
+    status = torch.zeros(1, dtype=torch.int32, device=DEV)
+    x_new_k = torch.randn(n, D, device=DEV, dtype=DT)  # one new token per stripe
+    x_new_v = torch.randn(n, D, device=DEV, dtype=DT)
+    rows = torch.tensor([[i, i * D, D, 1, pos] for i in range(n)], device=DEV)
+    x_block = torch.randn(
+        BLOCK, H_KV, D, device=DEV, dtype=DT
+    )  # old path: the partial block's tokens
+    stripe_ids = torch.arange(n, dtype=torch.int32, device=DEV).view(
+        -1, H_KV
+    )  # [(copy, layer, b), H]
+    sides = (
+        (0, pools.kbits, pools.kvals, pools.summary),
+        (1, pools.vbits, pools.vvals, None),
+    )
+
+    def old_layer(cl: int) -> None:
+        for ids in stripe_ids[cl * batch : (cl + 1) * batch]:
+            for which, bits, vals, summ in sides:
+                encode_into_(
+                    x_block,
+                    cap - BLOCK,
+                    ids,
+                    pools.stripes,
+                    rot,
+                    which,
+                    bits,
+                    vals,
+                    summ,
+                    0,
+                    D,
+                    BLOCK,
+                    status,
+                )
+
+    def new_rows(lo: int, hi: int) -> Callable[[], None]:
+        r = rows[lo:hi]
+        return lambda: append_to_pools(pools, x_new_k, x_new_v, r, status)
+
+    per_layer, n_layer_calls = batch * H_KV, copies * N_LAYERS
+    out = {
+        "copies": copies,
+        "old_per_layer": time_cycle(
+            [lambda cl=cl: old_layer(cl) for cl in range(n_layer_calls)], repeats
+        ),
+        "fused_per_layer": time_cycle(
+            [
+                new_rows(cl * per_layer, (cl + 1) * per_layer)
+                for cl in range(n_layer_calls)
+            ],
+            repeats,
+        ),
+        "batched_32_layers": time_cycle(
+            [new_rows(c * per_step, (c + 1) * per_step) for c in range(copies)], repeats
+        ),
+    }
+    torch.cuda.synchronize()
+    assert int(status.item()) == 0, "encode status set"
+    return out
+
+
 def plot(rows: list, path: Path) -> None:
     import matplotlib
 
@@ -399,6 +559,13 @@ def main() -> None:
     )
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument(
+        "--sections",
+        choices=["all", "append"],
+        default="all",
+        help="all: decode sweep, encode and append; append: encode and append (with its decode reference)",
+    )
+    parser.add_argument("--append-batches", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
     torch.manual_seed(0)
     copies = copy_bandwidth_gbs()
@@ -409,7 +576,10 @@ def main() -> None:
     # Encode first: small and quick, so it is printed even if the decode part runs out of time.
     enc = bench_encode(args.repeats)
     print(json.dumps(enc, indent=1), flush=True)
-    rows, stages = bench_decode(args.contexts, args.batches, args.repeats, copy_bw)
+    append = bench_append(args.append_batches, args.repeats)
+    rows, stages = [], []
+    if args.sections == "all":
+        rows, stages = bench_decode(args.contexts, args.batches, args.repeats, copy_bw)
     ref = [
         r["ms"]
         for r in rows
@@ -444,10 +614,12 @@ def main() -> None:
         "decode": rows,
         "stages_ms": stages,
         "encode": enc,
+        "append": append,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
-    plot(rows, args.out.with_suffix(".png"))
+    if rows:
+        plot(rows, args.out.with_suffix(".png"))
     for s in stages:
         print(
             f"stages T={s['context']} B={s['batch']}: "

@@ -1,16 +1,98 @@
-// Encode kernel: rotate each K or V vector with its stripe's rotation, keep the top `keep` rotated
+// Encode kernels: rotate each K or V vector with its stripe's rotation, keep the top `keep` rotated
 // elements by magnitude in groups of g, write the packed values (ascending position) and the group
-// bitmap, and (for keys) the block summaries. One launch encodes a token range of one segment for
-// every KV head: a whole prompt segment, or the few tokens appended at a decode step (the caller
-// passes the range from the start of the last, partial block so that its summary is recomputed).
+// bitmap, and (for keys) the block summaries.
+// - encode_kernel: a token range of one segment for every KV head (a whole prompt segment, or the few
+//   tokens of a decode step; the caller passes the range from the start of the last, partial block so
+//   that its summary is recomputed). R is staged in shared memory: it serves up to 64 tokens per CTA.
+// - append_encode_kernel: the new tokens of many stripes (any layers, requests, heads), K and V, in one
+//   launch; R is read straight from global memory into registers (one or a few tokens per stripe do
+//   not amortise a shared-memory copy) and summaries are updated from the new tokens alone.
+// Both pack with pack_rotated_tokens.
 #pragma once
 #include "common.cuh"
 
 namespace mosaickv {
 
-
 template <int D>
 __host__ __device__ constexpr int encode_words(int g) { return (D / g + 31) / 32; }
+
+// How one side (K or V) of one stripe is packed, from its stripe-table row.
+struct SideShape {
+  int keep, ks, g, ngroups, kg, words;
+  int64_t bit_off, val_off;
+  int status;  // kBadGroup / kBadKeep when (keep, g, channels) cannot be encoded: then nothing is written
+};
+
+template <int D>
+__device__ __forceinline__ SideShape side_shape(const int64_t* meta, int which, int n_channels) {
+  SideShape s;
+  s.keep = (int)meta[which == 0 ? kColKeepK : kColKeepV];
+  const int g_raw = (int)meta[which == 0 ? kColGroupK : kColGroupV];
+  s.g = (g_raw == 1 || g_raw == 2 || g_raw == 4) ? g_raw : 1;
+  s.ks = round_up8(s.keep);
+  s.ngroups = D / s.g;
+  s.kg = s.keep / s.g;
+  s.words = (s.ngroups + 31) / 32;
+  s.bit_off = meta[which == 0 ? kColKBitOff : kColVBitOff];
+  s.val_off = meta[which == 0 ? kColKValOff : kColVValOff];
+  const bool bad_keep = s.keep <= 0 || s.keep % s.g != 0 || s.keep > n_channels || n_channels % s.g != 0 || n_channels > D;
+  s.status = (s.g != g_raw ? kBadGroup : 0) | (bad_keep ? kBadKeep : 0);
+  return s;
+}
+
+// Packs n_tok rotated tokens (xr: [n_tok][D] floats in shared memory) into rows first_row,
+// first_row + 1, ... of one stripe side: each token keeps its kg highest-energy groups (ties to the
+// lower position, like topk on distinct values; groups past the channel truncation never win), the
+// bitmap words by ballot and the kept values in ascending position, zero padded to ks. energy
+// ([n_tok][D] floats) and kept ([n_tok][D] bytes) are shared scratch. Every thread of the CTA calls
+// it: ranks are counted by one thread per (token, group), so a single token still spreads over
+// D / g threads instead of one warp's serial loop.
+template <typename T, int D>
+__device__ void pack_rotated_tokens(const float* xr, int n_tok, float* energy, uint8_t* kept, const SideShape& s,
+                                    int n_channels, int64_t first_row, uint32_t* bits, T* vals) {
+  const int n_pairs = n_tok * s.ngroups;
+  for (int idx = threadIdx.x; idx < n_pairs; idx += blockDim.x) {
+    const int tau = idx / s.ngroups, gi = idx - tau * s.ngroups;
+    const float* x = xr + tau * D + gi * s.g;
+    float e = x[0] * x[0];
+    if (s.g >= 2) e += x[1] * x[1];
+    if (s.g == 4) e += x[2] * x[2] + x[3] * x[3];
+    energy[tau * D + gi] = gi * s.g < n_channels ? e : -1.f;  // truncated channels never win
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < n_pairs; idx += blockDim.x) {
+    const int tau = idx / s.ngroups, gi = idx - tau * s.ngroups;
+    const float* et = energy + tau * D;
+    const float e = et[gi];
+    int rank = 0;
+#pragma unroll 8
+    for (int j = 0; j < s.ngroups; ++j) {
+      const float o = et[j];
+      rank += (o > e) || (o == e && j < gi);
+    }
+    kept[tau * D + gi] = rank < s.kg && e >= 0.f;
+  }
+  __syncthreads();
+  const int lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
+  for (int tau = threadIdx.x >> 5; tau < n_tok; tau += n_warps) {
+    uint32_t* brow = bits + s.bit_off + (first_row + tau) * s.words;
+    T* vrow = vals + s.val_off + (first_row + tau) * s.ks;
+    const float* xt = xr + tau * D;
+    int base = 0;
+    for (int w = 0; w < s.words; ++w) {
+      const int gi = lane + 32 * w;
+      const bool is_kept = gi < s.ngroups && kept[tau * D + gi];
+      const uint32_t word = __ballot_sync(0xffffffffu, is_kept);
+      if (lane == 0) brow[w] = word;
+      if (is_kept) {
+        const int idx = base + __popc(word & ((1u << lane) - 1u));
+        for (int e = 0; e < s.g; ++e) vrow[idx * s.g + e] = Conv<T>::from(xt[gi * s.g + e]);
+      }
+      base += __popc(word);
+    }
+    if (lane < s.ks - s.keep) vrow[s.keep + lane] = Conv<T>::from(0.f);  // padding is defined, never garbage
+  }
+}
 
 // A warp per token: 8 warps so that an append (<= 8 tokens, one CTA per head) encodes its tokens in
 // parallel rather than two after another per warp.
@@ -23,29 +105,19 @@ __global__ void __launch_bounds__(kEncodeWarps * 32) encode_kernel(EncodeParams 
   float* rs = smem;                                  // [D][D + 1] rotation, padded: no bank conflicts
   float* xr = rs + D * (D + 1);                      // [tokens_per_cta][D] rotated tokens
   float* xin = xr + p.tokens_per_cta * D;            // [kWarps][D] input vector per warp
-  float* energy = xin + kWarps * D;                  // [kWarps][D] group energies per warp
+  float* energy = xin + kWarps * D;                  // [tokens_per_cta][D] group energies
+  uint8_t* kept = reinterpret_cast<uint8_t*>(energy + p.tokens_per_cta * D);  // [tokens_per_cta][D]
 
   const int h = blockIdx.y;
   const int stripe = p.stripe_ids[h];
   const int64_t* meta = p.stripes + (int64_t)stripe * kStripeCols;
-  const int keep = (int)meta[p.which == 0 ? kColKeepK : kColKeepV];
-  const int ks = round_up8(keep);
-  const int g_raw = (int)meta[p.which == 0 ? kColGroupK : kColGroupV];
-  const int g = (g_raw == 1 || g_raw == 2 || g_raw == 4) ? g_raw : 1;  // invalid g: reported below
-  const int ngroups = D / g;
-  const int kg = keep / g;
-  const int W = (ngroups + 31) / 32;
-  const int64_t bit_off = meta[p.which == 0 ? kColKBitOff : kColVBitOff];
-  const int64_t val_off = meta[p.which == 0 ? kColKValOff : kColVValOff];
-
+  const SideShape s = side_shape<D>(meta, p.which, p.n_channels);
   if (threadIdx.x == 0) {
-    int st = 0;
-    if (g != g_raw) st |= kBadGroup;
-    if (keep <= 0 || keep % g != 0 || keep > p.n_channels || p.n_channels % g != 0 || p.n_channels > D) st |= kBadKeep;
+    int st = s.status;
     if (p.block < 1 || p.block > 64 || p.token0 % p.block != 0) st |= kBadBlock;
     if (st) atomicOr(p.status, st);
   }
-  if (g != g_raw || keep <= 0 || keep % g != 0 || keep > p.n_channels) return;
+  if (s.status) return;
 
   // R into shared memory with kBatch 16-byte loads in flight per thread before any store: a
   // load-store loop waits a full memory round trip per element, which dominated the few-token
@@ -74,7 +146,6 @@ __global__ void __launch_bounds__(kEncodeWarps * 32) encode_kernel(EncodeParams 
   const int chunk0 = blockIdx.x * p.tokens_per_cta;
   const int n_here = min(p.tokens_per_cta, p.n_tokens - chunk0);
   float* xw = xin + warp * D;
-  float* ew = energy + warp * D;
 
   for (int tau = warp; tau < n_here; tau += kWarps) {
     const T* src = static_cast<const T*>(p.x) + (int64_t)(chunk0 + tau) * p.x_tok_stride + (int64_t)h * p.x_head_stride;
@@ -89,43 +160,14 @@ __global__ void __launch_bounds__(kEncodeWarps * 32) encode_kernel(EncodeParams 
 #pragma unroll 8
       for (int j = 0; j < D; ++j) acc = fmaf(row[j], xw[j], acc);
       xt[i] = acc;
-      // Energy of the g-element group containing i: adjacent positions sit in adjacent lanes.
-      float e = acc * acc;
-      if (g >= 2) e += __shfl_xor_sync(0xffffffffu, e, 1);
-      if (g >= 4) e += __shfl_xor_sync(0xffffffffu, e, 2);
-      if (i % g == 0) ew[i / g] = (i < p.n_channels) ? e : -1.f;  // truncated channels never win
     }
-    __syncwarp();
-
-    uint32_t* brow = p.bits + bit_off + (int64_t)(p.token0 + chunk0 + tau) * W;
-    T* vrow = static_cast<T*>(p.vals) + val_off + (int64_t)(p.token0 + chunk0 + tau) * ks;
-    int base = 0;
-    for (int w = 0; w < W; ++w) {
-      const int gi = lane + 32 * w;
-      bool kept = false;
-      if (gi < ngroups) {
-        const float e = ew[gi];
-        int rank = 0;
-        for (int j = 0; j < ngroups; ++j) {
-          const float o = ew[j];
-          rank += (o > e) || (o == e && j < gi);  // ties: lower position first
-        }
-        kept = rank < kg && e >= 0.f;
-      }
-      const uint32_t word = __ballot_sync(0xffffffffu, kept);
-      if (lane == 0) brow[w] = word;
-      if (kept) {
-        const int idx = base + __popc(word & ((1u << lane) - 1u));
-        for (int e = 0; e < g; ++e) vrow[idx * g + e] = Conv<T>::from(xt[gi * g + e]);
-      }
-      base += __popc(word);
-    }
-    if (lane < ks - keep) vrow[keep + lane] = Conv<T>::from(0.f);  // padding is defined, never garbage
-    __syncwarp();
+    __syncwarp();  // xw is overwritten by this warp's next token
   }
+  __syncthreads();
+  pack_rotated_tokens<T, D>(xr, n_here, energy, kept, s, p.n_channels, p.token0 + chunk0, p.bits,
+                            static_cast<T*>(p.vals));
 
   if (p.summary == nullptr) return;
-  __syncthreads();
   const int nb = (n_here + p.block - 1) / p.block;
   const int64_t block0 = meta[kColBlockOff] + (p.token0 + chunk0) / p.block;
   for (int idx = threadIdx.x; idx < nb * p.summary_width; idx += blockDim.x) {
@@ -149,7 +191,9 @@ __global__ void __launch_bounds__(kEncodeWarps * 32) encode_kernel(EncodeParams 
 
 template <int D>
 inline size_t encode_smem_bytes(int tokens_per_cta) {
-  return sizeof(float) * ((size_t)D * (D + 1) + (size_t)tokens_per_cta * D + 2 * kEncodeWarps * D);
+  // R, rotated tokens, per-warp inputs, energies (floats), then the kept flags (bytes)
+  return sizeof(float) * ((size_t)D * (D + 1) + 2 * (size_t)tokens_per_cta * D + kEncodeWarps * D) +
+         (size_t)tokens_per_cta * D;
 }
 
 // Host launcher (no torch). Returns the CUDA launch error, if any.
@@ -161,6 +205,129 @@ cudaError_t launch_encode(const EncodeParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   dim3 grid((p.n_tokens + p.tokens_per_cta - 1) / p.tokens_per_cta, p.n_heads);
   encode_kernel<T, D><<<grid, kEncodeWarps * 32, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+// Append encode: a CTA per (row, side). 8 warps split the D rows of R (each lane holds its share as
+// float4 registers, all loads in flight at once: one memory round trip per CTA); a row's dot
+// products are reduced over the D / 4 lanes holding it. New tokens go through in chunks of
+// kAppendChunk (a decode step appends one per stripe; a deferred flush a few).
+constexpr int kAppendWarps = 8;
+constexpr int kAppendChunk = 8;
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kAppendWarps * 32, 2) append_encode_kernel(AppendParams p) {
+  constexpr int kLanesPerRow = D / 4;                 // float4s per row of R
+  constexpr int kRowsPerLoad = 32 / kLanesPerRow;     // rows of R one warp-wide load covers
+  constexpr int kRowsPerWarp = D / kAppendWarps;
+  constexpr int kLoads = kRowsPerWarp / kRowsPerLoad;  // float4 registers per lane
+  static_assert(kLoads * kRowsPerLoad * kAppendWarps == D, "D must split evenly over the warps");
+  __shared__ float xr[kAppendChunk * D];       // rotated new tokens of the current chunk
+  __shared__ float energy[kAppendChunk * D];   // pack_rotated_tokens scratch
+  __shared__ uint8_t kept[kAppendChunk * D];
+
+  const int side = blockIdx.y;  // 0 keys (with summaries), 1 values
+  const int64_t* row = p.rows + (int64_t)blockIdx.x * kAppendCols;
+  const int64_t stripe = row[kAppStripe], x_off = row[kAppXOff], x_stride = row[kAppXStride];
+  const int64_t n = row[kAppTokens], pos = row[kAppPos], end = pos + n;
+  int bad = 0;
+  if (stripe < 0 || stripe >= p.n_stripes || n < 1 || pos < 0 || x_off < 0 || x_stride < 0 || x_off % 4 != 0 ||
+      x_stride % 4 != 0 || x_off + (n - 1) * x_stride + D > p.x_numel)
+    bad = kBadAppendRow;
+  if (p.block < 1 || p.block > 64) bad |= kBadBlock;
+  if (bad) {
+    if (threadIdx.x == 0) atomicOr(p.status, bad);
+    return;
+  }
+  // R's loads go out before the stripe-table row is read (they need only the stripe id): the
+  // row -> stripe row -> R chain would otherwise cost one more memory round trip per launch.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int col4 = lane % kLanesPerRow, sub = lane / kLanesPerRow;
+  const float4* R4 = reinterpret_cast<const float4*>(p.rot + (stripe * 2 + side) * D * D);
+  float4 r[kLoads];
+#pragma unroll
+  for (int u = 0; u < kLoads; ++u) r[u] = R4[(warp * kRowsPerWarp + u * kRowsPerLoad + sub) * (D / 4) + col4];
+
+  const int64_t* meta = p.stripes + stripe * kStripeCols;
+  const SideShape s = side_shape<D>(meta, side, p.n_channels);
+  const bool summarise = side == 0 && p.summary != nullptr;
+  const int64_t block_off = meta[kColBlockOff];
+  if (end > meta[kColTokens] || s.bit_off < 0 || s.val_off < 0 ||
+      s.bit_off + end * s.words > (side == 0 ? p.kbits_numel : p.vbits_numel) ||
+      s.val_off + end * s.ks > (side == 0 ? p.kvals_numel : p.vvals_numel) ||
+      (summarise && (block_off < 0 || block_off + (end - 1) / p.block >= p.summary_rows)))
+    bad = kBadAppendRow;
+  if (s.status | bad) {
+    if (threadIdx.x == 0) atomicOr(p.status, s.status | bad);
+    return;
+  }
+
+  // Running summary of the open block, one channel per thread: the mean's fp32 sum (carried between
+  // steps in block_sum) or [min, max] (the stored rounded row: min/max commute with rounding).
+  const int m = p.summary_kind == kSummaryMean ? p.summary_width : p.summary_width / 2;
+  const int c = threadIdx.x;
+  T* summary = static_cast<T*>(p.summary);
+  float run_lo = 0.f, run_hi = 0.f;
+  if (summarise && c < m && pos % p.block != 0) {
+    const int64_t srow = (block_off + pos / p.block) * p.summary_width;
+    if (p.summary_kind == kSummaryMean) {
+      run_lo = p.block_sum[stripe * p.summary_width + c];
+    } else {
+      run_lo = Conv<T>::to(summary[srow + c]);
+      run_hi = Conv<T>::to(summary[srow + m + c]);
+    }
+  }
+
+  const T* x = static_cast<const T*>(side == 0 ? p.xk : p.xv) + x_off + 4 * col4;
+  for (int64_t c0 = 0; c0 < n; c0 += kAppendChunk) {
+    const int nc = (int)min((int64_t)kAppendChunk, n - c0);
+    for (int tau = 0; tau < nc; ++tau) {
+      const uint2 u2 = *reinterpret_cast<const uint2*>(x + (c0 + tau) * x_stride);  // x[4 col4 .. 4 col4 + 3]
+      float2 x01, x23;
+      unpack2<T>(u2.x, x01);
+      unpack2<T>(u2.y, x23);
+#pragma unroll
+      for (int u = 0; u < kLoads; ++u) {
+        float acc = r[u].x * x01.x + r[u].y * x01.y + r[u].z * x23.x + r[u].w * x23.y;
+#pragma unroll
+        for (int o = kLanesPerRow / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (col4 == 0) xr[tau * D + warp * kRowsPerWarp + u * kRowsPerLoad + sub] = acc;
+      }
+    }
+    __syncthreads();
+    pack_rotated_tokens<T, D>(xr, nc, energy, kept, s, p.n_channels, pos + c0,
+                              side == 0 ? p.kbits : p.vbits, static_cast<T*>(side == 0 ? p.kvals : p.vvals));
+    if (summarise && c < m) {
+      for (int tau = 0; tau < nc; ++tau) {
+        const int64_t t = pos + c0 + tau;
+        const int i = (int)(t % p.block);
+        const float v = xr[tau * D + c];
+        if (p.summary_kind == kSummaryMean) {
+          run_lo = (i == 0 ? 0.f : run_lo) + v;
+        } else {
+          run_lo = i == 0 ? v : fminf(run_lo, v);
+          run_hi = i == 0 ? v : fmaxf(run_hi, v);
+        }
+        if (i == p.block - 1 || t == end - 1) {  // the block is complete, or this is its state after the append
+          const int64_t srow = (block_off + t / p.block) * p.summary_width;
+          if (p.summary_kind == kSummaryMean) {
+            summary[srow + c] = Conv<T>::from(run_lo / (float)(i + 1));
+          } else {
+            summary[srow + c] = Conv<T>::from(run_lo);
+            summary[srow + m + c] = Conv<T>::from(run_hi);
+          }
+        }
+      }
+    }
+    __syncthreads();  // xr is overwritten by the next chunk
+  }
+  if (summarise && c < m && p.summary_kind == kSummaryMean) p.block_sum[stripe * p.summary_width + c] = run_lo;
+}
+
+template <typename T, int D>
+cudaError_t launch_append_encode(const AppendParams& p, cudaStream_t stream) {
+  if (p.n_rows <= 0) return cudaSuccess;
+  append_encode_kernel<T, D><<<dim3(p.n_rows, 2), kAppendWarps * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -16,6 +16,7 @@ enum Status : int {
   kBadRowStride = 8,   // packed row stride not round_up(keep, 8)
   kBadSelection = 16,  // selection count larger than the workspace planned for it
   kBadPieces = 32,     // more attention pieces than the workspace planned for
+  kBadAppendRow = 64,  // append row: stripe id, token count, alignment or an offset outside its tensor
 };
 
 // One row of the stripe table (int64 [n_stripes, kStripeCols]): a stripe is one compressed segment
@@ -30,6 +31,12 @@ enum StripeCol : int {
   kColSeq = 0, kColHead, kColTokens, kColKeepK, kColKeepV, kColGroupK, kColGroupV, kColKBitOff, kColVBitOff,
   kColKValOff, kColVValOff, kColBlockOff, kColRowOff, kStripeCols
 };
+
+// One row of an append table (int64 [n_rows, kAppendCols]): new tokens of one stripe (one (layer,
+// request, KV head), K and V alike). The tokens' unrotated vectors are x[x_off + j * x_stride + 0..D)
+// for j < tokens, in x_k and x_v at the same offsets; they become the stripe's tokens pos .. pos+tokens,
+// which must lie within the stripe's capacity (its kColTokens entry in the append's stripe table).
+enum AppendCol : int { kAppStripe = 0, kAppXOff, kAppXStride, kAppTokens, kAppPos, kAppendCols };
 
 enum SummaryKind : int {
   kSummaryMean = 0,    // first m rotated channels of the block mean; score = q'[:m] . mean[:m]
@@ -63,6 +70,36 @@ struct EncodeParams {
   int block;                 // token block size B
   int tokens_per_cta;        // multiple of `block`
   int* status;               // int32 status word (Status bits)
+};
+
+// Append encode: many stripes' new tokens, K and V, in one launch (docs/KERNELS.md "Append encode").
+// The stripes may belong to any layers and requests: the pools, stripe table and rotations are
+// shared by all rows (each layer's stripes are rows of one table with offsets into the same pools).
+// Summaries are updated from the new tokens alone: min/max combine with the stored (rounded) row,
+// which is exact because rounding is monotone; means keep the open block's fp32 running sum in
+// block_sum (one row per stripe), so nothing before `pos` is read again.
+struct AppendParams {
+  const void* xk;              // new tokens' keys, storage dtype, addressed by the rows' x_off / x_stride
+  const void* xv;              // values, same addressing
+  int64_t x_numel;             // elements of x_k (= of x_v)
+  const int64_t* rows;         // [n_rows, kAppendCols]; blockIdx.x = row, blockIdx.y = side (0 K, 1 V)
+  int n_rows;
+  const int64_t* stripes;      // [n_stripes, kStripeCols]
+  int n_stripes;
+  const float* rot;            // [n_stripes, 2, D, D]
+  uint32_t* kbits;             // flat pools, as in EncodeParams, with their sizes (bounds are checked)
+  uint32_t* vbits;
+  void* kvals;
+  void* vvals;
+  int64_t kbits_numel, vbits_numel, kvals_numel, vvals_numel;
+  void* summary;               // [summary_rows, summary_width] storage dtype, or nullptr
+  int64_t summary_rows;
+  int summary_kind;            // SummaryKind
+  int summary_width;
+  float* block_sum;            // [n_stripes, summary_width] f32 open-block sums (kSummaryMean), else nullptr
+  int n_channels;              // as in EncodeParams
+  int block;                   // token block size B
+  int* status;
 };
 
 // Storage-typed pointers (q, out, values, summaries, dense rows) are void*: one struct for bf16
@@ -116,6 +153,7 @@ enum class DType : int { kBFloat16 = 0, kFloat16 = 1 };
 // cudaErrorInvalidValue for a combination that was not compiled; the binding checks first and names
 // the supported values.
 cudaError_t encode(DType dtype, int head_dim, const EncodeParams& p, cudaStream_t stream);
+cudaError_t append_encode(DType dtype, int head_dim, const AppendParams& p, cudaStream_t stream);
 cudaError_t decode(DType dtype, int head_dim, int gqa_group, bool packed, const DecodeParams& p, cudaStream_t stream);
 // Dynamic shared memory the attention stage needs; callers may check it against the device limit.
 size_t decode_smem_bytes(int head_dim, int gqa_group, int piece_tokens, bool packed);

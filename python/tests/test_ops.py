@@ -6,14 +6,18 @@ import math
 
 import pytest
 import torch
+from append_scenarios import AppendCase, append_all, appended_rows, make_inputs, whole_segment
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mosaickv.core import bitmap_words, block_summaries, make_method, pack_topk
 from mosaickv.ops import (
     STRIPE_COLS,
+    AppendPools,
     DecodeLayout,
     DecodePlan,
     DecodeWorkspace,
+    append_encode_,
+    append_to_pools,
     encode_side,
     n_select,
     round_up8,
@@ -198,3 +202,72 @@ def test_synthetic_layout_has_the_documented_shape() -> None:
 
 def _starts(lengths: list[int]) -> list[int]:
     return [sum(lengths[:i]) for i in range(len(lengths))]
+
+
+APPEND_CPU_CASES = {
+    # mixed keep / g per stripe and side; first step ends mid-block, later steps cross block boundaries
+    "compact_mixed_keep": AppendCase(64, (16, 12, 32, 8), (8, 16, 4, 24), (1, 2, 4, 1), (1, 4, 2, 1),
+                                     (3, 1, 1, 5, 1, 8, 2), summary_kind=0, m=16),
+    "compact_minmax_one_token_steps": AppendCase(64, (16, 20), (16, 16), (1, 2), (1, 1), (1,) * 11,
+                                                 summary_kind=1, m=16),
+    "full_minmax_truncated_chunked": AppendCase(64, (16, 8), (32, 16), (2, 4), (1, 2), (19, 2),
+                                                summary_kind=1, m=64, channels=48),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(APPEND_CPU_CASES))
+def test_append_reference_token_by_token_equals_whole_segment_encode(case: str) -> None:
+    """The CPU path of append_encode_: stripes filled over several calls (every stripe in each call)
+    hold the rows of the core's whole-segment encode, zero padding, and the block summaries of
+    block_summaries over the whole segment (running means from block_sum, min/max from the stored row)."""
+    c = APPEND_CPU_CASES[case]
+    rot, x_k, x_v = make_inputs(c, torch.bfloat16, seed=len(case))
+    pools, status = append_all(c, rot, x_k, x_v, "cpu")
+    assert status == 0
+    for i in range(len(c.keep_k)):
+        want, got = whole_segment(c, rot, x_k, x_v, i), appended_rows(pools, c, i)
+        for which, keep in ((0, c.keep_k[i]), (1, c.keep_v[i])):
+            assert torch.equal(got[f"bits{which}"], want[f"bits{which}"]), f"stripe {i} side {which}: bitmaps"
+            vals = got[f"vals{which}"]
+            torch.testing.assert_close(vals[:, :keep], want[f"vals{which}"], rtol=1e-2, atol=1e-3)
+            assert not vals[:, keep:].any(), "padding must be zero"
+        torch.testing.assert_close(got["summary"].float(), want["summary"].float(), rtol=1e-2, atol=1e-3)
+    assert not pools.kvals[-5 * 8 :].any(), "nothing written past the appended rows"
+
+
+def test_append_reference_flags_bad_rows_and_encodes_the_rest() -> None:
+    c = APPEND_CPU_CASES["compact_minmax_one_token_steps"]
+    rot, x_k, x_v = make_inputs(c, torch.float16, seed=3)
+    pools = AppendPools.allocate(8, rot, [16, 20], [16, 16], [1, 2], [1, 1], summary_kind=1, summary_width=32,
+                                 block=8, dtype=torch.float16)  # fmt: skip
+    xk, xv = x_k[:, :1].contiguous(), x_v[:, :1].contiguous()
+    status = torch.zeros(1, dtype=torch.int32)
+    for bad_row in ([5, 0, 64, 1, 0], [0, 2, 64, 1, 0], [0, 64, 64, 1, 8], [0, 0, 64, 0, 0]):
+        # stripe out of range; x_off not a multiple of 4; past the stripe's 8 rows; no tokens
+        status.zero_()
+        rows = torch.tensor([bad_row, [1, 64, 64, 1, 0]])
+        append_to_pools(pools, xk, xv, rows, status)
+        assert int(status) == 64, f"row {bad_row} must be flagged"
+    assert pools.stripe_rows(0, 1, 0, 1)[1].any(), "the good row is encoded"
+    assert not pools.stripe_rows(0, 0, 0, 8)[1].any(), "the bad rows write nothing"
+
+
+def test_append_encode_fake_impl_and_argument_checks() -> None:
+    c = APPEND_CPU_CASES["compact_mixed_keep"]
+    rot, x_k, x_v = make_inputs(c, torch.bfloat16, seed=1)
+    ones, keep = [1] * 4, [16] * 4
+    pools = AppendPools.allocate(
+        8, rot, keep, keep, ones, ones, summary_kind=0, summary_width=16, block=8, dtype=torch.bfloat16
+    )
+    rows = torch.tensor([[0, 0, 64, 1, 0]])
+    xk, xv = x_k[:, :1].contiguous(), x_v[:, :1].contiguous()
+    status = torch.zeros(1, dtype=torch.int32)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        append_to_pools(pools, torch.empty_like(xk), torch.empty_like(xv), rows, status)
+    args = (rows, pools.stripes, pools.rot, pools.kbits, pools.vbits, pools.kvals, pools.vvals, pools.summary)
+    with pytest.raises(ValueError, match="block_sum"):
+        append_encode_(xk, xv, *args, None, 0, 64, 8, status)
+    with pytest.raises(ValueError, match="rows must be"):
+        append_encode_(xk, xv, rows[:, :4], *args[1:], pools.block_sum, 0, 64, 8, status)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        append_encode_(xk.float(), xv.float(), *args, pools.block_sum, 0, 64, 8, status)

@@ -6,13 +6,16 @@ import math
 
 import pytest
 import torch
+from append_scenarios import AppendCase, append_all, appended_rows, make_inputs, whole_segment
 
 from mosaickv.core import make_method
 from mosaickv.ops import (
     STRIPE_COLS,
+    AppendPools,
     DecodeLayout,
     DecodePlan,
     DecodeWorkspace,
+    append_to_pools,
     cuda_available,
     encode_side,
     run_decode,
@@ -62,6 +65,81 @@ def test_encode_matches_core(case: str, dtype: str) -> None:
         vals_out = out[0].cpu().view(s * h, -1)[same].float()
         assert rel_err(vals_out, vals_ref) < 1e-2
         assert rel_err(out[2].cpu().float(), ref[2].float()) < 1e-2
+
+
+def _cycle(values: tuple[int, ...], n: int) -> tuple[int, ...]:
+    return tuple(values[i % len(values)] for i in range(n))
+
+
+APPEND_CASES = {
+    # one new token per stripe, one layer's 8 heads (the decode step)
+    "one_token_d128_compact16": AppendCase(128, (32,) * 8, (32,) * 8, (1,) * 8, (1,) * 8, (1,), 0, 16),
+    # per-stripe keep and g; steps start mid-block and cross block boundaries
+    "block_boundaries_mixed_keep": AppendCase(
+        128, (32, 16, 48, 24, 64, 8), (16, 32, 8, 40, 32, 4), (1, 2, 4, 1, 1, 2), (1, 1, 2, 1, 4, 1),
+        (3, 1, 4, 1, 7, 9, 1), 1, 16,
+    ),
+    # 4 layers x 3 requests x 8 heads = 96 stripes per launch, D = 64, full-width means
+    "many_items_d64_mean": AppendCase(
+        64, _cycle((16, 8, 24, 32), 96), _cycle((16, 32, 8), 96), _cycle((1, 2, 4, 1), 96),
+        _cycle((1, 1, 2), 96), (1, 1, 6, 1), 0, 64,
+    ),
+    # a deferred flush of 21 tokens (more than one chunk of 8), g = 4 with truncation, full minmax
+    "chunked_flush_g4_truncated": AppendCase(
+        128, (32, 16), (32, 32), (4, 4), (1, 2), (21, 3), 1, 128, channels=96
+    ),
+}  # fmt: skip
+
+
+def assert_rows_close(got: dict, want: dict, keep: int, which: int, what: str) -> None:
+    """Bitmaps: >= 99 % of rows identical (fp32 order may flip a near-tie); values of those rows and
+    (keys) the summaries within 1e-2; padding zero."""
+    bits_got, bits_want = got[f"bits{which}"], want[f"bits{which}"]
+    same = (bits_got == bits_want).all(1)
+    assert float(same.float().mean()) >= 0.99, f"{what}: only {float(same.float().mean()):.3f} rows match"
+    vals = got[f"vals{which}"]
+    assert rel_err(vals[same, :keep].float(), want[f"vals{which}"][same, :keep].float()) < 1e-2, what
+    assert not vals[:, keep:].any(), f"{what}: padding must be zero"
+    if which == 0:
+        assert rel_err(got["summary"].float(), want["summary"].float()) < 1e-2, f"{what}: summaries"
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("case", list(APPEND_CASES))
+def test_append_encode_matches_reference(case: str, dtype: str) -> None:
+    """The append kernel (every stripe of a step in one launch, K and V) against the op's CPU torch
+    reference on the same calls, and against the core's encode of each whole segment."""
+    c = APPEND_CASES[case]
+    rot, x_k, x_v = make_inputs(c, DTYPES[dtype], seed=len(case))
+    gpu, st_gpu = append_all(c, rot, x_k, x_v, "cuda")
+    cpu, st_cpu = append_all(c, rot, x_k, x_v, "cpu")
+    assert st_gpu == st_cpu == 0
+    for i in range(len(c.keep_k)):
+        got, ref = appended_rows(gpu, c, i), appended_rows(cpu, c, i)
+        core = whole_segment(c, rot, x_k, x_v, i)
+        for which, keep in ((0, c.keep_k[i]), (1, c.keep_v[i])):
+            assert_rows_close(got, ref, keep, which, f"{case} stripe {i} side {which} vs reference")
+            core_padded = dict(core)
+            core_padded[f"vals{which}"] = torch.nn.functional.pad(core[f"vals{which}"], (0, 8))
+            assert_rows_close(got, core_padded, keep, which, f"{case} stripe {i} side {which} vs core")
+
+
+def test_append_encode_flags_bad_rows_like_the_reference() -> None:
+    c = APPEND_CASES["one_token_d128_compact16"]
+    rot, x_k, x_v = make_inputs(c, torch.bfloat16, seed=2)
+    for device in ("cpu", "cuda"):
+        pools = AppendPools.allocate(
+            8, rot.to(device), [32] * 8, [32] * 8, [1] * 8, [1] * 8, summary_kind=0, summary_width=16,
+            block=8, dtype=torch.bfloat16,
+        )  # fmt: skip
+        xk, xv = x_k[:, :1].contiguous().to(device), x_v[:, :1].contiguous().to(device)
+        for bad_row in ([8, 0, 128, 1, 0], [0, 2, 128, 1, 0], [0, 128, 128, 1, 8], [0, 0, 128, 0, 0]):
+            status = torch.zeros(1, dtype=torch.int32, device=device)
+            rows = torch.tensor([bad_row, [1, 128, 128, 1, 0]], device=device)
+            append_to_pools(pools, xk, xv, rows, status)
+            assert int(status.item()) == 64, f"{device}: row {bad_row} must be flagged"
+        assert pools.stripe_rows(0, 1, 0, 1)[1].any(), f"{device}: the good row is encoded"
+        assert not pools.stripe_rows(0, 0, 0, 8)[1].any(), f"{device}: bad rows write nothing"
 
 
 def build_caches(

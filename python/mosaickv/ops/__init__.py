@@ -14,8 +14,25 @@ import torch
 
 from mosaickv.core import KVCache
 from mosaickv.ops._ext import built_library, load
-from mosaickv.ops.kernels import STAGE_ALL, decode_, encode_into_, encode_side, run_decode
-from mosaickv.ops.layout import STRIPE_COLS, DecodeLayout, DecodeWorkspace, n_select, round_up8
+from mosaickv.ops.kernels import (
+    STAGE_ALL,
+    append_encode_,
+    append_encode_reference,
+    append_to_pools,
+    decode_,
+    encode_into_,
+    encode_side,
+    run_decode,
+)
+from mosaickv.ops.layout import (
+    APPEND_COLS,
+    STRIPE_COLS,
+    AppendPools,
+    DecodeLayout,
+    DecodeWorkspace,
+    n_select,
+    round_up8,
+)
 
 
 def cuda_available() -> bool:
@@ -73,11 +90,16 @@ class DecodePlan:
 
 
 __all__ = [
+    "APPEND_COLS",
     "STAGE_ALL",
     "STRIPE_COLS",
+    "AppendPools",
     "DecodeLayout",
     "DecodePlan",
     "DecodeWorkspace",
+    "append_encode_",
+    "append_encode_reference",
+    "append_to_pools",
     "built_library",
     "cuda_available",
     "decode_",

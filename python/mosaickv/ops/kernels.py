@@ -2,6 +2,9 @@
 
 ``encode_side`` is functional and has a CPU implementation built from the core reference (rotate,
 ``pack_topk``, ``block_summaries``), so it runs anywhere and returns the same flat layout.
+``append_encode_`` encodes the new tokens of many stripes (any layers and requests, K and V) into
+``AppendPools`` in one launch; its CPU path is the torch reference below (``pack_topk`` of the core plus
+running block summaries), which the GPU tests use as the oracle.
 ``encode_into_`` and ``decode_`` write into caller-owned buffers (plan once, run many; CUDA-graph
 capturable) and run on CUDA only: on CPU, decode through ``mosaickv.ops.DecodePlan``, which calls
 ``KVCache.attend`` of the core reference.
@@ -11,9 +14,18 @@ import torch
 
 from mosaickv.core import bitmap_words, block_summaries, pack_topk
 from mosaickv.ops import _ext
-from mosaickv.ops.layout import DecodeLayout, DecodeWorkspace, round_up8
+from mosaickv.ops.layout import (
+    APPEND_COLS,
+    STRIPE_COLS,
+    AppendPools,
+    DecodeLayout,
+    DecodeWorkspace,
+    round_up8,
+)
 
 STAGE_ALL = 31  # rotate q | score | select | attend | merge (Stage in cuda/mosaickv/params.h)
+# Status bits (Status in cuda/mosaickv/params.h) that the append reference sets like the kernel.
+STATUS_BAD_KEEP, STATUS_BAD_GROUP, STATUS_BAD_BLOCK, STATUS_BAD_APPEND_ROW = 1, 2, 4, 64
 
 SUMMARY_KIND_NAMES = {0: "compact", 1: "compact_minmax"}
 
@@ -203,6 +215,239 @@ def _(
     x, token0, stripe_ids, stripes, rot, which, bits, vals, summary, summary_kind, n_channels, block, status
 ):
     return None
+
+
+@torch.library.custom_op(
+    "mosaickv::append_encode_",
+    mutates_args=("kbits", "vbits", "kvals", "vvals", "summary", "block_sum", "status"),
+)
+def append_encode_(
+    x_k: torch.Tensor,
+    x_v: torch.Tensor,
+    rows: torch.Tensor,
+    stripes: torch.Tensor,
+    rot: torch.Tensor,
+    kbits: torch.Tensor,
+    vbits: torch.Tensor,
+    kvals: torch.Tensor,
+    vvals: torch.Tensor,
+    summary: torch.Tensor | None,
+    block_sum: torch.Tensor | None,
+    summary_kind: int,
+    n_channels: int,
+    block: int,
+    status: torch.Tensor,
+) -> None:
+    """Encode new tokens of many stripes, K and V, in place (one CUDA launch; CPU: torch reference).
+
+    Args:
+        x_k, x_v: contiguous storage-dtype tensors of any shape holding the new tokens' unrotated
+            vectors (e.g. [L, B, H, n, D] stacked window rows): row r's token j is
+            x.view(-1)[x_off + j * x_stride :][:D]; x_off and x_stride multiples of 4 on CUDA.
+        rows: [n_rows, 5] int64, columns APPEND_COLS (stripe, x_off, x_stride, tokens, pos); at most
+            one row per stripe per call.
+        stripes: [n_stripes, 13] int64 (STRIPE_COLS: keep, g and pool offsets per side; block_off;
+            ``tokens`` = the stripe's capacity in rows, which an append must not pass);
+            rot: [n_stripes, 2, D, D] float32; kbits, vbits: flat int32; kvals, vvals: flat x dtype.
+        summary: [n_blocks, width] x dtype or None: key summaries of the block(s) the tokens fall in
+            are updated from the new tokens alone (min/max with the stored row; means from block_sum,
+            [n_stripes, width] float32, the fp32 sum of the open block, kept current by this op).
+        summary_kind: 0 mean/compact (width m), 1 minmax (width 2m); n_channels: truncation c
+            (D for none); block: token block size B; status: [1] int32, Status bits are ORed in
+            (bad rows are skipped, the others still encoded).
+    Appending token by token gives the rows, bitmaps and summaries that encoding the whole segment at
+    once gives (tests: test_ops.py, test_ops_gpu.py).
+    """
+    _check_append_args(x_k, x_v, rows, stripes, rot, kbits, vbits, kvals, vvals, summary, block_sum)
+    _check_append_settings(summary, block_sum, summary_kind, n_channels, block, rot.shape[-1])
+    args = (x_k, x_v, rows, stripes, rot, kbits, vbits, kvals, vvals, summary, block_sum)
+    if x_k.is_cuda:
+        _ext.require().append_encode(*args, summary_kind, n_channels, block, status)
+    else:
+        append_encode_reference(*args, summary_kind, n_channels, block, status)
+
+
+@append_encode_.register_fake
+def _(*args: object) -> None:  # mutates its pool arguments only: nothing to describe
+    return None
+
+
+def append_to_pools(
+    pools: AppendPools, x_k: torch.Tensor, x_v: torch.Tensor, rows: torch.Tensor, status: torch.Tensor
+) -> None:
+    """``append_encode_`` into ``pools`` (rows: [n_rows, 5] int64, APPEND_COLS; status: [1] int32)."""
+    p = pools
+    pool_args = (p.stripes, p.rot, p.kbits, p.vbits, p.kvals, p.vvals, p.summary, p.block_sum)
+    append_encode_(x_k, x_v, rows, *pool_args, p.summary_kind, p.channels, p.block, status)
+
+
+def _check_append_args(
+    x_k: torch.Tensor,
+    x_v: torch.Tensor,
+    rows: torch.Tensor,
+    stripes: torch.Tensor,
+    rot: torch.Tensor,
+    kbits: torch.Tensor,
+    vbits: torch.Tensor,
+    kvals: torch.Tensor,
+    vvals: torch.Tensor,
+    summary: torch.Tensor | None,
+    block_sum: torch.Tensor | None,
+) -> None:
+    if x_k.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"x_k must be bfloat16 or float16 (the storage dtypes), got {x_k.dtype}")
+    if x_v.dtype != x_k.dtype or x_v.shape != x_k.shape or not (x_k.is_contiguous() and x_v.is_contiguous()):
+        raise ValueError("x_k and x_v must be contiguous with the same shape and dtype")
+    if rows.dtype != torch.int64 or rows.dim() != 2 or rows.shape[1] != len(APPEND_COLS):
+        raise ValueError(
+            f"rows must be [n_rows, {len(APPEND_COLS)}] int64 ({APPEND_COLS}), got {tuple(rows.shape)}"
+        )
+    n, d = stripes.shape[0], rot.shape[-1]
+    if stripes.dtype != torch.int64 or stripes.dim() != 2 or stripes.shape[1] != len(STRIPE_COLS):
+        raise ValueError(f"stripes must be [n, {len(STRIPE_COLS)}] int64, got {tuple(stripes.shape)}")
+    if rot.dtype != torch.float32 or rot.shape != (n, 2, d, d):
+        raise ValueError(
+            f"rot must be [n_stripes = {n}, 2, D, D] float32, got {tuple(rot.shape)} {rot.dtype}"
+        )
+    for name, t, dt in (
+        ("kbits", kbits, torch.int32),
+        ("vbits", vbits, torch.int32),
+        ("kvals", kvals, x_k.dtype),
+        ("vvals", vvals, x_k.dtype),
+    ):
+        if t.dtype != dt or t.dim() != 1:
+            raise ValueError(f"{name} must be a flat {dt} tensor, got {tuple(t.shape)} {t.dtype}")
+    if summary is not None and (summary.dtype != x_k.dtype or summary.dim() != 2):
+        raise ValueError(f"summary must be [n_blocks, width] {x_k.dtype}")
+    if block_sum is not None and (block_sum.dtype != torch.float32 or block_sum.shape[0] != n):
+        raise ValueError(f"block_sum must be [n_stripes = {n}, width] float32")
+    tensors = [x_k, x_v, rows, stripes, rot, kbits, vbits, kvals, vvals]
+    tensors += [t for t in (summary, block_sum) if t is not None]
+    if len({t.device for t in tensors}) > 1:
+        raise ValueError(f"all tensors must be on one device, got {[t.device for t in tensors]}")
+    if not all(t.is_contiguous() for t in tensors):
+        raise ValueError("every tensor must be contiguous (rows, offsets and pools are addressed flat)")
+
+
+def _check_append_settings(
+    summary: torch.Tensor | None,
+    block_sum: torch.Tensor | None,
+    kind: int,
+    n_channels: int,
+    block: int,
+    d: int,
+) -> None:
+    if not 1 <= block <= 64:
+        raise ValueError(f"block must be in [1, 64], got {block}")
+    if not 0 < n_channels <= d:
+        raise ValueError(f"n_channels must be in [1, D = {d}], got {n_channels}")
+    if summary is None:
+        return
+    if kind not in SUMMARY_KIND_NAMES:
+        raise ValueError(f"summary_kind must be 0 (mean/compact) or 1 (minmax), got {kind}")
+    width = summary.shape[1]
+    if (kind == 1 and (width % 2 or width > 2 * d)) or (kind == 0 and width > d):
+        raise ValueError(f"summary width {width}: 2m (m <= D) for minmax, <= D for mean/compact")
+    if kind == 0 and (block_sum is None or block_sum.shape[1] != width):
+        raise ValueError(f"mean/compact summaries need block_sum [n_stripes, {width}] float32")
+
+
+def append_encode_reference(
+    x_k: torch.Tensor,
+    x_v: torch.Tensor,
+    rows: torch.Tensor,
+    stripes: torch.Tensor,
+    rot: torch.Tensor,
+    kbits: torch.Tensor,
+    vbits: torch.Tensor,
+    kvals: torch.Tensor,
+    vvals: torch.Tensor,
+    summary: torch.Tensor | None,
+    block_sum: torch.Tensor | None,
+    summary_kind: int,
+    n_channels: int,
+    block: int,
+    status: torch.Tensor,
+) -> None:
+    """``append_encode_`` in torch, on any device: rotate in float32, ``pack_topk`` of the core, the
+    same running summaries and the same status bits as the kernel (a bad row or side is skipped)."""
+    d = rot.shape[-1]
+    col = {name: i for i, name in enumerate(STRIPE_COLS)}
+    flat_k, flat_v = x_k.view(-1), x_v.view(-1)
+    bad = 0
+    for stripe, x_off, x_stride, n, pos in rows.tolist():
+        if not (0 <= stripe < stripes.shape[0] and n >= 1 and min(pos, x_off, x_stride) >= 0) or (
+            x_off % 4 or x_stride % 4 or x_off + (n - 1) * x_stride + d > flat_k.numel()
+        ):
+            bad |= STATUS_BAD_APPEND_ROW
+            continue
+        meta = stripes[stripe].tolist()
+        idx = (
+            x_off
+            + torch.arange(n, device=x_k.device)[:, None] * x_stride
+            + torch.arange(d, device=x_k.device)
+        )
+        for which, side, flat, bits, vals in ((0, "k", flat_k, kbits, kvals), (1, "v", flat_v, vbits, vvals)):
+            keep, g = meta[col[f"keep_{side}"]], meta[col[f"group_{side}"]]
+            if g not in (1, 2, 4):
+                bad |= STATUS_BAD_GROUP
+                continue
+            if keep <= 0 or keep % g or keep > n_channels or n_channels % g:
+                bad |= STATUS_BAD_KEEP
+                continue
+            ks, w = round_up8(keep), bitmap_words(d, g)
+            v0, b0, blk0 = meta[col[f"{side}val_off"]], meta[col[f"{side}bit_off"]], meta[col["block_off"]]
+            summarise = which == 0 and summary is not None
+            if (
+                pos + n > meta[col["tokens"]]
+                or min(v0, b0) < 0
+                or v0 + (pos + n) * ks > vals.numel()
+                or b0 + (pos + n) * w > bits.numel()
+                or (summarise and not 0 <= blk0 <= blk0 + (pos + n - 1) // block < summary.shape[0])
+            ):
+                bad |= STATUS_BAD_APPEND_ROW
+                continue
+            xr = flat[idx].float() @ rot[stripe, which].T  # [n, D] rotated, float32
+            packed, bitmap = pack_topk(xr, keep, g, n_channels if n_channels < d else None, vals.dtype)
+            out = vals[v0 + pos * ks : v0 + (pos + n) * ks].view(n, ks)
+            out.zero_()
+            out[:, :keep] = packed
+            bits[b0 + pos * w : b0 + (pos + n) * w].copy_(bitmap.view(torch.int32).reshape(-1))
+            if summarise:
+                _update_open_summaries(xr, pos, summary, block_sum, summary_kind, block, blk0, stripe)
+    status |= bad
+
+
+def _update_open_summaries(
+    xr: torch.Tensor,
+    pos: int,
+    summary: torch.Tensor,
+    block_sum: torch.Tensor | None,
+    kind: int,
+    block: int,
+    block_off: int,
+    stripe: int,
+) -> None:
+    """Fold rotated keys xr ([n, D] float32, stripe tokens pos..) into their blocks' summaries, as the
+    kernel does: min/max with the stored row, means from the fp32 open-block sum."""
+    width = summary.shape[1]
+    m = width if kind == 0 else width // 2
+    lo = hi = torch.zeros(m, device=xr.device)
+    if pos % block:
+        row = summary[block_off + pos // block].float()
+        lo, hi = (block_sum[stripe].clone(), None) if kind == 0 else (row[:m], row[m:])
+    for j in range(xr.shape[0]):
+        t, v = pos + j, xr[j, :m]
+        i = t % block
+        if kind == 0:
+            lo = v.clone() if i == 0 else lo + v
+        else:
+            lo, hi = (v, v) if i == 0 else (torch.minimum(lo, v), torch.maximum(hi, v))
+        if i == block - 1 or j == xr.shape[0] - 1:
+            dest = summary[block_off + t // block]
+            dest.copy_(lo / (i + 1) if kind == 0 else torch.cat([lo, hi]))
+    if kind == 0:
+        block_sum[stripe] = lo
 
 
 @torch.library.custom_op(

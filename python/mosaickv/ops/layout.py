@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mosaickv.core import KVCache
+from mosaickv.core import KVCache, bitmap_words
 
 # Column order of the stripe table; must match StripeCol in cuda/mosaickv/params.h.
 STRIPE_COLS = (
@@ -31,6 +31,10 @@ STRIPE_COLS = (
     "row_off",
 )
 SUMMARY_KIND_IDS = {"mean": 0, "compact": 0, "minmax": 1, "compact_minmax": 1}
+# Column order of an append table (one row = new tokens of one stripe); must match AppendCol in
+# cuda/mosaickv/params.h. The tokens' vectors are x[x_off + j * x_stride : ... + D] for j < tokens
+# (x_k and x_v at the same offsets); they become the stripe's tokens pos .. pos + tokens - 1.
+APPEND_COLS = ("stripe", "x_off", "x_stride", "tokens", "pos")
 
 
 def round_up8(k: int) -> int:
@@ -389,3 +393,94 @@ class DecodeWorkspace:
             status=torch.zeros(1, dtype=i32, device=dev),
             piece_blocks=piece_blocks,
         )
+
+
+@dataclass
+class AppendPools:
+    """Open segments of many stripes (any layers x requests x KV heads) in one set of flat pools:
+    what ``append_encode_`` writes, K and V of every stripe in one launch.
+
+    Attributes:
+        stripes: [n, 13] int64, columns STRIPE_COLS; ``tokens`` is the stripe's capacity in rows.
+        rot: [n, 2, D, D] float32 (R_K, R_V of the stripe's segment).
+        kbits, vbits: flat int32 bitmap pools; kvals, vvals: flat storage-dtype value pools (rows of
+            round_up8(keep), zero padded), laid out as in DecodeLayout.
+        summary: [n_blocks, summary_width] storage dtype (keys' block summaries, block_off per stripe)
+            or None; summary_kind: 0 mean/compact, 1 minmax/compact_minmax.
+        block_sum: [n, summary_width] float32 fp32 sum of the open block's rotated keys (mean kinds:
+            the append updates means from it without rereading earlier tokens), else None.
+        channels: truncation c (D for none); block: token block size B.
+    """
+
+    stripes: torch.Tensor
+    rot: torch.Tensor
+    kbits: torch.Tensor
+    vbits: torch.Tensor
+    kvals: torch.Tensor
+    vvals: torch.Tensor
+    summary: torch.Tensor | None
+    block_sum: torch.Tensor | None
+    summary_kind: int
+    channels: int
+    block: int
+
+    @classmethod
+    def allocate(
+        cls,
+        capacity: int,
+        rot: torch.Tensor,
+        keep_k: list[int],
+        keep_v: list[int],
+        group_k: list[int],
+        group_v: list[int],
+        *,
+        summary_kind: int,
+        summary_width: int,
+        block: int,
+        dtype: torch.dtype,
+        channels: int | None = None,
+    ) -> "AppendPools":
+        """Zeroed pools for len(keep_k) stripes of ``capacity`` rows each, one after another.
+
+        rot: [n, 2, D, D] float32 (its device is the pools'); keep_*/group_*: per stripe;
+        summary_width 0: no summaries (and no block sums).
+        """
+        n, d, dev = rot.shape[0], rot.shape[-1], rot.device
+        if rot.shape != (n, 2, d, d) or not all(len(x) == n for x in (keep_k, keep_v, group_k, group_v)):
+            raise ValueError(f"rot must be [n, 2, D, D] and keep/group lists of n = {n} entries")
+        rows, offs = [], [0, 0, 0, 0]  # kbit, vbit, kval, vval
+        nb = -(-capacity // block)
+        for i in range(n):
+            rows.append([0, i, capacity, keep_k[i], keep_v[i], group_k[i], group_v[i], *offs, i * nb, 0])
+            offs[0] += capacity * bitmap_words(d, group_k[i])
+            offs[1] += capacity * bitmap_words(d, group_v[i])
+            offs[2] += capacity * round_up8(keep_k[i])
+            offs[3] += capacity * round_up8(keep_v[i])
+        i32 = torch.int32
+        return cls(
+            stripes=torch.tensor(rows, dtype=torch.int64, device=dev),
+            rot=rot,
+            kbits=torch.zeros(offs[0], dtype=i32, device=dev),
+            vbits=torch.zeros(offs[1], dtype=i32, device=dev),
+            kvals=torch.zeros(offs[2], dtype=dtype, device=dev),
+            vvals=torch.zeros(offs[3], dtype=dtype, device=dev),
+            summary=torch.zeros(n * nb, summary_width, dtype=dtype, device=dev) if summary_width else None,
+            block_sum=torch.zeros(n, summary_width, device=dev)
+            if summary_width and summary_kind == 0
+            else None,
+            summary_kind=summary_kind,
+            channels=d if channels is None else channels,
+            block=block,
+        )
+
+    def stripe_rows(self, which: int, stripe: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [lo, hi) of one side (0 K, 1 V) of a stripe: values [hi - lo, round_up8(keep)] and
+        bitmap words [hi - lo, W] int32 (views into the pools)."""
+        meta = self.stripes[stripe].tolist()
+        col = {name: i for i, name in enumerate(STRIPE_COLS)}
+        side = "k" if which == 0 else "v"
+        keep, g = meta[col[f"keep_{side}"]], meta[col[f"group_{side}"]]
+        ks, w = round_up8(keep), bitmap_words(self.rot.shape[-1], g)
+        vals, bits = (self.kvals, self.kbits) if which == 0 else (self.vvals, self.vbits)
+        v0, b0 = meta[col[f"{side}val_off"]], meta[col[f"{side}bit_off"]]
+        return vals[v0 + lo * ks : v0 + hi * ks].view(-1, ks), bits[b0 + lo * w : b0 + hi * w].view(-1, w)
