@@ -159,10 +159,10 @@ describe('mosaickv serve --replan-every', () => {
     if (serve && serve.exitCode === null && serve.signalCode === null) serve.kill('SIGKILL');
   });
 
-  it('re-plans from the telemetry a worker sends with a completion and publishes policy 2', async () => {
+  it('re-plans from the telemetry a worker sends with a completion and publishes policy 2, then 3 with decode recall', async () => {
     let err = '';
     serve = spawn(process.execPath, [BIN, 'serve', '--workers', '1', '--port', '0', '--model', 'tiny-random', '--backend', 'mosaickv',
-      '--target-ratio', '2', '--replan-every', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
+      '--target-ratio', '2', '--replan-every', '1', '--telemetry-every', '1', '--recall-every', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
     serve.stderr!.on('data', (b: Buffer) => (err += b.toString()));
     const [, url] = await waitFor('serve to listen', () => /serving .* on (http:\/\/\S+)/.exec(err) ?? undefined, 90_000);
     expect(err).toMatch(/policy 1: uniform plan at 2\.\d\dx less KV/);
@@ -174,6 +174,25 @@ describe('mosaickv serve --replan-every', () => {
     expect(res.status).toBe(200);
     await waitFor('the re-plan line', () => /policy 2: re-planned from 1 telemetry samples at \d+\.\d\dx less KV/.exec(err) ?? undefined, 60_000);
     await waitFor('the worker to ack policy 2', async () => ((await policyOf()) === 2 ? true : undefined), 60_000);
+
+    // The first completion's decode step sent a `recall` message: the pool shows its mean per layer x KV head...
+    type Recall = { token_ratios: number[]; samples: number; heads: { layer: number; head: number; recall: number[] }[] };
+    const recall = await waitFor('decode recall in /admin/workers', async () => {
+      const body = (await (await fetch(`${url}/admin/workers`)).json()) as { decode_recall: Record<string, Recall> };
+      return body.decode_recall['tiny-random'];
+    }, 30_000);
+    expect(recall.samples).toBeGreaterThanOrEqual(1);
+    expect(recall.heads.map((h) => `${h.layer}/${h.head}`)).toEqual(['0/0', '0/1', '1/0', '1/1']);
+    for (const h of recall.heads) {
+      expect(h.recall).toHaveLength(recall.token_ratios.length);
+      for (const x of h.recall) expect(x >= 0 && x <= 1).toBe(true);
+    }
+    const metrics = await (await fetch(`${url}/metrics`)).text();
+    expect(metrics).toMatch(/^mosaickv_decode_recall\{model="tiny-random",layer="1",head="1",token_ratio="0\.05"\} [\d.e-]+$/m);
+    // ...and the next re-plan (the second completion's telemetry) picks its token ratios from it.
+    expect((await post(`${url}/v1/completions`, { prompt, max_tokens: 2 })).status).toBe(200);
+    await waitFor('the re-plan with recall', () => /policy 3: re-planned from 2 telemetry samples .* token ratios [\d., ]+ from the recall of \d+ sampled decode steps/.exec(err) ?? undefined, 60_000);
+    await waitFor('the worker to ack policy 3', async () => ((await policyOf()) === 3 ? true : undefined), 60_000);
     const exited = new Promise<number | null>((resolve) => serve!.once('exit', (code) => resolve(code)));
     serve.kill('SIGTERM');
     expect(await exited).toBe(0);

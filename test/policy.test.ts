@@ -144,10 +144,12 @@ describe('planner', () => {
     }
   });
 
-  it('picks token ratios from recall curves: the smallest one reaching the recall wanted', () => {
-    const withRecall = { ...t, curves: t.curves.map((c) => ({ ...c, recall: { tokenRatios: [0.2, 0.05, 0.1], recall: [0.97, 0.6, c.head === 0 ? 0.93 : 0.8] } })) };
+  it('picks token ratios from recall curves: per layer, the smallest one reaching the recall every head wants', () => {
+    // In odd layers head 1 needs 0.2 to reach 0.9; the layer's other heads follow it (one ratio per layer).
+    const short = (c: { layer: number; head: number }) => c.layer % 2 === 1 && c.head === 1;
+    const withRecall = { ...t, curves: t.curves.map((c) => ({ ...c, recall: { tokenRatios: [0.2, 0.05, 0.1], recall: [0.97, 0.6, short(c) ? 0.8 : 0.93] } })) };
     const plan = planFromTelemetry(withRecall, { ratio: 3 });
-    for (const h of plan.heads) expect(h.tokenRatio).toBe(h.head === 0 ? 0.1 : 0.2);
+    for (const h of plan.heads) expect(h.tokenRatio).toBe(h.layer % 2 === 1 ? 0.2 : 0.1);
   });
 
   it('refuses bad telemetry and unreachable targets, saying what is allowed', () => {

@@ -27,6 +27,12 @@ from mosaickv.core.strategy import energy_losses, fixed_strategy
 
 # The planner's candidates (src/policy/planner.ts PLAN_KEEP_RATIOS).
 PLAN_KEEP_RATIOS = (0.0625, 0.125, 0.1875, 0.25, 0.375, 0.5, 0.75)
+# Token ratios at which decode-step recall is measured: the planner picks, per layer, the smallest
+# one whose recall reaches its minRecall (0.1 is the paper's and the methods' default).
+RECALL_TOKEN_RATIOS = (0.05, 0.1, 0.2, 0.3, 0.5)
+# Prompt queries the attention losses read: the last 32 (ThinK's observation window, which the hf
+# backend records per layer anyway).
+QUERY_WINDOW = 32
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -102,21 +108,60 @@ def head_losses(x: torch.Tensor, keep_ratios: tuple[float, ...] = PLAN_KEEP_RATI
     return torch.stack([energy_losses(xf[h] @ rot[h].T, strategies) for h in range(xf.shape[0])])
 
 
+def decompressed_side(cache: KVCache, which: str) -> torch.Tensor:
+    """One side (``"k"`` or ``"v"``) of a cache as attention sees it, back in original coordinates:
+    [T, H_kv, D] float32, token order (sinks, segments, tail)."""
+    sink, tail = (cache.sink_k, cache.tail_k) if which == "k" else (cache.sink_v, cache.tail_v)
+    segs = [
+        torch.stack([getattr(seg, which).unpack(h) for h in range(cache.n_kv_heads)], 1)
+        for seg in cache.segments
+    ]
+    return torch.cat([sink.float(), *segs, tail.float()])
+
+
 def decompressed(cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
     """A cache's K/V as attention sees them, back in original coordinates: [T, H_kv, D] float32 each.
 
     Packed attention over a segment equals dense attention over its decompressed rows (it only skips
     the zeros), so this gives the exact output of a cache without block selection.
     """
+    return decompressed_side(cache, "k"), decompressed_side(cache, "v")
 
-    def side(sink: torch.Tensor, tail: torch.Tensor, which: str) -> torch.Tensor:
-        segs = [
-            torch.stack([getattr(seg, which).unpack(h) for h in range(cache.n_kv_heads)], 1)
-            for seg in cache.segments
-        ]
-        return torch.cat([sink.float(), *segs, tail.float()])
 
-    return side(cache.sink_k, cache.tail_k, "k"), side(cache.sink_v, cache.tail_v, "v")
+def decode_recall(
+    cache: KVCache,
+    q: torch.Tensor,
+    scale: float | None = None,
+    token_ratios: tuple[float, ...] = RECALL_TOKEN_RATIOS,
+) -> torch.Tensor:
+    """Attention-mass recall of block selection for one decode query, per KV head and token ratio.
+
+    Full attention of ``q`` over the whole cache (every block) is computed on the decompressed keys:
+    the original keys are gone once a segment is encoded, so "full attention" here is the mosaic
+    cache's own keys without block selection. Recall at ratio r is the softmax mass that lands on
+    the positions the cache's own selection reads at r (``KVCache.attended_mask``: the top blocks
+    ∪ sinks ∪ dense tail), averaged over the head's GQA query heads. 1 means selection misses
+    nothing.
+
+    Args:
+        cache: one layer's core cache of one sequence; its method must select blocks (it stores
+            block summaries).
+        q: [H_q, D] the step's post-RoPE query; scale: softmax scale, default D ** -0.5.
+    Returns:
+        [H_kv, len(token_ratios)] float64 in [0, 1].
+    """
+    if not cache.method.selects_blocks:
+        raise ValueError("decode_recall needs a cache that selects blocks (token_ratio < 1)")
+    h, d = cache.n_kv_heads, cache.dim
+    scale = d**-0.5 if scale is None else float(scale)
+    keys = decompressed_side(cache, "k")  # [T, H_kv, D]
+    qg = q.float().reshape(h, -1, d)  # [H_kv, G, D]
+    weights = torch.softmax(torch.einsum("hgd,thd->hgt", qg, keys) * scale, -1)
+    recalls = [
+        (weights * cache.attended_mask(q, r)[:, None, :]).sum(-1).mean(-1).clamp(0.0, 1.0).double()
+        for r in token_ratios
+    ]
+    return torch.stack(recalls, 1)
 
 
 def attention_losses(
@@ -165,6 +210,16 @@ def head_curves(losses: torch.Tensor) -> list[dict[str, Any]]:
         {"layer": layer, "head": h, "loss": [round(float(x), 6) for x in losses[layer, h]]}
         for layer in range(losses.shape[0])
         for h in range(losses.shape[1])
+    ]
+
+
+def head_recalls(layers: list[int], recalls: list[torch.Tensor]) -> list[dict[str, Any]]:
+    """Per measured layer, [H_kv, n_ratios] recalls -> a ``recall`` message's heads ({layer, head,
+    recall}), 6 digits."""
+    return [
+        {"layer": layer, "head": h, "recall": [round(float(x), 6) for x in r[h]]}
+        for layer, r in zip(layers, recalls, strict=True)
+        for h in range(r.shape[0])
     ]
 
 

@@ -12,6 +12,7 @@ from mosaickv.policy import (
     PLAN_KEEP_RATIOS,
     attention_losses,
     check_policy,
+    decode_recall,
     decompressed,
     head_losses,
     layer_params,
@@ -155,3 +156,53 @@ def test_attention_losses_follow_the_output_error():
     torch.testing.assert_close(losses[:, 0], err, rtol=1e-3, atol=1e-6)
     # And the decompressed cache is what packed attention reads: its own path agrees with the oracle.
     torch.testing.assert_close(cache.attend(q[0]).double(), approx[0], rtol=1e-4, atol=1e-5)
+
+
+def _selected_positions(cache, q: torch.Tensor) -> torch.Tensor:
+    """[H_kv, T] bool: sinks, tail and the rows of the blocks ``select_blocks`` names (block ids ->
+    token rows by hand, independently of ``attended_mask``)."""
+    b = cache.method.block_size
+    mask = torch.zeros(cache.n_kv_heads, cache.length, dtype=torch.bool)
+    mask[:, : cache.sink_k.shape[0]] = True
+    mask[:, cache.length - cache.tail_k.shape[0] :] = True
+    selected = cache.select_blocks(q)
+    for seg, off in zip(cache.segments, cache.block_offsets, strict=True):
+        for h in range(cache.n_kv_heads):
+            for block in selected[h].tolist():
+                if off <= block < off + -(-seg.length // b):
+                    lo = seg.start + (block - off) * b
+                    mask[h, lo : min(lo + b, seg.start + seg.length)] = True
+    return mask
+
+
+def test_decode_recall_is_the_full_attention_mass_on_the_selected_blocks():
+    torch.manual_seed(0)
+    t, h, g, d = 300, 2, 3, 16
+    k, v = torch.randn(t, h, d), torch.randn(t, h, d)
+    q = torch.randn(h * g, d) * 2
+    # keep_ratio 1: the decompressed keys are the original ones, so the oracle can use k itself
+    cache = make_method(
+        "mosaic", keep_ratio=1.0, token_ratio=0.1, block_size=8, n_sink=4, window=16, segment_len=64
+    ).encode(k, v)
+    got = decode_recall(cache, q, token_ratios=(0.1, 0.3, 0.9))
+    assert got.shape == (h, 3)
+    p = torch.softmax(torch.einsum("hgd,thd->hgt", q.double().view(h, g, d), k.double()) * d**-0.5, -1)
+    want = (p * _selected_positions(cache, q)[:, None]).sum(-1).mean(-1)  # the decode's own selection (0.1)
+    torch.testing.assert_close(got[:, 0], want, rtol=1e-4, atol=1e-5)
+    # more blocks, more mass; at 0.1 random keys leave most of it outside the selection
+    assert (got[:, 1] >= got[:, 0]).all() and (got[:, 2] >= got[:, 1]).all()
+    assert (got[:, 0] < 0.6).all() and (got[:, 2] > 0.85).all()
+
+
+def test_decode_recall_sees_a_key_the_query_points_at():
+    torch.manual_seed(1)
+    t, h, d = 400, 1, 16
+    k, v = torch.randn(t, h, d) * 0.1, torch.randn(t, h, d)
+    q = torch.randn(2, d)
+    k[200] = q.mean(0) * 6  # one key in the middle carries almost all the mass
+    cache = make_method(
+        "mosaic", keep_ratio=1.0, token_ratio=0.05, block_size=8, n_sink=4, window=16, segment_len=128
+    ).encode(k, v)
+    assert decode_recall(cache, q, token_ratios=(0.05,))[0, 0] > 0.9  # its block is selected
+    with pytest.raises(ValueError, match="selects blocks"):
+        decode_recall(make_method("mosaic", token_ratio=1.0, segment_len=64).encode(k, v), q)

@@ -1,6 +1,8 @@
 """Online telemetry from a real worker (`python -m mosaickv.worker`, tiny-random, mosaickv backend,
 method mosaic) over ipc://: with ``telemetry_every=1`` every prefill sends one ``telemetry`` message
-with the attention-loss curve of every layer x KV head at the planner's keep ratios."""
+with the attention-loss curve of every layer x KV head at the planner's keep ratios, and with
+``recall_every=1`` every decode step sends one ``recall`` message (block-selection recall per layer x
+KV head at RECALL_TOKEN_RATIOS, read from the default cache manager's snapshots)."""
 
 from __future__ import annotations
 
@@ -11,11 +13,12 @@ from typing import Any
 import pytest
 from test_worker import ControlPlane, mosaickv_worker
 
-from mosaickv.policy import PLAN_KEEP_RATIOS
+from mosaickv.policy import PLAN_KEEP_RATIOS, RECALL_TOKEN_RATIOS
 from mosaickv.protocol import encode
 
 WID = "telemetry"
-OPTIONS = ("method=mosaic", "keep_ratio=1.0", "segment_len=64", "window=16", "n_sink=4", "telemetry_every=1")
+OPTIONS = ("method=mosaic", "keep_ratio=1.0", "segment_len=64", "window=16", "n_sink=4", "telemetry_every=1",
+           "recall_every=1")
 PROMPT = " ".join(f"item {i} is {i * 7 % 13}." for i in range(60))
 
 
@@ -25,20 +28,22 @@ def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlPlane]:
         yield cp
 
 
-def _generate(cp: ControlPlane, request_id: str) -> list[dict[str, Any]]:
-    """Runs one request; returns the telemetry messages that came with it."""
+def _generate(cp: ControlPlane, request_id: str, max_tokens: int = 2) -> dict[str, list[dict[str, Any]]]:
+    """Runs one request; returns the telemetry and recall messages that came with it, by type."""
     cp.send(WID, {"type": "generate", "request_id": request_id, "input": {"prompt": PROMPT},
-                  "params": {"max_tokens": 2, "temperature": 0.0}})  # fmt: skip
+                  "params": {"max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True}})  # fmt: skip
     while cp.recv(WID, request_id)["type"] != "done":
         pass
     others = cp.inbox.pop(WID, [])
-    assert all(m["type"] == "telemetry" for m in others), others
-    return others
+    by_type: dict[str, list[dict[str, Any]]] = {"telemetry": [], "recall": []}
+    for m in others:
+        by_type[m["type"]].append(m)  # a KeyError here: a message of another type
+    return by_type
 
 
 def test_every_prefill_sends_one_valid_telemetry_message(worker: ControlPlane) -> None:
     for request_id in ("t1", "t2"):
-        messages = _generate(worker, request_id)
+        messages = _generate(worker, request_id)["telemetry"]
         assert len(messages) == 1
         t = messages[0]
         encode(t)  # a valid message (the test control plane decoded it too)
@@ -61,3 +66,23 @@ def test_every_prefill_sends_one_valid_telemetry_message(worker: ControlPlane) -
             assert all(loss[i + 1] <= loss[i] + 0.15 for i in range(n - 1)), c
             assert loss[0] > loss[-1]
     assert "telemetry sent: 4 curves" in worker.log_of(WID)
+
+
+def test_every_decode_step_sends_one_valid_recall_message(worker: ControlPlane) -> None:
+    # 4 tokens: the first comes from the prefill, then 3 decode steps
+    messages = _generate(worker, "r1", max_tokens=4)["recall"]
+    assert len(messages) == 3
+    for r in messages:
+        encode(r)
+        assert (r["worker_id"], r["model"]) == (WID, "tiny-random")
+        assert r["token_ratios"] == list(RECALL_TOKEN_RATIOS)
+        assert r["tokens"] > 200 and r["overhead_s"] > 0
+        assert sorted((h["layer"], h["head"]) for h in r["heads"]) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        for h in r["heads"]:
+            recall = h["recall"]
+            assert all(0.0 <= x <= 1.0 for x in recall)
+            # selections at growing ratios are nested (top-k of the same scores): recall never falls
+            assert all(recall[i + 1] >= recall[i] - 1e-6 for i in range(len(recall) - 1)), h
+            # a few hundred tokens, 5% of the blocks: the selection misses part of the mass
+            assert recall[0] < recall[-1]
+    assert [r["tokens"] for r in messages] == sorted({r["tokens"] for r in messages})  # one per step

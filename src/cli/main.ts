@@ -38,8 +38,13 @@ const handlers: Handlers = {
     if (!Number.isInteger(replanEvery) || replanEvery < 0) throw new UsageError(`--replan-every must be an integer >= 0, got ${replanEvery}`);
     if (replanEvery > 0 && o['target-ratio'] === undefined) throw new UsageError('--replan-every re-plans for --target-ratio: give it too');
     if (replanEvery > 0 && (!Number.isInteger(telemetryEvery) || telemetryEvery < 1)) throw new UsageError(`--telemetry-every must be an integer >= 1, got ${telemetryEvery}`);
-    // Workers measure telemetry only when it is used (the mosaickv backend's option telemetry_every).
-    const workerArgs = replanEvery > 0 ? ['--backend-option', `telemetry_every=${telemetryEvery}`] : [];
+    const recallEvery = o['recall-every'];
+    if (!Number.isInteger(recallEvery) || recallEvery < 0) throw new UsageError(`--recall-every must be an integer >= 0, got ${recallEvery}`);
+    // Workers measure telemetry only when it is used (the mosaickv backend's options telemetry_every, recall_every).
+    const workerArgs = [
+      ...(replanEvery > 0 ? ['--backend-option', `telemetry_every=${telemetryEvery}`] : []),
+      ...(recallEvery > 0 ? ['--backend-option', `recall_every=${recallEvery}`] : []),
+    ];
     const cp = await ControlPlane.start({
       workers: Array.from({ length: o.workers }, () => ({
         engine: o.engine, backend: o.backend, model: o.model, ...(o.device ? { device: o.device } : {}), ...(workerArgs.length ? { args: workerArgs } : {}),

@@ -42,6 +42,7 @@ export const COMMANDS = {
       'token-ratio': { type: 'number', description: 'with --target-ratio: token selection ratio of the plan (1: attend every block)', default: 0.1 },
       'replan-every': { type: 'number', description: 'with --target-ratio: re-plan from the workers\' telemetry after every N telemetry messages and publish it (0: plan once at start)', default: 0 },
       'telemetry-every': { type: 'number', description: 'with --replan-every: each worker measures the attention-loss curves of its 1st, (N+1)-th, ... prompt (backend option telemetry_every)', default: 8 },
+      'recall-every': { type: 'number', description: 'each mosaickv worker measures block-selection recall on its 1st, (N+1)-th, ... decode step (backend option recall_every); shown in /admin/workers and /metrics, and with --replan-every the re-plans pick per-layer token ratios from it (0: off)', default: 0 },
       python: PYTHON,
     },
   },

@@ -11,7 +11,7 @@ import { Context, Router } from 'zeromq';
 import { MosaicError } from '../protocol/errors.js';
 import {
   decodeFromWorker, encode, ProtocolError, type ControlMessage, type GenerateInput, type HelloMsg,
-  type HeadPolicyWire, type PolicyMsg, type SamplingParams, type StatsMsg, type TelemetryMsg, type WorkerMessage,
+  type HeadPolicyWire, type PolicyMsg, type RecallMsg, type SamplingParams, type StatsMsg, type TelemetryMsg, type WorkerMessage,
 } from '../protocol/protocol.js';
 import type { Telemetry } from '../policy/planner.js';
 import { readAllowList, readCertificate, writeKeyPair, writePublicCertificate, ZapHandler, type KeyPair } from './curve.js';
@@ -67,6 +67,31 @@ interface TelemetryAccumulator {
   samples: number;
   overheadS: number;
   tokens: number;
+}
+
+/** Per model: the running mean recall of every layer x KV head over the `recall` messages received. */
+interface RecallAccumulator {
+  tokenRatios: number[];
+  sums: Map<string, { layer: number; head: number; recall: number[]; count: number }>;
+  samples: number;
+  overheadS: number;
+  tokens: number;
+}
+
+/** The running mean of one layer x KV head's decode recall: recall[i] at tokenRatios[i]. */
+export interface HeadRecall {
+  layer: number;
+  head: number;
+  recall: number[];
+}
+
+/** `pool.recall(model)`: mean block-selection recall per layer x KV head over the sampled decode steps. */
+export interface RecallSummary {
+  tokenRatios: number[];
+  heads: HeadRecall[];
+  samples: number;
+  meanOverheadS: number;
+  meanTokens: number;
 }
 
 export type WorkerState = 'starting' | 'ready' | 'dead' | 'backoff' | 'stopping';
@@ -144,6 +169,7 @@ export class WorkerPool {
   private policy: PolicyMsg | null = null;
   private readonly telemetryByModel = new Map<string, TelemetryAccumulator>();
   private readonly telemetryListeners = new Set<(model: string, samples: number) => void>();
+  private readonly recallByModel = new Map<string, RecallAccumulator>();
   private closing = false;
   private sendChain: Promise<void> = Promise.resolve();
   private pendingSends = 0;
@@ -492,6 +518,9 @@ export class WorkerPool {
       case 'telemetry':
         this.addTelemetry(message);
         return;
+      case 'recall':
+        this.addRecall(message);
+        return;
       case 'error': {
         if (message.request_id === null) {
           this.log(`[pool] worker ${entry.id} reported: ${message.code}: ${message.message}`);
@@ -688,17 +717,66 @@ export class WorkerPool {
     for (const listener of this.telemetryListeners) listener(message.model, acc.samples);
   }
 
+  private addRecall(message: RecallMsg): void {
+    let acc = this.recallByModel.get(message.model);
+    const same = acc && acc.tokenRatios.length === message.token_ratios.length && acc.tokenRatios.every((r, i) => r === message.token_ratios[i]);
+    if (!acc || !same) {
+      if (acc) this.log(`[pool] recall for ${message.model} from ${message.worker_id} has other token ratios; starting over from it`);
+      acc = { tokenRatios: [...message.token_ratios], sums: new Map(), samples: 0, overheadS: 0, tokens: 0 };
+      this.recallByModel.set(message.model, acc);
+    }
+    for (const head of message.heads) {
+      const key = `${head.layer}/${head.head}`;
+      const sum = acc.sums.get(key);
+      if (sum) {
+        head.recall.forEach((x, i) => (sum.recall[i]! += x));
+        sum.count += 1;
+      } else {
+        acc.sums.set(key, { layer: head.layer, head: head.head, recall: [...head.recall], count: 1 });
+      }
+    }
+    acc.samples += 1;
+    acc.overheadS += message.overhead_s;
+    acc.tokens += message.tokens;
+  }
+
+  /** The running mean decode recall per layer x KV head of the workers serving `model` (`recall`
+   *  messages), ordered by layer and head; null before the first. */
+  recall(model: string): RecallSummary | null {
+    const acc = this.recallByModel.get(model);
+    if (!acc) return null;
+    const heads = [...acc.sums.values()]
+      .sort((a, b) => a.layer - b.layer || a.head - b.head)
+      .map((h) => ({ layer: h.layer, head: h.head, recall: h.recall.map((x) => x / h.count) }));
+    return { tokenRatios: [...acc.tokenRatios], heads, samples: acc.samples, meanOverheadS: acc.overheadS / acc.samples, meanTokens: acc.tokens / acc.samples };
+  }
+
+  /** Models with decode recall samples. */
+  recallModels(): string[] {
+    return [...this.recallByModel.keys()];
+  }
+
   /**
    * The running mean of every curve the workers serving `model` sent (`telemetry` messages), in the
    * planner's shape, with the number of messages averaged (`samples`) and their mean overhead and
-   * prompt length; null before the first.
+   * prompt length; null before the first. A head with decode recall samples (`recall` messages) carries
+   * its mean recall curve too (token ratios below 1), from which the planner picks its token ratio.
    */
   telemetry(model: string): { telemetry: Telemetry; samples: number; meanOverheadS: number; meanTokens: number } | null {
     const acc = this.telemetryByModel.get(model);
     if (!acc) return null;
+    const recall = new Map(this.recall(model)?.heads.map((h) => [`${h.layer}/${h.head}`, h]));
+    const ratios = this.recallByModel.get(model)?.tokenRatios ?? [];
+    const below1 = ratios.flatMap((r, i) => (r < 1 ? [i] : [])); // ratio 1 selects every block: nothing to choose
     const curves = [...acc.sums.values()]
       .sort((a, b) => a.layer - b.layer || a.head - b.head)
-      .map((c) => ({ layer: c.layer, head: c.head, loss: c.loss.map((x) => x / c.count) })); // means of [0, 1] (checked on the wire)
+      .map((c) => {
+        const loss = c.loss.map((x) => x / c.count); // means of [0, 1] (checked on the wire)
+        const r = recall.get(`${c.layer}/${c.head}`);
+        return r && below1.length
+          ? { layer: c.layer, head: c.head, loss, recall: { tokenRatios: below1.map((i) => ratios[i]!), recall: below1.map((i) => r.recall[i]!) } }
+          : { layer: c.layer, head: c.head, loss };
+      });
     return {
       telemetry: {
         model, nLayers: curves.length ? Math.max(...curves.map((c) => c.layer)) + 1 : 0, nKvHeads: curves.length ? Math.max(...curves.map((c) => c.head)) + 1 : 0,
@@ -795,6 +873,15 @@ export class WorkerPool {
       ...family('mosaickv_worker_kv_bytes', 'gauge', 'KV cache bytes held by each worker (from its heartbeats).', workers.map((w) => ({ labels: { worker: w.id, backend: w.backend }, value: w.kvBytes }))),
       ...family('mosaickv_worker_up', 'gauge', '1 when the worker is ready.', workers.map((w) => ({ labels: { worker: w.id, state: w.state }, value: w.state === 'ready' ? 1 : 0 }))),
       ...engineFamilies(workerStats),
+      ...family('mosaickv_decode_recall', 'gauge', 'Mean share of full attention mass on the blocks selected at token_ratio, per layer and KV head, over sampled decode steps.',
+        this.recallModels().flatMap((model) => {
+          const r = this.recall(model)!;
+          return r.heads.flatMap((h) => h.recall.map((value, i) => ({
+            labels: { model, layer: String(h.layer), head: String(h.head), token_ratio: String(r.tokenRatios[i]) }, value,
+          })));
+        })),
+      ...family('mosaickv_decode_recall_samples', 'gauge', 'Sampled decode steps averaged into mosaickv_decode_recall.',
+        this.recallModels().map((model) => ({ labels: { model }, value: this.recall(model)!.samples }))),
     ];
     return `${lines.join('\n')}\n`;
   }

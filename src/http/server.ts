@@ -86,6 +86,11 @@ export async function startHttpServer(cp: ControlPlane, options: HttpOptions): P
       policy_version: w.policyVersion, policy_refused: w.policyRefused,
     })),
     queue_depth: cp.pool.queueDepth,
+    // Per model, the mean block-selection recall of sampled decode steps (`recall` messages), per layer x KV head.
+    decode_recall: Object.fromEntries(cp.pool.recallModels().map((model) => {
+      const r = cp.pool.recall(model)!;
+      return [model, { token_ratios: r.tokenRatios, samples: r.samples, mean_overhead_s: r.meanOverheadS, mean_tokens: r.meanTokens, heads: r.heads }];
+    })),
   }));
 
   app.get('/metrics', async (_request, reply) => {

@@ -222,13 +222,18 @@ export function planFromTelemetry(telemetry: Telemetry, target: Target, options:
     used += best.cost;
   }
 
+  // The heads of a layer share a token ratio, the largest any of them needs: a layer selects blocks
+  // once per decode step (the hf backend refuses a policy that asks otherwise). Summary bytes do not
+  // depend on the ratio, so this leaves the allocation above unchanged.
+  const layerTokenRatio = new Map<number, number>();
+  for (const c of curves) layerTokenRatio.set(c.layer, Math.max(layerTokenRatio.get(c.layer) ?? 0, tokenRatioFor(c, options)));
   const heads = units.flatMap((group, u): HeadPolicy[] => {
     const p = hulls[u]![at[u]!]!;
     const keepRatio = telemetry.keepRatios[p.index]!;
     const keep = keptElements(keepRatio, layout.headDim, layout.group);
-    // The heads of a unit share a token ratio too: the largest any of them needs.
-    const tokenRatio = Math.max(...group.map((c) => tokenRatioFor(c, options)));
-    return group.map((c) => ({ layer: c.layer, head: c.head, keepRatio, keep, tokenRatio, lossThreshold: c.loss[p.index]!, bytesPerToken: p.bytes / group.length }));
+    return group.map((c) => ({
+      layer: c.layer, head: c.head, keepRatio, keep, tokenRatio: layerTokenRatio.get(c.layer)!, lossThreshold: c.loss[p.index]!, bytesPerToken: p.bytes / group.length,
+    }));
   });
   const bytes = heads.reduce((s, h) => s + h.bytesPerToken, 0);
   return {

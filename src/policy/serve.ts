@@ -36,8 +36,11 @@ export async function servePolicy(pool: WorkerPool, a: ServePolicyArgs): Promise
     try {
       const replan = planFromTelemetry(measured.telemetry, { ratio: a.targetRatio }, planOptions(args));
       const v = pool.publishPolicy(policyHeads(replan));
+      const recall = pool.recall(model);
+      const tokenRatios = [...new Set(replan.heads.map((h) => h.tokenRatio))].sort((x, y) => x - y);
       a.log(`policy ${v}: re-planned from ${samples} telemetry samples at ${replan.achievedRatio.toFixed(2)}x less KV `
-        + `(mean attention loss ${(replan.totalLoss / replan.heads.length).toFixed(4)}; curves cost ${measured.meanOverheadS.toFixed(3)} s per sampled ${Math.round(measured.meanTokens)}-token prompt), published`);
+        + `(mean attention loss ${(replan.totalLoss / replan.heads.length).toFixed(4)}; curves cost ${measured.meanOverheadS.toFixed(3)} s per sampled ${Math.round(measured.meanTokens)}-token prompt; `
+        + `token ratios ${tokenRatios.join(', ')} ${recall ? `from the recall of ${recall.samples} sampled decode steps` : `(--token-ratio, no decode recall)`}), published`);
     } catch (err) {
       a.log(`re-plan from ${samples} telemetry samples failed, policy unchanged: ${(err as Error).message}`);
     }

@@ -161,17 +161,36 @@ export interface TelemetryMsg {
   overhead_s: number;
 }
 
+/** One layer x KV head of a `recall` message: recall[i] at token_ratios[i]. */
+export interface RecallHeadWire {
+  layer: number;
+  head: number;
+  recall: number[];
+}
+/** Block-selection recall on a sampled decode step (docs/POLICY.md, "Decode recall"). */
+export interface RecallMsg {
+  type: 'recall';
+  worker_id: string;
+  model: string;
+  token_ratios: number[];
+  heads: RecallHeadWire[];
+  /** Tokens in the cache at the sampled step. */
+  tokens: number;
+  /** Seconds the measurement took (on the engine thread, inside the step). */
+  overhead_s: number;
+}
+
 /** Every message of the protocol. */
 export type Message =
   | HelloMsg | ReadyMsg | GenerateMsg | TokenMsg | DoneMsg | ErrorMsg | CancelMsg | HeartbeatMsg
-  | StatsRequestMsg | StatsMsg | ShutdownMsg | PolicyMsg | PolicyAckMsg | TelemetryMsg;
+  | StatsRequestMsg | StatsMsg | ShutdownMsg | PolicyMsg | PolicyAckMsg | TelemetryMsg | RecallMsg;
 export type MessageType = Message['type'];
 /** What the control plane sends (C→W, plus error and heartbeat which go both ways). */
 export type ControlMessage = ReadyMsg | GenerateMsg | CancelMsg | HeartbeatMsg | StatsRequestMsg | ShutdownMsg | ErrorMsg | PolicyMsg;
 /** What the control plane accepts from a worker (W→C). */
-export type WorkerMessage = HelloMsg | TokenMsg | DoneMsg | ErrorMsg | HeartbeatMsg | StatsMsg | PolicyAckMsg | TelemetryMsg;
+export type WorkerMessage = HelloMsg | TokenMsg | DoneMsg | ErrorMsg | HeartbeatMsg | StatsMsg | PolicyAckMsg | TelemetryMsg | RecallMsg;
 
-const WORKER_TYPES: ReadonlySet<string> = new Set(['hello', 'token', 'done', 'error', 'heartbeat', 'stats', 'policy_ack', 'telemetry']);
+const WORKER_TYPES: ReadonlySet<string> = new Set(['hello', 'token', 'done', 'error', 'heartbeat', 'stats', 'policy_ack', 'telemetry', 'recall']);
 
 // ---------------------------------------------------------------------------------------------
 // Schema
@@ -280,6 +299,15 @@ const SCHEMA: Record<MessageType, readonly Field[]> = {
     f('curves', {
       kind: 'array',
       of: { kind: 'map', fields: [f('layer', int0), f('head', int0), f('loss', { kind: 'array', of: { kind: 'float', min: 0, max: 1 } })] },
+    }),
+    f('tokens', int0), f('overhead_s', { kind: 'float', min: 0 }),
+  ],
+  recall: [
+    f('worker_id', str), f('model', str),
+    f('token_ratios', { kind: 'array', of: { kind: 'float', min: 0, minExclusive: true, max: 1 } }),
+    f('heads', {
+      kind: 'array',
+      of: { kind: 'map', fields: [f('layer', int0), f('head', int0), f('recall', { kind: 'array', of: { kind: 'float', min: 0, max: 1 } })] },
     }),
     f('tokens', int0), f('overhead_s', { kind: 'float', min: 0 }),
   ],
@@ -464,6 +492,12 @@ function validate(header: unknown, received: ReceivedFrames | null): Message {
     const n = (body.keep_ratios as number[]).length;
     (body.curves as TelemetryCurveWire[]).forEach((curve, i) => {
       if (curve.loss.length !== n) bad(`curves[${i}].loss`, `has ${curve.loss.length} losses for ${n} keep_ratios (one each)`);
+    });
+  }
+  if (type === 'recall') {
+    const n = (body.token_ratios as number[]).length;
+    (body.heads as RecallHeadWire[]).forEach((head, i) => {
+      if (head.recall.length !== n) bad(`heads[${i}].recall`, `has ${head.recall.length} recalls for ${n} token_ratios (one each)`);
     });
   }
   return { type, ...body } as unknown as Message;

@@ -244,14 +244,17 @@ class KVCache:
             raise ValueError(f"q must be [H_q, D], got shape {tuple(q.shape)}")
         return q.float().view(self.n_kv_heads, -1, self.dim)
 
-    def _plan(self, q: torch.Tensor) -> _Plan:
+    def _plan(self, q: torch.Tensor, token_ratio: float | None = None) -> _Plan:
+        """token_ratio: select as if the method's token ratio were this (the segments' summaries are
+        the same whatever the ratio); default the method's own."""
         qg = self._group_query(q)
         q_rot = [seg.k.rotate(qg) for seg in self.segments]
+        ratio = self.method.token_ratio if token_ratio is None else token_ratio
         selected = None
-        if self.method.selects_blocks and self.segments:
+        if self.method.selects_blocks and self.segments and ratio < 1.0:
             scores = torch.cat([score_blocks(seg.summary_queries(qr), seg.summary, seg.summary_kind)
                                 for seg, qr in zip(self.segments, q_rot, strict=True)], dim=1)
-            selected = select_top_blocks(scores, self.method.token_ratio)
+            selected = select_top_blocks(scores, ratio)
         return _Plan(qg, q_rot, selected)
 
     def select_blocks(self, q: torch.Tensor) -> torch.Tensor:
@@ -310,9 +313,10 @@ class KVCache:
             outs.append(merge_parts(lses, parts))
         return torch.cat(outs).to(q.dtype)
 
-    def attended_mask(self, q: torch.Tensor) -> torch.Tensor:
-        """Which token positions ``attend(q)`` reads, per KV head: [H_kv, T] bool (for analysis)."""
-        plan = self._plan(q)
+    def attended_mask(self, q: torch.Tensor, token_ratio: float | None = None) -> torch.Tensor:
+        """Which token positions ``attend(q)`` reads, per KV head: [H_kv, T] bool (for analysis and
+        recall telemetry); with ``token_ratio``, the positions it would read at that ratio."""
+        plan = self._plan(q, token_ratio)
         mask = torch.ones(self.n_kv_heads, self.length, dtype=torch.bool, device=self.device)
         for i, seg in enumerate(self.segments):
             for h in range(self.n_kv_heads):

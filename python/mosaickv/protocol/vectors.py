@@ -355,6 +355,22 @@ VALID: list[Case] = [
             "overhead_s": 0.375,
         },
     ),
+    Case(
+        "recall",
+        "recall: block-selection recall of two heads at two token ratios on a sampled decode step",
+        {
+            "type": "recall",
+            "worker_id": "w-0",
+            "model": "smollm2-135m",
+            "token_ratios": [0.1, 0.5],
+            "heads": [
+                {"layer": 3, "head": 0, "recall": [0.75, 1.0]},
+                {"layer": 3, "head": 1, "recall": [0.5, 0.875]},
+            ],
+            "tokens": 2048,
+            "overhead_s": 0.125,
+        },
+    ),
 ]
 
 
@@ -493,6 +509,30 @@ INVALID: list[Case] = [
               "overhead_s": 0.1}),
         "bad_message",
         "keep_ratios",
+    ),
+    _bad(
+        "invalid_recall_above_one",
+        "a recall is a share of attention mass, in [0, 1]",
+        _raw({"v": V, "type": "recall", "worker_id": "w", "model": "m", "token_ratios": [0.1],
+              "heads": [{"layer": 0, "head": 0, "recall": [1.25]}], "tokens": 8, "overhead_s": 0.1}),
+        "bad_message",
+        "recall",
+    ),
+    _bad(
+        "invalid_recall_length",
+        "a recall head needs one recall per token ratio",
+        _raw({"v": V, "type": "recall", "worker_id": "w", "model": "m", "token_ratios": [0.1, 0.2],
+              "heads": [{"layer": 0, "head": 0, "recall": [0.5]}], "tokens": 8, "overhead_s": 0.1}),
+        "bad_message",
+        "token_ratios",
+    ),
+    _bad(
+        "invalid_recall_token_ratio_zero",
+        "recall token ratios are in (0, 1]",
+        _raw({"v": V, "type": "recall", "worker_id": "w", "model": "m", "token_ratios": [0.0],
+              "heads": [{"layer": 0, "head": 0, "recall": [0.5]}], "tokens": 8, "overhead_s": 0.1}),
+        "bad_message",
+        "token_ratios",
     ),
     _bad(
         "invalid_policy_version_zero",

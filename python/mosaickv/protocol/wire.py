@@ -460,11 +460,30 @@ SCHEMA: Mapping[str, tuple[Field, ...]] = {
         _f("tokens", _INT0),
         _f("overhead_s", Float(min=0.0)),
     ),
+    "recall": (
+        _f("worker_id", _STR),
+        _f("model", _STR),
+        _f("token_ratios", Array(Float(min=0.0, max=1.0, min_exclusive=True))),
+        _f(
+            "heads",
+            Array(
+                MapOf(
+                    (
+                        _f("layer", _INT0),
+                        _f("head", _INT0),
+                        _f("recall", Array(Float(min=0.0, max=1.0))),
+                    )
+                )
+            ),
+        ),
+        _f("tokens", _INT0),
+        _f("overhead_s", Float(min=0.0)),
+    ),
 }
 
 MESSAGE_TYPES = frozenset(SCHEMA)
 WORKER_SENDS = frozenset(
-    {"hello", "token", "done", "error", "heartbeat", "stats", "policy_ack", "telemetry"}
+    {"hello", "token", "done", "error", "heartbeat", "stats", "policy_ack", "telemetry", "recall"}
 )
 CONTROL_SENDS = frozenset(
     {"ready", "generate", "cancel", "heartbeat", "stats_request", "shutdown", "error", "policy"}
@@ -487,6 +506,12 @@ def _cross_checks(message: dict[str, Any]) -> None:
         for i, curve in enumerate(message["curves"]):
             if len(curve["loss"]) != n:
                 _bad(f"curves[{i}].loss", f"has {len(curve['loss'])} losses for {n} keep_ratios (one each)")
+    if message["type"] == "recall":
+        n = len(message["token_ratios"])
+        for i, head in enumerate(message["heads"]):
+            if len(head["recall"]) != n:
+                got = len(head["recall"])
+                _bad(f"heads[{i}].recall", f"has {got} recalls for {n} token_ratios (one each)")
 
 
 def _request_id_of(header: Any) -> str | None:

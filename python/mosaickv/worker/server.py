@@ -117,9 +117,10 @@ class Worker:
         self._wake()
 
     def _telemetry(self, data: Mapping[str, Any]) -> None:
-        """Engine thread -> main thread: policy curves, sent as one ``telemetry`` message."""
-        self._notices.put({"type": "telemetry", "worker_id": self.worker_id, "model": self.engine.model_name,
-                           **data})  # fmt: skip
+        """Engine thread -> main thread: policy curves, sent as one ``telemetry`` message (or the
+        message ``data["type"]`` names: ``recall``, from sampled decode steps)."""
+        self._notices.put({"type": "telemetry", **data, "worker_id": self.worker_id,
+                           "model": self.engine.model_name})  # fmt: skip
         self._wake()
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
@@ -366,6 +367,9 @@ class Worker:
             if self._send(notice) and notice["type"] == "telemetry":
                 log.info("telemetry sent: %d curves of a %d-token prompt, measured in %.3f s",
                          len(notice["curves"]), notice["tokens"], notice["overhead_s"])  # fmt: skip
+            elif notice["type"] == "recall":
+                log.debug("recall sent: %d heads of a %d-token decode step, measured in %.3f s",
+                          len(notice["heads"]), notice["tokens"], notice["overhead_s"])  # fmt: skip
         while True:
             try:
                 request_id, event = self._outbox.get_nowait()

@@ -36,6 +36,11 @@ every layer's ``attention_losses`` at the planner's keep ratios from the prompt 
 before they are encoded, and hand the curves to ``telemetry_sink`` (the worker sends them to the
 control plane as a ``telemetry`` message); it runs on the engine thread and delays that request's
 first token by its ``overhead_s``.
+``recall_every=N`` (any method that selects blocks; default 0 = off): on the 1st, (N+1)-th, ... decode
+step of the backend (counted over all requests), every layer measures ``decode_recall`` of the step's
+query (the share of full attention's mass, over the decompressed keys, that the core selection reads
+at each of ``RECALL_TOKEN_RATIOS``) and the sink gets one ``recall`` message; on the engine thread,
+inside that step.
 """
 
 from __future__ import annotations
@@ -44,7 +49,8 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -54,14 +60,24 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from mosaickv.cache import CacheConfig, CacheManager
 from mosaickv.core import METHODS, CompressionMethod, KVCache, make_method
-from mosaickv.policy import PLAN_KEEP_RATIOS, attention_losses, head_curves, model_shape, read_plan
+from mosaickv.policy import (
+    PLAN_KEEP_RATIOS,
+    QUERY_WINDOW,
+    RECALL_TOKEN_RATIOS,
+    attention_losses,
+    decode_recall,
+    head_curves,
+    head_recalls,
+    model_shape,
+    read_plan,
+)
 
 from .backends import KVBackend
 
 log = logging.getLogger("mosaickv.engines.hf.mosaickv")
 
 ATTENTION_NAME = "mosaickv"
-Q_WINDOW = 32  # prompt queries kept per layer for ThinK's channel scores (ThinK's observation window)
+Q_WINDOW = QUERY_WINDOW  # prompt queries kept per layer for ThinK's channel scores and the telemetry
 _FIT_STEPS = 12  # bisection steps on keep_ratio: 2**-12 of resolution is far below one element
 _current = threading.local()  # the PackedLayer whose update ran last on this thread
 
@@ -85,6 +101,77 @@ class ManagedKV:
     def length(self) -> int:
         return self.manager.tokens(self.request_id, self.layer)
 
+    @contextmanager
+    def core_view(self) -> Iterator[KVCache]:
+        """The layer's current snapshot as a core KVCache (what ``CacheManager.attend`` hands its
+        decode plan), held for the block so that no re-encode frees its pages meanwhile. The manager
+        has no public snapshot accessor yet, hence its private ``_stream``."""
+        stream = self.manager._stream(self.request_id, self.layer)
+        snap = stream.acquire()
+        try:
+            yield snap.to_kvcache(stream.method)
+        finally:
+            stream.release(snap)
+
+
+class DecodeRecallSampler:
+    """The ``recall_every`` option: on the 1st, (N+1)-th, ... decode step of the backend (one step =
+    one forward through every layer, any request), every layer whose cache selects blocks measures
+    ``decode_recall`` of the step's query and the last layer hands one ``recall`` message body to
+    ``emit``. Best effort: a failed measurement is logged and the step goes on."""
+
+    def __init__(self, every: int, emit: Callable[[dict[str, Any]], None]) -> None:
+        self.every, self.emit = every, emit
+        self.n_layers = 0  # set by the backend's prepare
+        self._steps = 0
+        self._recalls: dict[int, torch.Tensor] | None = None  # layer -> [H_kv, n_ratios] on a sampled step
+        self._elapsed = 0.0
+
+    def observe(
+        self, layer_idx: int, packed: KVCache | ManagedKV, q: torch.Tensor, scale: float | None
+    ) -> None:
+        """One layer's decode attention (q: [H_q, D]), after the step's token was appended."""
+        if layer_idx == 0:
+            self._recalls = {} if self._steps % self.every == 0 else None
+            self._steps += 1
+            self._elapsed = 0.0
+        if self._recalls is None:
+            return
+        start = time.perf_counter()
+        try:  # recall is best effort: it never fails the step it rides on
+            if isinstance(packed, ManagedKV):
+                with packed.core_view() as cache:
+                    self._measure(self._recalls, layer_idx, cache, q, scale)
+            else:
+                self._measure(self._recalls, layer_idx, packed, q, scale)
+        except Exception:
+            log.exception("decode recall of this step failed; the step goes on without it")
+            self._recalls = None
+            return
+        self._elapsed += time.perf_counter() - start
+        if layer_idx == self.n_layers - 1:
+            self._finish(packed.length)
+
+    @staticmethod
+    def _measure(
+        into: dict[int, torch.Tensor], layer_idx: int, cache: KVCache, q: torch.Tensor, scale: float | None
+    ) -> None:
+        if cache.method.selects_blocks:  # a layer attending every block has nothing to recall
+            into[layer_idx] = decode_recall(cache, q, scale)
+
+    def _finish(self, tokens: int) -> None:
+        """The sampled step's last layer: one ``recall`` message over the layers measured."""
+        recalls, self._recalls = self._recalls or {}, None
+        if recalls:
+            layers = sorted(recalls)
+            self.emit({
+                "type": "recall",
+                "token_ratios": list(RECALL_TOKEN_RATIOS),
+                "heads": head_recalls(layers, [recalls[i] for i in layers]),
+                "tokens": tokens,
+                "overhead_s": self._elapsed,
+            })
+
 
 class PackedLayer(CacheLayerMixin):
     """One decoder layer's cache: dense K/V ([1, H_kv, T, D]) during prefill, then a core KVCache or
@@ -93,9 +180,10 @@ class PackedLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, layer_idx: int) -> None:
+    def __init__(self, layer_idx: int, recall: DecodeRecallSampler | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.recall = recall  # the backend's recall_every sampler, None when off
         self.packed: KVCache | ManagedKV | None = None
         self.q_window: torch.Tensor | None = None  # [w, H_q, D], recorded by the attention function
 
@@ -169,8 +257,8 @@ class PackedCache(Cache):
     """One request's cache: a PackedLayer per decoder layer. ``request_id`` names the request in the
     backend's CacheManager while the manager holds it (from end_prefill to release), else None."""
 
-    def __init__(self, n_layers: int) -> None:
-        super().__init__(layers=[PackedLayer(i) for i in range(n_layers)])
+    def __init__(self, n_layers: int, recall: DecodeRecallSampler | None = None) -> None:
+        super().__init__(layers=[PackedLayer(i, recall) for i in range(n_layers)])
         self.request_id: str | None = None
 
 
@@ -205,6 +293,8 @@ def mosaickv_attention(
             f"after prefill the mosaickv backend decodes one token per step, got {query.shape[2]}"
         )
     out = layer.packed.attend(query[0, :, 0], scale=scaling)  # [H_q, D]
+    if layer.recall is not None:
+        layer.recall.observe(layer.layer_idx, layer.packed, query[0, :, 0], scaling)
     return out[None, None], None
 
 
@@ -337,6 +427,10 @@ class MosaicKVBackend(KVBackend):
         if every and method != "mosaic":
             raise ValueError(f"telemetry_every measures method mosaic's curves; got method {method!r}")
         self.telemetry_every: int = every
+        recall_every = params.pop("recall_every", 0)
+        if not isinstance(recall_every, int) or isinstance(recall_every, bool) or recall_every < 0:
+            raise ValueError(f"recall_every must be an integer >= 0, got {recall_every!r}")
+        self.recall = DecodeRecallSampler(recall_every, self._emit) if recall_every else None
         # Called on the engine thread with {head_dim, dtype, keep_ratios, curves, tokens, overhead_s}.
         self.telemetry_sink: Callable[[dict[str, Any]], None] | None = None
         self._prefills = 0
@@ -356,6 +450,11 @@ class MosaicKVBackend(KVBackend):
         self.budget_ratio: float | None = None if budget is None else float(budget)
         self.last_keep_ratio: float | None = params.get("keep_ratio")
         self._method = make_method(method, **params)  # validates the parameters now, before any request
+        if self.recall is not None and not self._method.selects_blocks:
+            raise ValueError(
+                f"recall_every measures block selection; method {method!r} as set attends every block "
+                "(use a method that compresses, with token_ratio < 1)"
+            )
         self._layer_methods: dict[int, CompressionMethod] = {}
         self.manager: CacheManager | None = None  # made by prepare when cache=manager
         self._fit_manager: CacheManager | None = None  # one layer, for budget_ratio fits on pages
@@ -373,6 +472,8 @@ class MosaicKVBackend(KVBackend):
         model.set_attn_implementation(ATTENTION_NAME)
         shape = model_shape(model, "")
         self._shape = (int(shape["headDim"]), str(shape["dtype"]))
+        if self.recall is not None:
+            self.recall.n_layers = int(shape["nLayers"])
         if self.policy_file is not None:
             self.set_layer_params(read_plan(self.policy_file, shape["nLayers"], shape["nKvHeads"]))
         if self.cache_config is not None and self.manager is None:
@@ -391,7 +492,12 @@ class MosaicKVBackend(KVBackend):
                 )
 
     def new_cache(self, model: PreTrainedModel) -> Cache:
-        return PackedCache(model.config.num_hidden_layers)
+        return PackedCache(model.config.num_hidden_layers, self.recall)
+
+    def _emit(self, message: dict[str, Any]) -> None:
+        """A sampled step's ``recall`` message body -> the worker (dropped while no sink is set)."""
+        if self.telemetry_sink is not None:
+            self.telemetry_sink(message)
 
     def end_prefill(self, cache: Cache) -> None:
         layers = [layer for layer in cache.layers if isinstance(layer, PackedLayer)]

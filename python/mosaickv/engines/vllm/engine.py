@@ -10,6 +10,10 @@ to every vLLM process through MOSAICKV_VLLM_CONFIG, and turns off what the backe
 prefix caching, chunked prefill (the whole prompt must be one step: max_num_batched_tokens =
 max_model_len), CUDA graphs (the builder reports NEVER; eager mode avoids a futile capture).
 ``--backend stock`` runs vLLM's own choice with its defaults.
+
+With ``--backend-option telemetry_every=N`` the engine core's impl measures the planner's curves on
+every N-th prefill and PUSHes them to a PULL socket this engine binds before AsyncLLM spawns its
+processes (engines/vllm/telemetry.py); they reach the worker through ``set_telemetry_sink``.
 """
 
 from __future__ import annotations
@@ -19,9 +23,10 @@ import json
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import asdict, fields
+from typing import Any
 
 from vllm import SamplingParams as VllmSamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -38,6 +43,7 @@ from mosaickv.engines.base import (
     TokenChunk,
 )
 from mosaickv.engines.vllm.config import ENV_VAR, MosaicSettings
+from mosaickv.engines.vllm.telemetry import TelemetryRelay
 from mosaickv.protocol import MosaicError
 
 BACKENDS = ("stock", "mosaickv")
@@ -74,10 +80,14 @@ class VLLMEngine(Engine):
                              "use --engine hf on CPU")
         start = time.perf_counter()
         args = AsyncEngineArgs(model=model, max_num_seqs=max_inflight, max_model_len=max_model_len)
+        self._relay: TelemetryRelay | None = None
         if backend == "mosaickv":
             self.settings = settings_from_options(backend_options or {})
             # Every vLLM process (engine core, workers) reads the settings from the environment.
             os.environ[ENV_VAR] = json.dumps(asdict(self.settings))
+            if self.settings.telemetry_every:  # bound and exported before AsyncLLM spawns the engine core
+                self._relay = TelemetryRelay()
+                self._relay.export()
             args.attention_backend = "CUSTOM"
             args.enable_prefix_caching = False
             args.enable_chunked_prefill = False
@@ -87,7 +97,12 @@ class VLLMEngine(Engine):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vllm-engine", daemon=True)
         self._thread.start()
-        self._llm: AsyncLLM = self._call(self._start(args)).result()
+        try:
+            self._llm: AsyncLLM = self._call(self._start(args)).result()
+        except BaseException:
+            if self._relay is not None:  # its socket file and thread would outlive the failed start
+                self._relay.close()
+            raise
         cfg = self._llm.model_config
         parallel = self._llm.vllm_config.parallel_config
         batched = self._llm.vllm_config.scheduler_config.max_num_batched_tokens
@@ -204,7 +219,14 @@ class VLLMEngine(Engine):
             return {"requests_total": self._requests, "tokens_generated_total": self._tokens,
                     "token_head_bytes": self._token_head_bytes, "block_size": self._block}
 
+    def set_telemetry_sink(self, sink: Callable[[dict[str, Any]], None]) -> None:
+        """The engine core's sampled curves (telemetry_every) go to `sink`, from the relay's thread."""
+        if self._relay is not None:
+            self._relay.sink = sink
+
     def close(self) -> None:
+        if self._relay is not None:
+            self._relay.close()
         with self._lock:
             tasks = list(self._running.values())
         for task in tasks:
