@@ -355,9 +355,11 @@ def manager_overhead(
     dtype: torch.dtype,
     prompt: int,
     segment_len: int,
+    threads: int | None,
 ) -> dict:
     """Wall ms per decode step of CacheManager.append over every layer and sequence, and whether
-    the CPU re-encoders keep up (backlog, stalls) over ``steps`` steps."""
+    the CPU re-encoders (``threads``; None: the manager's default) keep up (backlog, stalls) over
+    ``steps`` steps."""
     mgr = CacheManager(
         make_method(
             "mosaic",
@@ -370,6 +372,7 @@ def manager_overhead(
         shape.dim,
         dtype,
         device,
+        CacheConfig(n_threads=threads),
     )
     try:
         rids = [f"seq{b}" for b in range(batch)]
@@ -552,6 +555,11 @@ def main() -> None:
         help="decode segment length in that probe: short, so that closes and re-encodes "
         "happen within the measured steps",
     )
+    parser.add_argument(
+        "--manager-threads",
+        type=int,
+        help="CPU re-encoder threads in that probe (default: the manager's, cores - 1)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     cuda = not args.smoke
@@ -642,6 +650,7 @@ def main() -> None:
             dtype,
             256,  # prompt: only the window and the temporary segment matter to this probe
             args.manager_segment_len,
+            args.manager_threads,
         )
         if b in step_128k:
             o["fraction_of_mosaickv_step"] = o["append_ms_per_step"] / step_128k[b]

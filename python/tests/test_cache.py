@@ -10,12 +10,10 @@ import threading
 import pytest
 import torch
 
-from mosaickv.cache import CacheConfig, CacheFull, CacheManager, PagedStripe, PagePool
+from mosaickv.cache import CacheConfig, CacheFull, CacheManager, PagedBlob, PagedStripe, PagePool
 from mosaickv.core import KVCache, make_method, pack_topk
 
 H_KV, H_Q, D = 2, 4, 32
-
-
 
 
 # Named scenarios: fixed keep closing at segment_len, and the searched strategy closing on drift.
@@ -153,7 +151,7 @@ def test_temporary_segment_uses_previous_strategy() -> None:
         seg = snap.segments[-1]
         rows = snap.temp.to_core()
         x = torch.einsum(
-            "shd,hed->hse", k[100 - 16 : 130 - 16].float(), seg.rot_k
+            "shd,hed->hse", k[100 - 16 : 130 - 16].float(), seg.rotations.read()[0]
         )  # tokens that left the window
         for h in range(H_KV):
             vals, bits = pack_topk(x[h], seg.k[h].keep, seg.k[h].group, None, torch.float32)
@@ -200,7 +198,7 @@ def test_attention_during_a_swap_sees_before_or_after() -> None:
         assert torch.equal(seen[-1], after)
         stream = mgr._stream("r", 0)
         assert stream.snapshot.generation == 1 and not stream.retired  # old temp rows were freed
-        owned = {p for st in stream.stripes() for p in st.pages}
+        owned = {p for st in stream.paged() for p in st.pages}
         assert mgr.pool.used_pages == len(owned)
     finally:
         mgr.close()
@@ -216,7 +214,7 @@ def test_retired_pages_wait_for_their_readers() -> None:
         feed(mgr, "r", k, v, n_prompt=100)
         stream = mgr._stream("r", 0)
         held = stream.acquire()  # an attention step still reading generation 0
-        temp_pages = {p for st in held.temp.temp.stripes() for p in st.pages}  # type: ignore[union-attr]
+        temp_pages = {p for st in held.temp.temp.paged() for p in st.pages}  # type: ignore[union-attr]
         mgr.resume()
         mgr.drain()
         assert stream.retired and temp_pages <= set(mgr.pool._refs)
@@ -372,12 +370,10 @@ def test_fork_shares_closed_segments_and_diverges() -> None:
         mgr.add_request("a")
         feed(mgr, "a", k[:130], v[:130], n_prompt=100)
         mgr.drain()
-        closed = {
-            p for seg in mgr._stream("a", 0).snapshot.segments for st in seg.stripes() for p in st.pages
-        }
+        closed = {p for seg in mgr._stream("a", 0).snapshot.segments for st in seg.paged() for p in st.pages}
         before = mgr.pool.used_pages
         mgr.fork("a", "b")
-        temp_pages = {p for st in mgr._stream("b", 0).temp.stripes() for p in st.pages}  # type: ignore[union-attr]
+        temp_pages = {p for st in mgr._stream("b", 0).temp.paged() for p in st.pages}  # type: ignore[union-attr]
         assert mgr.pool.used_pages == before + len(temp_pages)  # closed segments were not copied
         assert all(mgr.pool._refs[p] == 2 for p in closed)
         for rid, (kk, vv) in (("a", (k, v)), ("b", (k2, v2))):
@@ -442,6 +438,81 @@ def test_pool_bound_and_errors() -> None:
         mgr.close()
 
 
+def interleaved_blocks(
+    n_blocks: int, n_layers: int, block_bytes: int
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A buffer laid out like vLLM's KV cache (block-major: every layer's page of block 0, then of
+    block 1, ...) and one strided [n_blocks, block_bytes] uint8 view per layer."""
+    buf = torch.zeros(n_blocks, n_layers, block_bytes, dtype=torch.uint8)
+    return buf, [buf[:, layer] for layer in range(n_layers)]
+
+
+def test_pool_over_caller_storage_never_allocates() -> None:
+    buf, views = interleaved_blocks(3, 2, 600)  # 2 pages of 256 B per block, 88 B left unused
+    pool = PagePool(256, torch.device("cpu"), storage=views)
+    assert pool.external and pool.reserved_pages == pool.max_pages == 12
+    pages = [pool.allocate() for _ in range(12)]
+    with pytest.raises(CacheFull, match="engine's KV cache"):
+        pool.allocate()
+    for i, page in enumerate(pages):
+        pool.page(page).fill_(i + 1)
+    # every page is a distinct 256-byte piece of the caller's buffer, none of the per-block tails
+    assert sorted(buf[:, :, :512].reshape(-1, 256)[:, 0].tolist()) == list(range(1, 13))
+    assert int((buf[:, :, :512] == 0).sum()) == 0 and int(buf[:, :, 512:].sum()) == 0
+    pool.release(pages[5])
+    assert pool.allocate() == pages[5]
+    with pytest.raises(ValueError, match="one shape"):
+        PagePool(256, torch.device("cpu"), storage=[views[0], views[1][:2]])
+    with pytest.raises(ValueError, match="holds no page"):
+        PagePool(1024, torch.device("cpu"), storage=views)
+
+
+def test_blob_round_trip_shares_and_releases() -> None:
+    pool = PagePool(256, torch.device("cpu"), chunk_pages=8)
+    x = torch.randn(3, 7, 5)  # 420 B: two pages, the second partly used
+    blob = PagedBlob(pool, x)
+    assert len(blob.pages) == 2 and blob.used_bytes == x.numel() * 4
+    assert torch.equal(blob.read(), x)
+    twin = blob.shared()
+    blob.release()
+    assert pool.used_pages == 2 and torch.equal(twin.read(), x)
+    twin.release()
+    assert pool.used_pages == 0
+    small = PagePool(256, torch.device("cpu"), chunk_pages=1, max_pages=1)
+    with pytest.raises(CacheFull):
+        PagedBlob(small, x)
+    assert small.used_pages == 0  # a blob that does not fit gives back what it took
+
+
+def test_manager_in_caller_storage_holds_every_per_token_byte_there() -> None:
+    params = SCENARIOS["fixed_len"]
+    k, v = tokens(300, seed=11)
+    ref = synchronous(params, k, v, n_prompt=100)
+    buf, views = interleaved_blocks(64, 2, 4096)
+    mgr = CacheManager(
+        make_method("mosaic", **params), 2, H_KV, D, torch.float32, "cpu", CacheConfig(page_bytes=1024), views
+    )
+    try:
+        for rid, n in (("short", 100), ("long", 200)):
+            mgr.add_request(rid)
+            mgr.prefill(rid, 1, k[:n], v[:n])
+        # sinks and window are the only tensors outside pages: the same for both prompt lengths
+        short, long = mgr.request_stats("short"), mgr.request_stats("long")
+        assert short["dense_bytes"] == long["dense_bytes"] and long["page_bytes"] > short["page_bytes"]
+        assert mgr.stats()["cache_page_reserved_bytes"] == 2 * 64 * 4096
+        mgr.add_request("r")
+        feed(mgr, "r", k, v, n_prompt=100, layer=1)
+        mgr.drain()
+        assert_same_segments(mgr, "r", ref, layer=1)  # rows, rotations and summaries read back from buf
+        used = [mgr.pool.page(p) for p in range(mgr.pool.reserved_pages) if p in mgr.pool._refs]
+        assert used and all(t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() for t in used)
+        for rid in ("short", "long", "r"):
+            mgr.free(rid)
+        assert mgr.pool.used_pages == 0
+    finally:
+        mgr.close()
+
+
 def test_prompts_with_a_common_prefix_share_segments() -> None:
     params = SCENARIOS["fixed_len"]
     k, v = tokens(230, seed=40)
@@ -459,8 +530,8 @@ def test_prompts_with_a_common_prefix_share_segments() -> None:
         a_segs, b_segs = (mgr._stream(r, 0).snapshot.segments for r in ("a", "b"))
         assert [s.length for s in b_segs] == [48, 48, 48, 66]
         for sa, sb in zip(a_segs[:3], b_segs[:3], strict=True):
-            assert [st.pages for st in sa.stripes()] == [st.pages for st in sb.stripes()]
-        own = {p for st in b_segs[3].stripes() for p in st.pages}
+            assert [st.pages for st in sa.paged()] == [st.pages for st in sb.paged()]
+        own = {p for st in b_segs[3].paged() for p in st.pages}
         assert mgr.pool.used_pages == alone + len(own)
         assert mgr.stats()["cache_prefix_hits"] == 3
         assert_same_segments(mgr, "b", synchronous(params, k2, v2, 230))

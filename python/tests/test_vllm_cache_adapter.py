@@ -24,8 +24,6 @@ SCALE = D**-0.5
 LOSSLESS = MosaicSettings(keep_ratio=1.0, token_ratio=1.0, n_sink=4, window=8, segment_len=16)
 
 
-
-
 @pytest.fixture
 def adapter() -> Iterator[VllmCacheAdapter]:
     # max_backlog_tokens=1: each append waits for the previous re-encode, so decode-time segment
@@ -112,3 +110,41 @@ def test_a_new_prompt_in_a_held_block_replaces_the_finished_request(adapter: Vll
     assert adapter.manager.tokens(adapter._requests[7], LAYERS - 1) == 30
     with pytest.raises(NotImplementedError, match="chunked prefill"):
         adapter.store(Step(), 0, [(7, 0, 2, 30)], k2[:2], v2[:2])
+
+
+@pytest.mark.parametrize("layout", ["block-major", "heads-outermost"])
+def test_a_prompt_fits_the_blocks_vllm_gives_it(layout: str) -> None:
+    """cache: manager sizes vLLM's page from what the manager really stores: a prompt of whole
+    segments fits in exactly the blocks vLLM allocates for its tokens (arena_reserve 0), and the
+    same prompt in 15% fewer blocks is refused with CacheFull, not written past the pages."""
+    from mosaickv.cache import CacheFull
+    from mosaickv.engines.vllm.cache import page_storage
+
+    settings = MosaicSettings(keep_ratio=0.25, segment_len=256, cache="manager", arena_reserve=0.0)
+    block, n_kv, d = 16, 4, 64
+    cell = settings.state_bytes(d, torch.bfloat16)  # bytes per token and head of a vLLM page
+    tokens = settings.n_sink + 4 * settings.segment_len + settings.window
+    k, v = (torch.randn(tokens, n_kv, d).to(torch.bfloat16) for _ in range(2))
+    for blocks, fits in ((-(-tokens // block), True), (int(0.85 * tokens / block), False)):
+        if layout == "block-major":  # [num_blocks, H, N, C] views of a [blocks, layers, page] buffer
+            buf = torch.zeros(blocks, LAYERS, n_kv, block, cell // 2, dtype=torch.bfloat16)
+            views = [buf[:, layer] for layer in range(LAYERS)]
+        else:  # LHBNC: one slab per (head, block)
+            buf = torch.zeros(LAYERS, n_kv, blocks, block, cell // 2, dtype=torch.bfloat16)
+            views = [buf[layer].transpose(0, 1) for layer in range(LAYERS)]
+        storage, page_bytes = page_storage(views)
+        a = VllmCacheAdapter.from_settings(
+            settings, LAYERS, n_kv, d, torch.bfloat16, "cpu", CacheConfig(page_bytes=page_bytes), storage
+        )
+        try:
+            step = object()
+            if fits:
+                for layer in range(LAYERS):
+                    a.store(step, layer, [(0, 0, tokens, 0)], k, v)
+                assert a.stats()["cache_page_reserved_bytes"] <= buf.numel() * 2
+            else:
+                with pytest.raises(CacheFull, match="engine's KV cache"):
+                    for layer in range(LAYERS):
+                        a.store(step, layer, [(0, 0, tokens, 0)], k, v)
+        finally:
+            a.close()

@@ -14,13 +14,13 @@ One manager serves every engine; an engine adapter calls, per layer and request:
     mgr.stats(); mgr.request_stats(rid)    # flat str -> number maps for `stats` and /metrics
     mgr.close()                            # stop the CPU threads
 
-Pieces: ``pages`` (page pool, rows of one stripe per page), ``segments`` (closed, temporary,
-snapshot), ``stream`` (one request x layer: decode-side append, CPU-side close and swap),
-``manager`` (requests, CPU thread pool, backlog bound, accounting).
+Pieces: ``pages`` (page pool, own or over caller memory; rows of one stripe per page; blobs),
+``segments`` (closed, temporary, snapshot), ``stream`` (one request x layer: decode-side append,
+CPU-side close and swap), ``manager`` (requests, CPU thread pool, backlog bound, accounting).
 """
 
 from mosaickv.cache.manager import CacheConfig, CacheManager, default_threads
-from mosaickv.cache.pages import CacheFull, PagedStripe, PagePool
+from mosaickv.cache.pages import CacheFull, PagedBlob, PagedStripe, PagePool
 from mosaickv.cache.segments import PagedSegment, Snapshot, TempSegment, TempStrategy
 from mosaickv.cache.stream import HostBuffer, Stream
 
@@ -30,6 +30,7 @@ __all__ = [
     "CacheManager",
     "HostBuffer",
     "PagePool",
+    "PagedBlob",
     "PagedSegment",
     "PagedStripe",
     "Snapshot",

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mosaickv.cache.pages import PagedStripe, PagePool
+from mosaickv.cache.pages import Paged, PagePool
 from mosaickv.cache.segments import PagedSegment
 from mosaickv.cache.stream import Stream
 from mosaickv.core import CompressionMethod, Segment, make_method
@@ -64,6 +64,8 @@ class CacheManager:
             default of every (request, layer); ``add_request`` may give a request its own per layer.
         n_layers: L. n_kv_heads: H_kv. head_dim: D. dtype: storage dtype. device: where pages live.
         config: CacheConfig.
+        storage: memory the caller owns for the pages (``PagePool``'s storage, e.g. vLLM's KV cache
+            blocks); the pool then never allocates and ``config.max_pages``/``chunk_pages`` are unused.
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class CacheManager:
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
         config: CacheConfig | None = None,
+        storage: Sequence[torch.Tensor] = (),
     ) -> None:
         _check_method(method)
         if n_layers < 1 or n_kv_heads < 1 or head_dim < 1:
@@ -85,7 +88,7 @@ class CacheManager:
         self.dtype, self.device = dtype, _concrete(torch.device(device))
         self.config = config or CacheConfig()
         page_bytes = self.config.page_bytes or (4096 if method.segment_len < 16384 else 16384)
-        self.pool = PagePool(page_bytes, self.device, self.config.chunk_pages, self.config.max_pages)
+        self.pool = PagePool(page_bytes, self.device, self.config.chunk_pages, self.config.max_pages, storage)
         # attention runs the CUDA kernels when they are built, else the core reference on the device
         kernels = self.device.type == "cuda" and cuda_available()
         self._plan_device = self.device if kernels else torch.device("cpu")
@@ -280,8 +283,8 @@ class CacheManager:
         """Drop prefix entries no request uses any more (the entry is the pages' only owner)."""
         with self._lock:
             for key, seg in list(self._prefix.items()):
-                if all(self.pool.owners(p) == 1 for st in seg.stripes() for p in st.pages):
-                    for st in seg.stripes():
+                if all(self.pool.owners(p) == 1 for st in seg.paged() for p in st.pages):
+                    for st in seg.paged():
                         st.release()
                     del self._prefix[key]
 
@@ -376,8 +379,8 @@ class CacheManager:
     def request_stats(self, request_id: str) -> dict[str, int]:
         """Real bytes of one request: pages it references, host buffers, dense device tensors."""
         streams = [self._stream(request_id, layer) for layer in range(self.n_layers)]
-        pages = {p for s in streams for st in s.stripes() for p in st.pages}
-        rows = _unique_rows(st for s in streams for st in s.stripes())
+        pages = {p for s in streams for st in s.paged() for p in st.pages}
+        rows = _unique_rows(st for s in streams for st in s.paged())
         return {
             "tokens": streams[0].snapshot.length,
             "segments": len(streams[0].snapshot.segments),
@@ -397,10 +400,10 @@ class CacheManager:
             backlog, peak, stalls, stall_s = self._backlog, self._backlog_peak, self._stalls, self._stall_s
             errors, freed_reencodes = len(self._errors), self._reencodes_freed
             prefix_segments, prefix_hits = len(self._prefix), self._prefix_hits
-        stripes = [st for s in streams for st in s.stripes()]
+        parts = [part for s in streams for part in s.paged()]
         used_pages = self.pool.used_pages
         page_bytes = used_pages * self.pool.page_bytes
-        rows = _unique_rows(stripes)
+        rows = _unique_rows(parts)
         return {
             "cache_requests": n_requests,
             "cache_page_bytes": page_bytes,
@@ -433,9 +436,10 @@ def _check_method(method: CompressionMethod) -> None:
         )
 
 
-def _unique_rows(stripes: Iterable[PagedStripe]) -> int:
-    """Row bytes, each shared stripe once (stripes that share rows share their first page)."""
-    return sum({st.pages[0]: st.used_bytes for st in stripes if st.pages}.values())
+def _unique_rows(parts: Iterable[Paged]) -> int:
+    """Bytes of real data (rows, rotations, summaries), each shared part once (parts that share
+    data share their first page)."""
+    return sum({part.pages[0]: part.used_bytes for part in parts if part.pages}.values())
 
 
 def _concrete(device: torch.device) -> torch.device:

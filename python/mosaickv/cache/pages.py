@@ -13,7 +13,9 @@ the page remainder (< one row + 16 B) plus the unused slots of a stripe's last p
 
 from __future__ import annotations
 
+import copy
 import threading
+from collections.abc import Sequence
 
 import torch
 
@@ -32,17 +34,29 @@ class CacheFull(RuntimeError):
 
 
 class PagePool:
-    """Pages of ``page_bytes`` bytes on one device, allocated in chunks and reference counted.
+    """Pages of ``page_bytes`` bytes on one device, reference counted.
+
+    The pool either grows by device allocations of ``chunk_pages`` pages (up to ``max_pages``), or,
+    given ``storage``, carves every page out of memory its caller owns and never allocates: vLLM's
+    KV cache, so that MosaicKV's packed bytes live in the pages vLLM sized for them.
 
     Args:
         page_bytes: bytes per page (a multiple of 16, >= 256).
         device: where the pages live.
         chunk_pages: pages per backing allocation (the pool grows a chunk at a time).
         max_pages: upper bound on pages ever reserved, None for no bound.
+        storage: caller-owned memory, each tensor [n_blocks, block_bytes] uint8 (rows may be
+            strided: vLLM interleaves layers); every block is cut into block_bytes // page_bytes
+            pages. All tensors must have the same shape.
     """
 
     def __init__(
-        self, page_bytes: int, device: torch.device, chunk_pages: int = 256, max_pages: int | None = None
+        self,
+        page_bytes: int,
+        device: torch.device,
+        chunk_pages: int = 256,
+        max_pages: int | None = None,
+        storage: Sequence[torch.Tensor] = (),
     ) -> None:
         if page_bytes < 256 or page_bytes % ROW_ALIGN:
             raise ValueError(f"page_bytes must be a multiple of {ROW_ALIGN} and >= 256, got {page_bytes}")
@@ -50,12 +64,38 @@ class PagePool:
             raise ValueError(f"chunk_pages and max_pages must be >= 1, got {chunk_pages}, {max_pages}")
         self.page_bytes = page_bytes
         self.device = device
-        self.chunk_pages = chunk_pages if max_pages is None else min(chunk_pages, max_pages)
-        self.max_pages = max_pages
+        # A chunk is [rows, pages_per_row, page_bytes]: own chunks have one page per row, caller
+        # storage has one row per block.
         self._chunks: list[torch.Tensor] = []
         self._free: list[int] = []
         self._refs: dict[int, int] = {}
         self._lock = threading.Lock()
+        self.external = bool(storage)
+        if storage:
+            self._adopt(storage)
+            self.chunk_pages = self._chunks[0].shape[0] * self._chunks[0].shape[1]
+            self.max_pages: int | None = self.chunk_pages * len(self._chunks)
+            self._free.extend(range(self.max_pages - 1, -1, -1))
+        else:
+            self.chunk_pages = chunk_pages if max_pages is None else min(chunk_pages, max_pages)
+            self.max_pages = max_pages
+
+    def _adopt(self, storage: Sequence[torch.Tensor]) -> None:
+        shape = storage[0].shape
+        for t in storage:
+            if t.dim() != 2 or t.dtype != torch.uint8 or t.shape != shape or t.stride(1) != 1:
+                raise ValueError(
+                    "storage must be [n_blocks, block_bytes] uint8 tensors of one shape with "
+                    f"contiguous rows, got {tuple(t.shape)} {t.dtype} strides {t.stride()}"
+                )
+            if t.device != self.device:
+                raise ValueError(f"storage is on {t.device}, the pool on {self.device}")
+        per_block = shape[1] // self.page_bytes
+        if per_block < 1:
+            raise ValueError(f"a storage block of {shape[1]} B holds no page of {self.page_bytes} B")
+        self._chunks = [
+            t[:, : per_block * self.page_bytes].unflatten(1, (per_block, self.page_bytes)) for t in storage
+        ]
 
     @property
     def reserved_pages(self) -> int:
@@ -76,6 +116,13 @@ class PagePool:
             return page
 
     def _grow(self) -> None:
+        if self.external:
+            raise CacheFull(
+                f"all {self.max_pages} pages of {self.page_bytes} B in the engine's KV cache are in "
+                "use: the requests hold more packed bytes than the engine sized its blocks for "
+                "(early segment closes, partly filled pages); lower --max-num-seqs or raise "
+                "arena_reserve in MOSAICKV_VLLM_CONFIG"
+            )
         n = self.chunk_pages
         if self.max_pages is not None:
             n = min(n, self.max_pages - self.reserved_pages)
@@ -85,9 +132,8 @@ class PagePool:
                     "free finished requests or raise max_pages"
                 )
         base = self.reserved_pages
-        self._chunks.append(
-            torch.empty(self.chunk_pages, self.page_bytes, dtype=torch.uint8, device=self.device)
-        )
+        chunk = torch.empty(self.chunk_pages, self.page_bytes, dtype=torch.uint8, device=self.device)
+        self._chunks.append(chunk.unsqueeze(1))
         self._free.extend(range(base + n - 1, base - 1, -1))
 
     def owners(self, page: int) -> int:
@@ -112,7 +158,9 @@ class PagePool:
 
     def page(self, page: int) -> torch.Tensor:
         """The bytes of ``page``: [page_bytes] uint8 view into the pool."""
-        return self._chunks[page // self.chunk_pages][page % self.chunk_pages]
+        chunk = self._chunks[page // self.chunk_pages]
+        row, col = divmod(page % self.chunk_pages, chunk.shape[1])
+        return chunk[row, col]
 
 
 class PagedStripe:
@@ -166,21 +214,22 @@ class PagedStripe:
                 f"stripe rows must be values [n, {self.keep}] {self.dtype} and bitmap [n, W], "
                 f"got {tuple(values.shape)} {values.dtype} and {tuple(bitmap.shape)}"
             )
-        dev = self.pool.device
-        bits = bitmap.contiguous().view(torch.uint8).reshape(-1).to(dev)
-        padded = torch.zeros(n, self.stride, dtype=self.dtype, device=dev)
-        padded[:, : self.keep] = values
-        vals = padded.view(torch.uint8).reshape(-1)
-        bb, vb, done = self.bitmap_bytes, padded.shape[1] * padded.element_size(), 0
+        bits = bitmap.contiguous().view(torch.uint8).reshape(n, self.bitmap_bytes)
+        vb, done = self.stride * self.value_bytes // self.keep, 0
         while done < n:
             slot = self.length % self.rows_per_page
             if slot == 0:
                 self.pages.append(self.pool.allocate())
+                if self.stride != self.keep:  # the row padding must read as zeros (pages are reused)
+                    self.pool.page(self.pages[-1])[self.values_offset :].zero_()
             m = min(n - done, self.rows_per_page - slot)
             page = self.pool.page(self.pages[-1])
-            page[slot * bb : (slot + m) * bb] = bits[done * bb : (done + m) * bb]
+            page[slot * self.bitmap_bytes : (slot + m) * self.bitmap_bytes] = bits[done : done + m].reshape(
+                -1
+            )
             lo = self.values_offset + slot * vb
-            page[lo : lo + m * vb] = vals[done * vb : (done + m) * vb]
+            rows = page[lo : lo + m * vb].view(self.dtype).view(m, self.stride)
+            rows[:, : self.keep] = values[done : done + m]
             done += m
             self.length += m
 
@@ -219,3 +268,50 @@ class PagedStripe:
         for page in self.pages:
             self.pool.release(page)
         self.pages = []
+
+
+class PagedBlob:
+    """One immutable tensor's bytes in pages: a closed segment's rotations and block summaries, so
+    that every byte a segment holds per token lives in the pool. ``read`` gathers it back (a copy).
+
+    Same ownership surface as PagedStripe (pages, used_bytes, shared, release).
+    """
+
+    def __init__(self, pool: PagePool, x: torch.Tensor) -> None:
+        self.pool, self.shape, self.dtype = pool, tuple(x.shape), x.dtype
+        data = x.detach().contiguous().reshape(-1).view(torch.uint8).to(pool.device)
+        self.used_bytes = data.numel()
+        self.pages: list[int] = []
+        try:
+            for lo in range(0, self.used_bytes, pool.page_bytes):
+                self.pages.append(pool.allocate())
+                part = data[lo : lo + pool.page_bytes]
+                pool.page(self.pages[-1])[: part.numel()] = part
+        except CacheFull:
+            self.release()
+            raise
+
+    def read(self) -> torch.Tensor:
+        """The tensor, gathered from its pages."""
+        if not self.pages:
+            return torch.empty(self.shape, dtype=self.dtype, device=self.pool.device)
+        data = torch.cat([self.pool.page(p) for p in self.pages])[: self.used_bytes]
+        return data.view(self.dtype).view(self.shape)
+
+    def shared(self) -> PagedBlob:
+        """Another owner of the same pages."""
+        twin = copy.copy(self)
+        for page in self.pages:
+            self.pool.share(page)
+        twin.pages = list(self.pages)
+        return twin
+
+    def release(self) -> None:
+        """Give every page back to the pool (once)."""
+        for page in self.pages:
+            self.pool.release(page)
+        self.pages = []
+
+
+Paged = PagedStripe | PagedBlob
+"""Anything that owns pages of a pool."""

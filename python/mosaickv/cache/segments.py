@@ -8,7 +8,7 @@ from typing import cast
 
 import torch
 
-from mosaickv.cache.pages import PagedStripe, PagePool
+from mosaickv.cache.pages import Paged, PagedBlob, PagedStripe, PagePool
 from mosaickv.core import CompressionMethod, KVCache, PackedSide, Segment, block_summaries, pack_topk
 
 
@@ -35,47 +35,53 @@ def _side(stripes: tuple[PagedStripe, ...], rotation: torch.Tensor, dim: int, n:
 
 @dataclass(frozen=True)
 class PagedSegment:
-    """A closed segment in pages. Immutable once built, so requests may share it (fork).
+    """A closed segment in pages: packed rows in stripes, its two rotations and block summary in
+    blobs, so everything it holds per token is in the pool. Immutable once built, so requests may
+    share it (fork, prefix sharing).
 
-    rot_k, rot_v: [H_kv, D, D] float32 on the cache device; summary: [H_kv, n_b, F] storage dtype.
+    rotations: [2, H_kv, D, D] float32 (K, V); summary: [H_kv, n_b, F] storage dtype.
     """
 
     start: int
     length: int
     k: tuple[PagedStripe, ...]
     v: tuple[PagedStripe, ...]
-    rot_k: torch.Tensor
-    rot_v: torch.Tensor
-    summary: torch.Tensor | None
+    rotations: PagedBlob
+    summary_blob: PagedBlob | None
     summary_kind: str | None
 
     @classmethod
     def from_core(
         cls, seg: Segment, start: int, pool: PagePool, dtype: torch.dtype, block: int
     ) -> PagedSegment:
-        """Page the packed rows of a core segment; rotations and summary move to the pool's device."""
-        dev = pool.device
-        k, v = (
-            _stripes(pool, seg.k, dtype, block),
-            _stripes(pool, seg.v, dtype, block),
-        )  # both checked: rotated
-        rot_k, rot_v = cast(torch.Tensor, seg.k.rotation), cast(torch.Tensor, seg.v.rotation)
-        summary = None if seg.summary is None else seg.summary.to(dev)
-        return cls(start, seg.length, k, v, rot_k.to(dev), rot_v.to(dev), summary, seg.summary_kind)
+        """Page a core segment: its packed rows, rotations and summary."""
+        k, v = _stripes(pool, seg.k, dtype, block), _stripes(pool, seg.v, dtype, block)  # both rotated
+        rotations = PagedBlob(
+            pool, torch.stack([cast(torch.Tensor, seg.k.rotation), cast(torch.Tensor, seg.v.rotation)])
+        )
+        summary = None if seg.summary is None else PagedBlob(pool, seg.summary)
+        return cls(start, seg.length, k, v, rotations, summary, seg.summary_kind)
 
     def to_core(self) -> Segment:
-        d = self.rot_k.shape[-1]
+        rot_k, rot_v = self.rotations.read()
+        d = rot_k.shape[-1]
         return Segment(
             self.start,
             self.length,
-            _side(self.k, self.rot_k, d, self.length),
-            _side(self.v, self.rot_v, d, self.length),
-            self.summary,
+            _side(self.k, rot_k, d, self.length),
+            _side(self.v, rot_v, d, self.length),
+            None if self.summary_blob is None else self.summary_blob.read(),
             self.summary_kind,
         )
 
-    def stripes(self) -> tuple[PagedStripe, ...]:
-        return self.k + self.v
+    def paged(self) -> tuple[Paged, ...]:
+        """Every part that owns pages."""
+        return (
+            self.k
+            + self.v
+            + (self.rotations,)
+            + ((self.summary_blob,) if self.summary_blob is not None else ())
+        )
 
     def shared(self) -> PagedSegment:
         return PagedSegment(
@@ -83,17 +89,10 @@ class PagedSegment:
             self.length,
             tuple(s.shared() for s in self.k),
             tuple(s.shared() for s in self.v),
-            self.rot_k,
-            self.rot_v,
-            self.summary,
+            self.rotations.shared(),
+            self.summary_blob.shared() if self.summary_blob is not None else None,
             self.summary_kind,
         )
-
-    @property
-    def dense_bytes(self) -> int:
-        """Bytes outside pages: rotations and summary."""
-        parts = [self.rot_k, self.rot_v] + ([self.summary] if self.summary is not None else [])
-        return sum(t.numel() * t.element_size() for t in parts)
 
 
 @dataclass(frozen=True)
@@ -120,9 +119,10 @@ class TempStrategy:
 
     @classmethod
     def of(cls, seg: PagedSegment, channels: int | None) -> TempStrategy:
+        rot_k, rot_v = seg.rotations.read()
         return cls(
-            seg.rot_k,
-            seg.rot_v,
+            rot_k,
+            rot_v,
             tuple(s.keep for s in seg.k),
             tuple(s.keep for s in seg.v),
             tuple(s.group for s in seg.k),
@@ -156,6 +156,9 @@ class TempSegment:
         self.v = tuple(
             PagedStripe(pool, d, g, k, dtype, b) for k, g in zip(st.keep_v, st.group_v, strict=True)
         )
+        # K and V heads side by side: one rotation and one top-k per strategy for the whole append
+        self._rotations = torch.cat([st.rot_k, st.rot_v])  # [2 H_kv, D, D]
+        self._packs = _heads_by_strategy(st.keep_k + st.keep_v, st.group_k + st.group_v, pool.device)
         self.length = 0
         self._blocks: list[torch.Tensor] = []  # summaries of finished blocks, [H_kv, n, F] each
         self._open = torch.empty(len(self.k), 0, d, device=pool.device)  # rotated keys of the open block
@@ -163,20 +166,20 @@ class TempSegment:
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Pack k, v: [t, H_kv, D] (on the pool's device) with the strategy and update summaries."""
-        st = self.strategy
-        k_rot = torch.einsum("shd,hed->hse", k.float(), st.rot_k)
-        v_rot = torch.einsum("shd,hed->hse", v.float(), st.rot_v)
-        for stripes, x, keep, group in (
-            (self.k, k_rot, st.keep_k, st.group_k),
-            (self.v, v_rot, st.keep_v, st.group_v),
-        ):
-            for h, stripe in enumerate(stripes):
-                stripe.append(*pack_topk(x[h], keep[h], group[h], st.channels, self.dtype))
-        self.length += k.shape[0]
+        t, d = k.shape[0], k.shape[2]
+        rotated = torch.einsum("shd,hed->hse", torch.cat([k, v], dim=1).float(), self._rotations)
+        stripes = self.k + self.v
+        for keep, group, heads, index in self._packs:
+            x = rotated if index is None else rotated.index_select(0, index)
+            values, bitmap = pack_topk(x.reshape(-1, d), keep, group, self.strategy.channels, self.dtype)
+            values, bitmap = values.view(len(heads), t, keep), bitmap.view(len(heads), t, bitmap.shape[-1])
+            for i, h in enumerate(heads):
+                stripes[h].append(values[i], bitmap[i])
+        self.length += t
         if not self.method.selects_blocks:
             return
         b = self.method.block_size
-        rows = torch.cat([self._open, k_rot], dim=1)
+        rows = torch.cat([self._open, rotated[: len(self.k)]], dim=1)  # rotated keys of the open block
         n_full = rows.shape[1] // b
         if n_full:
             self._blocks.append(self._summarise(rows[:, : n_full * b]))
@@ -193,13 +196,14 @@ class TempSegment:
         blocks = list(self._blocks) + ([self._open_summary] if self._open_summary is not None else [])
         return TempView(self, self.length, tuple(blocks))
 
-    def stripes(self) -> tuple[PagedStripe, ...]:
+    def paged(self) -> tuple[Paged, ...]:
+        """Every part that owns pages."""
         return self.k + self.v
 
     def copy(self) -> TempSegment:
         """An independent copy (rows copied into new pages: both copies keep appending)."""
         twin = TempSegment(self.method, self.start, self.strategy, self.k[0].pool, self.dtype)
-        for mine, theirs in zip(self.stripes(), twin.stripes(), strict=True):
+        for mine, theirs in zip(self.k + self.v, twin.k + twin.v, strict=True):
             theirs.append(*mine.read())
         twin.length, twin._blocks = self.length, list(self._blocks)
         twin._open, twin._open_summary = self._open, self._open_summary
@@ -210,6 +214,19 @@ class TempSegment:
         """Bytes outside pages owned by the temp alone: summaries and the open block's keys."""
         parts = self._blocks + [self._open]
         return sum(t.numel() * t.element_size() for t in parts)
+
+
+def _heads_by_strategy(
+    keeps: tuple[int, ...], groups: tuple[int, ...], device: torch.device
+) -> list[tuple[int, int, list[int], torch.Tensor | None]]:
+    """(keep, g, heads, index) per distinct strategy; index selects those heads (None: all of them)."""
+    by: dict[tuple[int, int], list[int]] = {}
+    for h, key in enumerate(zip(keeps, groups, strict=True)):
+        by.setdefault(key, []).append(h)
+    return [
+        (keep, g, heads, None if len(heads) == len(keeps) else torch.tensor(heads, device=device))
+        for (keep, g), heads in by.items()
+    ]
 
 
 @dataclass(frozen=True)

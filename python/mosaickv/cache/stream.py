@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mosaickv.cache.pages import PagedStripe, PagePool
+from mosaickv.cache.pages import Paged, PagePool
 from mosaickv.cache.segments import PagedSegment, Snapshot, TempSegment, TempStrategy
 from mosaickv.core import CompressionMethod, Segment
 
@@ -94,7 +94,7 @@ class Stream:
         self.scheduled = False
         self.cpu_pending = 0  # pending tokens the CPU has folded into the state
         self.readers: dict[int, int] = {}
-        self.retired: list[tuple[int, tuple[PagedStripe, ...]]] = []
+        self.retired: list[tuple[int, tuple[Paged, ...]]] = []
         self.freed = False
         self.reencodes = 0
         self.reencode_s = 0.0
@@ -186,14 +186,14 @@ class Stream:
             self._reclaim()
 
     def _reclaim(self) -> None:
-        """Free retired stripes no live reader can see (caller holds the lock)."""
+        """Free retired parts no live reader can see (caller holds the lock)."""
         oldest = min(self.readers, default=None)
         keep = []
-        for gen, stripes in self.retired:
+        for gen, parts in self.retired:
             if oldest is not None and oldest <= gen:
-                keep.append((gen, stripes))
+                keep.append((gen, parts))
             else:
-                for s in stripes:
+                for s in parts:
                     s.release()
         self.retired = keep
 
@@ -248,7 +248,7 @@ class Stream:
         temp.append(hk.to(dev), hv.to(dev))  # outside the lock: decode keeps appending meanwhile
         with self.lock:
             if self.freed:
-                for s in seg.stripes() + temp.stripes():
+                for s in seg.paged() + temp.paged():
                     s.release()
                 return
             hk, hv = self.host.rows(known, self.host.end)
@@ -260,7 +260,7 @@ class Stream:
                 snap, generation=snap.generation + 1, segments=snap.segments + (seg,), temp=temp.view()
             )
             if old is not None:
-                self.retired.append((snap.generation, old.stripes()))
+                self.retired.append((snap.generation, old.paged()))
             self.host.start = a + n
             self.cpu_pending = 0
             self._reclaim()
@@ -294,29 +294,28 @@ class Stream:
             dropped = sum(n for n, _ in self.jobs)
             self.jobs.clear()
             snap = self.snapshot
-            owned = tuple(s for seg in snap.segments for s in seg.stripes())
-            owned += self.temp.stripes() if self.temp is not None else ()
+            owned = tuple(s for seg in snap.segments for s in seg.paged())
+            owned += self.temp.paged() if self.temp is not None else ()
             self.retired.append((snap.generation, owned))
             self.temp = None
             self._reclaim()
             return dropped
 
     # ---- accounting -------------------------------------------------------------------------------
-    def stripes(self) -> list[PagedStripe]:
-        """Every stripe this stream owns now, retired ones included."""
+    def paged(self) -> list[Paged]:
+        """Every paged part this stream owns now, retired ones included."""
         with self.lock:
-            out = [s for seg in self.snapshot.segments for s in seg.stripes()]
-            out += list(self.temp.stripes()) if self.temp is not None else []
+            out = [s for seg in self.snapshot.segments for s in seg.paged()]
+            out += list(self.temp.paged()) if self.temp is not None else []
             out += [s for _, group in self.retired for s in group]
             return out
 
     def dense_bytes(self) -> int:
-        """Device bytes outside pages: sinks, window, rotations, summaries, the temp's own buffers."""
+        """Device bytes outside pages: sinks, window, the temporary segment's summaries and open block."""
         with self.lock:
             snap = self.snapshot
             parts = [snap.sink_k, snap.sink_v, snap.window_k, snap.window_v]
             n = sum(t.untyped_storage().nbytes() for t in parts)  # a window view keeps its whole storage
-            n += sum(seg.dense_bytes for seg in snap.segments)
             return n + (self.temp.dense_bytes if self.temp is not None else 0)
 
     @property

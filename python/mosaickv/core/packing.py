@@ -94,11 +94,12 @@ def pack_topk(
     energy = sq.view(s, d // group, group).sum(-1)
     if limit < d:
         energy[:, limit // group :] = -1.0
-    top = energy.topk(keep // group, dim=1).indices
+    top = energy.topk(keep // group, dim=1).indices.sort(dim=1).values
     groups = torch.zeros(s, d // group, dtype=torch.bool, device=x.device)
     groups.scatter_(1, top, True)
-    mask = groups.repeat_interleave(group, dim=1)
-    values = x[mask].view(s, keep).to(dtype)
+    # a gather, not x[mask]: boolean indexing waits for the device to count the mask
+    positions = (top.unsqueeze(-1) * group + torch.arange(group, device=x.device)).view(s, keep)
+    values = x.gather(1, positions).to(dtype)
     return values, groups_to_bitmap(groups)
 
 

@@ -230,7 +230,7 @@ def test_cache_manager_matches_core_in_the_lossless_setting(
     from mosaickv.engines.vllm import cache as manager_cache
     from mosaickv.engines.vllm.plugin import patch_request_end
 
-    monkeypatch.setenv("MOSAICKV_VLLM_CONFIG", LOSSLESS % "")
+    monkeypatch.setenv("MOSAICKV_VLLM_CONFIG", LOSSLESS % ', "cache": "core"')
     core_layers = [make_layer(config) for _ in range(2)]
     monkeypatch.setenv("MOSAICKV_VLLM_CONFIG", LOSSLESS % ', "cache": "manager"')
     manager_cache.close_shared()
@@ -277,5 +277,59 @@ def test_cache_manager_matches_core_in_the_lossless_setting(
         assert adapter.held() == []
         stats = adapter.stats()
         assert stats["cache_requests"] == 0 and stats["cache_pages_used"] == 0
+    finally:
+        manager_cache.close_shared()
+
+
+def test_cache_manager_pages_live_in_vllm_kv_cache(
+        builder: MosaicKVMetadataBuilder, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With cache: manager the packed bytes are written into the KV cache vLLM allocated (its own
+    ``allocate_kv_cache``, block-major layout: every layer's page of a block side by side), and the
+    attention read back from there equals the core path in the lossless setting."""
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, KVCacheTensor
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+    from vllm.v1.worker.utils import allocate_kv_cache
+
+    from mosaickv.engines.vllm import cache as manager_cache
+
+    config = VllmConfig()  # a fresh forward context: only these layers are the worker's
+    monkeypatch.setenv("MOSAICKV_VLLM_CONFIG", LOSSLESS % ', "cache": "core"')
+    want = run_mixed([make_layer(config) for _ in range(2)], builder, config)
+    monkeypatch.setenv("MOSAICKV_VLLM_CONFIG", LOSSLESS % ', "cache": "manager"')
+    manager_cache.close_shared()
+    layers = [make_layer(config) for _ in range(2)]
+    spec = MosaicKVAttentionBackend.customize_spec(
+        FullAttentionSpec(block_size=BLOCK, num_kv_heads=H_KV, head_size=D, dtype=torch.float32))
+    page, n_blocks, names = spec.page_size_bytes, 96, [layer.layer_name for layer in layers]
+    tensor = KVCacheTensor(size=2 * n_blocks * page, layers=names, layer_stride=page, block_stride=2 * page)
+    kv_config = KVCacheConfig(num_blocks=n_blocks, kv_cache_tensors=[tensor],
+                              kv_cache_groups=[KVCacheGroupSpec(names, spec)])
+    caches = allocate_kv_cache(kv_config, torch.device("cpu"), KVCacheLayout.BLHNC)
+    for layer in layers:
+        layer.bind_kv_cache(caches[layer.layer_name])
+    buffer = caches[names[0]].untyped_storage()
+    try:
+        def drain() -> None:
+            adapter = manager_cache.current()
+            assert adapter is not None
+            adapter.manager.drain()
+
+        got = run_mixed(layers, builder, config, drain)
+        for w, o in zip(want, got, strict=True):
+            torch.testing.assert_close(o, w, atol=1e-5, rtol=1e-5)
+        adapter = manager_cache.current()
+        assert adapter is not None
+        pool = adapter.manager.pool
+        stats = adapter.stats()
+        # the pool is vLLM's memory and nothing else: no page of its own, every used page in the buffer
+        assert pool.external and stats["cache_pages_used"] > 0
+        assert stats["cache_page_reserved_bytes"] <= 2 * n_blocks * page
+        used = [pool.page(p) for p in list(pool._refs)]
+        assert all(t.untyped_storage().data_ptr() == buffer.data_ptr() for t in used)
+        # the packed rows were written there (the pool spans both layers' pages: the first ones suffice)
+        assert int(caches[names[0]].count_nonzero()) > 0
+        for key in adapter.held():
+            adapter.release(key)
+        assert adapter.stats()["cache_pages_used"] == 0
     finally:
         manager_cache.close_shared()

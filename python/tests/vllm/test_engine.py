@@ -15,8 +15,9 @@ from mosaickv.engines.vllm.engine import VLLMEngine, settings_from_options
 def test_backend_options_are_typed() -> None:
     settings = settings_from_options({"keep_ratio": "0.5", "group": "2", "summary": "mean"})
     assert settings == MosaicSettings(keep_ratio=0.5, group=2, summary="mean")
-    assert settings.cache == "core"
-    assert settings_from_options({"cache": "manager"}).cache == "manager"
+    assert settings.cache == "manager"  # the default: packed pages in vLLM's KV cache
+    assert settings_from_options({"cache": "core", "arena_reserve": "0.2"}) == MosaicSettings(
+        cache="core", arena_reserve=0.2)
 
 
 @pytest.mark.parametrize(("options", "match"), [

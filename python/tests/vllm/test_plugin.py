@@ -57,7 +57,8 @@ def test_entry_point_logs_one_line_in_a_fresh_process() -> None:
 
 
 def test_llama_8b_page_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("MOSAICKV_VLLM_CONFIG")  # the defaults: r = 0.25, g = 1, B = 8, minmax, 1024
+    # the defaults (r = 0.25, g = 1, B = 8, minmax, 1024) on the core path, whose cell is a formula
+    monkeypatch.setenv("MOSAICKV_VLLM_CONFIG", '{"cache": "core"}')
     spec = MosaicKVAttentionBackend.customize_spec(llama_8b_spec())
     assert isinstance(spec, MosaicKVAttentionSpec)
     # Per token and KV head (D = 128, bf16): K and V each 32 kept values (64 B) + 4 bitmap words
@@ -67,11 +68,16 @@ def test_llama_8b_page_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     assert spec.page_size_bytes == 8 * 16 * 352
     assert llama_8b_spec().page_size_bytes == 8 * 16 * 512
     assert spec.prefix_cacheable is False
+    # The default, cache: manager, sizes the cell from what the manager stores in pages: never less
+    # than the packed data above, and still less than dense.
+    monkeypatch.delenv("MOSAICKV_VLLM_CONFIG")
+    managed = MosaicKVAttentionBackend.customize_spec(llama_8b_spec())
+    assert managed.settings.cache == "manager" and 352 < managed.state_content_bytes < 512
 
 
 def test_page_bytes_match_a_real_core_segment(monkeypatch: pytest.MonkeyPatch) -> None:
     """The page formula against the bytes the core really stores for one closed segment."""
-    monkeypatch.delenv("MOSAICKV_VLLM_CONFIG")
+    monkeypatch.setenv("MOSAICKV_VLLM_CONFIG", '{"cache": "core"}')
     spec = MosaicKVAttentionBackend.customize_spec(llama_8b_spec())
     method = spec.settings.make_method()
     method.n_sink, method.window = 0, 0

@@ -15,17 +15,18 @@ What runs where (checked against the installed vLLM 0.33.0):
 - ``forward``: prefill rows run full causal attention on the step's dense K/V (the prompt is still
   dense in this step); decode rows run PackedAttention on the compressed caches through
   ``mosaickv.ops.DecodePlan`` (CUDA kernels on a GPU, the core reference on CPU).
-This CPU path is the reference (``mosaickv.core``): its packed tensors live in per-request core
-caches held by the impl, keyed by the request's first physical block, not inside vLLM's page
-tensor; writing packed rows into the pages is the CUDA kernels' job and is not done here.
+With ``cache: core`` (the reference, ``mosaickv.core``) the packed tensors live in per-request core
+caches held by the impl, keyed by the request's first physical block, beside vLLM's pages.
 
 ``cache: manager`` (MosaicSettings) stores and attends through one ``mosaickv.cache.CacheManager``
 per worker process instead (``engines/vllm/cache.py``): its layers are the MosaicKV layers of
 vLLM's static forward context in construction order (vLLM gives the impl no layer name at
 construction; ``layer.layer_name`` reaches ``do_kv_cache_update`` and ``forward``), and a request's
 pages go back to the pool when the model runner drops it (the plugin wraps
-``GPUModelRunner._on_request_state_removed``) or when a new prompt takes its first block. vLLM's
-page tensor is still allocated at the packed size, so the packed bytes are held twice.
+``GPUModelRunner._on_request_state_removed``) or when a new prompt takes its first block. The
+manager's page pool is cut out of the KV cache vLLM allocated for these layers (``cache.page_storage``)
+and the spec's page size is what the manager measurably stores per token, so the packed bytes live
+in vLLM's memory once.
 """
 
 import logging
@@ -50,6 +51,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCache
 
 from mosaickv.core import KVCache
 from mosaickv.engines.vllm import cache as manager_cache
+from mosaickv.engines.vllm import telemetry
 from mosaickv.engines.vllm.config import MosaicSettings
 from mosaickv.ops import DecodePlan, cuda_available
 
@@ -188,12 +190,18 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
 
     def _adapter(self, key: torch.Tensor) -> manager_cache.VllmCacheAdapter:
         """The worker's shared adapter, made on the first step from the MosaicKV (cache: manager)
-        layers vLLM has registered, in construction order, and this step's K dtype and device."""
+        layers vLLM has registered, in construction order, their bound KV caches (the manager's
+        pages), and this step's K dtype and device."""
         layers = get_forward_context().no_compile_layers
-        names = [name for name, module in layers.items()
-                 if getattr(getattr(module, "impl", None), "use_manager", False)]
-        return manager_cache.shared(self.settings, names, self.num_kv_heads, self.head_size,
-                                    key.dtype, key.device)
+        ours = {name: module for name, module in layers.items()
+                if getattr(getattr(module, "impl", None), "use_manager", False)}
+        kv_caches = [module.kv_cache for module in ours.values()]
+        if any(t.numel() == 0 for t in kv_caches):
+            _log_once("MosaicKV cache manager: vLLM bound no KV cache to its layers; the manager "
+                      "allocates its own pages (expected only in tests)")
+            kv_caches = []
+        return manager_cache.shared(self.settings, list(ours), self.num_kv_heads, self.head_size,
+                                    key.dtype, key.device, kv_caches)
 
     def _rows(self, md: MosaicKVMetadata) -> list[tuple[int, int, int, int]]:
         """(request key, first token, end token, context length) per request with tokens."""
@@ -257,6 +265,8 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
         for req, lo, hi, ctx in self._rows(attn_metadata):
             if ctx == 0:
                 out[lo:hi] = _causal_attention(q[lo:hi], key[lo:hi], value[lo:hi], self.scale)
+                if self.settings.telemetry_every:
+                    self._sample_prefill(layer, req, q[lo:hi], key[lo:hi], value[lo:hi])
             else:
                 decode_rows.append(lo)
                 decode_keys.append(req)
@@ -267,6 +277,8 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
             out[rows] = got.to(out.device, out.dtype)
         elif decode_rows:
             decode_caches = [self.caches[req] for req in decode_keys]
+            if self.settings.recall_every:
+                self._sample_decode(layer, decode_caches[0], q[decode_rows[0]])
             # One plan for every decode row of this layer: the CUDA kernels when they are built and
             # the caches are on a GPU; otherwise the core reference (a "cpu" plan runs the core on
             # the caches' own device).
@@ -275,6 +287,32 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
             plan = DecodePlan(decode_caches, q.device if kernels else torch.device("cpu"))
             out[rows] = plan.run(q[rows], scale=self.scale).to(out.dtype)
         return output
+
+    def _sample_prefill(self, layer: AttentionLayer, req: int, q: torch.Tensor, k: torch.Tensor,
+                        v: torch.Tensor) -> None:
+        """telemetry_every: hand this prompt's Q/K/V to the process's sampler (engines/vllm/telemetry.py).
+        Best effort: never raises."""
+        sampler = telemetry.prefill_sampler(self.settings.telemetry_every)
+        place = _mosaic_layer_place(layer)
+        if sampler is not None and place is not None:
+            sampler.on_prefill(*place, req, q, k, v)
+
+    def _sample_decode(self, layer: AttentionLayer, cache: KVCache, q: torch.Tensor) -> None:
+        """recall_every (cache: core): hand the step's first decode row (q: [H_q, D]; its cache
+        already holds the step's token) to the process's recall sampler. Best effort: never raises."""
+        sampler = telemetry.recall_sampler(self.settings.recall_every)
+        place = _mosaic_layer_place(layer)
+        if sampler is not None and place is not None:
+            sampler.on_decode(*place, cache, q, self.scale)
+
+
+def _mosaic_layer_place(layer: AttentionLayer) -> tuple[int, int] | None:
+    """(index, count) of ``layer`` among the MosaicKV layers of vLLM's static forward context, in
+    construction order (vLLM gives the impl no layer index); None when it is not one of them."""
+    names = [name for name, module in get_forward_context().no_compile_layers.items()
+             if isinstance(getattr(module, "impl", None), MosaicKVAttentionImpl)]
+    name = getattr(layer, "layer_name", None)
+    return (names.index(name), len(names)) if name in names else None
 
 
 def _step_metadata(layer: AttentionLayer) -> MosaicKVMetadata | None:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from mosaickv.cache import CacheConfig, CacheManager
-from mosaickv.engines.vllm.config import MosaicSettings
+from mosaickv.engines.vllm.config import PAGE_TARGET_BYTES, MosaicSettings
 
 Row = tuple[int, int, int, int]
 """(request key, first token, end token, cached tokens) of one request in a step."""
@@ -63,9 +63,10 @@ class VllmCacheAdapter:
         dtype: torch.dtype,
         device: torch.device | str,
         config: CacheConfig | None = None,
+        storage: Sequence[torch.Tensor] = (),
     ) -> VllmCacheAdapter:
         method = settings.make_method()
-        return cls(CacheManager(method, n_layers, n_kv_heads, head_dim, dtype, device, config))
+        return cls(CacheManager(method, n_layers, n_kv_heads, head_dim, dtype, device, config, storage))
 
     def _request(self, key: int) -> str:
         request_id = self._requests.get(key)
@@ -135,6 +136,44 @@ class VllmCacheAdapter:
         self._opened_by.clear()
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether t's elements fill one contiguous address range (in any dimension order)."""
+    span = sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True)) + 1
+    return all(st > 0 for st in t.stride()) and span == t.numel()
+
+
+def page_storage(kv_caches: Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], int]:
+    """vLLM's per-layer KV cache views -> the manager pool's storage and page size.
+
+    Each view is [num_blocks, H, N, C] in vLLM's layout (``create_kv_cache_views``): a block of a
+    layer is one dense page in the block- or layer-major layouts, one dense slab per head when
+    heads are outermost (LHBNC). Returns one [num_blocks, unit bytes] uint8 view per layer (or per
+    layer and head), rows strided as vLLM placed them, and pages that cut a unit into equal parts.
+    """
+    views = []
+    for t in kv_caches:
+        elem = t.element_size()
+        raw = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+        if _dense(t[0]):
+            starts = [t.storage_offset()]
+            unit = t[0].numel() * elem
+        elif _dense(t[0, 0]):
+            starts = [t.storage_offset() + h * t.stride(1) for h in range(t.shape[1])]
+            unit = t[0, 0].numel() * elem
+        else:
+            raise ValueError(
+                f"MosaicKV cannot place pages in a KV cache view of shape {tuple(t.shape)} and strides "
+                f"{t.stride()}: neither a block nor a head's block is contiguous; set "
+                "VLLM_KV_CACHE_LAYOUT=LBHNC"
+            )
+        views += [
+            raw.as_strided((t.shape[0], unit), (t.stride(0) * elem, 1), start * elem) for start in starts
+        ]
+    unit = views[0].shape[1]
+    per_unit = -(-unit // PAGE_TARGET_BYTES)
+    return views, unit // per_unit // 16 * 16
+
+
 _shared: VllmCacheAdapter | None = None
 _shared_lock = threading.Lock()
 
@@ -146,14 +185,28 @@ def shared(
     head_dim: int,
     dtype: torch.dtype,
     device: torch.device | str,
+    kv_caches: Sequence[torch.Tensor] = (),
 ) -> VllmCacheAdapter:
     """The worker process's adapter, made by the first caller: one manager layer per name in
-    `layer_names` (the MosaicKV layers in construction order); later callers get the same one."""
+    `layer_names` (the MosaicKV layers in construction order); later callers get the same one.
+
+    ``kv_caches``: vLLM's KV cache view of each of those layers; the manager's pages are carved
+    out of them (``page_storage``), so the packed bytes live in the memory vLLM sized for them.
+    Without them (a test that binds no cache) the manager allocates its own pages.
+    """
     global _shared
     with _shared_lock:
         if _shared is None:
+            storage, page_bytes = page_storage(kv_caches) if kv_caches else ([], None)
             adapter = VllmCacheAdapter.from_settings(
-                settings, len(layer_names), n_kv_heads, head_dim, dtype, device
+                settings,
+                len(layer_names),
+                n_kv_heads,
+                head_dim,
+                dtype,
+                device,
+                CacheConfig(page_bytes=page_bytes),
+                storage,
             )
             adapter.layers = {name: i for i, name in enumerate(layer_names)}
             _shared = adapter

@@ -7,14 +7,17 @@ one environment variable, read in every vLLM process (API server, engine core, w
 
 Keys are ``mosaickv.core`` MosaicMethod parameters plus ``cache`` (``core``, the default: each
 layer keeps its own core caches; ``manager``: every layer of a worker process stores and attends
-through one ``mosaickv.cache.CacheManager``, engines/vllm/cache.py); unknown keys are an error. The
-page size is derived from the same settings, so every process sizes pages identically.
+through one ``mosaickv.cache.CacheManager``, engines/vllm/cache.py) and ``telemetry_every`` /
+``recall_every`` (planner curves of every N-th prefill / decode step, engines/vllm/telemetry.py);
+unknown keys are an error. The page size is derived from the same settings, so every process sizes
+pages identically.
 """
 
+import functools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 
@@ -26,6 +29,9 @@ from mosaickv.core.summaries import summary_width
 
 ENV_VAR = "MOSAICKV_VLLM_CONFIG"
 CACHES = ("core", "manager")
+PAGE_TARGET_BYTES = 4096
+"""With ``cache: manager`` the manager's pages are cut out of vLLM's KV cache at about this size
+(``engines/vllm/cache.page_storage``); the page size of the spec is measured with it."""
 
 
 @dataclass(frozen=True)
@@ -45,11 +51,25 @@ class MosaicSettings:
     segment_len: int = 1024
     summary: str = "minmax"
     summary_channels: int = 32
-    cache: str = "core"
+    cache: str = "manager"
+    # cache: manager only: page room beyond a closed segment's measured bytes (see state_bytes)
+    arena_reserve: float = 0.1
+    # On the 1st, (N+1)-th, ... prefill (decode step) of the engine core, the planner's curves
+    # (block-selection recall, cache: core) go to the worker (engines/vllm/telemetry.py); 0: off.
+    telemetry_every: int = 0
+    recall_every: int = 0
 
     def __post_init__(self) -> None:
         if self.cache not in CACHES:
             raise ValueError(f"cache must be one of {CACHES}, got {self.cache!r}")
+        if not 0.0 <= self.arena_reserve <= 1.0:
+            raise ValueError(f"arena_reserve must be in [0, 1], got {self.arena_reserve}")
+        for name in ("telemetry_every", "recall_every"):
+            every = getattr(self, name)
+            if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {every!r}")
+        if self.recall_every and self.cache != "core":
+            raise ValueError("recall_every reads the per-layer core caches: it needs cache core")
         # The core checks g against a head dim only at encode time; every D the backend accepts is a
         # multiple of 4, so checking against D = 4 refuses a bad g here, in every vLLM process.
         check_group(4, self.group)
@@ -58,7 +78,9 @@ class MosaicSettings:
     def make_method(self) -> MosaicMethod:
         """The core method these settings describe (validates every value)."""
         params = asdict(self)
-        del params["cache"]  # where the caches live, not a method parameter
+        # where the caches live and what is sent: not the method's parameters
+        for not_method in ("cache", "telemetry_every", "recall_every", "arena_reserve"):
+            del params[not_method]
         return MosaicMethod(**params)
 
     def token_head_bytes(self, head_size: int, dtype: torch.dtype) -> float:
@@ -78,10 +100,21 @@ class MosaicSettings:
         return 2 * row + summary + rotations
 
     def state_bytes(self, head_size: int, dtype: torch.dtype) -> int:
-        """Bytes per (token, KV head) cell of a vLLM page: token_head_bytes rounded up, a multiple
-        of the storage dtype's size so vLLM can view the page in that dtype."""
+        """Bytes per (token, KV head) cell of a vLLM page, a multiple of the storage dtype's size so
+        vLLM can view the page in that dtype.
+
+        ``cache: core``: ``token_head_bytes`` (the packed bytes live beside vLLM's pages).
+        ``cache: manager``: the packed bytes live in vLLM's pages, so a cell holds what the manager
+        really takes per token (``paged_token_head_bytes``) plus ``arena_reserve`` for what a
+        closed full-length segment does not show: each request's partly filled last pages and
+        temporary segment, segments closed early on drift (more rotations per token).
+        """
         elem = torch.empty(0, dtype=dtype).element_size()
-        return math.ceil(self.token_head_bytes(head_size, dtype) / elem) * elem
+        if self.cache == "manager":
+            need = paged_token_head_bytes(self, head_size, dtype) * (1.0 + self.arena_reserve)
+        else:
+            need = self.token_head_bytes(head_size, dtype)
+        return math.ceil(need / elem) * elem
 
     @classmethod
     def from_env(cls) -> "MosaicSettings":
@@ -99,6 +132,32 @@ class MosaicSettings:
         if unknown:
             raise ValueError(f"{ENV_VAR}: unknown key(s) {unknown}; allowed: {sorted(known)}")
         if given.get("keep_ratio", 0.25) is None:
-            raise ValueError(f"{ENV_VAR}: keep_ratio must be a number: vLLM pages have one size, so "
-                             "the per-segment strategy search (keep_ratio null) cannot be paged")
+            raise ValueError(
+                f"{ENV_VAR}: keep_ratio must be a number: vLLM pages have one size, so "
+                "the per-segment strategy search (keep_ratio null) cannot be paged"
+            )
         return cls(**given)
+
+
+@functools.cache
+def paged_token_head_bytes(settings: MosaicSettings, head_size: int, dtype: torch.dtype) -> float:
+    """Pool bytes per token and KV head of one closed full-length segment as the cache manager
+    stores it (rows padded to the kernels' stride, rotations and summary, whole pages of
+    PAGE_TARGET_BYTES): measured by prefilling one random segment of one head into a scratch
+    manager, not modelled."""
+    from mosaickv.cache import CacheConfig, CacheManager  # the manager is only needed here
+
+    method = replace(settings, cache="core").make_method()
+    method.n_sink, method.window = 0, 0  # one closed segment, nothing dense
+    n = settings.segment_len
+    gen = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(n, 1, head_size, generator=gen).to(dtype) for _ in range(2))
+    scratch = CacheManager(
+        method, 1, 1, head_size, dtype, "cpu", CacheConfig(page_bytes=PAGE_TARGET_BYTES, n_threads=1)
+    )
+    try:
+        scratch.add_request("measure")
+        scratch.prefill("measure", 0, k, v)
+        return scratch.request_stats("measure")["page_bytes"] / n
+    finally:
+        scratch.close()

@@ -4,7 +4,7 @@ vLLM runs it in every process (API server, engine core, workers), possibly more 
 swallows its exceptions (``vllm/plugins/__init__.py``): it is idempotent and logs one line when it
 has done its work, so a missing line means the plugin did not load.
 
-With ``cache: manager`` in MOSAICKV_VLLM_CONFIG it also wraps the model runner's request-removal
+With ``cache: manager`` (MOSAICKV_VLLM_CONFIG's default) it also wraps the model runner's request-removal
 hook so a finished request's pages go back to the shared cache manager (``patch_request_end``); the
 runner module is imported only then (it costs seconds in every process).
 """
