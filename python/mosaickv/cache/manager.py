@@ -8,7 +8,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ import torch
 from mosaickv.cache.pages import Paged, PagePool
 from mosaickv.cache.segments import PagedSegment
 from mosaickv.cache.stream import Stream
-from mosaickv.core import CompressionMethod, Segment, make_method
+from mosaickv.core import CompressionMethod, KVCache, Segment, make_method
 from mosaickv.ops import DecodePlan, cuda_available
 
 
@@ -306,6 +307,17 @@ class CacheManager:
         finally:
             for s, snap in zip(streams, snaps, strict=True):
                 s.release(snap)
+
+    @contextmanager
+    def view(self, request_id: str, layer: int) -> Iterator[KVCache]:
+        """One (request, layer) cache as a core KVCache of one snapshot, exactly what ``attend``
+        reads (telemetry, tests); no re-encode frees its pages until the block ends."""
+        stream = self._stream(request_id, layer)
+        snap = stream.acquire()
+        try:
+            yield snap.to_kvcache(stream.method)
+        finally:
+            stream.release(snap)
 
     def tokens(self, request_id: str, layer: int = 0) -> int:
         """Tokens held for the request in one layer."""

@@ -18,6 +18,7 @@ import telemetry_child as child
 import torch
 import zmq
 
+from mosaickv.cache import CacheConfig, CacheManager
 from mosaickv.engines.vllm.config import ENV_VAR, MosaicSettings
 from mosaickv.engines.vllm.engine import settings_from_options
 from mosaickv.engines.vllm.telemetry import ADDR_ENV, TelemetryRelay
@@ -31,7 +32,7 @@ from mosaickv.policy import (
 from mosaickv.protocol import encode
 
 SETTINGS = {"keep_ratio": 0.25, "token_ratio": 0.25, "block_size": 8, "n_sink": 4, "window": 8,
-            "segment_len": 16, "cache": "core", "telemetry_every": 2, "recall_every": 3}
+            "segment_len": 16, "telemetry_every": 2, "recall_every": 3}
 
 
 class Collected:
@@ -63,8 +64,10 @@ def relay() -> Any:
     r.close()
 
 
-def test_engine_core_prefills_reach_the_worker_as_telemetry(relay: TelemetryRelay) -> None:
-    env = {**os.environ, ENV_VAR: json.dumps(SETTINGS), ADDR_ENV: relay.address,
+@pytest.mark.parametrize("cache", ["core", "manager"])
+def test_engine_core_prefills_reach_the_worker_as_telemetry(relay: TelemetryRelay, cache: str) -> None:
+    settings = {**SETTINGS, "cache": cache}
+    env = {**os.environ, ENV_VAR: json.dumps(settings), ADDR_ENV: relay.address,
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), *sys.path])}
     done = subprocess.run([sys.executable, str(Path(child.__file__))], env=env, capture_output=True,
                           text=True, timeout=300)
@@ -76,7 +79,7 @@ def test_engine_core_prefills_reach_the_worker_as_telemetry(relay: TelemetryRela
     got = [m for m in relay.sink.messages if m["type"] == "telemetry"]
     recalls = [m for m in relay.sink.messages if m["type"] == "recall"]
     assert (len(got), len(recalls)) == (2, 2), relay.sink.messages
-    _check_recalls(recalls)
+    _check_recalls(recalls, MosaicSettings(**settings))
     for message, prompt in zip(got, (0, 2), strict=True):  # the 1st and 3rd prefill
         # what the worker sends on: the engine core's worker_id and model are left for it to stamp
         assert "worker_id" not in message and "model" not in message
@@ -97,10 +100,11 @@ def test_engine_core_prefills_reach_the_worker_as_telemetry(relay: TelemetryRela
                 assert curves[(layer, h)][0] > curves[(layer, h)][-1]
 
 
-def _check_recalls(recalls: list[dict[str, Any]]) -> None:
-    """Decode steps 0 and 3 of prompt 0 were sampled: recompute their recall on core caches built
-    from the same K/V (the prompt encoded, then each step's token appended, as the impl does)."""
-    method = MosaicSettings(**SETTINGS).make_method()
+def _check_recalls(recalls: list[dict[str, Any]], settings: MosaicSettings) -> None:
+    """Decode steps 0 and 3 of prompt 0 were sampled: recompute their recall on caches built from the
+    same K/V as the impl builds them (the prompt encoded, then each step's token appended): a core
+    cache, or a cache manager's view (its temporary segment packs the tokens that leave the window,
+    where the core keeps them dense)."""
     for message, step in zip(recalls, (0, 3), strict=True):
         assert "worker_id" not in message and "model" not in message
         encode({**message, "worker_id": "w", "model": "m"})
@@ -109,16 +113,33 @@ def _check_recalls(recalls: list[dict[str, Any]]) -> None:
         got = {(h["layer"], h["head"]): h["recall"] for h in message["heads"]}
         assert sorted(got) == [(i, h) for i in range(child.N_LAYERS) for h in range(child.H_KV)]
         for layer in range(child.N_LAYERS):
-            _, k, v = child.inputs(0, layer)
-            cache = method.encode(k, v)
-            for s in range(step + 1):
-                q, k1, v1 = child.decode_inputs(s, layer)
-                cache.append(k1, v1)
-            want = decode_recall(cache, q[0], child.D**-0.5)
+            q = child.decode_inputs(step, layer)[0]
+            want = _recall_of(settings, layer, step, q[0])
             for h in range(child.H_KV):
                 torch.testing.assert_close(torch.tensor(got[(layer, h)], dtype=torch.float64), want[h],
                                            atol=2e-6, rtol=0)
                 assert got[(layer, h)][0] < 1.0  # 96+ random tokens: 5% of the blocks miss mass
+
+
+def _recall_of(settings: MosaicSettings, layer: int, step: int, q: torch.Tensor) -> torch.Tensor:
+    method = settings.make_method()
+    _, k, v = child.inputs(0, layer)
+    steps = [child.decode_inputs(s, layer)[1:] for s in range(step + 1)]
+    if settings.cache == "core":
+        cache = method.encode(k, v)
+        for k1, v1 in steps:
+            cache.append(k1, v1)
+        return decode_recall(cache, q, child.D**-0.5)
+    mgr = CacheManager(method, 1, child.H_KV, child.D, k.dtype, "cpu", CacheConfig(n_threads=1))
+    try:
+        mgr.add_request("r")
+        mgr.prefill("r", 0, k, v)
+        for k1, v1 in steps:
+            mgr.append("r", 0, k1, v1)
+        with mgr.view("r", 0) as cache:
+            return decode_recall(cache, q, child.D**-0.5)
+    finally:
+        mgr.close()
 
 
 def test_relay_drops_malformed_frames_and_keeps_relaying(relay: TelemetryRelay) -> None:
@@ -144,5 +165,3 @@ def test_telemetry_every_is_a_backend_option() -> None:
     assert not {"telemetry_every", "recall_every"} & set(vars(settings.make_method()))
     with pytest.raises(ValueError, match="telemetry_every must be an integer >= 0"):
         MosaicSettings(telemetry_every=-1)
-    with pytest.raises(ValueError, match="recall_every reads the per-layer core caches"):
-        MosaicSettings(recall_every=1, cache="manager")

@@ -49,8 +49,8 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -101,17 +101,9 @@ class ManagedKV:
     def length(self) -> int:
         return self.manager.tokens(self.request_id, self.layer)
 
-    @contextmanager
-    def core_view(self) -> Iterator[KVCache]:
-        """The layer's current snapshot as a core KVCache (what ``CacheManager.attend`` hands its
-        decode plan), held for the block so that no re-encode frees its pages meanwhile. The manager
-        has no public snapshot accessor yet, hence its private ``_stream``."""
-        stream = self.manager._stream(self.request_id, self.layer)
-        snap = stream.acquire()
-        try:
-            yield snap.to_kvcache(stream.method)
-        finally:
-            stream.release(snap)
+    def core_view(self) -> AbstractContextManager[KVCache]:
+        """The layer's current snapshot as a core KVCache (``CacheManager.view``)."""
+        return self.manager.view(self.request_id, self.layer)
 
 
 class DecodeRecallSampler:

@@ -273,7 +273,11 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
         if decode_rows and self.use_manager:
             rows = torch.tensor(decode_rows, device=q.device)
             adapter = self._adapter(key)
-            got = adapter.attend(adapter.layer(layer.layer_name), decode_keys, q[rows], self.scale)  # type: ignore[attr-defined]
+            index = adapter.layer(layer.layer_name)  # type: ignore[attr-defined]
+            if self.settings.recall_every:
+                with adapter.view(index, decode_keys[0]) as cache:
+                    self._sample_decode(layer, cache, q[decode_rows[0]])
+            got = adapter.attend(index, decode_keys, q[rows], self.scale)
             out[rows] = got.to(out.device, out.dtype)
         elif decode_rows:
             decode_caches = [self.caches[req] for req in decode_keys]
@@ -298,7 +302,7 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
             sampler.on_prefill(*place, req, q, k, v)
 
     def _sample_decode(self, layer: AttentionLayer, cache: KVCache, q: torch.Tensor) -> None:
-        """recall_every (cache: core): hand the step's first decode row (q: [H_q, D]; its cache
+        """recall_every: hand the step's first decode row (q: [H_q, D]; its cache
         already holds the step's token) to the process's recall sampler. Best effort: never raises."""
         sampler = telemetry.recall_sampler(self.settings.recall_every)
         place = _mosaic_layer_place(layer)

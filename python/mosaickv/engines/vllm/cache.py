@@ -23,10 +23,12 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import torch
 
 from mosaickv.cache import CacheConfig, CacheManager
+from mosaickv.core import KVCache
 from mosaickv.engines.vllm.config import PAGE_TARGET_BYTES, MosaicSettings
 
 Row = tuple[int, int, int, int]
@@ -106,6 +108,10 @@ class VllmCacheAdapter:
     def attend(self, layer: int, keys: Sequence[int], q: torch.Tensor, scale: float) -> torch.Tensor:
         """Decode attention of one layer: q [B, H_q, D], one row per request key -> [B, H_q, D]."""
         return self.manager.attend([self._request(k) for k in keys], layer, q, scale)
+
+    def view(self, layer: int, key: int) -> AbstractContextManager[KVCache]:
+        """The request's cache in one layer as a core KVCache (``CacheManager.view``)."""
+        return self.manager.view(self._request(key), layer)
 
     def release(self, key: int) -> None:
         """The request in `key` ended: every page it holds goes back to the pool."""

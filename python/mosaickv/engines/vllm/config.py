@@ -55,7 +55,7 @@ class MosaicSettings:
     # cache: manager only: page room beyond a closed segment's measured bytes (see state_bytes)
     arena_reserve: float = 0.1
     # On the 1st, (N+1)-th, ... prefill (decode step) of the engine core, the planner's curves
-    # (block-selection recall, cache: core) go to the worker (engines/vllm/telemetry.py); 0: off.
+    # (block-selection recall) go to the worker (engines/vllm/telemetry.py); 0: off.
     telemetry_every: int = 0
     recall_every: int = 0
 
@@ -68,8 +68,6 @@ class MosaicSettings:
             every = getattr(self, name)
             if isinstance(every, bool) or not isinstance(every, int) or every < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {every!r}")
-        if self.recall_every and self.cache != "core":
-            raise ValueError("recall_every reads the per-layer core caches: it needs cache core")
         # The core checks g against a head dim only at encode time; every D the backend accepts is a
         # multiple of 4, so checking against D = 4 refuses a bad g here, in every vLLM process.
         check_group(4, self.group)

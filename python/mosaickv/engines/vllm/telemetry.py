@@ -11,7 +11,7 @@ curves travel over one ZeroMQ PUSH -> PULL pipe:
   prefill of the process (``telemetry_every``): every MosaicKV layer measures
   ``policy.attention_losses`` from the prompt's K/V and last queries, and once every layer has, one
   ``telemetry`` message is PUSHed without blocking; ``DecodeRecall`` likewise on sampled decode steps
-  (``recall_every``, cache: core), one ``recall`` message of ``policy.decode_recall`` per layer.
+  (``recall_every``), one ``recall`` message of ``policy.decode_recall`` per layer.
 
 Frames are the wire encoding (mosaickv.protocol), validated on both ends: one schema. The engine
 core does not know our worker id or the model name we report, so it sends ``worker_id``
