@@ -79,6 +79,12 @@ def test_engine_core_prefills_reach_the_worker_as_telemetry(relay: TelemetryRela
     got = [m for m in relay.sink.messages if m["type"] == "telemetry"]
     recalls = [m for m in relay.sink.messages if m["type"] == "recall"]
     assert (len(got), len(recalls)) == (2, 2), relay.sink.messages
+    # cache: manager also reports the engine core's manager figures (for the vllm engine's stats)
+    if cache == "manager":
+        stats = relay.cache_stats
+        assert stats["cache_requests"] == len(child.PROMPTS) and stats["cache_page_bytes"] > 0
+    else:
+        assert relay.cache_stats == {}
     _check_recalls(recalls, MosaicSettings(**settings))
     for message, prompt in zip(got, (0, 2), strict=True):  # the 1st and 3rd prefill
         # what the worker sends on: the engine core's worker_id and model are left for it to stamp

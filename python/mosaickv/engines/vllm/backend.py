@@ -279,6 +279,7 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
                     self._sample_decode(layer, cache, q[decode_rows[0]])
             got = adapter.attend(index, decode_keys, q[rows], self.scale)
             out[rows] = got.to(out.device, out.dtype)
+            telemetry.report_cache_stats(adapter.stats)
         elif decode_rows:
             decode_caches = [self.caches[req] for req in decode_keys]
             if self.settings.recall_every:

@@ -85,9 +85,10 @@ class VLLMEngine(Engine):
             self.settings = settings_from_options(backend_options or {})
             # Every vLLM process (engine core, workers) reads the settings from the environment.
             os.environ[ENV_VAR] = json.dumps(asdict(self.settings))
-            if self.settings.telemetry_every:  # bound and exported before AsyncLLM spawns the engine core
-                self._relay = TelemetryRelay()
-                self._relay.export()
+            # bound and exported before AsyncLLM spawns the engine core: curves, recall and the
+            # cache manager's stats come back through it
+            self._relay = TelemetryRelay()
+            self._relay.export()
             args.attention_backend = "CUSTOM"
             args.enable_prefix_caching = False
             args.enable_chunked_prefill = False
@@ -216,8 +217,10 @@ class VLLMEngine(Engine):
 
     def stats(self) -> dict[str, int | float]:
         with self._lock:
-            return {"requests_total": self._requests, "tokens_generated_total": self._tokens,
+            base = {"requests_total": self._requests, "tokens_generated_total": self._tokens,
                     "token_head_bytes": self._token_head_bytes, "block_size": self._block}
+        # cache: manager: the engine core's manager figures (cache_*), as last reported
+        return {**base, **(self._relay.cache_stats if self._relay is not None else {})}
 
     def set_telemetry_sink(self, sink: Callable[[dict[str, Any]], None]) -> None:
         """The engine core's sampled curves (telemetry_every) go to `sink`, from the relay's thread."""

@@ -52,13 +52,16 @@ logger = logging.getLogger("vllm.plugins.mosaickv")
 
 
 class TelemetryRelay:
-    """Worker side: a PULL socket on a private ipc:// address; each decoded message (``type`` and
-    its fields, without the engine core's ``worker_id`` and ``model``) goes to ``sink``."""
+    """Worker side: a PULL socket on a private ipc:// address; each decoded telemetry or recall
+    message (``type`` and its fields, without the engine core's ``worker_id`` and ``model``) goes to
+    ``sink``; a ``stats`` message's engine map (the cache manager's figures) is kept in
+    ``cache_stats``."""
 
     _POLL_MS = 100  # how soon close() is noticed
 
     def __init__(self) -> None:
         self.sink: Callable[[dict[str, Any]], None] | None = None
+        self.cache_stats: dict[str, int | float] = {}  # the engine core's last ``report_cache_stats``
         self._dir = tempfile.mkdtemp(prefix="mosaickv-telemetry-")  # private: mode 0700
         self.address = f"ipc://{os.path.join(self._dir, 'pull.sock')}"
         self._ctx = zmq.Context()
@@ -87,6 +90,9 @@ class TelemetryRelay:
             message = decode(frames)
         except ProtocolError as err:
             logger.warning("dropped a malformed telemetry frame from the engine core: %s", err)
+            return
+        if message["type"] == "stats":
+            self.cache_stats = dict(message["engine"])
             return
         body = {key: value for key, value in message.items() if key not in ("worker_id", "model")}
         if self.sink is not None:
@@ -251,6 +257,31 @@ def recall_sampler(every: int) -> DecodeRecall | None:
     if pusher is None:
         return None
     return _recall.setdefault(every, DecodeRecall(every, pusher.send))
+
+
+STATS_PERIOD_S = 1.0
+_stats_sent = float("-inf")
+
+
+def report_cache_stats(stats: Callable[[], dict[str, int | float]]) -> None:
+    """cache: manager: at most once every STATS_PERIOD_S, PUSH the manager's ``stats()`` as a
+    ``stats`` message, whose engine map the worker merges into the vllm engine's stats (the manager
+    lives in this engine-core process). Silent without a worker (plain ``vllm serve``); never raises."""
+    global _stats_sent
+    now = time.monotonic()
+    if now - _stats_sent < STATS_PERIOD_S or not os.environ.get(ADDR_ENV):
+        return
+    _stats_sent = now
+    try:
+        values = stats()
+        kv = int(values["cache_page_bytes"] + values["cache_dense_bytes"])
+        pusher = _pusher()
+        if pusher is not None:
+            pusher.send({"type": "stats", "nonce": 0, "worker_id": f"vllm-engine-core-{os.getpid()}",
+                         "inflight": int(values["cache_requests"]), "requests_total": 0,
+                         "tokens_generated_total": 0, "kv_bytes": kv, "kv_bytes_peak": kv, "engine": values})
+    except Exception as err:  # noqa: BLE001 - best effort, like the telemetry
+        _warn_once(f"cache manager stats not sent to the worker: {err!r}")
 
 
 def _warn_once(message: str) -> None:
