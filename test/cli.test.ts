@@ -187,6 +187,15 @@ describe('mosaickv serve --replan-every', () => {
       expect(h.recall).toHaveLength(recall.token_ratios.length);
       for (const x of h.recall) expect(x >= 0 && x <= 1).toBe(true);
     }
+    // ...and the prompts' curves: attention loss and energy not kept, both falling as more is kept
+    type Curves = { keep_ratios: number[]; curves: { layer: number; loss: number[]; energy?: number[] }[] };
+    const body = (await (await fetch(`${url}/admin/workers`)).json()) as { telemetry: Record<string, Curves> };
+    const curves = body.telemetry['tiny-random']!;
+    expect(curves.curves).toHaveLength(4);
+    for (const c of curves.curves) {
+      expect(c.energy).toHaveLength(curves.keep_ratios.length);
+      expect(c.energy![0]!).toBeGreaterThan(c.energy!.at(-1)!);
+    }
     const metrics = await (await fetch(`${url}/metrics`)).text();
     expect(metrics).toMatch(/^mosaickv_decode_recall\{model="tiny-random",layer="1",head="1",token_ratio="0\.05"\} [\d.e-]+$/m);
     // ...and the next re-plan (the second completion's telemetry) picks its token ratios from it.

@@ -108,6 +108,14 @@ def head_losses(x: torch.Tensor, keep_ratios: tuple[float, ...] = PLAN_KEEP_RATI
     return torch.stack([energy_losses(xf[h] @ rot[h].T, strategies) for h in range(xf.shape[0])])
 
 
+def kv_energy_losses(
+    k: torch.Tensor, v: torch.Tensor, keep_ratios: tuple[float, ...] = PLAN_KEEP_RATIOS
+) -> torch.Tensor:
+    """``head_losses`` of K and V averaged (a plan sets one keep ratio for both): k, v [H_kv, T, D]
+    -> [H_kv, len(keep_ratios)]."""
+    return (head_losses(k, keep_ratios) + head_losses(v, keep_ratios)) / 2
+
+
 def decompressed_side(cache: KVCache, which: str) -> torch.Tensor:
     """One side (``"k"`` or ``"v"``) of a cache as attention sees it, back in original coordinates:
     [T, H_kv, D] float32, token order (sinks, segments, tail)."""
@@ -204,13 +212,35 @@ def attention_losses(
     return torch.stack(losses, 1)
 
 
-def head_curves(losses: torch.Tensor) -> list[dict[str, Any]]:
-    """[L, H_kv, n_ratios] losses -> the planner's curves ({layer, head, loss}), 6 digits."""
+def head_curves(losses: torch.Tensor, energy: torch.Tensor | None = None) -> list[dict[str, Any]]:
+    """[L, H_kv, n_ratios] losses (and optionally the energy losses, same shape) -> the planner's
+    curves ({layer, head, loss[, energy]}), 6 digits."""
+
+    def digits(x: torch.Tensor) -> list[float]:
+        return [round(float(v), 6) for v in x]
+
     return [
-        {"layer": layer, "head": h, "loss": [round(float(x), 6) for x in losses[layer, h]]}
+        {"layer": layer, "head": h, "loss": digits(losses[layer, h])}
+        | ({"energy": digits(energy[layer, h])} if energy is not None else {})
         for layer in range(losses.shape[0])
         for h in range(losses.shape[1])
     ]
+
+
+def prompt_curves(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_window: torch.Tensor,
+    keep_ratios: tuple[float, ...] = PLAN_KEEP_RATIOS,
+) -> torch.Tensor:
+    """One layer's online telemetry from its prompt (k, v: [T, H_kv, D]; q_window: [w, H_q, D]):
+    [2, H_kv, n_ratios] = (``attention_losses``, ``kv_energy_losses``)."""
+    return torch.stack(
+        [
+            attention_losses(k, v, q_window, keep_ratios),
+            kv_energy_losses(k.transpose(0, 1), v.transpose(0, 1), keep_ratios),
+        ]
+    )
 
 
 def head_recalls(layers: list[int], recalls: list[torch.Tensor]) -> list[dict[str, Any]]:
@@ -264,12 +294,9 @@ def telemetry(
     with torch.no_grad():
         cache = model(ids, use_cache=True).cache
     t1 = time.perf_counter()
-    # keys/values: [1, H_kv, T, D]; K and V losses are averaged: the plan sets one keep ratio for both.
+    # keys/values: [1, H_kv, T, D]
     losses = torch.stack(
-        [
-            (head_losses(entry.keys[0], keep_ratios) + head_losses(entry.values[0], keep_ratios)) / 2
-            for entry in cache.layers
-        ]
+        [kv_energy_losses(entry.keys[0], entry.values[0], keep_ratios) for entry in cache.layers]
     )
     curves = head_curves(losses)
     t2 = time.perf_counter()
@@ -290,13 +317,14 @@ def attention_telemetry(
     prompts: list[str],
     keep_ratios: tuple[float, ...] = PLAN_KEEP_RATIOS,
 ) -> dict[str, Any]:
-    """Telemetry whose curves are ``attention_losses`` (averaged over ``prompts``) instead of energy.
+    """Telemetry whose curves are ``attention_losses`` (averaged over ``prompts``) instead of energy
+    (the energy losses ride along in each curve's ``energy``).
 
     Each prompt is prefilled with full attention through the mosaickv backend, which records every
     layer's post-RoPE K/V and the prompt's last queries. Calibrate on prompts like the workload's,
     but not the very prompts that are evaluated afterwards.
     """
-    from mosaickv.engines.hf.mosaickv_backend import MosaicKVBackend, prefill_attention_losses
+    from mosaickv.engines.hf.mosaickv_backend import MosaicKVBackend, prefill_curves
     from mosaickv.eval.methods import installed
 
     backend = MosaicKVBackend({"method": "full"})
@@ -311,13 +339,14 @@ def attention_telemetry(
             t0 = time.perf_counter()
             model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
             t1 = time.perf_counter()
-            losses = prefill_attention_losses(cache.layers, keep_ratios)
-            total = losses if total is None else total + losses
+            curves = prefill_curves(cache.layers, keep_ratios)
+            total = curves if total is None else total + curves
             prefill_s += t1 - t0
             overhead_s += time.perf_counter() - t1
     if total is None:
         raise ValueError("attention telemetry needs at least one prompt")
-    curves = head_curves(total / len(prompts))
+    mean = total / len(prompts)
+    curves = head_curves(mean[:, 0], mean[:, 1])
     return {
         **model_shape(model, name),
         "keepRatios": list(keep_ratios),

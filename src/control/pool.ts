@@ -63,7 +63,8 @@ interface TelemetryAccumulator {
   headDim: number;
   dtype: TelemetryMsg['dtype'];
   keepRatios: number[];
-  sums: Map<string, { layer: number; head: number; loss: number[]; count: number }>;
+  /** energy / energyCount: the energy losses, from the messages that carried them. */
+  sums: Map<string, { layer: number; head: number; loss: number[]; count: number; energy: number[] | null; energyCount: number }>;
   samples: number;
   overheadS: number;
   tokens: number;
@@ -704,11 +705,14 @@ export class WorkerPool {
     for (const curve of message.curves) {
       const key = `${curve.layer}/${curve.head}`;
       const sum = acc.sums.get(key);
-      if (sum) {
-        curve.loss.forEach((x, i) => (sum.loss[i]! += x));
-        sum.count += 1;
-      } else {
-        acc.sums.set(key, { layer: curve.layer, head: curve.head, loss: [...curve.loss], count: 1 });
+      const s = sum ?? { layer: curve.layer, head: curve.head, loss: curve.loss.map(() => 0), count: 0, energy: null, energyCount: 0 };
+      if (!sum) acc.sums.set(key, s);
+      curve.loss.forEach((x, i) => (s.loss[i]! += x));
+      s.count += 1;
+      if (curve.energy) {
+        const energy = (s.energy ??= curve.energy.map(() => 0));
+        curve.energy.forEach((x, i) => (energy[i]! += x));
+        s.energyCount += 1;
       }
     }
     acc.samples += 1;
@@ -752,6 +756,11 @@ export class WorkerPool {
   }
 
   /** Models with decode recall samples. */
+  /** Models with telemetry (`telemetry` messages) received. */
+  telemetryModels(): string[] {
+    return [...this.telemetryByModel.keys()];
+  }
+
   recallModels(): string[] {
     return [...this.recallByModel.keys()];
   }
@@ -772,10 +781,11 @@ export class WorkerPool {
       .sort((a, b) => a.layer - b.layer || a.head - b.head)
       .map((c) => {
         const loss = c.loss.map((x) => x / c.count); // means of [0, 1] (checked on the wire)
+        const energy = c.energy ? { energy: c.energy.map((x) => x / c.energyCount) } : {};
         const r = recall.get(`${c.layer}/${c.head}`);
         return r && below1.length
-          ? { layer: c.layer, head: c.head, loss, recall: { tokenRatios: below1.map((i) => ratios[i]!), recall: below1.map((i) => r.recall[i]!) } }
-          : { layer: c.layer, head: c.head, loss };
+          ? { layer: c.layer, head: c.head, loss, ...energy, recall: { tokenRatios: below1.map((i) => ratios[i]!), recall: below1.map((i) => r.recall[i]!) } }
+          : { layer: c.layer, head: c.head, loss, ...energy };
       });
     return {
       telemetry: {

@@ -86,6 +86,12 @@ export async function startHttpServer(cp: ControlPlane, options: HttpOptions): P
       policy_version: w.policyVersion, policy_refused: w.policyRefused,
     })),
     queue_depth: cp.pool.queueDepth,
+    // Per model, the mean planner curves of sampled prompts (`telemetry` messages), per layer x KV head:
+    // attention loss and, where measured, energy not kept, at each keep ratio.
+    telemetry: Object.fromEntries(cp.pool.telemetryModels().map((model) => {
+      const t = cp.pool.telemetry(model)!;
+      return [model, { keep_ratios: t.telemetry.keepRatios, samples: t.samples, mean_overhead_s: t.meanOverheadS, mean_tokens: t.meanTokens, curves: t.telemetry.curves }];
+    })),
     // Per model, the mean block-selection recall of sampled decode steps (`recall` messages), per layer x KV head.
     decode_recall: Object.fromEntries(cp.pool.recallModels().map((model) => {
       const r = cp.pool.recall(model)!;

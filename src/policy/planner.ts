@@ -21,6 +21,9 @@ export interface HeadCurve {
    *  `python -m mosaickv.policy --loss attention` the relative attention-output error of the prompts'
    *  last queries (which finds the retrieval heads that need precise keys). */
   loss: number[];
+  /** Optional, informational (the allocation reads `loss`): energy[i], the relative energy not kept at
+   *  keepRatios[i] after the rotation (K and V averaged), measured online beside an attention loss. */
+  energy?: number[];
   /** Optional: recall[i] of full attention's mass captured when attending tokenRatios[i] of the blocks. */
   recall?: { tokenRatios: number[]; recall: number[] };
 }

@@ -141,11 +141,13 @@ export interface PolicyAckMsg {
   reason: string | null;
 }
 
-/** One layer x KV head of a `telemetry` message: loss[i] at keep_ratios[i]. */
+/** One layer x KV head of a `telemetry` message: loss[i] (and energy[i]) at keep_ratios[i]. */
 export interface TelemetryCurveWire {
   layer: number;
   head: number;
   loss: number[];
+  /** Energy not kept after the rotation (K and V averaged), when the worker measured it. */
+  energy?: number[];
 }
 export interface TelemetryMsg {
   type: 'telemetry';
@@ -298,7 +300,13 @@ const SCHEMA: Record<MessageType, readonly Field[]> = {
     f('keep_ratios', { kind: 'array', of: { kind: 'float', min: 0, minExclusive: true, max: 1 } }),
     f('curves', {
       kind: 'array',
-      of: { kind: 'map', fields: [f('layer', int0), f('head', int0), f('loss', { kind: 'array', of: { kind: 'float', min: 0, max: 1 } })] },
+      of: {
+        kind: 'map',
+        fields: [
+          f('layer', int0), f('head', int0), f('loss', { kind: 'array', of: { kind: 'float', min: 0, max: 1 } }),
+          f('energy', { kind: 'array', of: { kind: 'float', min: 0, max: 1 } }, true),
+        ],
+      },
     }),
     f('tokens', int0), f('overhead_s', { kind: 'float', min: 0 }),
   ],
@@ -492,6 +500,7 @@ function validate(header: unknown, received: ReceivedFrames | null): Message {
     const n = (body.keep_ratios as number[]).length;
     (body.curves as TelemetryCurveWire[]).forEach((curve, i) => {
       if (curve.loss.length !== n) bad(`curves[${i}].loss`, `has ${curve.loss.length} losses for ${n} keep_ratios (one each)`);
+      if (curve.energy && curve.energy.length !== n) bad(`curves[${i}].energy`, `has ${curve.energy.length} energy losses for ${n} keep_ratios (one each)`);
     });
   }
   if (type === 'recall') {

@@ -339,7 +339,8 @@ VALID: list[Case] = [
     ),
     Case(
         "telemetry",
-        "telemetry: attention-loss curves of two heads at three keep ratios (integral floats as float64)",
+        "telemetry: attention-loss curves of two heads at three keep ratios, one with its energy losses "
+        "(integral floats as float64)",
         {
             "type": "telemetry",
             "worker_id": "w-0",
@@ -348,7 +349,7 @@ VALID: list[Case] = [
             "dtype": "bfloat16",
             "keep_ratios": [0.125, 0.5, 0.75],
             "curves": [
-                {"layer": 0, "head": 0, "loss": [0.5, 0.125, 0.0]},
+                {"layer": 0, "head": 0, "loss": [0.5, 0.125, 0.0], "energy": [0.25, 0.0625, 0.0]},
                 {"layer": 0, "head": 1, "loss": [1.0, 0.25, 0.0625]},
             ],
             "tokens": 1024,
@@ -509,6 +510,15 @@ INVALID: list[Case] = [
               "overhead_s": 0.1}),
         "bad_message",
         "keep_ratios",
+    ),
+    _bad(
+        "invalid_telemetry_energy_length",
+        "a telemetry curve's energy losses, when sent, need one per keep ratio",
+        _raw({"v": V, "type": "telemetry", "worker_id": "w", "model": "m", "head_dim": 16, "dtype": "float32",
+              "keep_ratios": [0.25, 0.5], "curves": [{"layer": 0, "head": 0, "loss": [0.5, 0.25],
+                                                      "energy": [0.5]}], "tokens": 8, "overhead_s": 0.1}),
+        "bad_message",
+        "energy",
     ),
     _bad(
         "invalid_recall_above_one",

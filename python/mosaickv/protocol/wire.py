@@ -453,6 +453,7 @@ SCHEMA: Mapping[str, tuple[Field, ...]] = {
                         _f("layer", _INT0),
                         _f("head", _INT0),
                         _f("loss", Array(Float(min=0.0, max=1.0))),
+                        _f("energy", Array(Float(min=0.0, max=1.0)), optional=True),
                     )
                 )
             ),
@@ -504,8 +505,10 @@ def _cross_checks(message: dict[str, Any]) -> None:
     if message["type"] == "telemetry":
         n = len(message["keep_ratios"])
         for i, curve in enumerate(message["curves"]):
-            if len(curve["loss"]) != n:
-                _bad(f"curves[{i}].loss", f"has {len(curve['loss'])} losses for {n} keep_ratios (one each)")
+            for name, what in (("loss", "losses"), ("energy", "energy losses")):
+                if name in curve and len(curve[name]) != n:
+                    got = len(curve[name])
+                    _bad(f"curves[{i}].{name}", f"has {got} {what} for {n} keep_ratios (one each)")
     if message["type"] == "recall":
         n = len(message["token_ratios"])
         for i, head in enumerate(message["heads"]):

@@ -28,6 +28,7 @@ from mosaickv.policy import (
     RECALL_TOKEN_RATIOS,
     attention_losses,
     decode_recall,
+    kv_energy_losses,
 )
 from mosaickv.protocol import encode
 
@@ -95,12 +96,16 @@ def test_engine_core_prefills_reach_the_worker_as_telemetry(relay: TelemetryRela
         assert message["keep_ratios"] == list(PLAN_KEEP_RATIOS)
         assert message["tokens"] == child.PROMPTS[prompt] and message["overhead_s"] > 0
         curves = {(c["layer"], c["head"]): c["loss"] for c in message["curves"]}
+        energy = {(c["layer"], c["head"]): c["energy"] for c in message["curves"]}
         assert sorted(curves) == [(i, h) for i in range(child.N_LAYERS) for h in range(child.H_KV)]
         for layer in range(child.N_LAYERS):
             # the same curves as policy.attention_losses on that layer's prompt here
             q, k, v = child.inputs(prompt, layer)
             want = attention_losses(k, v, q[-QUERY_WINDOW:], PLAN_KEEP_RATIOS)
+            want_energy = kv_energy_losses(k.transpose(0, 1), v.transpose(0, 1), PLAN_KEEP_RATIOS)
             for h in range(child.H_KV):
+                torch.testing.assert_close(torch.tensor(energy[(layer, h)], dtype=torch.float64),
+                                           want_energy[h], atol=2e-6, rtol=0)
                 torch.testing.assert_close(torch.tensor(curves[(layer, h)], dtype=torch.float64), want[h],
                                            atol=2e-6, rtol=0)
                 assert curves[(layer, h)][0] > curves[(layer, h)][-1]

@@ -32,8 +32,8 @@ default: usable cores - 1) and ``max_backlog_tokens`` (default 4096), see ``Cach
 ``stats()`` join the engine's ``stats`` and ``kv_bytes`` is its ``request_stats`` (pages + dense device
 tensors).
 ``telemetry_every=N`` (method mosaic; default 0 = off): on the 1st, (N+1)-th, ... prefill, measure
-every layer's ``attention_losses`` at the planner's keep ratios from the prompt K/V and query window
-before they are encoded, and hand the curves to ``telemetry_sink`` (the worker sends them to the
+every layer's ``attention_losses`` and energy losses at the planner's keep ratios from the prompt K/V
+and query window before they are encoded, and hand the curves to ``telemetry_sink`` (the worker sends them to the
 control plane as a ``telemetry`` message); it runs on the engine thread and delays that request's
 first token by its ``overhead_s``.
 ``recall_every=N`` (any method that selects blocks; default 0 = off): on the 1st, (N+1)-th, ... decode
@@ -64,11 +64,11 @@ from mosaickv.policy import (
     PLAN_KEEP_RATIOS,
     QUERY_WINDOW,
     RECALL_TOKEN_RATIOS,
-    attention_losses,
     decode_recall,
     head_curves,
     head_recalls,
     model_shape,
+    prompt_curves,
     read_plan,
 )
 
@@ -362,14 +362,15 @@ def paged_nbytes(
 
 
 @torch.no_grad()
-def prefill_attention_losses(layers: list[PackedLayer], keep_ratios: tuple[float, ...]) -> torch.Tensor:
-    """``attention_losses`` of every layer of a prefilled (not yet encoded) cache: [L, H_kv, n_ratios]."""
-    losses = []
+def prefill_curves(layers: list[PackedLayer], keep_ratios: tuple[float, ...]) -> torch.Tensor:
+    """``prompt_curves`` (attention loss, energy loss) of every layer of a prefilled (not yet encoded)
+    cache: [L, 2, H_kv, n_ratios]."""
+    curves = []
     for layer in layers:
         if layer.q_window is None:
             raise ValueError(f"layer {layer.layer_idx} recorded no query window for attention losses")
-        losses.append(attention_losses(*layer._prompt_kv(), layer.q_window, keep_ratios))
-    return torch.stack(losses)
+        curves.append(prompt_curves(*layer._prompt_kv(), layer.q_window, keep_ratios))
+    return torch.stack(curves)
 
 
 def _cache_config(method: str, params: dict[str, Any]) -> CacheConfig | None:
@@ -530,17 +531,17 @@ class MosaicKVBackend(KVBackend):
             layer.encode_into(self.manager, request_id)
 
     def measure_telemetry(self, layers: list[PackedLayer]) -> dict[str, Any]:
-        """Per layer x KV head, ``attention_losses`` at PLAN_KEEP_RATIOS of this prefill (the layers
-        still hold the dense K/V and the query window): a ``telemetry`` message without worker_id
-        and model."""
+        """Per layer x KV head, ``attention_losses`` and energy losses at PLAN_KEEP_RATIOS of this
+        prefill (the layers still hold the dense K/V and the query window): a ``telemetry`` message
+        without worker_id and model."""
         start = time.perf_counter()
-        losses = prefill_attention_losses(layers, PLAN_KEEP_RATIOS)
+        curves = prefill_curves(layers, PLAN_KEEP_RATIOS)
         head_dim, dtype = self._shape
         return {
             "head_dim": head_dim,
             "dtype": dtype,
             "keep_ratios": list(PLAN_KEEP_RATIOS),
-            "curves": head_curves(losses),
+            "curves": head_curves(curves[:, 0], curves[:, 1]),
             "tokens": int(layers[0]._prompt_kv()[0].shape[0]),
             "overhead_s": time.perf_counter() - start,
         }

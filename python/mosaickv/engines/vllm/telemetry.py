@@ -9,7 +9,7 @@ curves travel over one ZeroMQ PUSH -> PULL pipe:
   sink from its own thread; the worker then sends it to the control plane as usual.
 - engine-core side (fed by the impl's forward): ``PrefillTelemetry`` on the 1st, (N+1)-th, ...
   prefill of the process (``telemetry_every``): every MosaicKV layer measures
-  ``policy.attention_losses`` from the prompt's K/V and last queries, and once every layer has, one
+  ``policy.prompt_curves`` from the prompt's K/V and last queries, and once every layer has, one
   ``telemetry`` message is PUSHed without blocking; ``DecodeRecall`` likewise on sampled decode steps
   (``recall_every``), one ``recall`` message of ``policy.decode_recall`` per layer.
 
@@ -39,10 +39,10 @@ from mosaickv.policy import (
     PLAN_KEEP_RATIOS,
     QUERY_WINDOW,
     RECALL_TOKEN_RATIOS,
-    attention_losses,
     decode_recall,
     head_curves,
     head_recalls,
+    prompt_curves,
 )
 from mosaickv.protocol import ProtocolError, decode, encode
 
@@ -168,9 +168,9 @@ class LayerSampler:
 
 
 class PrefillTelemetry:
-    """MosaicSettings.telemetry_every: the planner's curves (``policy.attention_losses`` at
-    PLAN_KEEP_RATIOS from the prompt's K/V and last queries) of sampled prompts, one ``telemetry``
-    message per prompt."""
+    """MosaicSettings.telemetry_every: the planner's curves (``policy.prompt_curves``: attention and
+    energy losses at PLAN_KEEP_RATIOS from the prompt's K/V and last queries) of sampled prompts, one
+    ``telemetry`` message per prompt."""
 
     def __init__(self, every: int, send: Callable[[dict[str, Any]], None]) -> None:
         self.sampler = LayerSampler(every, send)
@@ -180,7 +180,7 @@ class PrefillTelemetry:
         """Layer ``layer`` of ``n_layers`` ran a prompt (q: [T, H_q, D]; k, v: [T, H_kv, D] post-RoPE)
         for the request whose first block is ``request``."""
 
-        def finish(losses: list[torch.Tensor], seconds: float) -> dict[str, Any]:
+        def finish(curves: list[torch.Tensor], seconds: float) -> dict[str, Any]:
             return {
                 "type": "telemetry",
                 "worker_id": f"vllm-engine-core-{os.getpid()}",
@@ -188,13 +188,13 @@ class PrefillTelemetry:
                 "head_dim": int(k.shape[2]),
                 "dtype": DTYPE_NAMES[k.dtype],
                 "keep_ratios": list(PLAN_KEEP_RATIOS),
-                "curves": head_curves(torch.stack(losses)),
+                "curves": head_curves(torch.stack(curves)[:, 0], torch.stack(curves)[:, 1]),
                 "tokens": int(k.shape[0]),
                 "overhead_s": seconds,
             }
 
         self.sampler.add(layer, n_layers, request,
-                         lambda: attention_losses(k, v, q[-QUERY_WINDOW:], PLAN_KEEP_RATIOS), finish)
+                         lambda: prompt_curves(k, v, q[-QUERY_WINDOW:], PLAN_KEEP_RATIOS), finish)
 
 
 class DecodeRecall:
