@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session (H200): build the extension, run the GPU correctness tests against the core
-# reference, then the kernel benchmark. Writes logs + JSON + plot to $OUT (default bench/results).
+# One GPU session (H200): build the extension, run the GPU correctness tests (kernels and the cache
+# manager) against the core reference, then the kernel benchmark. Writes logs + JSON + plot to $OUT (default bench/results).
 #   bash bench/kernels/gpu_session.sh [tests|bench|all]
 # TEST_TIMEOUT / BENCH_TIMEOUT (seconds) bound each part so that a lease's command limit is never hit
 # with nothing written; BENCH_ARGS passes options to bench_kernels.py (e.g. fewer contexts, or
@@ -20,7 +20,7 @@ echo "build: $(( $(date +%s) - t0 )) s"
 rc=0
 if [[ $MODE == tests || $MODE == all ]]; then
   t0=$(date +%s)
-  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider --durations=5 python/tests/test_ops_gpu.py ${TEST_K:+-k "$TEST_K"} 2>&1 \
+  timeout "${TEST_TIMEOUT:-300}" $PY -m pytest -q -p no:cacheprovider --durations=5 python/tests/test_ops_gpu.py python/tests/test_cache_gpu.py ${TEST_K:+-k "$TEST_K"} 2>&1 \
     | tee "$OUT/gpu_tests.log" | tail -40
   rc=${PIPESTATUS[0]}
   echo "tests: $(( $(date +%s) - t0 )) s, rc $rc"

@@ -45,7 +45,9 @@ class DecodePlan:
 
     Args:
         caches: B caches (mosaic or quest), same H_kv, D, dtype and block size.
-        device: "cuda" runs the kernels; "cpu" runs the core reference.
+        device: "cuda" runs the kernels; "cpu" runs the core reference (on the caches' own device).
+            Caches that attend every block (token_ratio 1) always run the core reference: the
+            kernels' path selects blocks.
         piece_blocks: selected blocks per attention CTA (flash-decoding split size).
     """
 
@@ -58,7 +60,7 @@ class DecodePlan:
         self.workspace: DecodeWorkspace | None = None
         self.gqa_group = 0
         self.piece_blocks = piece_blocks
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and all(c.method.selects_blocks for c in caches):
             self.layout = DecodeLayout.from_caches(caches, self.device)
 
     def run(
