@@ -223,6 +223,15 @@ def run_mixed(layers: list[Attention], builder: MosaicKVMetadataBuilder, config:
     return outs
 
 
+def drain_shared_manager() -> None:
+    """After each step: decode-time re-encodes swap in at fixed steps, whatever the threads do."""
+    from mosaickv.engines.vllm import cache as manager_cache
+
+    adapter = manager_cache.current()
+    assert adapter is not None
+    adapter.manager.drain()
+
+
 def test_cache_manager_matches_core_in_the_lossless_setting(
         builder: MosaicKVMetadataBuilder, config: VllmConfig, monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -238,14 +247,7 @@ def test_cache_manager_matches_core_in_the_lossless_setting(
     assert [layer.impl.use_manager for layer in core_layers + manager_layers] == [False, False, True, True]
     try:
         want = run_mixed(core_layers, builder, config)
-
-        # drain after each step: decode-time re-encodes swap in at fixed steps, whatever the threads do
-        def drain() -> None:
-            adapter = manager_cache.current()
-            assert adapter is not None
-            adapter.manager.drain()
-
-        got = run_mixed(manager_layers, builder, config, drain)
+        got = run_mixed(manager_layers, builder, config, drain_shared_manager)
         for w, o in zip(want, got, strict=True):
             torch.testing.assert_close(o, w, atol=1e-5, rtol=1e-5)
         adapter = manager_cache.current()
@@ -309,12 +311,7 @@ def test_cache_manager_pages_live_in_vllm_kv_cache(
         layer.bind_kv_cache(caches[layer.layer_name])
     buffer = caches[names[0]].untyped_storage()
     try:
-        def drain() -> None:
-            adapter = manager_cache.current()
-            assert adapter is not None
-            adapter.manager.drain()
-
-        got = run_mixed(layers, builder, config, drain)
+        got = run_mixed(layers, builder, config, drain_shared_manager)
         for w, o in zip(want, got, strict=True):
             torch.testing.assert_close(o, w, atol=1e-5, rtol=1e-5)
         adapter = manager_cache.current()
