@@ -32,10 +32,10 @@ default: usable cores - 1) and ``max_backlog_tokens`` (default 4096), see ``Cach
 ``stats()`` join the engine's ``stats`` and ``kv_bytes`` is its ``request_stats`` (pages + dense device
 tensors).
 ``telemetry_every=N`` (method mosaic; default 0 = off): on the 1st, (N+1)-th, ... prefill, measure
-every layer's ``attention_losses`` and energy losses at the planner's keep ratios from the prompt K/V
-and query window before they are encoded, and hand the curves to ``telemetry_sink`` (the worker sends them to the
-control plane as a ``telemetry`` message); it runs on the engine thread and delays that request's
-first token by its ``overhead_s``.
+every layer's ``attention_losses`` and energy losses at the planner's keep ratios from the prompt
+K/V and query window before they are encoded, and hand the curves to ``telemetry_sink`` (the worker
+sends them to the control plane as a ``telemetry`` message); it runs on the engine thread and delays
+that request's first token by its ``overhead_s``.
 ``recall_every=N`` (any method that selects blocks; default 0 = off): on the 1st, (N+1)-th, ... decode
 step of the backend (counted over all requests), every layer measures ``decode_recall`` of the step's
 query (the share of full attention's mass, over the decompressed keys, that the core selection reads

@@ -50,8 +50,9 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCacheSpec
 
 from mosaickv.core import KVCache
+from mosaickv.core.methods.mosaic import MosaicMethod
 from mosaickv.engines.vllm import cache as manager_cache
-from mosaickv.engines.vllm import telemetry
+from mosaickv.engines.vllm import policies, telemetry
 from mosaickv.engines.vllm.config import MosaicSettings
 from mosaickv.ops import DecodePlan, cuda_available
 
@@ -230,12 +231,13 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
                     "--max-num-batched-tokens >= --max-model-len and without speculative decoding")
         if self.use_manager:
             adapter = self._adapter(key)
-            adapter.store(md, adapter.layer(layer.layer_name), rows, key, value)  # type: ignore[attr-defined]
+            methods = self._policy_methods(len(adapter.layers)) if any(ctx == 0 for *_, ctx in rows) else None
+            adapter.store(md, adapter.layer(layer.layer_name), rows, key, value, methods)  # type: ignore[attr-defined]
             return
         for req, lo, hi, ctx in rows:
             k, v = key[lo:hi], value[lo:hi]
             if ctx == 0:
-                self.caches[req] = self.method.encode(k, v)
+                self.caches[req] = self._prompt_method(layer).encode(k, v)
                 continue
             if req not in self.caches:
                 raise RuntimeError(f"MosaicKV has no cache for the request in block {req} ({ctx} tokens "
@@ -292,6 +294,21 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
             plan = DecodePlan(decode_caches, q.device if kernels else torch.device("cpu"))
             out[rows] = plan.run(q[rows], scale=self.scale).to(out.dtype)
         return output
+
+    def _policy_methods(self, n_layers: int) -> list[MosaicMethod] | None:
+        """One method per MosaicKV layer from the newest policy the worker published
+        (engines/vllm/policies.py), or None (no policy: the settings' method everywhere)."""
+        _, params = policies.current(n_layers, self.num_kv_heads)
+        if params is None:
+            return None
+        return [self.settings.make_method(**params[i]) for i in range(n_layers)]
+
+    def _prompt_method(self, layer: AttentionLayer) -> MosaicMethod:
+        """cache: core: the method this layer encodes a new prompt with (the policy's, or the
+        settings')."""
+        place = _mosaic_layer_place(layer)
+        methods = self._policy_methods(place[1]) if place is not None else None
+        return methods[place[0]] if methods is not None and place is not None else self.method
 
     def _sample_prefill(self, layer: AttentionLayer, req: int, q: torch.Tensor, k: torch.Tensor,
                         v: torch.Tensor) -> None:

@@ -28,7 +28,7 @@ from contextlib import AbstractContextManager
 import torch
 
 from mosaickv.cache import CacheConfig, CacheManager
-from mosaickv.core import KVCache
+from mosaickv.core import CompressionMethod, KVCache
 from mosaickv.engines.vllm.config import PAGE_TARGET_BYTES, MosaicSettings
 
 Row = tuple[int, int, int, int]
@@ -78,25 +78,33 @@ class VllmCacheAdapter:
             )
         return request_id
 
-    def _open(self, step: object, key: int) -> str:
-        """The manager request for a prompt of `step` in `key`, opened by the first layer to ask."""
+    def _open(self, step: object, key: int, methods: Sequence[CompressionMethod] | None) -> str:
+        """The manager request for a prompt of `step` in `key`, opened by the first layer to ask
+        (with ``methods``, one per layer, or the manager's default)."""
         if self._opened_by.get(key) is step:
             return self._requests[key]
         if key in self._requests:
             self.release(key)
         request_id = f"vllm-{next(self._ids)}"
-        self.manager.add_request(request_id)
+        self.manager.add_request(request_id, methods)
         self._requests[key], self._opened_by[key] = request_id, step
         return request_id
 
     def store(
-        self, step: object, layer: int, rows: Sequence[Row], key: torch.Tensor, value: torch.Tensor
+        self,
+        step: object,
+        layer: int,
+        rows: Sequence[Row],
+        key: torch.Tensor,
+        value: torch.Tensor,
+        methods: Sequence[CompressionMethod] | None = None,
     ) -> None:
         """do_kv_cache_update for one layer: key, value [num_tokens, H_kv, D] post-RoPE, the step's
-        tokens in row order; `step` is the step's metadata object."""
+        tokens in row order; `step` is the step's metadata object; a prompt's request is opened with
+        ``methods`` (one per layer: a policy's) or the manager's default method."""
         for req, lo, hi, cached in rows:
             if cached == 0:
-                self.manager.prefill(self._open(step, req), layer, key[lo:hi], value[lo:hi])
+                self.manager.prefill(self._open(step, req, methods), layer, key[lo:hi], value[lo:hi])
             elif hi - lo != 1:
                 raise NotImplementedError(
                     f"MosaicKV got {hi - lo} new tokens for a request with {cached} cached ones (chunked "

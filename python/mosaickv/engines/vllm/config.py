@@ -18,6 +18,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -73,13 +74,14 @@ class MosaicSettings:
         check_group(4, self.group)
         self.make_method()
 
-    def make_method(self) -> MosaicMethod:
-        """The core method these settings describe (validates every value)."""
+    def make_method(self, **overrides: Any) -> MosaicMethod:
+        """The core method these settings describe (validates every value); ``overrides``: mosaic
+        parameters a policy sets for one layer (keep_ratio, head_keep_ratios, token_ratio)."""
         params = asdict(self)
         # where the caches live and what is sent: not the method's parameters
         for not_method in ("cache", "telemetry_every", "recall_every", "arena_reserve"):
             del params[not_method]
-        return MosaicMethod(**params)
+        return MosaicMethod(**{**params, **overrides})
 
     def token_head_bytes(self, head_size: int, dtype: torch.dtype) -> float:
         """Packed bytes of one token of one KV head in a compressed segment (may be fractional).

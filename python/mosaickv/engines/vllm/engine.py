@@ -43,6 +43,7 @@ from mosaickv.engines.base import (
     TokenChunk,
 )
 from mosaickv.engines.vllm.config import ENV_VAR, MosaicSettings
+from mosaickv.engines.vllm.policies import PolicyPublisher, check_fits
 from mosaickv.engines.vllm.telemetry import TelemetryRelay
 from mosaickv.protocol import MosaicError
 
@@ -81,6 +82,7 @@ class VLLMEngine(Engine):
         start = time.perf_counter()
         args = AsyncEngineArgs(model=model, max_num_seqs=max_inflight, max_model_len=max_model_len)
         self._relay: TelemetryRelay | None = None
+        self._policies: PolicyPublisher | None = None
         if backend == "mosaickv":
             self.settings = settings_from_options(backend_options or {})
             # Every vLLM process (engine core, workers) reads the settings from the environment.
@@ -89,6 +91,8 @@ class VLLMEngine(Engine):
             # cache manager's stats come back through it
             self._relay = TelemetryRelay()
             self._relay.export()
+            self._policies = PolicyPublisher()  # segment policies go the other way (policies.py)
+            self._policies.export()
             args.attention_backend = "CUSTOM"
             args.enable_prefix_caching = False
             args.enable_chunked_prefill = False
@@ -101,8 +105,7 @@ class VLLMEngine(Engine):
         try:
             self._llm: AsyncLLM = self._call(self._start(args)).result()
         except BaseException:
-            if self._relay is not None:  # its socket file and thread would outlive the failed start
-                self._relay.close()
+            self._close_channels()  # their socket files and threads would outlive the failed start
             raise
         cfg = self._llm.model_config
         parallel = self._llm.vllm_config.parallel_config
@@ -227,9 +230,23 @@ class VLLMEngine(Engine):
         if self._relay is not None:
             self._relay.sink = sink
 
+    def apply_policy(self, heads: list[dict[str, Any]]) -> None:
+        """A segment policy (per layer, one keep ratio per KV head and the layer's token ratio) for
+        prompts the engine core stores from now on, published to it (engines/vllm/policies.py);
+        ValueError with the reason when the model or vLLM's page size cannot run it."""
+        if self._policies is None:
+            super().apply_policy(heads)  # backend stock: unsupported, with the reason
+            return
+        check_fits(self.settings, heads, self._layers, self._kv_heads)
+        self._policies.publish(heads)
+
+    def _close_channels(self) -> None:
+        for channel in (self._relay, self._policies):
+            if channel is not None:
+                channel.close()
+
     def close(self) -> None:
-        if self._relay is not None:
-            self._relay.close()
+        self._close_channels()
         with self._lock:
             tasks = list(self._running.values())
         for task in tasks:
