@@ -49,10 +49,11 @@ def tokens(n: int, seed: int, dtype: torch.dtype = torch.float32) -> tuple[torch
     return k.to(dtype), v.to(dtype)
 
 
-def synchronous(params: dict, k: torch.Tensor, v: torch.Tensor, n_prompt: int) -> KVCache:
+def synchronous(params: dict, k: torch.Tensor, v: torch.Tensor, n_prompt: int, chunk: int = 1) -> KVCache:
+    """The core reference: the prompt encoded, then the decode tokens appended ``chunk`` at a time."""
     cache = make_method("mosaic", **params).encode(k[:n_prompt], v[:n_prompt])
-    for i in range(n_prompt, k.shape[0]):
-        cache.append(k[i : i + 1], v[i : i + 1])
+    for i in range(n_prompt, k.shape[0], chunk):
+        cache.append(k[i : i + chunk], v[i : i + chunk])
     return cache
 
 
@@ -112,6 +113,29 @@ def test_drained_result_equals_synchronous_encode(name: str) -> None:
         assert_same_segments(mgr, "r", ref)
         prompt_segments = len(make_method("mosaic", **params).encode(k[:100], v[:100]).segments)
         assert mgr.stats()["cache_reencodes"] == len(ref.segments) - prompt_segments
+    finally:
+        mgr.close()
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_evicting_a_block_at_a_time_equals_a_synchronous_encode_fed_in_blocks(name: str) -> None:
+    """evict_tokens=8: tokens leave the window 8 at a time, as if the core were fed 8 at a time."""
+    params = SCENARIOS[name]
+    k, v = tokens(100 + 8 * 40, seed=7)
+    ref = synchronous(params, k, v, n_prompt=100, chunk=8)
+    assert len(ref.segments) >= 4
+    mgr = manager(params, n_threads=2, evict_tokens=8)
+    try:
+        mgr.add_request("r")
+        mgr.prefill("r", 0, k[:100], v[:100])
+        window = params["window"]
+        for i in range(100, k.shape[0]):
+            mgr.append("r", 0, k[i : i + 1], v[i : i + 1])
+            held = mgr._stream("r", 0).snapshot.window_k.shape[0]
+            assert window <= held < window + 8  # never evicted early, never held a block too long
+        mgr.drain()
+        assert_same_segments(mgr, "r", ref)
+        assert mgr.tokens("r") == k.shape[0]
     finally:
         mgr.close()
 

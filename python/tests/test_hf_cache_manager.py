@@ -75,7 +75,8 @@ def test_manager_decodes_like_the_core_cache_and_frees_its_pages() -> None:
                 continue
             # one decode-time close per layer, re-encoded on the CPU and swapped in
             assert stats["cache_reencodes"] == engine.model.config.num_hidden_layers
-            assert stats["cache_backlog_peak"] <= 1 and stats["cache_errors"] == 0
+            # max_backlog_tokens 1: one eviction at a time, a block of 8 tokens (evict_tokens' default)
+            assert stats["cache_backlog_peak"] <= 8 and stats["cache_errors"] == 0
             assert stats["cache_requests"] == 0 and stats["cache_pages_used"] == 0
             assert stats["cache_page_bytes"] == 0 and stats["cache_host_bytes"] == 0
             assert stats["cache_page_reserved_bytes"] > 0  # the pool kept its memory for reuse

@@ -36,6 +36,11 @@ class CacheConfig:
     ``default_threads()``). max_backlog_tokens: pending tokens queued for the CPU and not yet
     processed, over all streams; an append that would pass it waits (the temporary segments keep
     serving meanwhile). reencode_delay_s: extra seconds per re-encode, to model a slow CPU.
+    evict_tokens: decode tokens leave the dense window for the temporary segment this many at a time
+    (the window holds up to window + evict_tokens - 1 tokens): the temporary segment's encode, the
+    host copy and the CPU job then run once every evict_tokens steps of a sequence instead of every
+    step. 1 keeps the synchronous core's token-by-token order; a block (8) amortises the decode-path
+    cost (bench/decode/README.md).
     """
 
     page_bytes: int | None = None
@@ -44,6 +49,7 @@ class CacheConfig:
     n_threads: int | None = None
     max_backlog_tokens: int = 4096
     reencode_delay_s: float = 0.0
+    evict_tokens: int = 1
 
     def __post_init__(self) -> None:
         if self.n_threads is not None and self.n_threads < 1:
@@ -52,6 +58,8 @@ class CacheConfig:
             raise ValueError(f"max_backlog_tokens must be >= 1, got {self.max_backlog_tokens}")
         if self.reencode_delay_s < 0:
             raise ValueError(f"reencode_delay_s must be >= 0, got {self.reencode_delay_s}")
+        if self.evict_tokens < 1:
+            raise ValueError(f"evict_tokens must be >= 1, got {self.evict_tokens}")
 
 
 class CacheManager:
@@ -153,7 +161,7 @@ class CacheManager:
             if request_id in self._requests:
                 raise ValueError(f"request {request_id!r} already has a cache; free it first")
             self._requests[request_id] = [
-                Stream(m, self.pool, self.n_kv_heads, self.head_dim, self.dtype, self.config.reencode_delay_s)
+                Stream(m, self.pool, self.n_kv_heads, self.head_dim, self.dtype, self.config)
                 for m in methods
             ]
 
@@ -222,7 +230,7 @@ class CacheManager:
         at ``max_backlog_tokens``, then waits for the re-encoders (counted as a stall in stats)."""
         self._check_kv(k, v)
         stream = self._stream(request_id, layer)
-        need = max(0, stream.snapshot.window_k.shape[0] + k.shape[0] - stream.method.window)
+        need = stream.evicted(stream.snapshot.window_k.shape[0] + k.shape[0])
         with self._cond:
             if need and self._backlog and self._backlog + need > self.config.max_backlog_tokens:
                 self._stalls += 1

@@ -9,13 +9,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from mosaickv.cache.pages import Paged, PagePool
 from mosaickv.cache.segments import PagedSegment, Snapshot, TempSegment, TempStrategy
 from mosaickv.core import CompressionMethod, Segment
+
+if TYPE_CHECKING:  # the manager module imports this one
+    from mosaickv.cache.manager import CacheConfig
 
 
 class HostBuffer:
@@ -79,11 +82,11 @@ class Stream:
         n_heads: int,
         dim: int,
         dtype: torch.dtype,
-        reencode_delay_s: float,
+        config: CacheConfig,
     ) -> None:
         self.method, self.pool, self.dtype = method, pool, dtype
         self.n_heads, self.dim = n_heads, dim
-        self.reencode_delay_s = reencode_delay_s
+        self.config = config
         self.lock = threading.Lock()
         empty = torch.empty(0, n_heads, dim, dtype=dtype, device=pool.device)
         self.snapshot = Snapshot(0, empty, empty, (), None, empty, empty)
@@ -141,7 +144,7 @@ class Stream:
                 # nothing is pending yet: the first pending token comes right after the sinks
                 self.host.start = self.host.base = self.host.end = sink_k.shape[0]
             win_k, win_v = torch.cat([snap.window_k, k[n_s:]]), torch.cat([snap.window_v, v[n_s:]])
-            out = max(0, win_k.shape[0] - m.window)
+            out = self.evicted(win_k.shape[0])
             temp_view = snap.temp
             if out:
                 old_k, old_v = win_k[:out], win_v[:out]
@@ -159,6 +162,12 @@ class Stream:
                 snap, sink_k=sink_k, sink_v=sink_v, temp=temp_view, window_k=win_k[out:], window_v=win_v[out:]
             )
             return out
+
+    def evicted(self, window_len: int) -> int:
+        """Tokens that leave a window grown to ``window_len``: all it holds past ``method.window``,
+        once that is at least ``config.evict_tokens``."""
+        excess = window_len - self.method.window
+        return excess if excess >= self.config.evict_tokens else 0
 
     def _new_temp(self, start: int) -> TempSegment:
         segs = self.snapshot.segments
@@ -227,8 +236,8 @@ class Stream:
     def _close(self) -> None:
         """Encode the CPU's pending tokens as one segment and swap it in for the temporary rows."""
         began = time.perf_counter()
-        if self.reencode_delay_s:
-            time.sleep(self.reencode_delay_s)  # the configured slow re-encoder (backlog tests)
+        if self.config.reencode_delay_s:
+            time.sleep(self.config.reencode_delay_s)  # the configured slow re-encoder (backlog tests)
         a, n = self.host.start, self.cpu_pending
         with self.lock:
             k, v = self.host.rows(a, a + n)
@@ -271,7 +280,7 @@ class Stream:
     def fork(self) -> Stream:
         """A copy for another request (the caller made sure no job is queued or running): closed
         segments share pages, the temporary segment and host rows are copied."""
-        twin = Stream(self.method, self.pool, self.n_heads, self.dim, self.dtype, self.reencode_delay_s)
+        twin = Stream(self.method, self.pool, self.n_heads, self.dim, self.dtype, self.config)
         with self.lock:
             snap = self.snapshot
             segs = tuple(s.shared() for s in snap.segments)

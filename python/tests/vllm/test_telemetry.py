@@ -141,7 +141,8 @@ def _recall_of(settings: MosaicSettings, layer: int, step: int, q: torch.Tensor)
         for k1, v1 in steps:
             cache.append(k1, v1)
         return decode_recall(cache, q, child.D**-0.5)
-    mgr = CacheManager(method, 1, child.H_KV, child.D, k.dtype, "cpu", CacheConfig(n_threads=1))
+    config = CacheConfig(n_threads=1, evict_tokens=settings.block_size)  # as the vLLM adapter makes it
+    mgr = CacheManager(method, 1, child.H_KV, child.D, k.dtype, "cpu", config)
     try:
         mgr.add_request("r")
         mgr.prefill("r", 0, k, v)

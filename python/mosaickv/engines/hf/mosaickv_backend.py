@@ -28,7 +28,8 @@ layer 0 (every layer has the same shape) as the cache will hold it (core tensors
 pages); only for methods with a keep_ratio (think, naive2d, mosaic); ``policy``: a plan file from
 ``mosaickv plan --json`` whose per-head keep ratios and per-layer token ratios replace
 keep_ratio/token_ratio (method mosaic). With ``cache=manager``: ``cache_threads`` (CPU re-encoders,
-default: usable cores - 1) and ``max_backlog_tokens`` (default 4096), see ``CacheConfig``; the manager's
+default: usable cores - 1), ``max_backlog_tokens`` (default 4096) and ``evict_tokens`` (default 8: decode
+tokens leave the dense window a block at a time), see ``CacheConfig``; the manager's
 ``stats()`` join the engine's ``stats`` and ``kv_bytes`` is its ``request_stats`` (pages + dense device
 tensors).
 ``telemetry_every=N`` (method mosaic; default 0 = off): on the 1st, (N+1)-th, ... prefill, measure
@@ -78,6 +79,9 @@ log = logging.getLogger("mosaickv.engines.hf.mosaickv")
 
 ATTENTION_NAME = "mosaickv"
 Q_WINDOW = QUERY_WINDOW  # prompt queries kept per layer for ThinK's channel scores and the telemetry
+# Decode tokens leave the dense window a selection block (default B) at a time: the temporary
+# segment's encode, host copy and CPU job run once per 8 steps of a sequence (CacheConfig.evict_tokens).
+EVICT_TOKENS = 8
 _FIT_STEPS = 12  # bisection steps on keep_ratio: 2**-12 of resolution is far below one element
 _current = threading.local()  # the PackedLayer whose update ran last on this thread
 
@@ -376,14 +380,13 @@ def prefill_curves(layers: list[PackedLayer], keep_ratios: tuple[float, ...]) ->
 def _cache_config(method: str, params: dict[str, Any]) -> CacheConfig | None:
     """Pops the cache options from `params`: the manager's config, or None for the core path."""
     cache = params.pop("cache", "manager" if method == "mosaic" else "core")
-    knobs = {
-        key: params.pop(option)
-        for option, key in (("cache_threads", "n_threads"), ("max_backlog_tokens", "max_backlog_tokens"))
-        if option in params
-    }
+    # backend option -> CacheConfig field
+    options = {"cache_threads": "n_threads", "max_backlog_tokens": "max_backlog_tokens",
+               "evict_tokens": "evict_tokens"}
+    knobs = {key: params.pop(option) for option, key in options.items() if option in params}
     if cache == "core":
         if knobs:
-            raise ValueError("cache_threads and max_backlog_tokens are options of cache=manager")
+            raise ValueError(f"{', '.join(options)} are options of cache=manager")
         return None
     if cache != "manager":
         raise ValueError(f"cache must be manager or core, got {cache!r}")
@@ -392,6 +395,7 @@ def _cache_config(method: str, params: dict[str, Any]) -> CacheConfig | None:
     for key, value in knobs.items():
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"{key} must be an integer, got {value!r}")
+    knobs.setdefault("evict_tokens", EVICT_TOKENS)
     return CacheConfig(**knobs)
 
 

@@ -219,7 +219,8 @@ def shared(
                 head_dim,
                 dtype,
                 device,
-                CacheConfig(page_bytes=page_bytes),
+                # a selection block at a time leaves the window (CacheConfig.evict_tokens)
+                CacheConfig(page_bytes=page_bytes, evict_tokens=settings.block_size),
                 storage,
             )
             adapter.layers = {name: i for i, name in enumerate(layer_names)}
