@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import threading
 from typing import Any
 
 import zmq
 
 from mosaickv.engines.vllm.config import MosaicSettings
+from mosaickv.engines.vllm.ipc import BoundSocket
 from mosaickv.policy import layer_params
 from mosaickv.protocol import ProtocolError, decode, encode
 
@@ -57,12 +56,8 @@ class PolicyPublisher:
     """Worker side: publishes the current policy to the engine-core process (see the module doc)."""
 
     def __init__(self) -> None:
-        self._dir = tempfile.mkdtemp(prefix="mosaickv-policy-")  # private: mode 0700
-        self.address = f"ipc://{os.path.join(self._dir, 'pub.sock')}"
-        self._ctx = zmq.Context()
-        self._socket = self._ctx.socket(zmq.PUB)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.bind(self.address)
+        self._bound = BoundSocket(zmq.PUB, "policy", ADDR_ENV)
+        self.address = self._bound.address
         self._lock = threading.Lock()
         self._frames: list[bytes] | None = None
         self.version = 0
@@ -72,29 +67,27 @@ class PolicyPublisher:
 
     def export(self) -> None:
         """Publish the address to the processes this one spawns from now on."""
-        os.environ[ADDR_ENV] = self.address
+        self._bound.export()
 
     def publish(self, heads: list[dict[str, Any]]) -> int:
         """Send ``heads`` (a checked policy, wire form) as the next version; returns it."""
         with self._lock:
             self.version += 1
             self._frames = encode({"type": "policy", "version": self.version, "heads": heads})
-            self._socket.send_multipart(self._frames)
+            self._bound.socket.send_multipart(self._frames)
             return self.version
 
     def _repeat(self) -> None:
         while not self._closed.wait(REPEAT_S):
             with self._lock:
                 if self._frames is not None:
-                    self._socket.send_multipart(self._frames)
+                    self._bound.socket.send_multipart(self._frames)
 
     def close(self) -> None:
         self._closed.set()
         self._thread.join(timeout=5)
         with self._lock:
-            self._socket.close()
-            self._ctx.term()
-        shutil.rmtree(self._dir, ignore_errors=True)
+            self._bound.close()
 
 
 class _Subscriber:

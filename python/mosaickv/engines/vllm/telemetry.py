@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +32,7 @@ import torch
 import zmq
 
 from mosaickv.core import KVCache
+from mosaickv.engines.vllm.ipc import BoundSocket
 from mosaickv.policy import (
     DTYPE_NAMES,
     PLAN_KEEP_RATIOS,
@@ -62,28 +61,23 @@ class TelemetryRelay:
     def __init__(self) -> None:
         self.sink: Callable[[dict[str, Any]], None] | None = None
         self.cache_stats: dict[str, int | float] = {}  # the engine core's last ``report_cache_stats``
-        self._dir = tempfile.mkdtemp(prefix="mosaickv-telemetry-")  # private: mode 0700
-        self.address = f"ipc://{os.path.join(self._dir, 'pull.sock')}"
-        self._ctx = zmq.Context()
-        self._socket = self._ctx.socket(zmq.PULL)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.bind(self.address)
+        self._bound = BoundSocket(zmq.PULL, "telemetry", ADDR_ENV)
+        self.address = self._bound.address
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mosaickv-telemetry-relay", daemon=True)
         self._thread.start()
 
     def export(self) -> None:
         """Publish the address to the processes this one spawns from now on."""
-        os.environ[ADDR_ENV] = self.address
+        self._bound.export()
 
     def _run(self) -> None:
         try:
             while not self._closed.is_set():
-                if self._socket.poll(self._POLL_MS):
-                    self._relay(self._socket.recv_multipart())
+                if self._bound.socket.poll(self._POLL_MS):
+                    self._relay(self._bound.socket.recv_multipart())
         finally:
-            self._socket.close()
-            self._ctx.term()
+            self._bound.close()
 
     def _relay(self, frames: list[bytes]) -> None:
         try:
@@ -100,8 +94,7 @@ class TelemetryRelay:
 
     def close(self) -> None:
         self._closed.set()
-        self._thread.join(timeout=5)
-        shutil.rmtree(self._dir, ignore_errors=True)
+        self._thread.join(timeout=5)  # the thread closes the socket it polls
 
 
 class TelemetryPusher:
