@@ -184,6 +184,7 @@ class PagedStripe:
         self.stride = round_up8(keep)
         elem = torch.empty(0, dtype=dtype).element_size()
         self.bitmap_bytes, self.value_bytes = 4 * self.words, keep * elem
+        self.value_row_bytes = self.stride * elem  # a values row with its padding
         n = pool.page_bytes // (self.bitmap_bytes + self.stride * elem) // block * block
         while n and _align(n * self.bitmap_bytes) + n * self.stride * elem > pool.page_bytes:
             n -= block
@@ -215,7 +216,7 @@ class PagedStripe:
                 f"got {tuple(values.shape)} {values.dtype} and {tuple(bitmap.shape)}"
             )
         bits = bitmap.contiguous().view(torch.uint8).reshape(n, self.bitmap_bytes)
-        vb, done = self.stride * self.value_bytes // self.keep, 0
+        vb, done = self.value_row_bytes, 0
         while done < n:
             slot = self.length % self.rows_per_page
             if slot == 0:
@@ -245,7 +246,7 @@ class PagedStripe:
             m = min(left, self.rows_per_page)
             page = self.pool.page(page_id)
             bits.append(page[: m * self.bitmap_bytes].view(torch.uint32).view(m, self.words))
-            lo, vb = self.values_offset, self.stride * self.value_bytes // self.keep
+            lo, vb = self.values_offset, self.value_row_bytes
             vals.append(page[lo : lo + m * vb].view(self.dtype).view(m, self.stride)[:, : self.keep])
             left -= m
         if not bits:

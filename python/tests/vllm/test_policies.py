@@ -61,13 +61,14 @@ def test_a_published_policy_changes_the_next_prompts_real_bytes(monkeypatch: pyt
         adapter = manager_cache.current()
         assert adapter is not None
         before = adapter.kv_bytes(3)
-        assert policies.current(2, H_KV) == (0, None)  # nothing published yet
+        settings = MosaicSettings.from_env()
+        assert policies.current_methods(settings, 2, H_KV) is None  # nothing published yet
 
         heads = policy(0.125)
-        check_fits(MosaicSettings.from_env(), heads, 2, H_KV)
+        check_fits(settings, heads, 2, H_KV)
         assert publisher.publish(heads) == 1
         deadline = time.monotonic() + 10
-        while policies.current(2, H_KV)[0] != 1:  # the SUB side connects, then a re-publish arrives
+        while policies.current_methods(settings, 2, H_KV) is None:  # SUB connects, a re-publish arrives
             assert time.monotonic() < deadline, "policy 1 never reached the engine-core side"
             time.sleep(0.05)
         prefill(layers, builder, config, 40, k, v)

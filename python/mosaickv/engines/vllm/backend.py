@@ -193,6 +193,9 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
         """The worker's shared adapter, made on the first step from the MosaicKV (cache: manager)
         layers vLLM has registered, in construction order, their bound KV caches (the manager's
         pages), and this step's K dtype and device."""
+        made = manager_cache.current()
+        if made is not None:  # every later call of every layer: nothing to look up
+            return made
         layers = get_forward_context().no_compile_layers
         ours = {name: module for name, module in layers.items()
                 if getattr(getattr(module, "impl", None), "use_manager", False)}
@@ -298,10 +301,7 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
     def _policy_methods(self, n_layers: int) -> list[MosaicMethod] | None:
         """One method per MosaicKV layer from the newest policy the worker published
         (engines/vllm/policies.py), or None (no policy: the settings' method everywhere)."""
-        _, params = policies.current(n_layers, self.num_kv_heads)
-        if params is None:
-            return None
-        return [self.settings.make_method(**params[i]) for i in range(n_layers)]
+        return policies.current_methods(self.settings, n_layers, self.num_kv_heads)
 
     def _prompt_method(self, layer: AttentionLayer) -> MosaicMethod:
         """cache: core: the method this layer encodes a new prompt with (the policy's, or the

@@ -17,7 +17,7 @@ import functools
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -147,8 +147,7 @@ def paged_token_head_bytes(settings: MosaicSettings, head_size: int, dtype: torc
     manager, not modelled."""
     from mosaickv.cache import CacheConfig, CacheManager  # the manager is only needed here
 
-    method = replace(settings, cache="core").make_method()
-    method.n_sink, method.window = 0, 0  # one closed segment, nothing dense
+    method = settings.make_method(n_sink=0, window=0)  # one closed segment, nothing dense
     n = settings.segment_len
     gen = torch.Generator().manual_seed(0)
     k, v = (torch.randn(n, 1, head_size, generator=gen).to(dtype) for _ in range(2))

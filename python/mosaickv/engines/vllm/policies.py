@@ -8,8 +8,8 @@ plane sends to the worker travels on over one ZeroMQ PUB -> SUB pipe:
   core inherits the environment) and publishes each accepted policy as a wire ``policy`` message;
   it re-publishes the current one every ``REPEAT_S``, because a subscriber that connects later
   (PUB/SUB drops what was sent before it joined) must still get it.
-- engine-core side (``current``): a SUB socket, polled without blocking when a prompt is stored;
-  the newest version wins. A policy applies to prompts stored from then on (running requests keep
+- engine-core side (``current_methods``): a SUB socket, polled without blocking when a prompt is
+  stored; the newest version wins. A policy applies to prompts stored from then on (running requests keep
   the methods they started with), exactly like the hf engine.
 
 ``check_fits`` is what the worker checks before it accepts a policy: the model's layers and heads,
@@ -27,6 +27,7 @@ from typing import Any
 
 import zmq
 
+from mosaickv.core.methods.mosaic import MosaicMethod
 from mosaickv.engines.vllm.config import MosaicSettings
 from mosaickv.engines.vllm.ipc import BoundSocket
 from mosaickv.policy import layer_params
@@ -100,7 +101,7 @@ class _Subscriber:
         self._socket.connect(address)
         self.version = 0
         self.heads: list[dict[str, Any]] | None = None
-        self.params: dict[tuple[int, int, int], dict[int, dict[str, Any]]] = {}  # by (version, L, H)
+        self.methods: dict[tuple[int, MosaicSettings, int, int], list[MosaicMethod]] = {}  # one version's
 
     def poll(self) -> None:
         while self._socket.poll(0):
@@ -120,20 +121,23 @@ _subscriber: _Subscriber | None = None
 _lock = threading.Lock()
 
 
-def current(n_layers: int, n_kv_heads: int) -> tuple[int, dict[int, dict[str, Any]] | None]:
-    """(version, mosaic parameters per layer) of the newest policy the worker published; (0, None)
-    before the first or when no worker started this vLLM (plain ``vllm serve``)."""
+def current_methods(settings: MosaicSettings, n_layers: int, n_kv_heads: int) -> list[MosaicMethod] | None:
+    """One method per MosaicKV layer (``settings`` with the policy's parameters for that layer) from
+    the newest policy the worker published; None before the first or when no worker started this
+    vLLM (plain ``vllm serve``). Built once per version: every layer asks at every stored prompt."""
     global _subscriber
     address = os.environ.get(ADDR_ENV)
     if not address:
-        return 0, None
+        return None
     with _lock:
         if _subscriber is None:
             _subscriber = _Subscriber(address)
-        _subscriber.poll()
-        sub, key = _subscriber, (_subscriber.version, n_layers, n_kv_heads)
+        sub = _subscriber
+        sub.poll()
         if sub.heads is None:
-            return 0, None
-        if key not in sub.params:
-            sub.params = {key: layer_params(sub.heads, n_layers, n_kv_heads)}
-        return sub.version, sub.params[key]
+            return None
+        key = (sub.version, settings, n_layers, n_kv_heads)
+        if key not in sub.methods:
+            params = layer_params(sub.heads, n_layers, n_kv_heads)
+            sub.methods = {key: [settings.make_method(**params[i]) for i in range(n_layers)]}
+        return sub.methods[key]
