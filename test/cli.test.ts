@@ -129,6 +129,28 @@ describe('mosaickv serve over tcp:// with CurveZMQ, and a remote mosaickv worker
   });
 });
 
+/** `mosaickv serve` with one tiny-random mosaickv worker and `args`; `err()` is its stderr so far. */
+function spawnServe(args: string[]): { serve: ChildProcess; err: () => string } {
+  let err = '';
+  const serve = spawn(process.execPath, [BIN, 'serve', '--workers', '1', '--port', '0', '--model', 'tiny-random', '--backend', 'mosaickv', ...args],
+    { stdio: ['ignore', 'ignore', 'pipe'] });
+  serve.stderr!.on('data', (b: Buffer) => (err += b.toString()));
+  return { serve, err: () => err };
+}
+
+/** The URL `serve` prints once it listens. */
+async function listening(err: () => string): Promise<string> {
+  const [, url] = await waitFor('serve to listen', () => /serving .* on (http:\/\/\S+)/.exec(err()) ?? undefined, 90_000);
+  return url!;
+}
+
+/** SIGTERM, and the exit code. */
+function stop(serve: ChildProcess): Promise<number | null> {
+  const exited = new Promise<number | null>((resolve) => serve.once('exit', (code) => resolve(code)));
+  serve.kill('SIGTERM');
+  return exited;
+}
+
 describe('mosaickv serve --target-ratio', () => {
   let serve: ChildProcess | undefined;
   afterAll(() => {
@@ -136,20 +158,16 @@ describe('mosaickv serve --target-ratio', () => {
   });
 
   it('plans a policy from the model shape and every worker acks it', async () => {
-    let err = '';
-    serve = spawn(process.execPath, [BIN, 'serve', '--workers', '1', '--port', '0', '--model', 'tiny-random', '--backend', 'mosaickv',
-      '--target-ratio', '2'], { stdio: ['ignore', 'ignore', 'pipe'] });
-    serve.stderr!.on('data', (b: Buffer) => (err += b.toString()));
-    const [, url] = await waitFor('serve to listen', () => /serving .* on (http:\/\/\S+)/.exec(err) ?? undefined, 90_000);
-    expect(err).toMatch(/policy 1: uniform plan at 2\.\d\dx less KV, published to every worker/);
+    const started = spawnServe(['--target-ratio', '2']);
+    serve = started.serve;
+    const url = await listening(started.err);
+    expect(started.err()).toMatch(/policy 1: uniform plan at 2\.\d\dx less KV, published to every worker/);
     const acked = await waitFor('the worker to ack policy 1', async () => {
       const workers = ((await (await fetch(`${url}/admin/workers`)).json()) as { workers: { policy_version: number }[] }).workers;
       return workers.length === 1 && workers[0]!.policy_version === 1 ? workers[0] : undefined;
     }, 90_000);
     expect(acked.policy_version).toBe(1);
-    const exited = new Promise<number | null>((resolve) => serve!.once('exit', (code) => resolve(code)));
-    serve.kill('SIGTERM');
-    expect(await exited).toBe(0);
+    expect(await stop(serve)).toBe(0);
   });
 });
 
@@ -160,19 +178,18 @@ describe('mosaickv serve --replan-every', () => {
   });
 
   it('re-plans from the telemetry a worker sends with a completion and publishes policy 2, then 3 with decode recall', async () => {
-    let err = '';
-    serve = spawn(process.execPath, [BIN, 'serve', '--workers', '1', '--port', '0', '--model', 'tiny-random', '--backend', 'mosaickv',
-      '--target-ratio', '2', '--replan-every', '1', '--telemetry-every', '1', '--recall-every', '1'], { stdio: ['ignore', 'ignore', 'pipe'] });
-    serve.stderr!.on('data', (b: Buffer) => (err += b.toString()));
-    const [, url] = await waitFor('serve to listen', () => /serving .* on (http:\/\/\S+)/.exec(err) ?? undefined, 90_000);
-    expect(err).toMatch(/policy 1: uniform plan at 2\.\d\dx less KV/);
+    const started = spawnServe(['--target-ratio', '2', '--replan-every', '1', '--telemetry-every', '1', '--recall-every', '1']);
+    serve = started.serve;
+    const err = started.err;
+    const url = await listening(err);
+    expect(err()).toMatch(/policy 1: uniform plan at 2\.\d\dx less KV/);
     const policyOf = async () => ((await (await fetch(`${url}/admin/workers`)).json()) as { workers: { policy_version: number }[] }).workers[0]?.policy_version;
     await waitFor('the worker to ack policy 1', async () => ((await policyOf()) === 1 ? true : undefined), 90_000);
 
     const prompt = Array.from({ length: 40 }, (_, i) => `item ${i} is ${(i * 7) % 13}.`).join(' ');
     const res = await post(`${url}/v1/completions`, { prompt, max_tokens: 2 });
     expect(res.status).toBe(200);
-    await waitFor('the re-plan line', () => /policy 2: re-planned from 1 telemetry samples at \d+\.\d\dx less KV/.exec(err) ?? undefined, 60_000);
+    await waitFor('the re-plan line', () => /policy 2: re-planned from 1 telemetry samples at \d+\.\d\dx less KV/.exec(err()) ?? undefined, 60_000);
     await waitFor('the worker to ack policy 2', async () => ((await policyOf()) === 2 ? true : undefined), 60_000);
 
     // The first completion's decode step sent a `recall` message: the pool shows its mean per layer x KV head...
@@ -187,7 +204,7 @@ describe('mosaickv serve --replan-every', () => {
       expect(h.recall).toHaveLength(recall.token_ratios.length);
       for (const x of h.recall) expect(x >= 0 && x <= 1).toBe(true);
     }
-    // ...and the prompts' curves: attention loss and energy not kept, both falling as more is kept
+    // ...and the prompts' curves: attention loss and energy not kept, neither rising as more is kept
     type Curves = { keep_ratios: number[]; curves: { layer: number; loss: number[]; energy?: number[] }[] };
     const body = (await (await fetch(`${url}/admin/workers`)).json()) as { telemetry: Record<string, Curves> };
     const curves = body.telemetry['tiny-random']!;
@@ -195,15 +212,14 @@ describe('mosaickv serve --replan-every', () => {
     for (const c of curves.curves) {
       expect(c.energy).toHaveLength(curves.keep_ratios.length);
       expect(c.energy![0]!).toBeGreaterThan(c.energy!.at(-1)!);
+      expect(c.loss[0]!).toBeGreaterThanOrEqual(c.loss.at(-1)!);
     }
     const metrics = await (await fetch(`${url}/metrics`)).text();
     expect(metrics).toMatch(/^mosaickv_decode_recall\{model="tiny-random",layer="1",head="1",token_ratio="0\.05"\} [\d.e-]+$/m);
     // ...and the next re-plan (the second completion's telemetry) picks its token ratios from it.
     expect((await post(`${url}/v1/completions`, { prompt, max_tokens: 2 })).status).toBe(200);
-    await waitFor('the re-plan with recall', () => /policy 3: re-planned from 2 telemetry samples .* token ratios [\d., ]+ from the recall of \d+ sampled decode steps/.exec(err) ?? undefined, 60_000);
+    await waitFor('the re-plan with recall', () => /policy 3: re-planned from 2 telemetry samples .* token ratios [\d., ]+ from the recall of \d+ sampled decode steps/.exec(err()) ?? undefined, 60_000);
     await waitFor('the worker to ack policy 3', async () => ((await policyOf()) === 3 ? true : undefined), 60_000);
-    const exited = new Promise<number | null>((resolve) => serve!.once('exit', (code) => resolve(code)));
-    serve.kill('SIGTERM');
-    expect(await exited).toBe(0);
+    expect(await stop(serve)).toBe(0);
   });
 });
