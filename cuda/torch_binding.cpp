@@ -40,25 +40,36 @@ void launch_ok(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, " launch failed: ", cudaGetErrorString(err));
 }
 
+void check_stripes(const at::Tensor& stripes, const at::Tensor& pages, const at::Tensor& like) {
+  check_cuda(stripes, "stripes", like); check_type(stripes, "stripes", at::kLong);
+  TORCH_CHECK(stripes.dim() == 2 && stripes.size(1) == mosaickv::kStripeCols, "stripes must be [n, ",
+              (int)mosaickv::kStripeCols, "] int64 (mosaickv.ops.layout.STRIPE_COLS)");
+  check_cuda(pages, "pages", like); check_type(pages, "pages", at::kLong);
+  TORCH_CHECK(pages.dim() == 1, "pages must be a flat int64 tensor of device addresses");
+}
+
+void check_summary_width(int64_t kind, int64_t width, int64_t d) {
+  TORCH_CHECK(kind == mosaickv::kSummaryMean || kind == mosaickv::kSummaryMinMax,
+              "summary_kind must be 0 (mean/compact) or 1 (minmax)");
+  TORCH_CHECK(width == 0 || (kind == mosaickv::kSummaryMinMax ? width % 16 == 0 && width <= 2 * d
+                                                              : width % 8 == 0 && width <= d),
+              "summary width must be 0, a multiple of 8 <= D for mean/compact, or 2m (m a multiple of 8, <= D) "
+              "for minmax; got ", width);
+}
+
 void encode(const at::Tensor& x, int64_t token0, const at::Tensor& stripe_ids, const at::Tensor& stripes,
-            const at::Tensor& rot, int64_t which, at::Tensor& bits, at::Tensor& vals,
-            const std::optional<at::Tensor>& summary, int64_t summary_kind, int64_t n_channels, int64_t block,
-            at::Tensor& status) {
+            const at::Tensor& pages, int64_t which, int64_t summary_kind, int64_t summary_width, int64_t n_channels,
+            int64_t block, at::Tensor& status) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 3, "x must be a CUDA tensor [n_tokens, H, D]");
   TORCH_CHECK(x.stride(2) == 1, "x must have a contiguous last (head_dim) dimension");
   const int64_t d = x.size(2);
   check_head_dim(d);
   const DType dt = storage_dtype(x, "x");
   check_cuda(stripe_ids, "stripe_ids", x); check_type(stripe_ids, "stripe_ids", at::kInt);
-  check_cuda(stripes, "stripes", x); check_type(stripes, "stripes", at::kLong);
-  check_cuda(rot, "rot", x); check_type(rot, "rot", at::kFloat);
-  check_cuda(bits, "bits", x); check_type(bits, "bits", at::kInt);
-  check_cuda(vals, "vals", x);
-  TORCH_CHECK(vals.scalar_type() == x.scalar_type(), "vals must have x's dtype ", x.scalar_type());
+  check_stripes(stripes, pages, x);
   check_cuda(status, "status", x); check_type(status, "status", at::kInt);
-  TORCH_CHECK(stripes.dim() == 2 && stripes.size(1) == mosaickv::kStripeCols, "stripes must be [n, ",
-              (int)mosaickv::kStripeCols, "] int64");
   TORCH_CHECK(stripe_ids.numel() == x.size(1), "stripe_ids must hold one stripe per head of x");
+  check_summary_width(summary_kind, summary_width, d);
   TORCH_CHECK(which == 0 || which == 1, "which must be 0 (keys) or 1 (values)");
   TORCH_CHECK(block >= 1 && block <= 64, "block size must be in [1, 64], got ", block);
   TORCH_CHECK(token0 % block == 0, "token0 must start a block (multiple of ", block, "), got ", token0);
@@ -72,19 +83,9 @@ void encode(const at::Tensor& x, int64_t token0, const at::Tensor& stripe_ids, c
   p.n_heads = (int)x.size(1);
   p.stripe_ids = stripe_ids.data_ptr<int32_t>();
   p.stripes = stripes.data_ptr<int64_t>();
-  p.rot = rot.data_ptr<float>();
+  p.pages = pages.data_ptr<int64_t>();
   p.which = (int)which;
-  p.bits = reinterpret_cast<uint32_t*>(bits.data_ptr<int32_t>());
-  p.vals = vals.data_ptr();
-  p.summary = nullptr;
-  if (summary.has_value()) {
-    check_cuda(*summary, "summary", x);
-    TORCH_CHECK(summary->scalar_type() == x.scalar_type(), "summary must have x's dtype");
-    TORCH_CHECK(summary_kind == mosaickv::kSummaryMean || summary_kind == mosaickv::kSummaryMinMax,
-                "summary_kind must be 0 (mean/compact) or 1 (minmax)");
-    p.summary = summary->data_ptr();
-    p.summary_width = (int)summary->size(-1);
-  }
+  p.summary_width = which == 0 ? (int)summary_width : 0;
   p.summary_kind = (int)summary_kind;
   p.n_channels = (int)n_channels;
   p.block = (int)block;
@@ -94,16 +95,14 @@ void encode(const at::Tensor& x, int64_t token0, const at::Tensor& stripe_ids, c
   launch_ok(mosaickv::encode(dt, (int)d, p, at::cuda::getCurrentCUDAStream()), "encode");
 }
 
-// Rows, pools and rotations follow mosaickv.ops.kernels.append_encode_ (Python); shapes are checked
-// here, each row's offsets by the kernel (status bit kBadAppendRow).
+// Rows and tables follow mosaickv.ops.kernels.append_encode_ (Python); shapes are checked here, each
+// row against its stripe's capacity by the kernel (status bit kBadAppendRow).
 void append_encode(const at::Tensor& x_k, const at::Tensor& x_v, const at::Tensor& rows, const at::Tensor& stripes,
-                   const at::Tensor& rot, at::Tensor& kbits, at::Tensor& vbits, at::Tensor& kvals, at::Tensor& vvals,
-                   const std::optional<at::Tensor>& summary, const std::optional<at::Tensor>& block_sum,
-                   int64_t summary_kind, int64_t n_channels, int64_t block, at::Tensor& status) {
+                   const at::Tensor& pages, const std::optional<at::Tensor>& block_sum, int64_t summary_kind,
+                   int64_t summary_width, int64_t head_dim, int64_t n_channels, int64_t block, at::Tensor& status) {
   TORCH_CHECK(x_k.is_cuda(), "x_k must be a CUDA tensor (CPU tensors take the torch reference path)");
   const DType dt = storage_dtype(x_k, "x_k");
-  TORCH_CHECK(rot.dim() == 4 && rot.size(1) == 2 && rot.size(2) == rot.size(3), "rot must be [n_stripes, 2, D, D]");
-  const int64_t d = rot.size(3);
+  const int64_t d = head_dim;
   check_head_dim(d);
   check_cuda(x_k, "x_k", x_k);
   check_cuda(x_v, "x_v", x_k);
@@ -113,18 +112,9 @@ void append_encode(const at::Tensor& x_k, const at::Tensor& x_v, const at::Tenso
   check_cuda(rows, "rows", x_k); check_type(rows, "rows", at::kLong);
   TORCH_CHECK(rows.dim() == 2 && rows.size(1) == mosaickv::kAppendCols, "rows must be [n_rows, ",
               (int)mosaickv::kAppendCols, "] int64");
-  check_cuda(stripes, "stripes", x_k); check_type(stripes, "stripes", at::kLong);
-  TORCH_CHECK(stripes.dim() == 2 && stripes.size(1) == mosaickv::kStripeCols, "stripes must be [n, ",
-              (int)mosaickv::kStripeCols, "] int64");
-  TORCH_CHECK(rot.size(0) == stripes.size(0), "rot must hold one (R_K, R_V) pair per stripe");
-  check_cuda(rot, "rot", x_k); check_type(rot, "rot", at::kFloat);
-  check_cuda(kbits, "kbits", x_k); check_type(kbits, "kbits", at::kInt);
-  check_cuda(vbits, "vbits", x_k); check_type(vbits, "vbits", at::kInt);
-  check_cuda(kvals, "kvals", x_k);
-  check_cuda(vvals, "vvals", x_k);
-  TORCH_CHECK(kvals.scalar_type() == x_k.scalar_type() && vvals.scalar_type() == x_k.scalar_type(),
-              "kvals and vvals must have x_k's dtype ", x_k.scalar_type());
+  check_stripes(stripes, pages, x_k);
   check_cuda(status, "status", x_k); check_type(status, "status", at::kInt);
+  check_summary_width(summary_kind, summary_width, d);
   TORCH_CHECK(block >= 1 && block <= 64, "block size must be in [1, 64], got ", block);
   TORCH_CHECK(n_channels >= 1 && n_channels <= d, "n_channels must be in [1, D]");
   mosaickv::AppendParams p{};
@@ -135,33 +125,14 @@ void append_encode(const at::Tensor& x_k, const at::Tensor& x_v, const at::Tenso
   p.n_rows = (int)rows.size(0);
   p.stripes = stripes.data_ptr<int64_t>();
   p.n_stripes = (int)stripes.size(0);
-  p.rot = rot.data_ptr<float>();
-  p.kbits = reinterpret_cast<uint32_t*>(kbits.data_ptr<int32_t>());
-  p.vbits = reinterpret_cast<uint32_t*>(vbits.data_ptr<int32_t>());
-  p.kvals = kvals.data_ptr();
-  p.vvals = vvals.data_ptr();
-  p.kbits_numel = kbits.numel();
-  p.vbits_numel = vbits.numel();
-  p.kvals_numel = kvals.numel();
-  p.vvals_numel = vvals.numel();
-  if (summary.has_value()) {
-    check_cuda(*summary, "summary", x_k);
-    TORCH_CHECK(summary->scalar_type() == x_k.scalar_type() && summary->dim() == 2, "summary must be [n_blocks, width] of x_k's dtype");
-    TORCH_CHECK(summary_kind == mosaickv::kSummaryMean || summary_kind == mosaickv::kSummaryMinMax,
-                "summary_kind must be 0 (mean/compact) or 1 (minmax)");
-    TORCH_CHECK(summary_kind == mosaickv::kSummaryMinMax ? summary->size(1) % 2 == 0 && summary->size(1) <= 2 * d
-                                                         : summary->size(1) <= d,
-                "summary width must be 2m (m <= D) for minmax and <= D for mean/compact");
-    p.summary = summary->data_ptr();
-    p.summary_rows = summary->size(0);
-    p.summary_width = (int)summary->size(1);
-    if (summary_kind == mosaickv::kSummaryMean) {
-      TORCH_CHECK(block_sum.has_value(), "mean/compact summaries need block_sum [n_stripes, width] float32");
-      check_cuda(*block_sum, "block_sum", x_k); check_type(*block_sum, "block_sum", at::kFloat);
-      TORCH_CHECK(block_sum->dim() == 2 && block_sum->size(0) == stripes.size(0) && block_sum->size(1) == summary->size(1),
-                  "block_sum must be [n_stripes, summary width] float32");
-      p.block_sum = block_sum->data_ptr<float>();
-    }
+  p.pages = pages.data_ptr<int64_t>();
+  p.summary_width = (int)summary_width;
+  if (summary_width && summary_kind == mosaickv::kSummaryMean) {
+    TORCH_CHECK(block_sum.has_value(), "mean/compact summaries need block_sum [n_stripes, width] float32");
+    check_cuda(*block_sum, "block_sum", x_k); check_type(*block_sum, "block_sum", at::kFloat);
+    TORCH_CHECK(block_sum->dim() == 2 && block_sum->size(0) == stripes.size(0) && block_sum->size(1) == summary_width,
+                "block_sum must be [n_stripes, summary width] float32");
+    p.block_sum = block_sum->data_ptr<float>();
   }
   p.summary_kind = (int)summary_kind;
   p.n_channels = (int)n_channels;
@@ -174,9 +145,8 @@ void append_encode(const at::Tensor& x_k, const at::Tensor& x_v, const at::Tenso
 // Tensor order follows mosaickv.ops.layout.DecodeLayout / DecodeWorkspace (Python).
 void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int64_t stages,
             const at::Tensor& stripes, const at::Tensor& stripe_ptr, const at::Tensor& block_ptr,
-            const at::Tensor& block_stripe, const std::optional<at::Tensor>& rot, const at::Tensor& kbits,
-            const at::Tensor& vbits, const at::Tensor& kvals, const at::Tensor& vvals, const at::Tensor& summary,
-            int64_t summary_kind, int64_t block, const at::Tensor& n_select, const at::Tensor& dense_k,
+            const at::Tensor& block_stripe, const at::Tensor& pages, const at::Tensor& kdense,
+            const at::Tensor& vdense, int64_t summary_kind, int64_t summary_width, int64_t block, const at::Tensor& n_select, const at::Tensor& dense_k,
             const at::Tensor& dense_v, const at::Tensor& dense_len, at::Tensor& qrot, at::Tensor& keys,
             at::Tensor& sel, at::Tensor& pieces, at::Tensor& n_pieces, int64_t piece_blocks, at::Tensor& part_o,
             at::Tensor& part_ml, at::Tensor& stripe_out, at::Tensor& status) {
@@ -189,14 +159,14 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
   TORCH_CHECK(h_kv > 0 && q.size(1) % h_kv == 0, "query heads (", q.size(1), ") must be a multiple of KV heads (", h_kv, ")");
   const int64_t g = q.size(1) / h_kv;
   TORCH_CHECK(g == 1 || g == 4 || g == 8, "GQA group (query heads per KV head) must be 1, 4 or 8 for the CUDA kernels, got ", g);
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{out, "out"}, {kvals, "kvals"}, {vvals, "vvals"},
-                                {summary, "summary"}, {dense_k, "dense_k"}, {dense_v, "dense_v"}}) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{out, "out"}, {kdense, "kdense"},
+                                {vdense, "vdense"}, {dense_k, "dense_k"}, {dense_v, "dense_v"}}) {
     check_cuda(t, name, q);
     TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ", t.scalar_type());
   }
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{stripe_ptr, "stripe_ptr"}, {block_ptr, "block_ptr"},
                                 {block_stripe, "block_stripe"}, {n_select, "n_select"}, {dense_len, "dense_len"},
-                                {kbits, "kbits"}, {vbits, "vbits"}, {sel, "sel"}, {pieces, "pieces"},
+                                {sel, "sel"}, {pieces, "pieces"},
                                 {n_pieces, "n_pieces"}, {status, "status"}, {keys, "keys"}}) {
     check_cuda(t, name, q);
     check_type(t, name, at::kInt);
@@ -206,21 +176,16 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
     check_cuda(t, name, q);
     check_type(t, name, at::kFloat);
   }
-  check_cuda(stripes, "stripes", q); check_type(stripes, "stripes", at::kLong);
-  TORCH_CHECK(stripes.dim() == 2 && stripes.size(1) == mosaickv::kStripeCols, "stripes must be [n, ",
-              (int)mosaickv::kStripeCols, "] int64");
+  check_stripes(stripes, pages, q);
   TORCH_CHECK(out.sizes() == q.sizes(), "out must have q's shape");
-  TORCH_CHECK(summary.dim() == 2 && summary.size(1) % 8 == 0, "summary must be [n_blocks, width], width a multiple of 8");
-  TORCH_CHECK(summary_kind == mosaickv::kSummaryMinMax ? summary.size(1) % 16 == 0 && summary.size(1) <= 2 * d
-                                                     : summary.size(1) <= d,
-              "summary width must be 2m (m a multiple of 8, <= D) for minmax and <= D for mean/compact");
+  check_summary_width(summary_kind, summary_width, d);
+  TORCH_CHECK(summary_width > 0, "the decode path scores block summaries: summary_width must be > 0");
   const int64_t bh = batch * h_kv;
   TORCH_CHECK(stripe_ptr.numel() == bh + 1 && block_ptr.numel() == bh + 1, "stripe_ptr and block_ptr must have B*H_kv + 1 entries");
   TORCH_CHECK(sel.dim() == 2 && sel.size(0) == bh, "sel must be [B*H_kv, max_select]");
   TORCH_CHECK(pieces.dim() == 3 && pieces.size(0) == bh && pieces.size(2) == 3, "pieces must be [B*H_kv, max_pieces, 3]");
   TORCH_CHECK(part_o.dim() == 4 && part_o.size(1) == pieces.size(1) + 1, "part_o must be [B*H_kv, max_pieces + 1, G, D]");
   TORCH_CHECK(stripe_out.dim() == 4 && stripe_out.size(0) == bh, "stripe_out must be [B*H_kv, max_stripes + 1, G, D]");
-  if (packed) TORCH_CHECK(rot.has_value(), "the packed path needs the rotations");
   TORCH_CHECK(piece_blocks >= 1 && piece_blocks <= 64, "piece_blocks must be in [1, 64], got ", piece_blocks);
   mosaickv::DecodeParams p{};
   p.batch = (int)batch;
@@ -234,14 +199,12 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
   p.block_ptr = block_ptr.data_ptr<int32_t>();
   p.block_stripe = block_stripe.data_ptr<int32_t>();
   p.n_blocks = (int)block_stripe.numel();
-  p.rot = rot.has_value() ? rot->data_ptr<float>() : nullptr;
-  p.kbits = reinterpret_cast<const uint32_t*>(kbits.data_ptr<int32_t>());
-  p.vbits = reinterpret_cast<const uint32_t*>(vbits.data_ptr<int32_t>());
-  if (packed) { p.kvals = kvals.data_ptr(); p.vvals = vvals.data_ptr(); }
-  else { p.kdense = kvals.data_ptr(); p.vdense = vvals.data_ptr(); }
-  p.summary = summary.data_ptr();
+  p.pages = pages.data_ptr<int64_t>();
+  p.rotated = packed ? 1 : 0;
+  p.kdense = kdense.data_ptr();
+  p.vdense = vdense.data_ptr();
   p.summary_kind = (int)summary_kind;
-  p.summary_width = (int)summary.size(1);
+  p.summary_width = (int)summary_width;
   p.block = (int)block;
   p.n_select = n_select.data_ptr<int32_t>();
   p.dense_k = dense_k.data_ptr();

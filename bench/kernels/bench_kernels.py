@@ -38,9 +38,11 @@ from mosaickv.ops import (
     AppendPools,
     DecodeLayout,
     DecodeWorkspace,
+    FlatPools,
     append_to_pools,
     encode_into_,
     n_select,
+    paged_tables,
     run_decode,
 )
 from timing import copy_bandwidth_gbs, graph_time_ms
@@ -99,21 +101,25 @@ def synth_dense_select(k: torch.Tensor, v: torch.Tensor) -> DecodeLayout:
     ]
     bh = batch * H_KV
     i32 = torch.int32
-    return DecodeLayout(
-        packed=False,
-        stripes=torch.tensor(rows, dtype=torch.int64, device=DEV),
-        stripe_ptr=torch.arange(bh + 1, dtype=i32, device=DEV),
-        block_ptr=torch.arange(bh + 1, dtype=i32, device=DEV) * nb,
-        block_stripe=torch.arange(bh, dtype=i32, device=DEV).repeat_interleave(nb),
+    flat = FlatPools(
+        rows=torch.tensor(rows, dtype=torch.int64, device=DEV),
         rot=None,
         kbits=torch.zeros(8, dtype=i32, device=DEV),
         vbits=torch.zeros(8, dtype=i32, device=DEV),
         kvals=k.view(-1, D),
         vvals=v.view(-1, D),
         summary=torch.randn(bh * nb, 2 * D, device=DEV, dtype=DT),
+    )
+    return DecodeLayout.from_flat(
+        flat,
+        rows,
+        packed=False,
+        stripe_ptr=list(range(bh + 1)),
+        block_ptr=[i * nb for i in range(bh + 1)],
+        block_stripe=[i for i in range(bh) for _ in range(nb)],
+        n_select=[n_select(nb, RATIO)] * bh,
         summary_kind=1,
         block=BLOCK,
-        n_select=torch.full((bh,), n_select(nb, RATIO), dtype=i32, device=DEV),
         dense_k=torch.randn(batch, H_KV, N_SINK + WINDOW, D, device=DEV, dtype=DT),
         dense_v=torch.randn(batch, H_KV, N_SINK + WINDOW, D, device=DEV, dtype=DT),
         dense_len=torch.full((batch,), N_SINK + WINDOW, dtype=i32, device=DEV),
@@ -146,10 +152,12 @@ def runner(
 def bytes_read(lay: DecodeLayout, packed_row_bytes: int) -> int:
     """Fewest bytes one decode call must read: summaries, selected rows, dense part, rotations, q."""
     n_sel = int(lay.n_select.sum())
-    summ = lay.summary.shape[0] * lay.summary.shape[1] * 2
+    flat = lay.flat
+    assert flat is not None, "bytes_read counts the flat pools of a synthetic layout"
+    summ = flat.summary.shape[0] * flat.summary.shape[1] * 2
     dense = lay.batch * H_KV * (N_SINK + WINDOW) * D * 2 * 2
     rot = (
-        0 if lay.rot is None else lay.stripes.shape[0] * 2 * D * D * 4
+        0 if flat.rot is None else lay.stripes.shape[0] * 2 * D * D * 4
     )  # R_K for q, R_V for the output
     return (
         summ
@@ -321,7 +329,6 @@ def bench_encode(repeats: int) -> dict:
             ]
             for h in range(H_KV)
         ]
-        stripes = torch.tensor(rows, dtype=torch.int64, device=DEV)
         rot = (
             torch.linalg.qr(torch.randn(H_KV * 2, D, D, device=DEV))[0]
             .view(H_KV, 2, D, D)
@@ -332,6 +339,7 @@ def bench_encode(repeats: int) -> dict:
         vals = torch.empty(H_KV * SEG_LEN * KEEP, dtype=DT, device=DEV)
         vb, vv = torch.empty_like(bits), torch.empty_like(vals)
         summ = torch.empty(H_KV * SEG_LEN // BLOCK, 16, dtype=DT, device=DEV)
+        stripes, pages = paged_tables(rows, rot, bits, vb, vals, vv, summ)
         status = torch.zeros(1, dtype=torch.int32, device=DEV)
         k = torch.randn(n_tok, H_KV, D, device=DEV, dtype=DT)
         v = torch.randn(n_tok, H_KV, D, device=DEV, dtype=DT)
@@ -341,21 +349,12 @@ def bench_encode(repeats: int) -> dict:
             v=v,
             token0=token0,
             stripes=stripes,
-            rot=rot,
+            pages=pages,
             ids=ids,
-            bits=bits,
-            vals=vals,
-            vb=vb,
-            vv=vv,
-            summ=summ,
             status=status,
         ) -> None:
-            encode_into_(
-                k, token0, ids, stripes, rot, 0, bits, vals, summ, 0, D, BLOCK, status
-            )
-            encode_into_(
-                v, token0, ids, stripes, rot, 1, vb, vv, None, 0, D, BLOCK, status
-            )
+            encode_into_(k, token0, ids, stripes, pages, 0, 0, 16, D, BLOCK, status)
+            encode_into_(v, token0, ids, stripes, pages, 1, 0, 0, D, BLOCK, status)
 
         ms = graph_time_ms(call, repeats)
         assert int(status.item()) == 0, "encode status set"
@@ -458,25 +457,20 @@ def append_times(batch: int, repeats: int) -> dict:
     stripe_ids = torch.arange(n, dtype=torch.int32, device=DEV).view(
         -1, H_KV
     )  # [(copy, layer, b), H]
-    sides = (
-        (0, pools.kbits, pools.kvals, pools.summary),
-        (1, pools.vbits, pools.vvals, None),
-    )
+    width = 0 if pools.summary is None else pools.summary.shape[1]
 
     def old_layer(cl: int) -> None:
         for ids in stripe_ids[cl * batch : (cl + 1) * batch]:
-            for which, bits, vals, summ in sides:
+            for which in (0, 1):
                 encode_into_(
                     x_block,
                     cap - BLOCK,
                     ids,
                     pools.stripes,
-                    rot,
+                    pools.pages,
                     which,
-                    bits,
-                    vals,
-                    summ,
                     0,
+                    width if which == 0 else 0,
                     D,
                     BLOCK,
                     status,

@@ -54,9 +54,9 @@ def check(
 ) -> dict:
     """Max errors of the pieces (m, l, o') and of the output, against float64 torch."""
     d, h_kv = lay.head_dim, lay.n_kv_heads
-    st = lay.stripes.cpu()
-    kb, vb, kv, vv = lay.kbits.cpu(), lay.vbits.cpu(), lay.kvals.cpu(), lay.vvals.cpu()
-    rot = lay.rot.cpu().double()
+    st = lay.flat.rows.cpu()
+    kb, vb, kv, vv = lay.flat.kbits.cpu(), lay.flat.vbits.cpu(), lay.flat.kvals.cpu(), lay.flat.vvals.cpu()
+    rot = lay.flat.rot.cpu().double()
     sel, pieces, n_pieces = ws.sel.cpu(), ws.pieces.cpu(), ws.n_pieces.cpu()
     part_o, part_ml = ws.part_o.cpu().double(), ws.part_ml.cpu().double()
     qd = q.cpu().double().view(lay.batch, h_kv, g, d)
@@ -119,7 +119,7 @@ def fake_kernels(
     """--cpu: fill sel / pieces with a random selection and part_* / out with the reference, so that
     check() must report ~0 (tests this script, not the kernels)."""
     gen = torch.Generator().manual_seed(1)
-    st = lay.stripes
+    st = lay.flat.rows
     for bh in range(lay.batch * lay.n_kv_heads):
         b0, b1 = int(lay.block_ptr[bh]), int(lay.block_ptr[bh + 1])
         k = int(lay.n_select[bh])
@@ -149,15 +149,15 @@ def fake_kernels(
             row = st[s]
             n_tok = int(row[2])
             k_all = dense_rows(
-                lay.kbits[int(row[7]) :],
-                lay.kvals[int(row[9]) :],
+                lay.flat.kbits[int(row[7]) :],
+                lay.flat.kvals[int(row[9]) :],
                 d,
                 int(row[3]),
                 n_tok,
             )
             v_all = dense_rows(
-                lay.vbits[int(row[8]) :],
-                lay.vvals[int(row[10]) :],
+                lay.flat.vbits[int(row[8]) :],
+                lay.flat.vvals[int(row[10]) :],
                 d,
                 int(row[4]),
                 n_tok,
@@ -165,7 +165,7 @@ def fake_kernels(
             blocks = ws.sel[bh, first:last].long() - int(row[11])
             tok = (blocks[:, None] * blk + torch.arange(blk)).reshape(-1)
             tok = tok[tok < n_tok]
-            sc = (qd[b, h] @ lay.rot[s, 0].double().T) @ k_all[tok].T * scale
+            sc = (qd[b, h] @ lay.flat.rot[s, 0].double().T) @ k_all[tok].T * scale
             m = sc.max(1).values
             p = torch.exp(sc - m[:, None])
             ws.part_ml[bh, i, :, 0], ws.part_ml[bh, i, :, 1] = (
@@ -173,7 +173,7 @@ def fake_kernels(
                 p.sum(1).float(),
             )
             ws.part_o[bh, i] = (p @ v_all[tok]).float()
-            outs.append(p @ v_all[tok] @ lay.rot[s, 1].double())
+            outs.append(p @ v_all[tok] @ lay.flat.rot[s, 1].double())
             ms.append(m)
             ls.append(p.sum(1))
         n_dense = int(lay.dense_len[b])

@@ -527,6 +527,10 @@ __global__ void __launch_bounds__(kPaThreads, 3) packed_attention_kernel(DecodeP
   __shared__ __align__(16) T s_tile[kPaWarps][2][kChunk * kStride];  // per warp: K rows, V rows
   __shared__ float s_m[kPaWarps][G], s_l[kPaWarps][G];
   __shared__ int s_sel[64];
+  __shared__ const char* s_kbits[64];  // first row of each selected block, per array
+  __shared__ const char* s_kvals[64];
+  __shared__ const char* s_vbits[64];
+  __shared__ const char* s_vvals[64];
   static_assert(sizeof(s_tile) >= sizeof(float) * kPaWarps * G * D, "the warp partials reuse the tiles");
 
   const int bh = blockIdx.y, b = bh / p.n_kv_heads, h = bh % p.n_kv_heads;
@@ -585,43 +589,66 @@ __global__ void __launch_bounds__(kPaThreads, 3) packed_attention_kernel(DecodeP
     const int64_t* meta = p.stripes + (int64_t)stripe * kStripeCols;
     const int S = (int)meta[kColTokens];
     const int64_t block_off = meta[kColBlockOff];
-    for (int i = threadIdx.x; i < last - first; i += blockDim.x)
-      s_sel[i] = (int)(p.sel[(int64_t)bh * p.max_select + first + i] - block_off);
+    const int B = p.block;
+    // Each selected block's rows, resolved through the page tables once: a block never straddles a
+    // page, so its rows are consecutive from the block's first row (bitmaps and values, K and V).
+    {
+      const int kw = (D / (int)meta[kColGroupK] + 31) / 32, vw = (D / (int)meta[kColGroupV] + 31) / 32;
+      const int64_t kvb = round_up8((int)meta[kColKeepK]) * (int64_t)sizeof(T);
+      const int64_t vvb = round_up8((int)meta[kColKeepV]) * (int64_t)sizeof(T);
+      for (int i = threadIdx.x; i < last - first; i += blockDim.x) {
+        const int j = (int)(p.sel[(int64_t)bh * p.max_select + first + i] - block_off);
+        const int64_t r = (int64_t)j * B;
+        s_sel[i] = j;
+        s_kbits[i] = paged_row(p.pages, meta[kColKBits], meta[kColKRows], r, 4 * kw);
+        s_kvals[i] = paged_row(p.pages, meta[kColKVals], meta[kColKRows], r, kvb);
+        s_vbits[i] = paged_row(p.pages, meta[kColVBits], meta[kColVRows], r, 4 * vw);
+        s_vvals[i] = paged_row(p.pages, meta[kColVVals], meta[kColVRows], r, vvb);
+      }
+    }
     const float* qr = p.qrot + (int64_t)stripe * G * D;
     q_fragments<T, D, G>([&](int g, int d) { return qr[g * D + d]; }, qscale, qa);
     // This lane's side (K or V) of the stripe.
     const int keep = (int)meta[is_v ? kColKeepV : kColKeepK];
     const int grp = (int)meta[is_v ? kColGroupV : kColGroupK];
     const int n_words = (D / grp + 31) / 32, stride = round_up8(keep);
-    const uint32_t* bits = (is_v ? p.vbits : p.kbits) + meta[is_v ? kColVBitOff : kColKBitOff];
-    const T* vals = static_cast<const T*>(is_v ? p.vvals : p.kvals) + meta[is_v ? kColVValOff : kColKValOff];
-    const int B = p.block, n_tok = (last - first) * B;
+    const char* const* blk_bits = is_v ? s_vbits : s_kbits;
+    const char* const* blk_vals = is_v ? s_vvals : s_kvals;
+    const int n_tok = (last - first) * B;
     const int n_chunks = (n_tok + kChunk - 1) / kChunk;
     const float inv_b = 1.f / (float)B;
-    __syncthreads();  // s_sel
-    // Stripe-relative token of piece token t, or -1 (past the piece, or past a partial last block).
-    // t / B through a float reciprocal: exact for t < 2^12 (piece tokens <= 64 blocks x 64).
-    auto tok_of = [&](int t) -> int {
-      if (t >= n_tok) return -1;
-      const int blk = (int)(((float)t + 0.5f) * inv_b);
-      const int tok = s_sel[blk] * B + (t - blk * B);
-      return tok < S ? tok : -1;
+    __syncthreads();  // s_sel and the block rows
+    // Piece token t -> (its block in the piece, row within the block), or blk = -1 (past the piece,
+    // or past a partial last block). t / B through a float reciprocal: exact for t < 2^12 (piece
+    // tokens <= 64 blocks x 64).
+    struct Row {
+      int blk, in;
     };
+    auto row_of = [&](int t) -> Row {
+      if (t >= n_tok) return {-1, 0};
+      const int blk = (int)(((float)t + 0.5f) * inv_b);
+      const int in = t - blk * B;
+      return s_sel[blk] * B + in < S ? Row{blk, in} : Row{-1, 0};
+    };
+    auto bits_of = [&](Row r) {
+      return reinterpret_cast<const uint32_t*>(blk_bits[r.blk]) + (int64_t)r.in * n_words;
+    };
+    auto vals_of = [&](Row r) { return reinterpret_cast<const T*>(blk_vals[r.blk]) + (int64_t)r.in * stride; };
     PackedRow<T> cur{}, nxt{};  // nxt stays defined when a lane has no next row (it is copied to cur)
-    int tok_c = warp < n_chunks ? tok_of(warp * kChunk + my) : -1;
-    if (tok_c >= 0) cur.load(bits + (int64_t)tok_c * n_words, n_words, vals + (int64_t)tok_c * stride, keep);
+    Row rc = warp < n_chunks ? row_of(warp * kChunk + my) : Row{-1, 0};
+    if (rc.blk >= 0) cur.load(bits_of(rc), n_words, vals_of(rc), keep);
     for (int c = warp; c < n_chunks; c += kPaWarps) {
       const int cn = c + kPaWarps;
-      const int tok_n = cn < n_chunks ? tok_of(cn * kChunk + my) : -1;
-      if (tok_n >= 0) nxt.load(bits + (int64_t)tok_n * n_words, n_words, vals + (int64_t)tok_n * stride, keep);
+      const Row rn = cn < n_chunks ? row_of(cn * kChunk + my) : Row{-1, 0};
+      if (rn.blk >= 0) nxt.load(bits_of(rn), n_words, vals_of(rn), keep);
       zero_row<T, D>(my_row);
-      if (tok_c >= 0) cur.expand(vals + (int64_t)tok_c * stride, keep, grp, my_row);
-      const uint32_t valid = __ballot_sync(0xffffffffu, tok_c >= 0) & 0xffffu;  // lanes 0-15 = tokens 0-15
+      if (rc.blk >= 0) cur.expand(vals_of(rc), keep, grp, my_row);
+      const uint32_t valid = __ballot_sync(0xffffffffu, rc.blk >= 0) & 0xffffu;  // lanes 0-15 = tokens 0-15
       __syncwarp();
       flash_chunk<T, D, G>(ktile, vtile, valid, qa, st);
       __syncwarp();
       cur = nxt;
-      tok_c = tok_n;
+      rc = rn;
     }
   }
 
@@ -776,17 +803,17 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(DecodeParams p) {
     os[g][i % D] = a * gl[g];
   }
   __syncthreads();
-  const float* R = (x == p.max_stripes || p.rot == nullptr) ? nullptr : p.rot + ((int64_t)stripe * 2 + 1) * D * D;
-  if (R == nullptr) {
+  if (x == p.max_stripes || !p.rotated) {
     for (int i = tid; i < G * D; i += blockDim.x) dst[i] = os[i / D][i % D];
     return;
   }
-  // o[g][d] = sum_j R[j][d] o'[g][j]: group `part` takes rows j in [part * kRows, (part + 1) * kRows).
+  // o[g][d] = sum_j R_V[j][d] o'[g][j]: group `part` takes rows j in [part * kRows, (part + 1) * kRows).
   {
+    const int64_t* meta = p.stripes + (int64_t)stripe * kStripeCols;
     const int d = tid % D, part = tid / D;
     float rv[kRows];
 #pragma unroll
-    for (int u = 0; u < kRows; ++u) rv[u] = R[(int64_t)(part * kRows + u) * D + d];
+    for (int u = 0; u < kRows; ++u) rv[u] = rotation_row<D>(p.pages, meta, 1, part * kRows + u)[d];
     float a[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) a[g] = 0.f;

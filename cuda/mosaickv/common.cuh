@@ -11,8 +11,27 @@
 
 namespace mosaickv {
 
+// Row r of a paged array (StripeCol in params.h): entry `first` of the page table holds rows
+// [0, per_page), the next one [per_page, 2 per_page), ... Indices fit 32 bits (unsigned division).
+__host__ __device__ __forceinline__ char* paged_row(const int64_t* pages, int64_t entry, int64_t per_page,
+                                                    int64_t r, int64_t row_bytes) {
+  const uint32_t q = (uint32_t)r / (uint32_t)per_page, rem = (uint32_t)r - q * (uint32_t)per_page;
+  return reinterpret_cast<char*>(pages[entry + q]) + (int64_t)rem * row_bytes;
+}
 
+// Row i of a stripe's rotation R_K (side 0) or R_V (side 1): D floats.
+template <int D>
+__device__ __forceinline__ const float* rotation_row(const int64_t* pages, const int64_t* meta, int side, int i) {
+  const int64_t r = meta[side == 0 ? kColRotFirstK : kColRotFirstV] + i;
+  return reinterpret_cast<const float*>(paged_row(pages, meta[kColRotPages], meta[kColRotRows], r, D * 4));
+}
 
+// Summary row of the stripe's block j (width storage elements).
+template <typename T>
+__device__ __forceinline__ T* summary_row(const int64_t* pages, const int64_t* meta, int64_t j, int width) {
+  return reinterpret_cast<T*>(paged_row(pages, meta[kColSumPages], meta[kColSumRows], meta[kColSumFirst] + j,
+                                        (int64_t)width * sizeof(T)));
+}
 
 template <typename T> struct Conv;
 template <> struct Conv<__nv_bfloat16> {
@@ -69,6 +88,5 @@ __device__ __forceinline__ float block_reduce(float v, float* scratch) {
   r = kMax ? warp_max(r) : warp_sum(r);
   return r;
 }
-
 
 }  // namespace mosaickv

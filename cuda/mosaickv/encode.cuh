@@ -19,7 +19,7 @@ __host__ __device__ constexpr int encode_words(int g) { return (D / g + 31) / 32
 // How one side (K or V) of one stripe is packed, from its stripe-table row.
 struct SideShape {
   int keep, ks, g, ngroups, kg, words;
-  int64_t bit_off, val_off;
+  int64_t bits_entry, vals_entry, per_page;  // the side's page tables (StripeCol)
   int status;  // kBadGroup / kBadKeep when (keep, g, channels) cannot be encoded: then nothing is written
 };
 
@@ -33,8 +33,9 @@ __device__ __forceinline__ SideShape side_shape(const int64_t* meta, int which, 
   s.ngroups = D / s.g;
   s.kg = s.keep / s.g;
   s.words = (s.ngroups + 31) / 32;
-  s.bit_off = meta[which == 0 ? kColKBitOff : kColVBitOff];
-  s.val_off = meta[which == 0 ? kColKValOff : kColVValOff];
+  s.bits_entry = meta[which == 0 ? kColKBits : kColVBits];
+  s.vals_entry = meta[which == 0 ? kColKVals : kColVVals];
+  s.per_page = meta[which == 0 ? kColKRows : kColVRows];
   const bool bad_keep = s.keep <= 0 || s.keep % s.g != 0 || s.keep > n_channels || n_channels % s.g != 0 || n_channels > D;
   s.status = (s.g != g_raw ? kBadGroup : 0) | (bad_keep ? kBadKeep : 0);
   return s;
@@ -49,7 +50,7 @@ __device__ __forceinline__ SideShape side_shape(const int64_t* meta, int which, 
 // D / g threads instead of one warp's serial loop.
 template <typename T, int D>
 __device__ void pack_rotated_tokens(const float* xr, int n_tok, float* energy, uint8_t* kept, const SideShape& s,
-                                    int n_channels, int64_t first_row, uint32_t* bits, T* vals) {
+                                    int n_channels, int64_t first_row, const int64_t* pages) {
   const int n_pairs = n_tok * s.ngroups;
   for (int idx = threadIdx.x; idx < n_pairs; idx += blockDim.x) {
     const int tau = idx / s.ngroups, gi = idx - tau * s.ngroups;
@@ -75,8 +76,8 @@ __device__ void pack_rotated_tokens(const float* xr, int n_tok, float* energy, u
   __syncthreads();
   const int lane = threadIdx.x & 31, n_warps = blockDim.x >> 5;
   for (int tau = threadIdx.x >> 5; tau < n_tok; tau += n_warps) {
-    uint32_t* brow = bits + s.bit_off + (first_row + tau) * s.words;
-    T* vrow = vals + s.val_off + (first_row + tau) * s.ks;
+    uint32_t* brow = reinterpret_cast<uint32_t*>(paged_row(pages, s.bits_entry, s.per_page, first_row + tau, 4 * s.words));
+    T* vrow = reinterpret_cast<T*>(paged_row(pages, s.vals_entry, s.per_page, first_row + tau, s.ks * (int64_t)sizeof(T)));
     const float* xt = xr + tau * D;
     int base = 0;
     for (int w = 0; w < s.words; ++w) {
@@ -123,13 +124,12 @@ __global__ void __launch_bounds__(kEncodeWarps * 32) encode_kernel(EncodeParams 
   // load-store loop waits a full memory round trip per element, which dominated the few-token
   // append launch (one CTA per head, so nothing else hides that latency).
   constexpr int kVec = D * D / 4, kBatch = 8;
-  const float4* R4 = reinterpret_cast<const float4*>(p.rot + ((int64_t)stripe * 2 + p.which) * D * D);
   for (int i0 = threadIdx.x; i0 < kVec; i0 += kBatch * blockDim.x) {
     float4 r[kBatch];
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       const int i = i0 + u * blockDim.x;
-      if (i < kVec) r[u] = R4[i];
+      if (i < kVec) r[u] = reinterpret_cast<const float4*>(rotation_row<D>(p.pages, meta, p.which, i / (D / 4)))[i % (D / 4)];
     }
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
@@ -164,12 +164,11 @@ __global__ void __launch_bounds__(kEncodeWarps * 32) encode_kernel(EncodeParams 
     __syncwarp();  // xw is overwritten by this warp's next token
   }
   __syncthreads();
-  pack_rotated_tokens<T, D>(xr, n_here, energy, kept, s, p.n_channels, p.token0 + chunk0, p.bits,
-                            static_cast<T*>(p.vals));
+  pack_rotated_tokens<T, D>(xr, n_here, energy, kept, s, p.n_channels, p.token0 + chunk0, p.pages);
 
-  if (p.summary == nullptr) return;
+  if (p.summary_width == 0) return;
   const int nb = (n_here + p.block - 1) / p.block;
-  const int64_t block0 = meta[kColBlockOff] + (p.token0 + chunk0) / p.block;
+  const int64_t block0 = (p.token0 + chunk0) / p.block;  // stripe-relative
   for (int idx = threadIdx.x; idx < nb * p.summary_width; idx += blockDim.x) {
     const int bl = idx / p.summary_width, c = idx % p.summary_width;
     const int t0 = bl * p.block, t1 = min(t0 + p.block, n_here);
@@ -185,7 +184,7 @@ __global__ void __launch_bounds__(kEncodeWarps * 32) encode_kernel(EncodeParams 
       r = xr[t0 * D + ch];
       for (int t = t0 + 1; t < t1; ++t) r = is_max ? fmaxf(r, xr[t * D + ch]) : fminf(r, xr[t * D + ch]);
     }
-    static_cast<T*>(p.summary)[(block0 + bl) * p.summary_width + c] = Conv<T>::from(r);
+    summary_row<T>(p.pages, meta, block0 + bl, p.summary_width)[c] = Conv<T>::from(r);
   }
 }
 
@@ -239,24 +238,19 @@ __global__ void __launch_bounds__(kAppendWarps * 32, 2) append_encode_kernel(App
     if (threadIdx.x == 0) atomicOr(p.status, bad);
     return;
   }
-  // R's loads go out before the stripe-table row is read (they need only the stripe id): the
-  // row -> stripe row -> R chain would otherwise cost one more memory round trip per launch.
+  // R's loads go out as soon as the stripe row's rotation columns are read.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int col4 = lane % kLanesPerRow, sub = lane / kLanesPerRow;
-  const float4* R4 = reinterpret_cast<const float4*>(p.rot + (stripe * 2 + side) * D * D);
+  const int64_t* meta = p.stripes + stripe * kStripeCols;
   float4 r[kLoads];
 #pragma unroll
-  for (int u = 0; u < kLoads; ++u) r[u] = R4[(warp * kRowsPerWarp + u * kRowsPerLoad + sub) * (D / 4) + col4];
+  for (int u = 0; u < kLoads; ++u)
+    r[u] = reinterpret_cast<const float4*>(
+        rotation_row<D>(p.pages, meta, side, warp * kRowsPerWarp + u * kRowsPerLoad + sub))[col4];
 
-  const int64_t* meta = p.stripes + stripe * kStripeCols;
   const SideShape s = side_shape<D>(meta, side, p.n_channels);
-  const bool summarise = side == 0 && p.summary != nullptr;
-  const int64_t block_off = meta[kColBlockOff];
-  if (end > meta[kColTokens] || s.bit_off < 0 || s.val_off < 0 ||
-      s.bit_off + end * s.words > (side == 0 ? p.kbits_numel : p.vbits_numel) ||
-      s.val_off + end * s.ks > (side == 0 ? p.kvals_numel : p.vvals_numel) ||
-      (summarise && (block_off < 0 || block_off + (end - 1) / p.block >= p.summary_rows)))
-    bad = kBadAppendRow;
+  const bool summarise = side == 0 && p.summary_width > 0;
+  if (end > meta[kColTokens]) bad = kBadAppendRow;
   if (s.status | bad) {
     if (threadIdx.x == 0) atomicOr(p.status, s.status | bad);
     return;
@@ -266,15 +260,14 @@ __global__ void __launch_bounds__(kAppendWarps * 32, 2) append_encode_kernel(App
   // steps in block_sum) or [min, max] (the stored rounded row: min/max commute with rounding).
   const int m = p.summary_kind == kSummaryMean ? p.summary_width : p.summary_width / 2;
   const int c = threadIdx.x;
-  T* summary = static_cast<T*>(p.summary);
   float run_lo = 0.f, run_hi = 0.f;
   if (summarise && c < m && pos % p.block != 0) {
-    const int64_t srow = (block_off + pos / p.block) * p.summary_width;
     if (p.summary_kind == kSummaryMean) {
       run_lo = p.block_sum[stripe * p.summary_width + c];
     } else {
-      run_lo = Conv<T>::to(summary[srow + c]);
-      run_hi = Conv<T>::to(summary[srow + m + c]);
+      const T* row = summary_row<T>(p.pages, meta, pos / p.block, p.summary_width);
+      run_lo = Conv<T>::to(row[c]);
+      run_hi = Conv<T>::to(row[m + c]);
     }
   }
 
@@ -295,8 +288,7 @@ __global__ void __launch_bounds__(kAppendWarps * 32, 2) append_encode_kernel(App
       }
     }
     __syncthreads();
-    pack_rotated_tokens<T, D>(xr, nc, energy, kept, s, p.n_channels, pos + c0,
-                              side == 0 ? p.kbits : p.vbits, static_cast<T*>(side == 0 ? p.kvals : p.vvals));
+    pack_rotated_tokens<T, D>(xr, nc, energy, kept, s, p.n_channels, pos + c0, p.pages);
     if (summarise && c < m) {
       for (int tau = 0; tau < nc; ++tau) {
         const int64_t t = pos + c0 + tau;
@@ -309,12 +301,12 @@ __global__ void __launch_bounds__(kAppendWarps * 32, 2) append_encode_kernel(App
           run_hi = i == 0 ? v : fmaxf(run_hi, v);
         }
         if (i == p.block - 1 || t == end - 1) {  // the block is complete, or this is its state after the append
-          const int64_t srow = (block_off + t / p.block) * p.summary_width;
+          T* row = summary_row<T>(p.pages, meta, t / p.block, p.summary_width);
           if (p.summary_kind == kSummaryMean) {
-            summary[srow + c] = Conv<T>::from(run_lo / (float)(i + 1));
+            row[c] = Conv<T>::from(run_lo / (float)(i + 1));
           } else {
-            summary[srow + c] = Conv<T>::from(run_lo);
-            summary[srow + m + c] = Conv<T>::from(run_hi);
+            row[c] = Conv<T>::from(run_lo);
+            row[m + c] = Conv<T>::from(run_hi);
           }
         }
       }

@@ -20,16 +20,27 @@ enum Status : int {
 };
 
 // One row of the stripe table (int64 [n_stripes, kStripeCols]): a stripe is one compressed segment
-// of one (sequence, KV head). Offsets index the layer's flat pools:
-//   bitmaps  uint32 flat            word = bit_off + token * W, W = ceil(D / g / 32) (K, V separate)
-//   values   T      flat            element = val_off + token * ks + j, ks = round_up(keep, 8)
-//   rotation f32    [n_stripes, 2, D, D]  (K then V; rows are eigenvectors, x' = R x)
-//   summary  T      [n_blocks, SW]  block = block_off + token / B
-//   dense    T      [n_rows, D]     row = row_off + token (dense token-selection baseline only)
-// g may differ per stripe and per side (strategy search); keep is a multiple of g.
+// of one (sequence, KV head). Every array a stripe reads lives in *pages*: the int64 table `pages`
+// holds absolute device byte addresses, and a column gives where a stripe's entries start. Row r of
+// a paged array with P rows per page is at pages[entry + r / P] + (r % P) * row_bytes, so a row
+// never straddles a page (the cache manager's pages, docs/CACHE.md); a flat pool is one page per
+// stripe (P >= its rows) or one page for all (P >= every row, `first` = the stripe's first row).
+//   bitmaps  uint32  row t at pages[KBits + t / KRows] + (t % KRows) * W * 4,  W = ceil(D / g / 32)
+//   values   T       row t at pages[KVals + t / KRows] + (t % KRows) * ks * sizeof(T), ks = round_up(keep, 8)
+//                    (V alike with VBits, VVals, VRows; K and V rows per page may differ)
+//   summary  T       block j: r = SumFirst + j at pages[SumPages + r / SumRows] + (r % SumRows) * width * sizeof(T)
+//   rotation f32     row i of R_K: r = RotFirstK + i at pages[RotPages + r / RotRows] + (r % RotRows) * D * 4,
+//                    R_V from RotFirstV (rows are eigenvectors, x' = R x)
+//   dense    T       [n_rows, D] row = row_off + token (dense token-selection baseline only)
+// Rows per page are multiples of the token block size (or cover the whole stripe), so the rows of a
+// selection block are contiguous. Indices r fit in 32 bits. g may differ per stripe and per side
+// (strategy search); keep is a multiple of g.
 enum StripeCol : int {
-  kColSeq = 0, kColHead, kColTokens, kColKeepK, kColKeepV, kColGroupK, kColGroupV, kColKBitOff, kColVBitOff,
-  kColKValOff, kColVValOff, kColBlockOff, kColRowOff, kStripeCols
+  kColSeq = 0, kColHead, kColTokens, kColKeepK, kColKeepV, kColGroupK, kColGroupV,
+  kColKBits, kColKVals, kColKRows, kColVBits, kColVVals, kColVRows,
+  kColSumPages, kColSumFirst, kColSumRows,
+  kColRotPages, kColRotFirstK, kColRotFirstV, kColRotRows,
+  kColBlockOff, kColRowOff, kStripeCols
 };
 
 // One row of an append table (int64 [n_rows, kAppendCols]): new tokens of one stripe (one (layer,
@@ -59,13 +70,10 @@ struct EncodeParams {
   int n_heads;               // H: blockIdx.y, stripe = stripe_ids[h]
   const int32_t* stripe_ids; // [H]
   const int64_t* stripes;    // [n_stripes, kStripeCols]
-  const float* rot;          // [n_stripes, 2, D, D]
+  const int64_t* pages;      // page addresses (StripeCol): rows, summaries and rotations are written/read there
   int which;                 // 0 = keys, 1 = values
-  uint32_t* bits;            // flat bitmap pool
-  void* vals;                // flat value pool (storage dtype)
-  void* summary;             // [n_blocks, summary_width] storage dtype, or nullptr (values never have summaries)
+  int summary_width;         // 0: no summaries (values never have them); m for kSummaryMean (<= D), 2m for kSummaryMinMax (m <= D)
   int summary_kind;          // SummaryKind
-  int summary_width;         // m for kSummaryMean (<= D), 2m for kSummaryMinMax (m <= D)
   int n_channels;            // rotated channels eligible (channel truncation); multiple of g, <= D
   int block;                 // token block size B
   int tokens_per_cta;        // multiple of `block`
@@ -73,8 +81,9 @@ struct EncodeParams {
 };
 
 // Append encode: many stripes' new tokens, K and V, in one launch (docs/KERNELS.md "Append encode").
-// The stripes may belong to any layers and requests: the pools, stripe table and rotations are
-// shared by all rows (each layer's stripes are rows of one table with offsets into the same pools).
+// The stripes may belong to any layers and requests: one stripe table and one page table serve all
+// rows. The kernel checks each row against its stripe's capacity (kColTokens); the page table's
+// addresses are the caller's contract (they cannot be checked on the device).
 // Summaries are updated from the new tokens alone: min/max combine with the stored (rounded) row,
 // which is exact because rounding is monotone; means keep the open block's fp32 running sum in
 // block_sum (one row per stripe), so nothing before `pos` is read again.
@@ -86,16 +95,9 @@ struct AppendParams {
   int n_rows;
   const int64_t* stripes;      // [n_stripes, kStripeCols]
   int n_stripes;
-  const float* rot;            // [n_stripes, 2, D, D]
-  uint32_t* kbits;             // flat pools, as in EncodeParams, with their sizes (bounds are checked)
-  uint32_t* vbits;
-  void* kvals;
-  void* vvals;
-  int64_t kbits_numel, vbits_numel, kvals_numel, vvals_numel;
-  void* summary;               // [summary_rows, summary_width] storage dtype, or nullptr
-  int64_t summary_rows;
+  const int64_t* pages;        // page addresses (StripeCol); an append writes rows and key summaries there
+  int summary_width;           // 0: no summaries
   int summary_kind;            // SummaryKind
-  int summary_width;
   float* block_sum;            // [n_stripes, summary_width] f32 open-block sums (kSummaryMean), else nullptr
   int n_channels;              // as in EncodeParams
   int block;                   // token block size B
@@ -116,14 +118,10 @@ struct DecodeParams {
   const int32_t* block_ptr;      // [B*H + 1] blocks of (b, h), contiguous, stripe order
   const int32_t* block_stripe;   // [n_blocks] owning stripe of each block
   int n_blocks;
-  const float* rot;              // [n_stripes, 2, D, D]; nullptr = identity (dense baseline)
-  const uint32_t* kbits;         // flat pools    (packed path)
-  const uint32_t* vbits;
-  const void* kvals;               // flat pools    (packed path)
-  const void* vvals;
+  const int64_t* pages;          // page addresses (StripeCol): packed rows, summaries, rotations
+  int rotated;                   // 0: no rotations (dense baseline: identity)
   const void* kdense;              // [n_rows, D]   (dense baseline path)
   const void* vdense;
-  const void* summary;             // [n_blocks, summary_width]
   int summary_kind, summary_width, block;
   const int32_t* n_select;       // [B*H] blocks to attend per (b, h)
   // Dense sinks + recent window, always attended.

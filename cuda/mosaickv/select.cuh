@@ -14,8 +14,6 @@
 
 namespace mosaickv {
 
-
-
 constexpr int kRotRows = 16;  // rows of R per CTA of rotate_q (grid.y = D / kRotRows)
 
 // q' = R_K q for every stripe and every query head of its GQA group. One CTA per stripe; a warp
@@ -30,19 +28,20 @@ __global__ void __launch_bounds__(256) rotate_q_kernel(DecodeParams p) {
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) qs[i / D][i % D] = Conv<T>::to(q[i]);
   __syncthreads();
   float* out = p.qrot + (int64_t)s * G * D;
-  if (p.rot == nullptr) {
+  if (!p.rotated) {
     if (blockIdx.y == 0)
       for (int i = threadIdx.x; i < G * D; i += blockDim.x) out[i] = qs[i / D][i % D];
     return;
   }
-  const float* R = p.rot + (int64_t)s * 2 * D * D;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int i0 = blockIdx.y * kRotRows + warp * (kRotRows / 8);
   float r[kRotRows / 8][D / 32];
 #pragma unroll
-  for (int u = 0; u < kRotRows / 8; ++u)
+  for (int u = 0; u < kRotRows / 8; ++u) {
+    const float* R = rotation_row<D>(p.pages, meta, 0, i0 + u);
 #pragma unroll
-    for (int c = 0; c < D / 32; ++c) r[u][c] = R[(int64_t)(i0 + u) * D + lane + 32 * c];
+    for (int c = 0; c < D / 32; ++c) r[u][c] = R[lane + 32 * c];
+  }
 #pragma unroll
   for (int u = 0; u < kRotRows / 8; ++u)
 #pragma unroll
@@ -64,7 +63,11 @@ __global__ void __launch_bounds__(256) score_kernel(DecodeParams p) {
   const int first = blockIdx.x * blockDim.x;
   const int blk = first + threadIdx.x;
   const bool valid = blk < p.n_blocks;
-  const uint4* row = reinterpret_cast<const uint4*>(static_cast<const T*>(p.summary) + (int64_t)blk * p.summary_width);
+  const int st = valid ? p.block_stripe[blk] : 0;
+  const int64_t* meta = p.stripes + (int64_t)st * kStripeCols;
+  const uint4* row =
+      valid ? reinterpret_cast<const uint4*>(summary_row<T>(p.pages, meta, blk - meta[kColBlockOff], p.summary_width))
+            : nullptr;
   uint4 pre0 = make_uint4(0u, 0u, 0u, 0u), pre1 = pre0;  // first 16 summary values, in flight early
   if (valid && p.summary_kind == kSummaryMean) {
     pre0 = row[0];
@@ -74,7 +77,6 @@ __global__ void __launch_bounds__(256) score_kernel(DecodeParams p) {
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) qsh[i] = p.qrot[(int64_t)s0 * G * D + i];
   __syncthreads();
   if (!valid) return;
-  const int st = p.block_stripe[blk];
   const float* q = st == s0 ? qsh : p.qrot + (int64_t)st * G * D;
   float acc[G];
 #pragma unroll

@@ -9,8 +9,10 @@ import threading
 
 import pytest
 import torch
+from paged_read import COL, stripe_rotation, stripe_side, stripe_summary
 
 from mosaickv.cache import CacheConfig, CacheFull, CacheManager, PagedBlob, PagedStripe, PagePool
+from mosaickv.cache.tables import snapshot_layout
 from mosaickv.core import KVCache, make_method, pack_topk
 
 H_KV, H_Q, D = 2, 4, 32
@@ -565,5 +567,54 @@ def test_prompts_with_a_common_prefix_share_segments() -> None:
         for rid in ("a", "b", "c"):
             mgr.free(rid)
         assert mgr.pool.used_pages == 0 and mgr.stats()["cache_prefix_segments"] == 0
+    finally:
+        mgr.close()
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_page_tables_address_every_row_summary_and_rotation(name: str) -> None:
+    """The kernels' tables over a batch of snapshots (closed segments and the temporary one), read
+    back through the page table by the addressing rule: exactly the snapshot's segments."""
+    params = SCENARIOS[name] | {"token_ratio": 0.5}
+    mgr = manager(params, dtype=torch.bfloat16, evict_tokens=4)
+    try:
+        for rid, n, prompt, seed in (("a", 230, 120, 0), ("b", 150, 40, 1)):
+            mgr.add_request(rid)
+            k, v = tokens(n, seed, torch.bfloat16)
+            feed(mgr, rid, k, v, prompt)
+        mgr.drain()
+        mgr.append("b", 0, *tokens(4, 9, torch.bfloat16))  # b's temporary segment grows past the drain
+        snaps = [mgr._stream(r, 0).snapshot for r in ("a", "b")]
+        lay = snapshot_layout(snaps, [mgr.method] * 2, mgr.pool, torch.device("cpu"))
+        s = 0
+        for b, snap in enumerate(snaps):
+            core = snap.to_kvcache(mgr.method)
+            assert core.segments and snap.temp is not None and snap.temp.length, (
+                "closed and temporary segments"
+            )
+            for h in range(H_KV):
+                bh = b * H_KV + h
+                assert int(lay.stripe_ptr[bh + 1] - lay.stripe_ptr[bh]) == len(core.segments)
+                assert int(lay.block_ptr[bh + 1] - lay.block_ptr[bh]) == core.n_blocks
+                for seg in core.segments:
+                    assert (
+                        int(lay.stripes[s, COL["seq"]]) == b
+                        and int(lay.stripes[s, COL["tokens"]]) == seg.length
+                    )
+                    for side, want in (("k", seg.k), ("v", seg.v)):
+                        vals, bits = stripe_side(lay, s, side, torch.bfloat16)
+                        assert torch.equal(vals, want.values[h]) and torch.equal(
+                            bits, want.bitmaps[h].view(torch.int32)
+                        )
+                        assert torch.equal(stripe_rotation(lay, s, side), want.rotation[h])
+                    assert torch.equal(stripe_summary(lay, s, torch.bfloat16), seg.summary[h])
+                    assert torch.equal(
+                        lay.block_stripe[lay.stripes[s, COL["block_off"]]], torch.tensor(s, dtype=torch.int32)
+                    )
+                    s += 1
+            dense = torch.cat([core.sink_k, core.tail_k])
+            assert torch.equal(lay.dense_k[b, :, : dense.shape[0]], dense.transpose(0, 1))
+            assert int(lay.dense_len[b]) == dense.shape[0]
+        assert s == lay.stripes.shape[0]
     finally:
         mgr.close()

@@ -7,10 +7,12 @@ import math
 import pytest
 import torch
 from append_scenarios import AppendCase, append_all, appended_rows, make_inputs, whole_segment
+from paged_read import stripe_rotation, stripe_side, stripe_summary
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mosaickv.core import bitmap_words, block_summaries, make_method, pack_topk
 from mosaickv.ops import (
+    FLAT_COLS,
     STRIPE_COLS,
     AppendPools,
     DecodeLayout,
@@ -25,6 +27,7 @@ from mosaickv.ops import (
 )
 
 COL = {name: i for i, name in enumerate(STRIPE_COLS)}
+FCOL = {name: i for i, name in enumerate(FLAT_COLS)}
 
 
 def caches(method: str, lengths: list[int], **params: object) -> list:
@@ -118,15 +121,12 @@ def test_layout_from_caches_describes_every_stripe() -> None:
                 assert int(row[COL["tokens"]]) == seg.length
                 k, g = seg.k.keep[h], seg.k.group[h]
                 assert (int(row[COL["keep_k"]]), int(row[COL["group_k"]])) == (k, g)
-                off = int(row[COL["kval_off"]])
-                vals = lay.kvals[off : off + seg.length * round_up8(k)].view(seg.length, -1)[:, :k]
-                assert torch.equal(vals, seg.k.values[h])
-                w = bitmap_words(64, g)
-                boff = int(row[COL["kbit_off"]])
-                assert torch.equal(
-                    lay.kbits[boff : boff + seg.length * w].view(-1, w), seg.k.bitmaps[h].view(torch.int32)
-                )
-                assert torch.equal(lay.rot[sid, 1], seg.v.rotation[h])
+                for side, got in (("k", seg.k), ("v", seg.v)):  # read back through the page table
+                    vals, bits = stripe_side(lay, sid, side, torch.bfloat16)
+                    assert torch.equal(vals, got.values[h])
+                    assert torch.equal(bits, got.bitmaps[h].view(torch.int32))
+                    assert torch.equal(stripe_rotation(lay, sid, side), got.rotation[h])
+                assert torch.equal(stripe_summary(lay, sid, torch.bfloat16), seg.summary[h])
                 sid += 1
         dense = torch.cat([c.sink_k, c.tail_k])
         assert int(lay.dense_len[b]) == dense.shape[0]
@@ -179,20 +179,26 @@ def test_synthetic_layout_has_the_documented_shape() -> None:
     assert lay.stripes.shape == (batch * h * len(seg_lens), len(STRIPE_COLS))
     assert lay.stripes[:, COL["tokens"]].tolist() == seg_lens * batch * h
     n_rows = 150 * batch * h
-    words = lay.kbits.view(n_rows, d // 32)
+    words = lay.flat.kbits.view(n_rows, d // 32)
     popcount = sum(((words >> i) & 1).sum(-1) for i in range(32))
     assert popcount.tolist() == [keep] * n_rows
     ks = round_up8(keep)
-    assert lay.kvals.numel() == n_rows * ks
-    assert not lay.kvals.view(n_rows, ks)[:, keep:].any(), "row padding must be zero"
-    assert lay.stripes[:, COL["kval_off"]].tolist() == [i * ks for i in _starts(seg_lens * batch * h)]
-    assert lay.stripes[:, COL["kbit_off"]].tolist() == [i * d // 32 for i in _starts(seg_lens * batch * h)]
+    assert lay.flat.kvals.numel() == n_rows * ks
+    assert not lay.flat.kvals.view(n_rows, ks)[:, keep:].any(), "row padding must be zero"
+    assert lay.flat.rows[:, FCOL["kval_off"]].tolist() == [i * ks for i in _starts(seg_lens * batch * h)]
+    assert lay.flat.rows[:, FCOL["kbit_off"]].tolist() == [i * d // 32 for i in _starts(seg_lens * batch * h)]
+    for s in (0, 4, lay.stripes.shape[0] - 1):  # the page table addresses the same rows
+        start = _starts(seg_lens * batch * h)[s]
+        vals, bits = stripe_side(lay, s, "v", torch.bfloat16)
+        assert torch.equal(vals, lay.flat.vvals.view(n_rows, ks)[start : start + vals.shape[0], :keep])
+        assert torch.equal(bits, lay.flat.vbits.view(n_rows, d // 32)[start : start + vals.shape[0]])
+        assert torch.equal(stripe_rotation(lay, s, "v"), lay.flat.rot[s, 1])
     blocks_bh = sum(math.ceil(s / blk) for s in seg_lens)
     assert lay.block_ptr.tolist() == [i * blocks_bh for i in range(batch * h + 1)]
     assert lay.n_select.tolist() == [n_select(blocks_bh, 0.1)] * (batch * h)
-    assert lay.summary.shape == (blocks_bh * batch * h, 16)
-    eye = torch.eye(d).expand(lay.rot.shape[0] * 2, d, d)
-    r = lay.rot.view(-1, d, d)
+    assert lay.flat.summary.shape == (blocks_bh * batch * h, 16)
+    eye = torch.eye(d).expand(lay.flat.rot.shape[0] * 2, d, d)
+    r = lay.flat.rot.view(-1, d, d)
     assert torch.allclose(r @ r.transpose(1, 2), eye, atol=1e-4), "rotations must be orthonormal"
     ws = DecodeWorkspace.plan(lay, gqa_group=4)
     assert ws.sel.shape == (batch * h, n_select(blocks_bh, 0.1))
@@ -262,12 +268,26 @@ def test_append_encode_fake_impl_and_argument_checks() -> None:
     rows = torch.tensor([[0, 0, 64, 1, 0]])
     xk, xv = x_k[:, :1].contiguous(), x_v[:, :1].contiguous()
     status = torch.zeros(1, dtype=torch.int32)
+    tables = (pools.stripes, pools.pages)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        append_to_pools(pools, torch.empty_like(xk), torch.empty_like(xv), rows, status)
-    args = (rows, pools.stripes, pools.rot, pools.kbits, pools.vbits, pools.kvals, pools.vvals, pools.summary)
+        append_encode_(
+            torch.empty_like(xk),
+            torch.empty_like(xv),
+            rows,
+            *tables,
+            pools.block_sum,
+            0,
+            16,
+            64,
+            64,
+            8,
+            status,
+        )
     with pytest.raises(ValueError, match="block_sum"):
-        append_encode_(xk, xv, *args, None, 0, 64, 8, status)
+        append_encode_(xk, xv, rows, *tables, None, 0, 16, 64, 64, 8, status)
     with pytest.raises(ValueError, match="rows must be"):
-        append_encode_(xk, xv, rows[:, :4], *args[1:], pools.block_sum, 0, 64, 8, status)
+        append_encode_(xk, xv, rows[:, :4], *tables, pools.block_sum, 0, 16, 64, 64, 8, status)
     with pytest.raises(ValueError, match="bfloat16 or float16"):
-        append_encode_(xk.float(), xv.float(), *args, pools.block_sum, 0, 64, 8, status)
+        append_encode_(xk.float(), xv.float(), rows, *tables, pools.block_sum, 0, 16, 64, 64, 8, status)
+    with pytest.raises(ValueError, match="runs on CUDA"):
+        append_encode_(xk, xv, rows, *tables, pools.block_sum, 0, 16, 64, 64, 8, status)

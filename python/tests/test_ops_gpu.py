@@ -255,7 +255,7 @@ def test_select_matches_a_stable_sort_at_scale(ties: str) -> None:
         device="cuda",
     )
     if ties == "all_tied":
-        lay.summary[:] = torch.randn(16, device="cuda").to(torch.bfloat16)
+        lay.flat.summary[:] = torch.randn(16, device="cuda").to(torch.bfloat16)
     ws = DecodeWorkspace.plan(lay, gqa_group=4, piece_blocks=64)
     q = torch.randn(2, 32, 128, device="cuda").to(torch.bfloat16)
     ws.sel.fill_(-1)

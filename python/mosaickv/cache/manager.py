@@ -17,8 +17,9 @@ import torch
 from mosaickv.cache.pages import Paged, PagePool
 from mosaickv.cache.segments import PagedSegment
 from mosaickv.cache.stream import Stream
+from mosaickv.cache.tables import snapshot_layout
 from mosaickv.core import CompressionMethod, KVCache, Segment, make_method
-from mosaickv.ops import DecodePlan, cuda_available
+from mosaickv.ops import DecodePlan, DecodeWorkspace, cuda_available, run_decode
 
 
 def default_threads() -> int:
@@ -304,12 +305,20 @@ class CacheManager:
     ) -> torch.Tensor:
         """Decode attention for one layer over a batch: q [B, H_q, D] post-RoPE -> [B, H_q, D].
 
-        Each request's cache is read from one snapshot (never a half-swapped state) through
-        ``mosaickv.ops.DecodePlan`` (CUDA kernels when built, else the core reference).
+        Each request's cache is read from one snapshot (never a half-swapped state). With the CUDA
+        kernels built, they read the pages in place through page tables (``cache.tables``);
+        otherwise (or for caches that attend every block) ``mosaickv.ops.DecodePlan`` runs the
+        core reference over the snapshot's rows.
         """
         streams = [self._stream(r, layer) for r in request_ids]
         snaps = [s.acquire() for s in streams]
         try:
+            methods = [s.method for s in streams]
+            if self._plan_device.type == "cuda" and all(m.selects_blocks for m in methods):
+                layout = snapshot_layout(snaps, methods, self.pool, self.device)
+                ws = DecodeWorkspace.plan(layout, q.shape[1] // self.n_kv_heads)
+                sc = self.head_dim**-0.5 if scale is None else float(scale)
+                return run_decode(layout, ws, q.contiguous(), torch.empty_like(q), sc)
             caches = [snap.to_kvcache(s.method) for s, snap in zip(streams, snaps, strict=True)]
             return DecodePlan(caches, self._plan_device).run(q, scale)
         finally:

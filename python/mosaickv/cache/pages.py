@@ -17,6 +17,7 @@ import copy
 import threading
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from mosaickv.core import bitmap_words
@@ -155,6 +156,18 @@ class PagePool:
             else:
                 del self._refs[page]
                 self._free.append(page)
+
+    def addresses(self, pages: list[int]) -> np.ndarray:
+        """Device byte addresses of ``pages`` (int64), for the kernels' page tables."""
+        ids = np.asarray(pages, dtype=np.int64)
+        with self._lock:
+            chunks = list(self._chunks)
+        base = np.array([c.data_ptr() for c in chunks], dtype=np.int64)
+        row_stride = np.array([c.stride(0) for c in chunks], dtype=np.int64)
+        per_row = chunks[0].shape[1] if chunks else 1
+        c, within = np.divmod(ids, self.chunk_pages)
+        row, col = np.divmod(within, per_row)
+        return base[c] + row * row_stride[c] + col * self.page_bytes
 
     def page(self, page: int) -> torch.Tensor:
         """The bytes of ``page``: [page_bytes] uint8 view into the pool."""

@@ -3,7 +3,7 @@ immutable per-step snapshot that attention reads."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
@@ -49,6 +49,8 @@ class PagedSegment:
     rotations: PagedBlob
     summary_blob: PagedBlob | None
     summary_kind: str | None
+    # the kernels' tables of this segment, built once by mosaickv.cache.tables (a cache, not state)
+    table_cache: list = field(default_factory=list, compare=False, repr=False)
 
     @classmethod
     def from_core(

@@ -26,11 +26,14 @@ from mosaickv.ops.kernels import (
 )
 from mosaickv.ops.layout import (
     APPEND_COLS,
+    FLAT_COLS,
     STRIPE_COLS,
     AppendPools,
     DecodeLayout,
     DecodeWorkspace,
+    FlatPools,
     n_select,
+    paged_tables,
     round_up8,
 )
 
@@ -93,12 +96,14 @@ class DecodePlan:
 
 __all__ = [
     "APPEND_COLS",
+    "FLAT_COLS",
     "STAGE_ALL",
     "STRIPE_COLS",
     "AppendPools",
     "DecodeLayout",
     "DecodePlan",
     "DecodeWorkspace",
+    "FlatPools",
     "append_encode_",
     "append_encode_reference",
     "append_to_pools",
@@ -108,6 +113,7 @@ __all__ = [
     "encode_into_",
     "encode_side",
     "n_select",
+    "paged_tables",
     "round_up8",
     "run_decode",
 ]

@@ -2,12 +2,13 @@
 
 ``encode_side`` is functional and has a CPU implementation built from the core reference (rotate,
 ``pack_topk``, ``block_summaries``), so it runs anywhere and returns the same flat layout.
-``append_encode_`` encodes the new tokens of many stripes (any layers and requests, K and V) into
-``AppendPools`` in one launch; its CPU path is the torch reference below (``pack_topk`` of the core plus
-running block summaries), which the GPU tests use as the oracle.
-``encode_into_`` and ``decode_`` write into caller-owned buffers (plan once, run many; CUDA-graph
-capturable) and run on CUDA only: on CPU, decode through ``mosaickv.ops.DecodePlan``, which calls
-``KVCache.attend`` of the core reference.
+``append_encode_`` encodes the new tokens of many stripes (any layers and requests, K and V) in one
+launch; ``append_to_pools`` runs it over ``AppendPools``, or on CPU the torch reference below
+(``pack_topk`` of the core plus running block summaries), which the GPU tests use as the oracle.
+``encode_into_``, ``append_encode_`` and ``decode_`` run on CUDA only and read and write through the
+page table (``pages``, device addresses; layout.STRIPE_COLS): torch sees only their tables and
+workspaces, so the memory behind the pages must outlive the launch (the layouts and pools own it).
+On CPU, decode through ``mosaickv.ops.DecodePlan``, which calls ``KVCache.attend`` of the core reference.
 """
 
 import torch
@@ -16,10 +17,12 @@ from mosaickv.core import bitmap_words, block_summaries, pack_topk
 from mosaickv.ops import _ext
 from mosaickv.ops.layout import (
     APPEND_COLS,
+    FLAT_COLS,
     STRIPE_COLS,
     AppendPools,
     DecodeLayout,
     DecodeWorkspace,
+    paged_tables,
     round_up8,
 )
 
@@ -76,26 +79,13 @@ def encode_side(
             rows.append([0, i, s, keep[i], keep[i], group[i], group[i], bo, bo, vo, vo, i * nb, 0])
             vo += s * round_up8(keep[i])
             bo += s * bitmap_words(d, group[i])
-        stripes = torch.tensor(rows, dtype=torch.int64, device=x.device)
         rot2 = torch.zeros(h, 2, d, d, dtype=torch.float32, device=x.device)
         rot2[:, 0] = rot
+        flat_summary = summary.view(-1, summary_width) if summary_width else None
+        stripes, pages = paged_tables(rows, rot2, bits, bits, vals, vals, flat_summary)
         status = torch.zeros(1, dtype=torch.int32, device=x.device)
         ids = torch.arange(h, dtype=torch.int32, device=x.device)
-        ext.encode(
-            x,
-            0,
-            ids,
-            stripes,
-            rot2,
-            0,
-            bits,
-            vals,
-            summary.view(-1, summary_width) if summary_width else None,
-            summary_kind,
-            channels,
-            block,
-            status,
-        )
+        ext.encode(x, 0, ids, stripes, pages, 0, summary_kind, summary_width, channels, block, status)
         return vals, bits, summary
     xr = torch.einsum("shd,hed->hse", x.float(), rot.float())
     vals_parts, bits_parts = [], []
@@ -168,117 +158,126 @@ def _check_encode_args(
             )
 
 
-@torch.library.custom_op(
-    "mosaickv::encode_into_", mutates_args=("bits", "vals", "summary", "status"), device_types="cuda"
-)
+@torch.library.custom_op("mosaickv::encode_into_", mutates_args=("status",), device_types="cuda")
 def encode_into_(
     x: torch.Tensor,
     token0: int,
     stripe_ids: torch.Tensor,
     stripes: torch.Tensor,
-    rot: torch.Tensor,
+    pages: torch.Tensor,
     which: int,
-    bits: torch.Tensor,
-    vals: torch.Tensor,
-    summary: torch.Tensor | None,
     summary_kind: int,
+    summary_width: int,
     n_channels: int,
     block: int,
     status: torch.Tensor,
 ) -> None:
-    """Encode tokens [token0, token0 + n) of one segment, every head, into the layer's pools in place.
+    """Encode tokens [token0, token0 + n) of one segment, every head, into its pages in place.
 
     x: [n, H, D] storage dtype (any token/head strides, contiguous D); stripe_ids: [H] int32 rows of
-    ``stripes`` ([n_stripes, 13] int64, layout.STRIPE_COLS); rot: [n_stripes, 2, D, D] float32; which:
-    0 keys, 1 values; bits: flat int32; vals: flat x.dtype; summary: [n_blocks, width] or None; status:
-    [1] int32. For appended decode tokens pass token0 at the start of the last (partial) block.
+    ``stripes`` ([n_stripes, len(STRIPE_COLS)] int64); pages: int64 device addresses; which: 0 keys
+    (with summaries when summary_width > 0), 1 values; status: [1] int32. For appended decode tokens
+    pass token0 at the start of the last (partial) block.
     """
     _ext.require().encode(
-        x,
-        token0,
-        stripe_ids,
+        x, token0, stripe_ids, stripes, pages, which, summary_kind, summary_width, n_channels, block, status
+    )
+
+
+@encode_into_.register_fake
+def _(x, token0, stripe_ids, stripes, pages, which, summary_kind, summary_width, n_channels, block, status):
+    return None
+
+
+@torch.library.custom_op("mosaickv::append_encode_", mutates_args=("block_sum", "status"))
+def append_encode_(
+    x_k: torch.Tensor,
+    x_v: torch.Tensor,
+    rows: torch.Tensor,
+    stripes: torch.Tensor,
+    pages: torch.Tensor,
+    block_sum: torch.Tensor | None,
+    summary_kind: int,
+    summary_width: int,
+    head_dim: int,
+    n_channels: int,
+    block: int,
+    status: torch.Tensor,
+) -> None:
+    """Encode new tokens of many stripes, K and V, into their pages in place (one CUDA launch).
+
+    Args:
+        x_k, x_v: contiguous storage-dtype tensors of any shape holding the new tokens' unrotated
+            vectors (e.g. [L, B, H, n, D] stacked window rows): row r's token j is
+            x.view(-1)[x_off + j * x_stride :][:D]; x_off and x_stride multiples of 4.
+        rows: [n_rows, 5] int64, columns APPEND_COLS (stripe, x_off, x_stride, tokens, pos); at most
+            one row per stripe per call.
+        stripes: [n_stripes, len(STRIPE_COLS)] int64 (keep, g and page tables per side, summary and
+            rotation pages; ``tokens`` = the stripe's capacity in rows, which an append must not
+            pass); pages: int64 device addresses.
+        block_sum: [n_stripes, summary_width] float32, the fp32 sum of each open block's rotated keys
+            (mean/compact summaries, kept current by this op), else None. Key summaries of the
+            block(s) the tokens fall in are updated from the new tokens alone (min/max with the stored row).
+        summary_kind: 0 mean/compact (width m), 1 minmax (width 2m); summary_width 0: no summaries;
+        head_dim: D; n_channels: truncation c (D for none); block: token block size B; status: [1]
+            int32, Status bits are ORed in (bad rows are skipped, the others still encoded).
+    CPU tensors: use ``append_to_pools``, whose CPU path is the torch reference.
+    """
+    _check_append_args(x_k, x_v, rows, stripes, pages, block_sum)
+    _check_append_settings(block_sum, summary_kind, summary_width, n_channels, block, head_dim)
+    if not x_k.is_cuda:
+        raise ValueError(
+            "append_encode_ runs on CUDA (it writes through device addresses); on CPU use "
+            "append_to_pools, which runs the torch reference"
+        )
+    _ext.require().append_encode(
+        x_k,
+        x_v,
+        rows,
         stripes,
-        rot,
-        which,
-        bits,
-        vals,
-        summary,
+        pages,
+        block_sum,
         summary_kind,
+        summary_width,
+        head_dim,
         n_channels,
         block,
         status,
     )
 
 
-@encode_into_.register_fake
-def _(
-    x, token0, stripe_ids, stripes, rot, which, bits, vals, summary, summary_kind, n_channels, block, status
-):
-    return None
-
-
-@torch.library.custom_op(
-    "mosaickv::append_encode_",
-    mutates_args=("kbits", "vbits", "kvals", "vvals", "summary", "block_sum", "status"),
-)
-def append_encode_(
-    x_k: torch.Tensor,
-    x_v: torch.Tensor,
-    rows: torch.Tensor,
-    stripes: torch.Tensor,
-    rot: torch.Tensor,
-    kbits: torch.Tensor,
-    vbits: torch.Tensor,
-    kvals: torch.Tensor,
-    vvals: torch.Tensor,
-    summary: torch.Tensor | None,
-    block_sum: torch.Tensor | None,
-    summary_kind: int,
-    n_channels: int,
-    block: int,
-    status: torch.Tensor,
-) -> None:
-    """Encode new tokens of many stripes, K and V, in place (one CUDA launch; CPU: torch reference).
-
-    Args:
-        x_k, x_v: contiguous storage-dtype tensors of any shape holding the new tokens' unrotated
-            vectors (e.g. [L, B, H, n, D] stacked window rows): row r's token j is
-            x.view(-1)[x_off + j * x_stride :][:D]; x_off and x_stride multiples of 4 on CUDA.
-        rows: [n_rows, 5] int64, columns APPEND_COLS (stripe, x_off, x_stride, tokens, pos); at most
-            one row per stripe per call.
-        stripes: [n_stripes, 13] int64 (STRIPE_COLS: keep, g and pool offsets per side; block_off;
-            ``tokens`` = the stripe's capacity in rows, which an append must not pass);
-            rot: [n_stripes, 2, D, D] float32; kbits, vbits: flat int32; kvals, vvals: flat x dtype.
-        summary: [n_blocks, width] x dtype or None: key summaries of the block(s) the tokens fall in
-            are updated from the new tokens alone (min/max with the stored row; means from block_sum,
-            [n_stripes, width] float32, the fp32 sum of the open block, kept current by this op).
-        summary_kind: 0 mean/compact (width m), 1 minmax (width 2m); n_channels: truncation c
-            (D for none); block: token block size B; status: [1] int32, Status bits are ORed in
-            (bad rows are skipped, the others still encoded).
-    Appending token by token gives the rows, bitmaps and summaries that encoding the whole segment at
-    once gives (tests: test_ops.py, test_ops_gpu.py).
-    """
-    _check_append_args(x_k, x_v, rows, stripes, rot, kbits, vbits, kvals, vvals, summary, block_sum)
-    _check_append_settings(summary, block_sum, summary_kind, n_channels, block, rot.shape[-1])
-    args = (x_k, x_v, rows, stripes, rot, kbits, vbits, kvals, vvals, summary, block_sum)
-    if x_k.is_cuda:
-        _ext.require().append_encode(*args, summary_kind, n_channels, block, status)
-    else:
-        append_encode_reference(*args, summary_kind, n_channels, block, status)
-
-
 @append_encode_.register_fake
-def _(*args: object) -> None:  # mutates its pool arguments only: nothing to describe
+def _(*args: object) -> None:  # mutates its block sums and status only: nothing to describe
     return None
 
 
 def append_to_pools(
     pools: AppendPools, x_k: torch.Tensor, x_v: torch.Tensor, rows: torch.Tensor, status: torch.Tensor
 ) -> None:
-    """``append_encode_`` into ``pools`` (rows: [n_rows, 5] int64, APPEND_COLS; status: [1] int32)."""
+    """Append-encode into ``pools`` (rows: [n_rows, 5] int64, APPEND_COLS; status: [1] int32):
+    ``append_encode_`` on CUDA, ``append_encode_reference`` on CPU."""
     p = pools
-    pool_args = (p.stripes, p.rot, p.kbits, p.vbits, p.kvals, p.vvals, p.summary, p.block_sum)
-    append_encode_(x_k, x_v, rows, *pool_args, p.summary_kind, p.channels, p.block, status)
+    width = 0 if p.summary is None else p.summary.shape[1]
+    d = p.rot.shape[-1]
+    if x_k.is_cuda:
+        append_encode_(
+            x_k,
+            x_v,
+            rows,
+            p.stripes,
+            p.pages,
+            p.block_sum,
+            p.summary_kind,
+            width,
+            d,
+            p.channels,
+            p.block,
+            status,
+        )
+    else:
+        _check_append_args(x_k, x_v, rows, p.stripes, p.pages, p.block_sum)
+        _check_append_settings(p.block_sum, p.summary_kind, width, p.channels, p.block, d)
+        append_encode_reference(p, x_k, x_v, rows, status)
 
 
 def _check_append_args(
@@ -286,12 +285,7 @@ def _check_append_args(
     x_v: torch.Tensor,
     rows: torch.Tensor,
     stripes: torch.Tensor,
-    rot: torch.Tensor,
-    kbits: torch.Tensor,
-    vbits: torch.Tensor,
-    kvals: torch.Tensor,
-    vvals: torch.Tensor,
-    summary: torch.Tensor | None,
+    pages: torch.Tensor,
     block_sum: torch.Tensor | None,
 ) -> None:
     if x_k.dtype not in (torch.bfloat16, torch.float16):
@@ -302,37 +296,26 @@ def _check_append_args(
         raise ValueError(
             f"rows must be [n_rows, {len(APPEND_COLS)}] int64 ({APPEND_COLS}), got {tuple(rows.shape)}"
         )
-    n, d = stripes.shape[0], rot.shape[-1]
+    n = stripes.shape[0]
     if stripes.dtype != torch.int64 or stripes.dim() != 2 or stripes.shape[1] != len(STRIPE_COLS):
         raise ValueError(f"stripes must be [n, {len(STRIPE_COLS)}] int64, got {tuple(stripes.shape)}")
-    if rot.dtype != torch.float32 or rot.shape != (n, 2, d, d):
+    if pages.dtype != torch.int64 or pages.dim() != 1:
         raise ValueError(
-            f"rot must be [n_stripes = {n}, 2, D, D] float32, got {tuple(rot.shape)} {rot.dtype}"
+            f"pages must be a flat int64 tensor of addresses, got {tuple(pages.shape)} {pages.dtype}"
         )
-    for name, t, dt in (
-        ("kbits", kbits, torch.int32),
-        ("vbits", vbits, torch.int32),
-        ("kvals", kvals, x_k.dtype),
-        ("vvals", vvals, x_k.dtype),
-    ):
-        if t.dtype != dt or t.dim() != 1:
-            raise ValueError(f"{name} must be a flat {dt} tensor, got {tuple(t.shape)} {t.dtype}")
-    if summary is not None and (summary.dtype != x_k.dtype or summary.dim() != 2):
-        raise ValueError(f"summary must be [n_blocks, width] {x_k.dtype}")
     if block_sum is not None and (block_sum.dtype != torch.float32 or block_sum.shape[0] != n):
         raise ValueError(f"block_sum must be [n_stripes = {n}, width] float32")
-    tensors = [x_k, x_v, rows, stripes, rot, kbits, vbits, kvals, vvals]
-    tensors += [t for t in (summary, block_sum) if t is not None]
+    tensors = [x_k, x_v, rows, stripes, pages] + ([block_sum] if block_sum is not None else [])
     if len({t.device for t in tensors}) > 1:
         raise ValueError(f"all tensors must be on one device, got {[t.device for t in tensors]}")
     if not all(t.is_contiguous() for t in tensors):
-        raise ValueError("every tensor must be contiguous (rows, offsets and pools are addressed flat)")
+        raise ValueError("every tensor must be contiguous (rows and tables are addressed flat)")
 
 
 def _check_append_settings(
-    summary: torch.Tensor | None,
     block_sum: torch.Tensor | None,
     kind: int,
+    width: int,
     n_channels: int,
     block: int,
     d: int,
@@ -341,38 +324,30 @@ def _check_append_settings(
         raise ValueError(f"block must be in [1, 64], got {block}")
     if not 0 < n_channels <= d:
         raise ValueError(f"n_channels must be in [1, D = {d}], got {n_channels}")
-    if summary is None:
+    if not width:
         return
     if kind not in SUMMARY_KIND_NAMES:
         raise ValueError(f"summary_kind must be 0 (mean/compact) or 1 (minmax), got {kind}")
-    width = summary.shape[1]
-    if (kind == 1 and (width % 2 or width > 2 * d)) or (kind == 0 and width > d):
-        raise ValueError(f"summary width {width}: 2m (m <= D) for minmax, <= D for mean/compact")
+    if (kind == 1 and (width % 16 or width > 2 * d)) or (kind == 0 and (width % 8 or width > d)):
+        raise ValueError(
+            f"summary width {width}: 2m (m a multiple of 8, <= D) for minmax, "
+            "a multiple of 8 <= D for mean/compact"
+        )
     if kind == 0 and (block_sum is None or block_sum.shape[1] != width):
         raise ValueError(f"mean/compact summaries need block_sum [n_stripes, {width}] float32")
 
 
 def append_encode_reference(
-    x_k: torch.Tensor,
-    x_v: torch.Tensor,
-    rows: torch.Tensor,
-    stripes: torch.Tensor,
-    rot: torch.Tensor,
-    kbits: torch.Tensor,
-    vbits: torch.Tensor,
-    kvals: torch.Tensor,
-    vvals: torch.Tensor,
-    summary: torch.Tensor | None,
-    block_sum: torch.Tensor | None,
-    summary_kind: int,
-    n_channels: int,
-    block: int,
-    status: torch.Tensor,
+    pools: AppendPools, x_k: torch.Tensor, x_v: torch.Tensor, rows: torch.Tensor, status: torch.Tensor
 ) -> None:
-    """``append_encode_`` in torch, on any device: rotate in float32, ``pack_topk`` of the core, the
-    same running summaries and the same status bits as the kernel (a bad row or side is skipped)."""
+    """``append_encode_`` in torch over flat pools, on any device: rotate in float32, ``pack_topk`` of
+    the core, the same running summaries and the same status bits as the kernel (a bad row or side
+    is skipped; rows past a pool's end are flagged too)."""
+    stripes, rot, summary, block_sum = pools.flat_rows, pools.rot, pools.summary, pools.block_sum
+    kbits, vbits, kvals, vvals = pools.kbits, pools.vbits, pools.kvals, pools.vvals
+    summary_kind, n_channels, block = pools.summary_kind, pools.channels, pools.block
     d = rot.shape[-1]
-    col = {name: i for i, name in enumerate(STRIPE_COLS)}
+    col = {name: i for i, name in enumerate(FLAT_COLS)}
     flat_k, flat_v = x_k.view(-1), x_v.view(-1)
     bad = 0
     for stripe, x_off, x_stride, n, pos in rows.tolist():
@@ -476,13 +451,11 @@ def decode_(
     stripe_ptr: torch.Tensor,
     block_ptr: torch.Tensor,
     block_stripe: torch.Tensor,
-    rot: torch.Tensor | None,
-    kbits: torch.Tensor,
-    vbits: torch.Tensor,
-    kvals: torch.Tensor,
-    vvals: torch.Tensor,
-    summary: torch.Tensor,
+    pages: torch.Tensor,
+    kdense: torch.Tensor,
+    vdense: torch.Tensor,
     summary_kind: int,
+    summary_width: int,
     block: int,
     n_select: torch.Tensor,
     dense_k: torch.Tensor,
@@ -501,8 +474,10 @@ def decode_(
 ) -> None:
     """One decode step of one layer for a batch: q [B, H_q, D] -> out [B, H_q, D] (same dtype).
 
-    Tensors are a ``DecodeLayout`` and a ``DecodeWorkspace`` (mosaickv.ops.layout); ``stages`` is a
-    bit mask (1 rotate q, 2 score, 4 select, 8 attend, 16 merge; 31 = all) for timing one stage.
+    Tensors are a ``DecodeLayout`` and a ``DecodeWorkspace`` (mosaickv.ops.layout): packed rows,
+    summaries and rotations are read through ``pages``; kdense/vdense are the dense baseline's rows
+    (any tensor of q's dtype when packed). ``stages`` is a bit mask (1 rotate q, 2 score, 4 select,
+    8 attend, 16 merge; 31 = all) for timing one stage.
     """
     _ext.require().decode(
         q,
@@ -514,13 +489,11 @@ def decode_(
         stripe_ptr,
         block_ptr,
         block_stripe,
-        rot,
-        kbits,
-        vbits,
-        kvals,
-        vvals,
-        summary,
+        pages,
+        kdense,
+        vdense,
         summary_kind,
+        summary_width,
         block,
         n_select,
         dense_k,
@@ -564,13 +537,11 @@ def run_decode(
         layout.stripe_ptr,
         layout.block_ptr,
         layout.block_stripe,
-        layout.rot,
-        layout.kbits,
-        layout.vbits,
-        layout.kvals,
-        layout.vvals,
-        layout.summary,
+        layout.pages,
+        layout.kdense,
+        layout.vdense,
         layout.summary_kind,
+        layout.summary_width,
         layout.block,
         layout.n_select,
         layout.dense_k,

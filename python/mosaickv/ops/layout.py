@@ -1,8 +1,10 @@
-"""The flat GPU layout of one layer's compressed caches for a batch of sequences, and the decode
+"""The GPU layout of one layer's compressed caches for a batch of sequences, and the decode
 workspace: what the CUDA kernels read (docs/KERNELS.md "GPU layout").
 
-``DecodeLayout.from_caches`` flattens ``mosaickv.core`` caches (mosaic: packed + rotated; quest:
-dense) into pools plus a stripe table; benchmarks may build a ``DecodeLayout`` directly on the GPU.
+The kernels read every array through a page table of device addresses (``pages``), so the same
+stripe table describes flat pools (one page per stripe array) and the cache manager's pages
+(``mosaickv.cache``). ``DecodeLayout.from_caches`` flattens ``mosaickv.core`` caches (mosaic: packed
++ rotated; quest: dense) into flat pools; benchmarks may build a ``DecodeLayout`` directly on the GPU.
 ``DecodeWorkspace.plan`` sizes every buffer once (plan once, run many): the run path allocates
 nothing and never synchronises with the host, so a CUDA graph can capture it.
 """
@@ -14,8 +16,36 @@ import torch
 
 from mosaickv.core import KVCache, bitmap_words
 
-# Column order of the stripe table; must match StripeCol in cuda/mosaickv/params.h.
+# Column order of the stripe table; must match StripeCol in cuda/mosaickv/params.h. *_bits, *_vals,
+# sum_pages and rot_pages are entries of the page table; *_rows are rows per page; sum_first and
+# rot_first_* the first row of the stripe's summaries and rotations in their pages.
 STRIPE_COLS = (
+    "seq",
+    "head",
+    "tokens",
+    "keep_k",
+    "keep_v",
+    "group_k",
+    "group_v",
+    "k_bits",
+    "k_vals",
+    "k_rows",
+    "v_bits",
+    "v_vals",
+    "v_rows",
+    "sum_pages",
+    "sum_first",
+    "sum_rows",
+    "rot_pages",
+    "rot_first_k",
+    "rot_first_v",
+    "rot_rows",
+    "block_off",
+    "row_off",
+)
+# A flat pool's stripe row (what the builders below write, and the torch references read): element
+# offsets into the pools of DecodeLayout / AppendPools. ``paged_tables`` turns them into STRIPE_COLS.
+FLAT_COLS = (
     "seq",
     "head",
     "tokens",
@@ -30,6 +60,7 @@ STRIPE_COLS = (
     "block_off",
     "row_off",
 )
+FLAT_ROWS = 1 << 30  # rows per page of a flat pool: every row is in the stripe's one page
 SUMMARY_KIND_IDS = {"mean": 0, "compact": 0, "minmax": 1, "compact_minmax": 1}
 # Column order of an append table (one row = new tokens of one stripe); must match AppendCol in
 # cuda/mosaickv/params.h. The tokens' vectors are x[x_off + j * x_stride : ... + D] for j < tokens
@@ -45,6 +76,39 @@ def round_up8(k: int) -> int:
 def n_select(n_blocks: int, ratio: float) -> int:
     """Blocks attended out of n_blocks; same rounding as mosaickv.core.summaries.select_top_blocks."""
     return min(n_blocks, math.ceil(ratio * n_blocks - 1e-9))
+
+
+def paged_tables(
+    flat: list[list[int]],
+    rot: torch.Tensor | None,
+    kbits: torch.Tensor,
+    vbits: torch.Tensor,
+    kvals: torch.Tensor,
+    vvals: torch.Tensor,
+    summary: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat-pool stripe rows (FLAT_COLS) -> the kernels' stripe table (STRIPE_COLS) and page table.
+
+    Every stripe array becomes one page (its address in the pool, FLAT_ROWS rows per page);
+    summaries and rotations are one page each for all stripes (rot [n, 2, D, D]: stripe s's R_K
+    starts at row 2 D s). The tables live on the pools' device; the pools must outlive them.
+    """
+    dev = kbits.device
+    d = rot.shape[-1] if rot is not None else 0
+
+    def addr(t: torch.Tensor | None, off: int = 0) -> int:
+        return 0 if t is None else t.data_ptr() + off * t.element_size()
+
+    pages = [addr(summary), addr(rot)]
+    rows = []
+    for s, (b, h, tok, kk, kv, gk, gv, kbo, vbo, kvo, vvo, blk, row) in enumerate(flat):
+        e = len(pages)
+        pages += [addr(kbits, kbo), addr(kvals, kvo), addr(vbits, vbo), addr(vvals, vvo)]
+        rot_first = 2 * d * s
+        rows.append([b, h, tok, kk, kv, gk, gv, e, e + 1, FLAT_ROWS, e + 2, e + 3, FLAT_ROWS,
+                     0, blk, FLAT_ROWS, 1, rot_first, rot_first + d, FLAT_ROWS, blk, row])  # fmt: skip
+    stripes = torch.tensor(rows, dtype=torch.int64).reshape(-1, len(STRIPE_COLS)).to(dev)
+    return stripes, torch.tensor(pages, dtype=torch.int64).to(dev)
 
 
 def random_bitmaps(rows: int, head_dim: int, keep: int, device: torch.device | str) -> torch.Tensor:
@@ -63,39 +127,65 @@ def random_bitmaps(rows: int, head_dim: int, keep: int, device: torch.device | s
 
 
 @dataclass
-class DecodeLayout:
-    """One layer, a batch of B sequences with H_kv KV heads of dim D.
+class FlatPools:
+    """Flat pools that a layout's pages point into (``DecodeLayout.synthetic``/``from_caches``).
 
     Attributes:
-        packed: True for MosaicKV stripes (bitmaps + values + rotations), False for dense rows.
-        stripes: [n_stripes, 13] int64, columns STRIPE_COLS, ordered by (b, h) then segment.
-        stripe_ptr, block_ptr: [B*H_kv + 1] int32 CSR offsets of each (b, h)'s stripes and blocks.
-        block_stripe: [n_blocks] int32 owning stripe of each block.
-        rot: [n_stripes, 2, D, D] float32 (R_K, R_V) or None (dense).
+        rows: [n_stripes, 13] int64, columns FLAT_COLS (element offsets into the pools).
+        rot: [n_stripes, 2, D, D] float32 (R_K, R_V), or None (dense).
         kbits, vbits: flat int32 bitmap pools (uint32 bit patterns); empty when dense.
         kvals, vvals: flat storage-dtype value pools (packed) or [n_rows, D] rows (dense).
-        summary: [n_blocks, width] storage dtype; summary_kind: 0 mean/compact, 1 minmax.
-        n_select: [B*H_kv] int32 blocks attended per (b, h).
-        dense_k, dense_v: [B, H_kv, cap, D] sinks then tail (pending + window); dense_len: [B] int32.
+        summary: [n_blocks, width] storage dtype.
     """
 
-    packed: bool
-    stripes: torch.Tensor
-    stripe_ptr: torch.Tensor
-    block_ptr: torch.Tensor
-    block_stripe: torch.Tensor
+    rows: torch.Tensor
     rot: torch.Tensor | None
     kbits: torch.Tensor
     vbits: torch.Tensor
     kvals: torch.Tensor
     vvals: torch.Tensor
     summary: torch.Tensor
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.rows, self.kbits, self.vbits, self.kvals, self.vvals, self.summary]
+        return out + ([self.rot] if self.rot is not None else [])
+
+
+@dataclass
+class DecodeLayout:
+    """One layer, a batch of B sequences with H_kv KV heads of dim D.
+
+    Attributes:
+        packed: True for MosaicKV stripes (bitmaps + values + rotations), False for dense rows.
+        stripes: [n_stripes, len(STRIPE_COLS)] int64, ordered by (b, h) then segment.
+        pages: [n_entries] int64 device addresses that the stripe table's page columns index.
+        stripe_ptr, block_ptr: [B*H_kv + 1] int32 CSR offsets of each (b, h)'s stripes and blocks.
+        block_stripe: [n_blocks] int32 owning stripe of each block.
+        summary_kind: 0 mean/compact, 1 minmax; summary_width: storage elements per summary row.
+        n_select: [B*H_kv] int32 blocks attended per (b, h).
+        dense_k, dense_v: [B, H_kv, cap, D] sinks then tail (pending + window); dense_len: [B] int32.
+        kdense, vdense: [n_rows, D] rows of the dense token-selection baseline (row_off), else empty.
+        flat: the flat pools the pages point into, or None when the pages belong to their owner (the
+            cache manager's page pool: ``owner`` keeps the snapshots read alive).
+    """
+
+    packed: bool
+    stripes: torch.Tensor
+    pages: torch.Tensor
+    stripe_ptr: torch.Tensor
+    block_ptr: torch.Tensor
+    block_stripe: torch.Tensor
     summary_kind: int
+    summary_width: int
     block: int
     n_select: torch.Tensor
     dense_k: torch.Tensor
     dense_v: torch.Tensor
     dense_len: torch.Tensor
+    kdense: torch.Tensor
+    vdense: torch.Tensor
+    flat: FlatPools | None = None
+    owner: object = None
 
     @property
     def batch(self) -> int:
@@ -110,25 +200,52 @@ class DecodeLayout:
         return self.dense_k.shape[3]
 
     def nbytes(self) -> int:
-        """Bytes of every tensor of the layout (pools, tables, rotations, summaries, dense part)."""
-        ts = [
-            self.stripes,
-            self.stripe_ptr,
-            self.block_ptr,
-            self.block_stripe,
-            self.kbits,
-            self.vbits,
-            self.kvals,
-            self.vvals,
-            self.summary,
-            self.n_select,
-            self.dense_k,
-            self.dense_v,
-            self.dense_len,
-        ]
-        if self.rot is not None:
-            ts.append(self.rot)
+        """Bytes of every tensor the layout owns (tables, dense part, flat pools if any)."""
+        ts = [self.stripes, self.pages, self.stripe_ptr, self.block_ptr, self.block_stripe, self.n_select]
+        ts += [self.dense_k, self.dense_v, self.dense_len, self.kdense, self.vdense]
+        ts += self.flat.tensors() if self.flat is not None else []
         return sum(t.numel() * t.element_size() for t in ts)
+
+    @classmethod
+    def from_flat(
+        cls,
+        flat: FlatPools,
+        flat_rows: list[list[int]],
+        *,
+        packed: bool,
+        stripe_ptr: list[int],
+        block_ptr: list[int],
+        block_stripe: list[int],
+        n_select: list[int],
+        summary_kind: int,
+        block: int,
+        dense_k: torch.Tensor,
+        dense_v: torch.Tensor,
+        dense_len: torch.Tensor,
+    ) -> "DecodeLayout":
+        """A layout over flat pools: page tables from ``paged_tables``, CSR tables to the device."""
+        dev, i32 = dense_k.device, torch.int32
+        kb, vb = (flat.kbits, flat.vbits)
+        stripes, pages = paged_tables(flat_rows, flat.rot, kb, vb, flat.kvals, flat.vvals, flat.summary)
+        empty = torch.empty(0, dense_k.shape[-1], dtype=dense_k.dtype, device=dev)
+        return cls(
+            packed=packed,
+            stripes=stripes,
+            pages=pages,
+            stripe_ptr=torch.tensor(stripe_ptr, dtype=i32, device=dev),
+            block_ptr=torch.tensor(block_ptr, dtype=i32, device=dev),
+            block_stripe=torch.tensor(block_stripe, dtype=i32, device=dev),
+            summary_kind=summary_kind,
+            summary_width=flat.summary.shape[1],
+            block=block,
+            n_select=torch.tensor(n_select, dtype=i32, device=dev),
+            dense_k=dense_k,
+            dense_v=dense_v,
+            dense_len=dense_len,
+            kdense=empty if packed else flat.kvals,
+            vdense=empty if packed else flat.vvals,
+            flat=flat,
+        )
 
     @classmethod
     def synthetic(
@@ -193,21 +310,25 @@ class DecodeLayout:
             v[:, :keep] = torch.randn(row_base, keep, device=device, dtype=dtype)
             return v.view(-1)
 
-        return cls(
-            packed=True,
-            stripes=torch.tensor(rows, dtype=torch.int64, device=device),
-            stripe_ptr=torch.tensor(stripe_ptr, dtype=i32, device=device),
-            block_ptr=torch.tensor(block_ptr, dtype=i32, device=device),
-            block_stripe=torch.tensor(block_stripe, dtype=i32, device=device),
+        flat = FlatPools(
+            rows=torch.tensor(rows, dtype=torch.int64, device=device),
             rot=rot.view(n_str, 2, head_dim, head_dim).contiguous(),
             kbits=random_bitmaps(row_base, head_dim, keep, device),
             vbits=random_bitmaps(row_base, head_dim, keep, device),
             kvals=values(),
             vvals=values(),
             summary=torch.randn(blk, summary_width, device=device, dtype=dtype),
+        )
+        return cls.from_flat(
+            flat,
+            rows,
+            packed=True,
+            stripe_ptr=stripe_ptr,
+            block_ptr=block_ptr,
+            block_stripe=block_stripe,
+            n_select=nsel,
             summary_kind=summary_kind,
             block=block,
-            n_select=torch.tensor(nsel, dtype=i32, device=device),
             dense_k=torch.randn(batch, n_kv_heads, cap, head_dim, device=device, dtype=dtype),
             dense_v=torch.randn(batch, n_kv_heads, cap, head_dim, device=device, dtype=dtype),
             dense_len=torch.full((batch,), cap, dtype=i32, device=device),
@@ -320,12 +441,8 @@ class DecodeLayout:
             return torch.cat([p.cpu() for p in parts]).to(device)
 
         i32 = torch.int32
-        return cls(
-            packed=packed,
-            stripes=torch.tensor(rows, dtype=torch.int64).reshape(-1, len(STRIPE_COLS)).to(device),
-            stripe_ptr=torch.tensor(stripe_ptr, dtype=i32, device=device),
-            block_ptr=torch.tensor(block_ptr, dtype=i32, device=device),
-            block_stripe=torch.tensor(block_stripe, dtype=i32, device=device),
+        flat = FlatPools(
+            rows=torch.tensor(rows, dtype=torch.int64).reshape(-1, len(FLAT_COLS)).to(device),
             rot=torch.stack([r.cpu() for r in rots]).to(device)
             if packed and rots
             else (torch.zeros(1, 2, d, d, device=device) if packed else None),
@@ -334,9 +451,17 @@ class DecodeLayout:
             kvals=cat(kv, c0.dtype, () if packed else (d,)),
             vvals=cat(vv, c0.dtype, () if packed else (d,)),
             summary=cat(summ, c0.dtype, (width,)),
+        )
+        return cls.from_flat(
+            flat,
+            rows,
+            packed=packed,
+            stripe_ptr=stripe_ptr,
+            block_ptr=block_ptr,
+            block_stripe=block_stripe,
+            n_select=nsel,
             summary_kind=kind,
             block=blk,
-            n_select=torch.tensor(nsel, dtype=i32, device=device),
             dense_k=dk.to(device),
             dense_v=dv.to(device),
             dense_len=torch.tensor([x.shape[0] for x in dense], dtype=i32, device=device),
@@ -401,7 +526,8 @@ class AppendPools:
     what ``append_encode_`` writes, K and V of every stripe in one launch.
 
     Attributes:
-        stripes: [n, 13] int64, columns STRIPE_COLS; ``tokens`` is the stripe's capacity in rows.
+        flat_rows: [n, 13] int64, columns FLAT_COLS; ``tokens`` is the stripe's capacity in rows.
+        stripes, pages: the kernels' stripe and page tables over these pools (``paged_tables``).
         rot: [n, 2, D, D] float32 (R_K, R_V of the stripe's segment).
         kbits, vbits: flat int32 bitmap pools; kvals, vvals: flat storage-dtype value pools (rows of
             round_up8(keep), zero padded), laid out as in DecodeLayout.
@@ -412,7 +538,9 @@ class AppendPools:
         channels: truncation c (D for none); block: token block size B.
     """
 
+    flat_rows: torch.Tensor
     stripes: torch.Tensor
+    pages: torch.Tensor
     rot: torch.Tensor
     kbits: torch.Tensor
     vbits: torch.Tensor
@@ -457,14 +585,26 @@ class AppendPools:
             offs[2] += capacity * round_up8(keep_k[i])
             offs[3] += capacity * round_up8(keep_v[i])
         i32 = torch.int32
+        kbits, vbits = (
+            torch.zeros(offs[0], dtype=i32, device=dev),
+            torch.zeros(offs[1], dtype=i32, device=dev),
+        )
+        kvals, vvals = (
+            torch.zeros(offs[2], dtype=dtype, device=dev),
+            torch.zeros(offs[3], dtype=dtype, device=dev),
+        )
+        summary = torch.zeros(n * nb, summary_width, dtype=dtype, device=dev) if summary_width else None
+        stripes, pages = paged_tables(rows, rot, kbits, vbits, kvals, vvals, summary)
         return cls(
-            stripes=torch.tensor(rows, dtype=torch.int64, device=dev),
+            flat_rows=torch.tensor(rows, dtype=torch.int64, device=dev),
+            stripes=stripes,
+            pages=pages,
             rot=rot,
-            kbits=torch.zeros(offs[0], dtype=i32, device=dev),
-            vbits=torch.zeros(offs[1], dtype=i32, device=dev),
-            kvals=torch.zeros(offs[2], dtype=dtype, device=dev),
-            vvals=torch.zeros(offs[3], dtype=dtype, device=dev),
-            summary=torch.zeros(n * nb, summary_width, dtype=dtype, device=dev) if summary_width else None,
+            kbits=kbits,
+            vbits=vbits,
+            kvals=kvals,
+            vvals=vvals,
+            summary=summary,
             block_sum=torch.zeros(n, summary_width, device=dev)
             if summary_width and summary_kind == 0
             else None,
@@ -476,8 +616,8 @@ class AppendPools:
     def stripe_rows(self, which: int, stripe: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [lo, hi) of one side (0 K, 1 V) of a stripe: values [hi - lo, round_up8(keep)] and
         bitmap words [hi - lo, W] int32 (views into the pools)."""
-        meta = self.stripes[stripe].tolist()
-        col = {name: i for i, name in enumerate(STRIPE_COLS)}
+        meta = self.flat_rows[stripe].tolist()
+        col = {name: i for i, name in enumerate(FLAT_COLS)}
         side = "k" if which == 0 else "v"
         keep, g = meta[col[f"keep_{side}"]], meta[col[f"group_{side}"]]
         ks, w = round_up8(keep), bitmap_words(self.rot.shape[-1], g)

@@ -1,0 +1,203 @@
+"""The kernels' view of the manager's snapshots: stripe and page tables over the pool's pages, so
+decode attention reads packed rows, summaries and rotations where they live, without gathering
+them (docs/CACHE.md, "Attention over the pages").
+
+A closed segment's tables are built once and cached on it (it never changes); a temporary
+segment's are rebuilt when a snapshot shows more of it. ``snapshot_layout`` joins the tables of a
+batch of snapshots into one ``DecodeLayout`` per call: only the dense sinks and window are copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mosaickv.cache.pages import PagedBlob, PagedStripe, PagePool
+from mosaickv.cache.segments import PagedSegment, Snapshot, TempView
+from mosaickv.core import CompressionMethod
+from mosaickv.core.summaries import summary_width
+from mosaickv.ops.layout import STRIPE_COLS, SUMMARY_KIND_IDS, DecodeLayout, n_select
+
+_COL = {name: i for i, name in enumerate(STRIPE_COLS)}
+_PAGE_COLS = [_COL[c] for c in ("k_bits", "k_vals", "v_bits", "v_vals", "sum_pages", "rot_pages")]
+
+
+@dataclass(frozen=True)
+class SegmentTables:
+    """One segment's stripe rows (one per KV head; page columns relative to ``pages``), its page
+    addresses, and the tensors those addresses point into that nothing else owns (a temporary
+    segment's joined summaries)."""
+
+    rows: np.ndarray  # [H_kv, len(STRIPE_COLS)] int64; seq and block_off are set per batch
+    pages: np.ndarray  # int64 device addresses
+    keep_alive: tuple[torch.Tensor, ...] = ()
+
+
+def _stripe_entries(stripe: PagedStripe, entries: list[np.ndarray]) -> tuple[int, int, int]:
+    """Append a stripe's bitmap and value page addresses; returns (bits entry, vals entry, rows/page)."""
+    addr = stripe.pool.addresses(stripe.pages)
+    base = sum(len(e) for e in entries)
+    entries += [addr, addr + stripe.values_offset]
+    return base, base + len(addr), stripe.rows_per_page
+
+
+def _blob_entries(blob: PagedBlob, row_bytes: int, entries: list[np.ndarray]) -> tuple[int, int]:
+    """Append a blob's page addresses; returns (entry, rows per page) for rows of row_bytes."""
+    if blob.pool.page_bytes % row_bytes:
+        raise ValueError(
+            f"rows of {row_bytes} B straddle pages of {blob.pool.page_bytes} B; use a summary width whose "
+            "row size divides the page size"
+        )
+    base = sum(len(e) for e in entries)
+    entries.append(blob.pool.addresses(blob.pages))
+    return base, blob.pool.page_bytes // row_bytes
+
+
+def _rows(
+    k: tuple[PagedStripe, ...],
+    v: tuple[PagedStripe, ...],
+    length: int,
+    entries: list[np.ndarray],
+    summary: tuple[int, int, int],
+    rotation: tuple[int, int, int, int],
+) -> np.ndarray:
+    """One stripe row per head. summary: (entry, first row of head 0, rows/page) with one row
+    per block; rotation: (entry, first R_K row of head 0, first R_V row of head 0, rows/page)."""
+    n_blocks = -(-length // k[0].block)
+    d = k[0].dim
+    rows = np.zeros((len(k), len(STRIPE_COLS)), dtype=np.int64)
+    for h, (sk, sv) in enumerate(zip(k, v, strict=True)):
+        kb, kv, kr = _stripe_entries(sk, entries)
+        vb, vv, vr = _stripe_entries(sv, entries)
+        s_entry, s_first, s_rows = summary
+        r_entry, r_k, r_v, r_rows = rotation
+        sums = (s_entry, s_first + h * n_blocks, s_rows)
+        rots = (r_entry, r_k + h * d, r_v + h * d, r_rows)
+        rows[h] = [
+            0,
+            h,
+            length,
+            sk.keep,
+            sv.keep,
+            sk.group,
+            sv.group,
+            kb,
+            kv,
+            kr,
+            vb,
+            vv,
+            vr,
+            *sums,
+            *rots,
+            0,
+            0,
+        ]
+    return rows
+
+
+def closed_tables(seg: PagedSegment, width: int) -> SegmentTables:
+    """A closed segment's tables (cached on it: it never changes). width: summary row elements."""
+    if seg.table_cache:
+        return seg.table_cache[0]
+    if seg.summary_blob is None:
+        raise ValueError("attention over the pages needs block summaries (token_ratio < 1)")
+    entries: list[np.ndarray] = []
+    elem = seg.summary_blob.dtype.itemsize
+    s_entry, s_rows = _blob_entries(seg.summary_blob, width * elem, entries)
+    d, n_heads = seg.k[0].dim, len(seg.k)
+    r_entry, r_rows = _blob_entries(seg.rotations, 4 * d, entries)  # [2, H, D, D] float32
+    rows = _rows(seg.k, seg.v, seg.length, entries, (s_entry, 0, s_rows), (r_entry, 0, n_heads * d, r_rows))
+    tables = SegmentTables(rows, np.concatenate(entries))
+    seg.table_cache.append(tables)
+    return tables
+
+
+def temp_tables(view: TempView) -> SegmentTables:
+    """The tables of a temporary segment's first ``view.length`` rows: its summaries are joined
+    into one tensor (a few KB: one row per block), its rotations are the strategy's tensors."""
+    temp, st = view.temp, view.temp.strategy
+    summary = torch.cat(view.summaries, dim=1).contiguous()  # [H_kv, n_blocks, F]
+    rot_k, rot_v = st.rot_k.contiguous(), st.rot_v.contiguous()  # [H_kv, D, D] float32 each
+    n_heads, n_blocks, d = summary.shape[0], summary.shape[1], rot_k.shape[-1]
+    entries = [np.array([summary.data_ptr()]), np.array([rot_k.data_ptr(), rot_v.data_ptr()])]
+    summaries, rotations = (0, 0, n_heads * n_blocks), (1, 0, n_heads * d, n_heads * d)
+    rows = _rows(temp.k, temp.v, view.length, entries, summaries, rotations)
+    return SegmentTables(rows, np.concatenate(entries).astype(np.int64), (summary, rot_k, rot_v))
+
+
+def snapshot_layout(
+    snaps: list[Snapshot], methods: list[CompressionMethod], pool: PagePool, device: torch.device
+) -> DecodeLayout:
+    """One layer's DecodeLayout over a batch of snapshots (same H_kv, D, dtype, block size and
+    summary kind), reading the pool's pages in place."""
+    m0 = methods[0]
+    n_kv, d, dtype = snaps[0].sink_k.shape[1], snaps[0].sink_k.shape[2], snaps[0].sink_k.dtype
+    kind = SUMMARY_KIND_IDS[m0.summary]
+    width = summary_width(m0.summary, d, m0.summary_channels)
+    rows, pages, keep = [], [], []
+    stripe_ptr, block_ptr, n_sel, blocks_per_stripe = [0], [0], [], []
+    n_entries = n_stripes = n_blocks = 0
+    for b, (snap, m) in enumerate(zip(snaps, methods, strict=True)):
+        if (m.block_size, summary_width(m.summary, d, m.summary_channels)) != (m0.block_size, width) or (
+            SUMMARY_KIND_IDS[m.summary] != kind
+        ):
+            raise ValueError("a batch needs one block size and summary kind and width")
+        tables = [closed_tables(seg, width) for seg in snap.segments]
+        if snap.temp is not None and snap.temp.length:
+            tables.append(temp_tables(snap.temp))
+        per_head: list[list[np.ndarray]] = [[] for _ in range(n_kv)]
+        for t in tables:
+            r = t.rows.copy()
+            r[:, _PAGE_COLS] += n_entries
+            r[:, _COL["seq"]] = b
+            n_entries += len(t.pages)
+            pages.append(t.pages)
+            keep += t.keep_alive
+            for h in range(n_kv):
+                per_head[h].append(r[h])
+        for h in range(n_kv):
+            nb_bh = 0
+            for r in per_head[h]:
+                nb = -(-int(r[_COL["tokens"]]) // m.block_size)
+                r[_COL["block_off"]] = n_blocks
+                blocks_per_stripe.append(nb)
+                n_blocks += nb
+                nb_bh += nb
+                rows.append(r)
+            n_stripes += len(per_head[h])
+            stripe_ptr.append(n_stripes)
+            block_ptr.append(n_blocks)
+            n_sel.append(n_select(nb_bh, m.token_ratio))
+    i32, i64 = torch.int32, torch.int64
+    table = np.stack(rows) if rows else np.zeros((0, len(STRIPE_COLS)), dtype=np.int64)
+    dense_k = [torch.cat([s.sink_k, s.window_k]) for s in snaps]
+    dense_v = [torch.cat([s.sink_v, s.window_v]) for s in snaps]
+    cap = max(1, max(x.shape[0] for x in dense_k))
+    dk = torch.zeros(len(snaps), n_kv, cap, d, dtype=dtype, device=device)
+    dv = torch.zeros_like(dk)
+    for b, (x, y) in enumerate(zip(dense_k, dense_v, strict=True)):
+        dk[b, :, : x.shape[0]] = x.transpose(0, 1)
+        dv[b, :, : y.shape[0]] = y.transpose(0, 1)
+    counts = torch.tensor(blocks_per_stripe, dtype=i64, device=device)
+    return DecodeLayout(
+        packed=True,
+        stripes=torch.from_numpy(table).to(device),
+        pages=torch.from_numpy(np.concatenate(pages) if pages else np.zeros(1, np.int64)).to(device),
+        stripe_ptr=torch.tensor(stripe_ptr, dtype=i32, device=device),
+        block_ptr=torch.tensor(block_ptr, dtype=i32, device=device),
+        block_stripe=torch.repeat_interleave(
+            torch.arange(len(rows), dtype=i32, device=device), counts, output_size=n_blocks
+        ),
+        summary_kind=kind,
+        summary_width=width,
+        block=m0.block_size,
+        n_select=torch.tensor(n_sel, dtype=i32, device=device),
+        dense_k=dk,
+        dense_v=dv,
+        dense_len=torch.tensor([x.shape[0] for x in dense_k], dtype=i32, device=device),
+        kdense=torch.empty(0, d, dtype=dtype, device=device),
+        vdense=torch.empty(0, d, dtype=dtype, device=device),
+        owner=tuple(keep),
+    )
