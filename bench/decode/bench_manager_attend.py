@@ -2,14 +2,16 @@
 
 A manager holds ``--layers`` distinct layers of Llama-3.1-8B attention shapes (8 KV heads, d = 128,
 bf16; random K/V prefilled at ``--context`` tokens per sequence; keep 32/128, compact-16 summaries,
-block 8, 10% of blocks, 64K-token segments, 4 KiB pages). Per batch, median of ``--repeats`` layer
-calls, each CUDA-synchronised:
-  manager   ``CacheManager.attend``: acquire the snapshots, build the stripe and page tables
-            (closed segments' tables are cached; the dense sinks and window are copied), plan the
-            workspace, launch the kernels, which read the pages in place;
+block 8, 10% of blocks, 64K-token segments, 4 KiB pages). Per batch, ``--repeats`` decode steps (each
+layer appends one token per sequence, evict_tokens 8, then attends), each call CUDA-synchronised:
+  manager   ``CacheManager.attend`` (median and mean): acquire the snapshots, reuse the layer's
+            tables or rebuild them when a window evicted into a temporary segment (closed segments'
+            tables are cached), copy the dense sinks and window, launch the kernels, which read
+            the pages in place;
   tables    ``snapshot_layout`` alone (host work + small copies);
   kernels   ``run_decode`` alone on that same layout and workspace (what the manager wraps).
-The manager's own overhead per decode step is (manager - kernels) x 32 layers.
+The manager's own attention overhead per decode step is (manager mean - kernels) x 32 layers (the
+append's cost is measured by bench_decode.py's manager probe).
 
     python3 bench/decode/bench_manager_attend.py --out bench/results/manager-attend-h200.json
     python3 bench/decode/bench_manager_attend.py --smoke --out /tmp/manager-attend.json  # CPU check
@@ -63,20 +65,26 @@ def run(context: int, batch: int, layers: int, repeats: int, device: torch.devic
             mgr.prefill(rid, layer, k, torch.randn_like(k))
     prefill_s = time.perf_counter() - began
     q = torch.randn(batch, H_Q, D, device=device, dtype=torch.bfloat16)
-    calls = iter(range(1 << 30))
-    manager = median_ms(lambda: mgr.attend(rids, next(calls) % layers, q), repeats, cuda)
+    new_k = torch.randn(1, H_KV, D, device=device, dtype=torch.bfloat16)
+    times = []
+    for step in range(repeats):  # decode steps: each layer appends a token per sequence, then attends
+        for layer in range(layers):
+            for rid in rids:
+                mgr.append(rid, layer, new_k, new_k)
+            times.append(median_ms(lambda layer=layer: mgr.attend(rids, layer, q), 1, cuda))
+    manager, manager_mean = statistics.median(times), statistics.fmean(times)
     streams = [mgr._stream(r, 0) for r in rids]
     snaps = [s.snapshot for s in streams]
     methods = [s.method for s in streams]
     tables = median_ms(lambda: snapshot_layout(snaps, methods, mgr.pool, device), repeats, cuda)
     row = {"context": context, "batch": batch, "layers": layers, "prefill_s": prefill_s,
-           "manager_ms": manager, "tables_ms": tables}  # fmt: skip
+           "manager_ms": manager, "manager_mean_ms": manager_mean, "tables_ms": tables}  # fmt: skip
     if cuda:
         lay = snapshot_layout(snaps, methods, mgr.pool, device)
         ws = DecodeWorkspace.plan(lay, H_Q // H_KV)
         out = torch.empty_like(q)
         row["kernels_ms"] = median_ms(lambda: run_decode(lay, ws, q, out, D**-0.5), repeats, cuda)
-        row["overhead_ms_per_step"] = (manager - row["kernels_ms"]) * N_LAYERS
+        row["overhead_ms_per_step"] = (manager_mean - row["kernels_ms"]) * N_LAYERS
         row["page_bytes_used"] = mgr.stats()["cache_page_bytes"]
     mgr.close()
     return row

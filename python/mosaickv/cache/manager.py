@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from mosaickv.cache.pages import Paged, PagePool
-from mosaickv.cache.segments import PagedSegment
+from mosaickv.cache.segments import PagedSegment, Snapshot
 from mosaickv.cache.stream import Stream
-from mosaickv.cache.tables import snapshot_layout
+from mosaickv.cache.tables import snapshot_layout, table_key, with_dense
 from mosaickv.core import CompressionMethod, KVCache, Segment, make_method
-from mosaickv.ops import DecodePlan, DecodeWorkspace, cuda_available, run_decode
+from mosaickv.ops import DecodeLayout, DecodePlan, DecodeWorkspace, cuda_available, run_decode
 
 
 def default_threads() -> int:
@@ -116,6 +116,8 @@ class CacheManager:
         self._prefix: dict[bytes, PagedSegment] = {}  # prompt segments by hash of the tokens up to their end
         self._prefix_hits = 0
         self._queue: queue.SimpleQueue[Stream | None] = queue.SimpleQueue()
+        # per layer: (table_key of the last call's snapshots, their layout, its workspace)
+        self._layer_tables: dict[int, tuple[tuple[object, ...], DecodeLayout, DecodeWorkspace]] = {}
         self.n_threads = self.config.n_threads or default_threads()
         self._threads = [
             threading.Thread(target=self._worker, name=f"mosaickv-reencode-{i}", daemon=True)
@@ -315,8 +317,7 @@ class CacheManager:
         try:
             methods = [s.method for s in streams]
             if self._plan_device.type == "cuda" and all(m.selects_blocks for m in methods):
-                layout = snapshot_layout(snaps, methods, self.pool, self.device)
-                ws = DecodeWorkspace.plan(layout, q.shape[1] // self.n_kv_heads)
+                layout, ws = self._tables(layer, snaps, methods, q.shape[1] // self.n_kv_heads)
                 sc = self.head_dim**-0.5 if scale is None else float(scale)
                 return run_decode(layout, ws, q.contiguous(), torch.empty_like(q), sc)
             caches = [snap.to_kvcache(s.method) for s, snap in zip(streams, snaps, strict=True)]
@@ -324,6 +325,20 @@ class CacheManager:
         finally:
             for s, snap in zip(streams, snaps, strict=True):
                 s.release(snap)
+
+    def _tables(
+        self, layer: int, snaps: list[Snapshot], methods: list[CompressionMethod], group: int
+    ) -> tuple[DecodeLayout, DecodeWorkspace]:
+        """The layer's kernel tables and workspace for these snapshots: rebuilt only when a segment
+        swapped in or tokens left a window since the layer's last call (the dense part is fresh)."""
+        key = table_key(snaps)
+        held = self._layer_tables.get(layer)
+        stale = held is None or len(held[0]) != len(key) or held[2].qrot.shape[1] != group
+        if stale or any(a is not b for a, b in zip(held[0], key, strict=True)):
+            layout = snapshot_layout(snaps, methods, self.pool, self.device)
+            held = (key, layout, DecodeWorkspace.plan(layout, group))
+            self._layer_tables[layer] = held
+        return with_dense(held[1], snaps), held[2]
 
     @contextmanager
     def view(self, request_id: str, layer: int) -> Iterator[KVCache]:

@@ -9,7 +9,7 @@ batch of snapshots into one ``DecodeLayout`` per call: only the dense sinks and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -172,16 +172,8 @@ def snapshot_layout(
             n_sel.append(n_select(nb_bh, m.token_ratio))
     i32, i64 = torch.int32, torch.int64
     table = np.stack(rows) if rows else np.zeros((0, len(STRIPE_COLS)), dtype=np.int64)
-    dense_k = [torch.cat([s.sink_k, s.window_k]) for s in snaps]
-    dense_v = [torch.cat([s.sink_v, s.window_v]) for s in snaps]
-    cap = max(1, max(x.shape[0] for x in dense_k))
-    dk = torch.zeros(len(snaps), n_kv, cap, d, dtype=dtype, device=device)
-    dv = torch.zeros_like(dk)
-    for b, (x, y) in enumerate(zip(dense_k, dense_v, strict=True)):
-        dk[b, :, : x.shape[0]] = x.transpose(0, 1)
-        dv[b, :, : y.shape[0]] = y.transpose(0, 1)
     counts = torch.tensor(blocks_per_stripe, dtype=i64, device=device)
-    return DecodeLayout(
+    layout = DecodeLayout(
         packed=True,
         stripes=torch.from_numpy(table).to(device),
         pages=torch.from_numpy(np.concatenate(pages) if pages else np.zeros(1, np.int64)).to(device),
@@ -194,10 +186,38 @@ def snapshot_layout(
         summary_width=width,
         block=m0.block_size,
         n_select=torch.tensor(n_sel, dtype=i32, device=device),
-        dense_k=dk,
-        dense_v=dv,
-        dense_len=torch.tensor([x.shape[0] for x in dense_k], dtype=i32, device=device),
+        dense_k=torch.empty(0),
+        dense_v=torch.empty(0),
+        dense_len=torch.empty(0),
         kdense=torch.empty(0, d, dtype=dtype, device=device),
         vdense=torch.empty(0, d, dtype=dtype, device=device),
         owner=tuple(keep),
     )
+    return with_dense(layout, snaps)
+
+
+def with_dense(layout: DecodeLayout, snaps: list[Snapshot]) -> DecodeLayout:
+    """``layout`` with the dense part (sinks, then the window) of ``snaps``: the only rows copied
+    per call. The compressed part's tables stay valid while the snapshots' segments and temporary
+    view are the same objects (``table_key``)."""
+    n_kv, d = snaps[0].sink_k.shape[1], snaps[0].sink_k.shape[2]
+    lens = [s.sink_k.shape[0] + s.window_k.shape[0] for s in snaps]
+    dk = torch.zeros(
+        len(snaps), n_kv, max(1, *lens), d, dtype=snaps[0].sink_k.dtype, device=layout.stripes.device
+    )
+    dv = torch.zeros_like(dk)
+    for b, s in enumerate(snaps):
+        n_s = s.sink_k.shape[0]
+        dk[b, :, :n_s], dv[b, :, :n_s] = s.sink_k.transpose(0, 1), s.sink_v.transpose(0, 1)
+        dk[b, :, n_s : lens[b]], dv[b, :, n_s : lens[b]] = (
+            s.window_k.transpose(0, 1),
+            s.window_v.transpose(0, 1),
+        )
+    dense_len = torch.tensor(lens, dtype=torch.int32).to(dk.device, non_blocking=True)
+    return replace(layout, dense_k=dk, dense_v=dv, dense_len=dense_len)
+
+
+def table_key(snaps: list[Snapshot]) -> tuple[object, ...]:
+    """What the compressed part of a layout depends on: each snapshot's segments (a tuple that a
+    swap replaces) and temporary view (replaced when tokens leave the window). Compare with ``is``."""
+    return tuple(x for s in snaps for x in (s.segments, s.temp))
