@@ -71,6 +71,7 @@ class PagePool:
         self._free: list[int] = []
         self._refs: dict[int, int] = {}
         self._lock = threading.Lock()
+        self._chunk_addr = np.zeros((0, 3), dtype=np.int64)  # per chunk: address, row stride, pages per row
         self.external = bool(storage)
         if storage:
             self._adopt(storage)
@@ -161,13 +162,14 @@ class PagePool:
         """Device byte addresses of ``pages`` (int64), for the kernels' page tables."""
         ids = np.asarray(pages, dtype=np.int64)
         with self._lock:
-            chunks = list(self._chunks)
-        base = np.array([c.data_ptr() for c in chunks], dtype=np.int64)
-        row_stride = np.array([c.stride(0) for c in chunks], dtype=np.int64)
-        per_row = chunks[0].shape[1] if chunks else 1
+            if len(self._chunk_addr) != len(self._chunks):  # chunks were added: extend the table
+                self._chunk_addr = np.array(
+                    [(c.data_ptr(), c.stride(0), c.shape[1]) for c in self._chunks], dtype=np.int64
+                ).reshape(-1, 3)
+            table = self._chunk_addr
         c, within = np.divmod(ids, self.chunk_pages)
-        row, col = np.divmod(within, per_row)
-        return base[c] + row * row_stride[c] + col * self.page_bytes
+        row, col = np.divmod(within, table[c, 2])
+        return table[c, 0] + row * table[c, 1] + col * self.page_bytes
 
     def page(self, page: int) -> torch.Tensor:
         """The bytes of ``page``: [page_bytes] uint8 view into the pool."""
