@@ -16,50 +16,21 @@ import torch
 
 from mosaickv.core import KVCache, bitmap_words
 
+# What every stripe row starts with: the sequence, the KV head, the tokens, keep and g per side.
+_STRIPE_SHAPE = ("seq", "head", "tokens", "keep_k", "keep_v", "group_k", "group_v")
 # Column order of the stripe table; must match StripeCol in cuda/mosaickv/params.h. *_bits, *_vals,
 # sum_pages and rot_pages are entries of the page table; *_rows are rows per page; sum_first and
 # rot_first_* the first row of the stripe's summaries and rotations in their pages.
 STRIPE_COLS = (
-    "seq",
-    "head",
-    "tokens",
-    "keep_k",
-    "keep_v",
-    "group_k",
-    "group_v",
-    "k_bits",
-    "k_vals",
-    "k_rows",
-    "v_bits",
-    "v_vals",
-    "v_rows",
-    "sum_pages",
-    "sum_first",
-    "sum_rows",
-    "rot_pages",
-    "rot_first_k",
-    "rot_first_v",
-    "rot_rows",
+    *_STRIPE_SHAPE,
+    *("k_bits", "k_vals", "k_rows", "v_bits", "v_vals", "v_rows"),
+    *("sum_pages", "sum_first", "sum_rows", "rot_pages", "rot_first_k", "rot_first_v", "rot_rows"),
     "block_off",
     "row_off",
 )
 # A flat pool's stripe row (what the builders below write, and the torch references read): element
 # offsets into the pools of DecodeLayout / AppendPools. ``paged_tables`` turns them into STRIPE_COLS.
-FLAT_COLS = (
-    "seq",
-    "head",
-    "tokens",
-    "keep_k",
-    "keep_v",
-    "group_k",
-    "group_v",
-    "kbit_off",
-    "vbit_off",
-    "kval_off",
-    "vval_off",
-    "block_off",
-    "row_off",
-)
+FLAT_COLS = (*_STRIPE_SHAPE, "kbit_off", "vbit_off", "kval_off", "vval_off", "block_off", "row_off")
 FLAT_ROWS = 1 << 30  # rows per page of a flat pool: every row is in the stripe's one page
 SUMMARY_KIND_IDS = {"mean": 0, "compact": 0, "minmax": 1, "compact_minmax": 1}
 # Column order of an append table (one row = new tokens of one stripe); must match AppendCol in
