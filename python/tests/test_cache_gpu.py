@@ -5,10 +5,12 @@ extension; on a machine without them each is reported as skipped with that reaso
 Oracle: the same manager fed the same tokens on the CPU (its own pages, the core reference's
 attention); the CUDA side attends through the kernels."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from mosaickv.cache import CacheConfig, CacheManager
+from mosaickv.cache import CacheConfig, CacheManager, PagePool, TempSegment
 from mosaickv.core import make_method
 from mosaickv.engines.vllm.cache import page_storage
 from mosaickv.ops import DecodePlan, cuda_available
@@ -82,3 +84,44 @@ def test_kernels_read_the_pages_in_place_like_a_flat_copy() -> None:
             assert float((got - want).norm() / want.norm()) < 1e-3
     finally:
         mgr.close()
+
+
+@pytest.mark.parametrize("summary", ["compact", "compact_minmax", "mean"])
+def test_the_append_kernel_packs_the_temporary_segment_like_the_torch_path(summary: str) -> None:
+    """Decode tokens leaving the window: on CUDA one append_encode_ launch per eviction writes the
+    temporary segment's pages and summaries. The torch path on the CPU, given the same strategy
+    and tokens, packs the same rows (a near-tie may flip a bitmap row under fp32 summation order)
+    and the same summaries."""
+    gen = torch.Generator().manual_seed(2)
+    method = make_method(
+        "mosaic", **(PARAMS | {"token_ratio": 0.25, "summary": summary, "summary_channels": 16})
+    )
+    prompt, n = 600, 840  # 240 decode tokens, evicted 8 at a time into one temporary segment
+    k, v = (torch.randn(n, H_KV, D, generator=gen).bfloat16() for _ in range(2))
+    mgr = CacheManager(method, 1, H_KV, D, torch.bfloat16, "cuda", CacheConfig(evict_tokens=8))
+    try:
+        mgr.add_request("r")
+        mgr.prefill("r", 0, k[:prompt].cuda(), v[:prompt].cuda())
+        for t in range(prompt, n):
+            mgr.append("r", 0, k[t : t + 1].cuda(), v[t : t + 1].cuda())
+        view = mgr._stream("r", 0).snapshot.temp
+        assert view is not None and view.length > 100 and view.temp.kernel
+        view.temp.check()
+        got = view.to_core()
+        st = view.temp.strategy
+        ref = TempSegment(method, view.temp.start, replace(st, rot_k=st.rot_k.cpu(), rot_v=st.rot_v.cpu()),
+                          PagePool(4096, torch.device("cpu")), torch.bfloat16)  # fmt: skip
+        a = view.temp.start
+        ref.append(k[a : a + view.length], v[a : a + view.length])
+        want = ref.view().to_core()
+    finally:
+        mgr.close()
+    assert not ref.kernel and got.length == want.length
+    for x, y in ((got.k, want.k), (got.v, want.v)):
+        for h in range(H_KV):
+            same = (x.bitmaps[h].cpu() == y.bitmaps[h]).all(dim=1)
+            assert float(same.float().mean()) >= 0.99
+            torch.testing.assert_close(
+                x.values[h].cpu()[same].float(), y.values[h][same].float(), rtol=1e-2, atol=1e-2
+            )
+    torch.testing.assert_close(got.summary.cpu().float(), want.summary.float(), rtol=2e-2, atol=2e-2)

@@ -15,14 +15,17 @@ One manager serves every engine; an engine adapter calls, per layer and request:
     mgr.close()                            # stop the CPU threads
 
 Pieces: ``pages`` (page pool, own or over caller memory; rows of one stripe per page; blobs),
-``segments`` (closed, temporary, snapshot), ``stream`` (one request x layer: decode-side append,
-CPU-side close and swap), ``manager`` (requests, CPU thread pool, backlog bound, accounting).
+``segments`` (closed segments, snapshot), ``temp`` (the temporary segment, its append kernel and
+device tables), ``tables`` (the kernels' tables over a batch of snapshots), ``stream`` (one
+request x layer: decode-side append, CPU-side close and swap), ``manager`` (requests, CPU thread
+pool, backlog bound, accounting).
 """
 
 from mosaickv.cache.manager import CacheConfig, CacheManager, default_threads
 from mosaickv.cache.pages import CacheFull, PagedBlob, PagedStripe, PagePool
-from mosaickv.cache.segments import PagedSegment, Snapshot, TempSegment, TempStrategy
+from mosaickv.cache.segments import PagedSegment, Snapshot
 from mosaickv.cache.stream import HostBuffer, Stream
+from mosaickv.cache.temp import TempSegment, TempStrategy
 
 __all__ = [
     "CacheConfig",

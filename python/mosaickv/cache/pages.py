@@ -249,6 +249,14 @@ class PagedStripe:
             done += m
             self.length += m
 
+    def grow(self, n: int) -> None:
+        """Room for n more rows, written by a kernel through the page table (``cache.temp``): pages
+        are allocated and the length grows now; the rows must be written before anything reads them."""
+        need = -(-(self.length + n) // self.rows_per_page)
+        while len(self.pages) < need:
+            self.pages.append(self.pool.allocate())
+        self.length += n
+
     def read(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The first n rows (all when None) gathered in order: values [n, keep], bitmap [n, W] uint32.
 

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mosaickv.cache.pages import Paged, PagePool
-from mosaickv.cache.segments import PagedSegment, Snapshot, TempSegment, TempStrategy
+from mosaickv.cache.segments import PagedSegment, Snapshot
+from mosaickv.cache.temp import TempSegment, TempStrategy
 from mosaickv.core import CompressionMethod, Segment
 
 if TYPE_CHECKING:  # the manager module imports this one
@@ -275,6 +276,8 @@ class Stream:
             self._reclaim()
             self.reencodes += 1
             self.reencode_s += time.perf_counter() - began
+        if old is not None:
+            old.check()  # an append kernel's status, read here off the decode path
 
     # ---- lifetime ---------------------------------------------------------------------------------
     def fork(self) -> Stream:

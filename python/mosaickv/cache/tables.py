@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from mosaickv.cache.pages import PagedBlob, PagedStripe, PagePool
-from mosaickv.cache.segments import PagedSegment, Snapshot, TempView
+from mosaickv.cache.segments import PagedSegment, Snapshot
+from mosaickv.cache.temp import TempView
 from mosaickv.core import CompressionMethod
 from mosaickv.core.summaries import summary_width
 from mosaickv.ops.layout import STRIPE_COLS, SUMMARY_KIND_IDS, DecodeLayout, n_select
@@ -31,7 +32,7 @@ class SegmentTables:
     segment's joined summaries)."""
 
     rows: np.ndarray  # [H_kv, len(STRIPE_COLS)] int64; seq and block_off are set per batch
-    pages: np.ndarray  # int64 device addresses
+    pages: torch.Tensor  # int64 device addresses, on the pool's device
     keep_alive: tuple[torch.Tensor, ...] = ()
 
 
@@ -109,22 +110,19 @@ def closed_tables(seg: PagedSegment, width: int) -> SegmentTables:
     d, n_heads = seg.k[0].dim, len(seg.k)
     r_entry, r_rows = _blob_entries(seg.rotations, 4 * d, entries)  # [2, H, D, D] float32
     rows = _rows(seg.k, seg.v, seg.length, entries, (s_entry, 0, s_rows), (r_entry, 0, n_heads * d, r_rows))
-    tables = SegmentTables(rows, np.concatenate(entries))
+    device = seg.rotations.pool.device
+    tables = SegmentTables(rows, torch.from_numpy(np.concatenate(entries)).to(device))
     seg.table_cache.append(tables)
     return tables
 
 
 def temp_tables(view: TempView) -> SegmentTables:
-    """The tables of a temporary segment's first ``view.length`` rows: its summaries are joined
-    into one tensor (a few KB: one row per block), its rotations are the strategy's tensors."""
-    temp, st = view.temp, view.temp.strategy
-    summary = torch.cat(view.summaries, dim=1).contiguous()  # [H_kv, n_blocks, F]
-    rot_k, rot_v = st.rot_k.contiguous(), st.rot_v.contiguous()  # [H_kv, D, D] float32 each
-    n_heads, n_blocks, d = summary.shape[0], summary.shape[1], rot_k.shape[-1]
-    entries = [np.array([summary.data_ptr()]), np.array([rot_k.data_ptr(), rot_v.data_ptr()])]
-    summaries, rotations = (0, 0, n_heads * n_blocks), (1, 0, n_heads * d, n_heads * d)
-    rows = _rows(temp.k, temp.v, view.length, entries, summaries, rotations)
-    return SegmentTables(rows, np.concatenate(entries).astype(np.int64), (summary, rot_k, rot_v))
+    """The tables of a temporary segment's first ``view.length`` rows: its own device tables
+    (``TempTables``, kept current by its appends) with the view's row count."""
+    tables = view.temp.tables
+    rows = tables.rows.copy()
+    rows[:, _COL["tokens"]] = view.length
+    return SegmentTables(rows, tables.pages, (view.temp.summary,))
 
 
 def snapshot_layout(
@@ -176,7 +174,7 @@ def snapshot_layout(
     layout = DecodeLayout(
         packed=True,
         stripes=torch.from_numpy(table).to(device),
-        pages=torch.from_numpy(np.concatenate(pages) if pages else np.zeros(1, np.int64)).to(device),
+        pages=torch.cat(pages) if pages else torch.zeros(1, dtype=i64, device=device),
         stripe_ptr=torch.tensor(stripe_ptr, dtype=i32, device=device),
         block_ptr=torch.tensor(block_ptr, dtype=i32, device=device),
         block_stripe=torch.repeat_interleave(

@@ -1,0 +1,330 @@
+"""The temporary segment: decode tokens that left the dense window, packed on the decode path with
+the previous segment's strategy until the CPU re-encodes them into a closed segment.
+
+On a GPU with the kernels built, an append is one ``append_encode_`` launch for every head, K and
+V, written straight into the segment's pages through its device page table (``TempTables``); the
+torch path (CPU, or no kernels) packs with the core's ``pack_topk``. Both keep the block summaries
+in one growing tensor, so attention reads them in place too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mosaickv.cache.pages import Paged, PagedStripe, PagePool
+from mosaickv.cache.segments import PagedSegment, side_of
+from mosaickv.core import CompressionMethod, Segment, block_summaries, pack_topk
+from mosaickv.core.summaries import summary_width
+from mosaickv.ops import STRIPE_COLS, append_encode_, cuda_available
+from mosaickv.ops.layout import SUMMARY_KIND_IDS
+
+_COL = {name: i for i, name in enumerate(STRIPE_COLS)}
+
+
+@dataclass(frozen=True)
+class TempStrategy:
+    """How decode tokens are packed into the temporary segment: the previous segment's strategy.
+
+    rot_k, rot_v: [H_kv, D, D] float32; keep_*/group_*: per head; channels: truncation or None.
+    Before any segment exists it is the lossless identity strategy (keep = D, g = 1).
+    """
+
+    rot_k: torch.Tensor
+    rot_v: torch.Tensor
+    keep_k: tuple[int, ...]
+    keep_v: tuple[int, ...]
+    group_k: tuple[int, ...]
+    group_v: tuple[int, ...]
+    channels: int | None
+
+    @classmethod
+    def identity(cls, n_heads: int, dim: int, device: torch.device) -> TempStrategy:
+        eye = torch.eye(dim, device=device).expand(n_heads, dim, dim).contiguous()
+        full, one = (dim,) * n_heads, (1,) * n_heads
+        return cls(eye, eye, full, full, one, one, None)
+
+    @classmethod
+    def of(cls, seg: PagedSegment, channels: int | None) -> TempStrategy:
+        rot_k, rot_v = seg.rotations.read()
+        return cls(
+            rot_k.contiguous(),
+            rot_v.contiguous(),
+            tuple(s.keep for s in seg.k),
+            tuple(s.keep for s in seg.v),
+            tuple(s.group for s in seg.k),
+            tuple(s.group for s in seg.v),
+            channels,
+        )
+
+
+class TempSegment:
+    """The segment that decode tokens are encoded into, on the decode path, with ``strategy``.
+
+    Append-only: rows and finished block summaries are never rewritten, so a snapshot that saw
+    ``n`` rows stays valid while more are appended. Only the open (last, partial) block's summary
+    row changes in place; each view keeps its own copy of it for the core reference path.
+    """
+
+    def __init__(
+        self,
+        method: CompressionMethod,
+        start: int,
+        strategy: TempStrategy,
+        pool: PagePool,
+        dtype: torch.dtype,
+    ) -> None:
+        self.method, self.start, self.strategy, self.dtype = method, start, strategy, dtype
+        st, d = strategy, strategy.rot_k.shape[-1]
+        b, h = method.block_size, len(strategy.keep_k)
+        self.k = tuple(
+            PagedStripe(pool, d, g, k, dtype, b) for k, g in zip(st.keep_k, st.group_k, strict=True)
+        )
+        self.v = tuple(
+            PagedStripe(pool, d, g, k, dtype, b) for k, g in zip(st.keep_v, st.group_v, strict=True)
+        )
+        self.length = 0
+        self.width = summary_width(method.summary, d, method.summary_channels) if method.selects_blocks else 0
+        # block summaries [H_kv, capacity, F]: rows of finished blocks, then the open block's row
+        self.summary = torch.zeros(h, 16, self.width, dtype=dtype, device=pool.device)
+        self.kernel = pool.device.type == "cuda" and cuda_available()
+        if self.kernel:
+            mean = self.width and SUMMARY_KIND_IDS[method.summary] == 0
+            self._block_sum = torch.zeros(h, self.width, device=pool.device) if mean else None
+            self._status = torch.zeros(1, dtype=torch.int32, device=pool.device)
+        else:
+            # K and V heads side by side: one rotation and one top-k per strategy for the whole append
+            self._rotations = torch.cat([st.rot_k, st.rot_v])  # [2 H_kv, D, D]
+            self._packs = _heads_by_strategy(st.keep_k + st.keep_v, st.group_k + st.group_v, pool.device)
+            self._open = torch.empty(h, 0, d, device=pool.device)  # rotated keys of the open block
+        self.tables = TempTables(self)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Pack k, v: [t, H_kv, D] (on the pool's device) with the strategy and update summaries."""
+        t, b = k.shape[0], self.method.block_size
+        if not t:
+            return
+        if self.width:
+            self._reserve_blocks(-(-(self.length + t) // b))
+        if self.kernel:
+            self._append_kernel(k, v)
+        else:
+            self._append_torch(k, v)
+            self.tables.update()
+        self.length += t
+
+    def _append_kernel(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        t, n_heads, d = k.shape
+        for s in self.k + self.v:
+            s.grow(t)
+        self.tables.update()
+        rows = torch.tensor(
+            [[h, h * d, n_heads * d, t, self.length] for h in range(n_heads)], dtype=torch.int64
+        )
+        m = self.method
+        append_encode_(
+            k.contiguous(),
+            v.contiguous(),
+            rows.to(k.device, non_blocking=True),
+            self.tables.stripes,
+            self.tables.pages,
+            self._block_sum,
+            SUMMARY_KIND_IDS[m.summary],
+            self.width,
+            d,
+            self.strategy.channels or d,
+            m.block_size,
+            self._status,
+        )
+
+    def _append_torch(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        t, d = k.shape[0], k.shape[2]
+        rotated = torch.einsum("shd,hed->hse", torch.cat([k, v], dim=1).float(), self._rotations)
+        stripes = self.k + self.v
+        for keep, group, heads, index in self._packs:
+            x = rotated if index is None else rotated.index_select(0, index)
+            values, bitmap = pack_topk(x.reshape(-1, d), keep, group, self.strategy.channels, self.dtype)
+            values, bitmap = values.view(len(heads), t, keep), bitmap.view(len(heads), t, bitmap.shape[-1])
+            for i, h in enumerate(heads):
+                stripes[h].append(values[i], bitmap[i])
+        if not self.width:
+            return
+        m, b = self.method, self.method.block_size
+        rows = torch.cat([self._open, rotated[: len(self.k)]], dim=1)  # rotated keys of the open block
+        first = self.length // b
+        if rows.shape[1]:
+            written = block_summaries(rows, b, m.summary, m.summary_channels, self.dtype)
+            self.summary[:, first : first + written.shape[1]] = written
+        self._open = rows[:, rows.shape[1] // b * b :]
+
+    def _reserve_blocks(self, n: int) -> None:
+        """Room for n block summaries: a larger tensor (the old one stays valid for its readers)."""
+        if n > self.summary.shape[1]:
+            grown = self.summary.new_zeros(
+                self.summary.shape[0], max(n, 2 * self.summary.shape[1]), self.width
+            )
+            grown[:, : self.summary.shape[1]] = self.summary
+            self.summary = grown
+
+    def check(self) -> None:
+        """Raise if an append launch reported a problem (reads a device flag: call off the hot path)."""
+        if self.kernel and int(self._status.item()):
+            raise RuntimeError(f"append_encode_ status {int(self._status.item())} (mosaickv/params.h Status)")
+
+    def view(self) -> TempView:
+        """What a snapshot keeps: the row count, the summary tensor and a copy of the open block's row."""
+        b = self.method.block_size
+        n_full = self.length // b
+        open_row = self.summary[:, n_full : n_full + 1].clone() if self.width and self.length % b else None
+        return TempView(self, self.length, self.summary, n_full, open_row)
+
+    def paged(self) -> tuple[Paged, ...]:
+        """Every part that owns pages."""
+        return self.k + self.v
+
+    def copy(self) -> TempSegment:
+        """An independent copy (rows copied into new pages: both copies keep appending)."""
+        twin = TempSegment(self.method, self.start, self.strategy, self.k[0].pool, self.dtype)
+        for mine, theirs in zip(self.k + self.v, twin.k + twin.v, strict=True):
+            theirs.append(*mine.read())
+        twin.length, twin.summary = self.length, self.summary.clone()
+        if self.kernel:
+            twin._block_sum = None if self._block_sum is None else self._block_sum.clone()
+        else:
+            twin._open = self._open
+        twin.tables.update()
+        return twin
+
+    @property
+    def dense_bytes(self) -> int:
+        """Bytes outside pages owned by the temp alone: summaries, running sums, the open block's keys."""
+        parts = [self.summary, self.tables.pages, self.tables.stripes]
+        parts += [self._block_sum] if self.kernel and self._block_sum is not None else []
+        parts += [] if self.kernel else [self._open]
+        return sum(t.numel() * t.element_size() for t in parts)
+
+
+class TempTables:
+    """The kernels' stripe and page tables of one temporary segment on its device, kept current as
+    its stripes grow: entry 0 is the summary tensor, 1 and 2 the strategy's R_K and R_V, then a
+    region of ``per`` entries for each head's K bitmaps, K values, V bitmaps and V values (one per
+    page). Pages never move, so known entries never change; a region that fills up is doubled
+    into new tensors (older layouts keep theirs)."""
+
+    def __init__(self, temp: TempSegment) -> None:
+        self.temp = temp
+        self.per = 16
+        self._known = [0] * (2 * len(temp.k))
+        self._summary_ptr = 0
+        self._build()
+
+    def _region(self, h: int, side: int) -> int:
+        return 3 + (4 * h + 2 * side) * self.per  # bitmaps; values follow at + per
+
+    def _build(self) -> None:
+        t, dev = self.temp, self.temp.summary.device
+        st, n_heads, d = t.strategy, len(t.k), t.strategy.rot_k.shape[-1]
+        cap = t.summary.shape[1]
+        pages = np.zeros(3 + 4 * n_heads * self.per, dtype=np.int64)
+        pages[:3] = [t.summary.data_ptr(), st.rot_k.data_ptr(), st.rot_v.data_ptr()]
+        rows = np.zeros((n_heads, len(STRIPE_COLS)), dtype=np.int64)
+        for h, (sk, sv) in enumerate(zip(t.k, t.v, strict=True)):
+            kb, vb = self._region(h, 0), self._region(h, 1)
+            tokens = self.per * min(sk.rows_per_page, sv.rows_per_page)  # the append kernel's capacity
+            k_cols = (kb, kb + self.per, sk.rows_per_page)
+            v_cols = (vb, vb + self.per, sv.rows_per_page)
+            sums, rots = (0, h * cap, n_heads * cap), (1, h * d, n_heads * d + h * d, n_heads * d)
+            rows[h] = [
+                0,
+                h,
+                tokens,
+                sk.keep,
+                sv.keep,
+                sk.group,
+                sv.group,
+                *k_cols,
+                *v_cols,
+                *sums,
+                *rots,
+                0,
+                0,
+            ]
+            for side, s in enumerate((sk, sv)):
+                addr = s.pool.addresses(s.pages)
+                at = self._region(h, side)
+                pages[at : at + len(addr)] = addr
+                pages[at + self.per : at + self.per + len(addr)] = addr + s.values_offset
+                self._known[2 * h + side] = len(addr)
+        self.rows = rows
+        self.pages = torch.from_numpy(pages).to(dev)
+        self.stripes = torch.from_numpy(rows).to(dev)
+        self._summary_ptr, self._summary_cap = t.summary.data_ptr(), cap
+
+    def update(self) -> None:
+        """Write the entries of pages added since the last call (and a moved summary tensor)."""
+        t = self.temp
+        stripes = [s for pair in zip(t.k, t.v, strict=True) for s in pair]
+        if max(len(s.pages) for s in stripes) > self.per or t.summary.shape[1] != self._summary_cap:
+            while max(len(s.pages) for s in stripes) > self.per:
+                self.per *= 2
+            self._build()
+            return
+        index, value = [], []
+        for i, s in enumerate(stripes):
+            new = s.pages[self._known[i] :]
+            if new:
+                at = self._region(i // 2, i % 2) + self._known[i]
+                addr = s.pool.addresses(new)
+                index += list(range(at, at + len(new))) + list(range(at + self.per, at + self.per + len(new)))
+                value += list(addr) + list(addr + s.values_offset)
+                self._known[i] = len(s.pages)
+        if t.summary.data_ptr() != self._summary_ptr:
+            index.append(0)
+            value.append(t.summary.data_ptr())
+            self._summary_ptr = t.summary.data_ptr()
+        if index:
+            dev = self.pages.device
+            self.pages[torch.tensor(index, device=dev)] = torch.tensor(value, dtype=torch.int64).to(dev)
+
+
+def _heads_by_strategy(
+    keeps: tuple[int, ...], groups: tuple[int, ...], device: torch.device
+) -> list[tuple[int, int, list[int], torch.Tensor | None]]:
+    """(keep, g, heads, index) per distinct strategy; index selects those heads (None: all of them)."""
+    by: dict[tuple[int, int], list[int]] = {}
+    for h, key in enumerate(zip(keeps, groups, strict=True)):
+        by.setdefault(key, []).append(h)
+    return [
+        (keep, g, heads, None if len(heads) == len(keeps) else torch.tensor(heads, device=device))
+        for (keep, g), heads in by.items()
+    ]
+
+
+@dataclass(frozen=True)
+class TempView:
+    """A temporary segment as one snapshot saw it: its first ``length`` rows, the summary tensor of
+    that moment (its first ``n_full`` rows never change) and a copy of the open block's row."""
+
+    temp: TempSegment
+    length: int
+    summary: torch.Tensor
+    n_full: int
+    open_row: torch.Tensor | None
+
+    def to_core(self) -> Segment:
+        t, st = self.temp, self.temp.strategy
+        d = st.rot_k.shape[-1]
+        summary = None
+        if t.width:
+            parts = [self.summary[:, : self.n_full]] + ([self.open_row] if self.open_row is not None else [])
+            summary = torch.cat(parts, dim=1)
+        return Segment(
+            t.start,
+            self.length,
+            side_of(t.k, st.rot_k, d, self.length),
+            side_of(t.v, st.rot_v, d, self.length),
+            summary,
+            t.method.summary if summary is not None else None,
+        )
