@@ -357,6 +357,7 @@ def manager_overhead(
     segment_len: int,
     threads: int | None,
     evict_tokens: int,
+    append_kernel: bool = True,
 ) -> dict:
     """Wall ms per decode step of CacheManager.append over every layer and sequence, and whether
     the CPU re-encoders (``threads``; None: the manager's default) keep up (backlog, stalls) over
@@ -373,7 +374,7 @@ def manager_overhead(
         shape.dim,
         dtype,
         device,
-        CacheConfig(n_threads=threads, evict_tokens=evict_tokens),
+        CacheConfig(n_threads=threads, evict_tokens=evict_tokens, append_kernel=append_kernel),
     )
     try:
         rids = [f"seq{b}" for b in range(batch)]
@@ -567,6 +568,13 @@ def main() -> None:
         help="CacheConfig.evict_tokens values to probe (tokens leaving the window at a time)",
     )
     parser.add_argument(
+        "--manager-append",
+        nargs="+",
+        choices=["kernel", "torch"],
+        default=["kernel"],
+        help="how the probe's manager encodes evicted tokens on the GPU (CacheConfig.append_kernel)",
+    )
+    parser.add_argument(
         "--manager-threads",
         type=int,
         help="CPU re-encoder threads in that probe (default: the manager's, cores - 1)",
@@ -652,8 +660,13 @@ def main() -> None:
         for r in rows
         if r["backend"] == "mosaickv" and r["context"] == min(contexts)
     }
-    probes = [(b, e) for b in sorted({1, max(batches)}) for e in args.manager_evict_tokens]
-    for b, evict in probes if args.manager_steps > 0 else []:
+    probes = [
+        (b, e, a)
+        for b in sorted({1, max(batches)})
+        for e in args.manager_evict_tokens
+        for a in args.manager_append
+    ]
+    for b, evict, append in probes if args.manager_steps > 0 else []:
         o = manager_overhead(
             shape,
             b,
@@ -664,12 +677,13 @@ def main() -> None:
             args.manager_segment_len,
             args.manager_threads,
             evict,
+            append == "kernel",
         )
-        o["evict_tokens"] = evict
+        o["evict_tokens"], o["append"] = evict, append
         if b in step_128k:
             o["fraction_of_mosaickv_step"] = o["append_ms_per_step"] / step_128k[b]
         print(
-            f"manager B={b} evict_tokens={evict}: {o['append_ms_per_step']:.3f} ms/step mean, "
+            f"manager B={b} evict_tokens={evict} append={append}: {o['append_ms_per_step']:.3f} ms/step mean, "
             f"{o['append_ms_max']:.3f} max "
             f"({100 * o.get('fraction_of_mosaickv_step', float('nan')):.1f}% of the {min(contexts) // 1024}K step), "
             f"backlog peak {o['backlog_peak']}/{o['backlog_limit']}, stalls {o['stalls']}, "

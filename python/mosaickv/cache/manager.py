@@ -41,7 +41,9 @@ class CacheConfig:
     (the window holds up to window + evict_tokens - 1 tokens): the temporary segment's encode, the
     host copy and the CPU job then run once every evict_tokens steps of a sequence instead of every
     step. 1 keeps the synchronous core's token-by-token order; a block (8) amortises the decode-path
-    cost (bench/decode/README.md).
+    cost (bench/decode/README.md). append_kernel: on a GPU with the kernels built, encode the
+    tokens that leave the window with one ``append_encode_`` launch into the pages (False: the
+    torch path, for A/B runs).
     """
 
     page_bytes: int | None = None
@@ -51,6 +53,7 @@ class CacheConfig:
     max_backlog_tokens: int = 4096
     reencode_delay_s: float = 0.0
     evict_tokens: int = 1
+    append_kernel: bool = True
 
     def __post_init__(self) -> None:
         if self.n_threads is not None and self.n_threads < 1:

@@ -177,7 +177,7 @@ class Stream:
             if segs
             else TempStrategy.identity(self.n_heads, self.dim, self.pool.device)
         )
-        return TempSegment(self.method, start, strategy, self.pool, self.dtype)
+        return TempSegment(self.method, start, strategy, self.pool, self.dtype, self.config.append_kernel)
 
     # ---- readers ----------------------------------------------------------------------------------
     def acquire(self) -> Snapshot:
@@ -250,6 +250,7 @@ class Stream:
             TempStrategy.of(seg, getattr(self.method, "channels", None)),
             self.pool,
             self.dtype,
+            self.config.append_kernel,
         )
         with self.lock:
             known = self.host.end

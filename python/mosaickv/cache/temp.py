@@ -61,7 +61,8 @@ class TempStrategy:
 
 
 class TempSegment:
-    """The segment that decode tokens are encoded into, on the decode path, with ``strategy``.
+    """The segment that decode tokens are encoded into, on the decode path, with ``strategy``;
+    ``kernel`` False keeps the torch path on a GPU.
 
     Append-only: rows and finished block summaries are never rewritten, so a snapshot that saw
     ``n`` rows stays valid while more are appended. Only the open (last, partial) block's summary
@@ -75,6 +76,7 @@ class TempSegment:
         strategy: TempStrategy,
         pool: PagePool,
         dtype: torch.dtype,
+        kernel: bool = True,
     ) -> None:
         self.method, self.start, self.strategy, self.dtype = method, start, strategy, dtype
         st, d = strategy, strategy.rot_k.shape[-1]
@@ -89,7 +91,7 @@ class TempSegment:
         self.width = summary_width(method.summary, d, method.summary_channels) if method.selects_blocks else 0
         # block summaries [H_kv, capacity, F]: rows of finished blocks, then the open block's row
         self.summary = torch.zeros(h, 16, self.width, dtype=dtype, device=pool.device)
-        self.kernel = pool.device.type == "cuda" and cuda_available()
+        self.kernel = kernel and pool.device.type == "cuda" and cuda_available()
         if self.kernel:
             mean = self.width and SUMMARY_KIND_IDS[method.summary] == 0
             self._block_sum = torch.zeros(h, self.width, device=pool.device) if mean else None
@@ -186,7 +188,7 @@ class TempSegment:
 
     def copy(self) -> TempSegment:
         """An independent copy (rows copied into new pages: both copies keep appending)."""
-        twin = TempSegment(self.method, self.start, self.strategy, self.k[0].pool, self.dtype)
+        twin = TempSegment(self.method, self.start, self.strategy, self.k[0].pool, self.dtype, self.kernel)
         for mine, theirs in zip(self.k + self.v, twin.k + twin.v, strict=True):
             theirs.append(*mine.read())
         twin.length, twin.summary = self.length, self.summary.clone()
