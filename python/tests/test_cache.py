@@ -12,7 +12,7 @@ import torch
 from paged_read import COL, stripe_rotation, stripe_side, stripe_summary
 
 from mosaickv.cache import CacheConfig, CacheFull, CacheManager, PagedBlob, PagedStripe, PagePool
-from mosaickv.cache.tables import snapshot_layout
+from mosaickv.cache.tables import pages_readable, snapshot_layout
 from mosaickv.core import KVCache, make_method, pack_topk
 
 H_KV, H_Q, D = 2, 4, 32
@@ -618,3 +618,18 @@ def test_page_tables_address_every_row_summary_and_rotation(name: str) -> None:
         assert s == lay.stripes.shape[0]
     finally:
         mgr.close()
+
+
+def test_attention_reads_pages_in_place_only_when_no_row_straddles_a_page() -> None:
+    """Summary rows of 16 bf16 channels (32 B) and rotation rows (4 D B) divide a 4 KiB page; 24
+    channels (48 B) do not, and a cache that attends every block has no summaries to score: those
+    two take the gathered copy."""
+    pool = PagePool(4096, torch.device("cpu"))
+    readable = {
+        ch: pages_readable(
+            make_method("mosaic", summary="compact", summary_channels=ch), 128, torch.bfloat16, pool
+        )
+        for ch in (16, 24)
+    }
+    assert readable == {16: True, 24: False}
+    assert not pages_readable(make_method("mosaic", token_ratio=1.0), 128, torch.bfloat16, pool)

@@ -17,7 +17,7 @@ import torch
 from mosaickv.cache.pages import Paged, PagePool
 from mosaickv.cache.segments import PagedSegment, Snapshot
 from mosaickv.cache.stream import Stream
-from mosaickv.cache.tables import snapshot_layout, table_key, with_dense
+from mosaickv.cache.tables import pages_readable, snapshot_layout, table_key, with_dense
 from mosaickv.core import CompressionMethod, KVCache, Segment, make_method
 from mosaickv.ops import DecodeLayout, DecodePlan, DecodeWorkspace, cuda_available, run_decode
 
@@ -319,7 +319,8 @@ class CacheManager:
         snaps = [s.acquire() for s in streams]
         try:
             methods = [s.method for s in streams]
-            if self._plan_device.type == "cuda" and all(m.selects_blocks for m in methods):
+            readable = all(pages_readable(m, self.head_dim, self.dtype, self.pool) for m in methods)
+            if self._plan_device.type == "cuda" and readable:
                 layout, ws = self._tables(layer, snaps, methods, q.shape[1] // self.n_kv_heads)
                 sc = self.head_dim**-0.5 if scale is None else float(scale)
                 return run_decode(layout, ws, q.contiguous(), torch.empty_like(q), sc)

@@ -98,6 +98,16 @@ def _rows(
     return rows
 
 
+def pages_readable(m: CompressionMethod, dim: int, dtype: torch.dtype, pool: PagePool) -> bool:
+    """Whether the kernels can attend a cache of method ``m`` over ``pool``'s pages: it selects
+    blocks, and its summary rows (and D-float rotation rows) never straddle a page. Otherwise the
+    manager hands the core reference a gathered copy (``DecodePlan``)."""
+    if not m.selects_blocks:
+        return False
+    summary_row = summary_width(m.summary, dim, m.summary_channels) * dtype.itemsize
+    return pool.page_bytes % summary_row == 0 and pool.page_bytes % (4 * dim) == 0
+
+
 def closed_tables(seg: PagedSegment, width: int) -> SegmentTables:
     """A closed segment's tables (cached on it: it never changes). width: summary row elements."""
     if seg.table_cache:
