@@ -571,12 +571,20 @@ def test_prompts_with_a_common_prefix_share_segments() -> None:
         mgr.close()
 
 
+@pytest.mark.parametrize("storage", ["own", "vllm_interleaved"])
 @pytest.mark.parametrize("name", SCENARIOS)
-def test_page_tables_address_every_row_summary_and_rotation(name: str) -> None:
+def test_page_tables_address_every_row_summary_and_rotation(name: str, storage: str) -> None:
     """The kernels' tables over a batch of snapshots (closed segments and the temporary one), read
-    back through the page table by the addressing rule: exactly the snapshot's segments."""
+    back through the page table by the addressing rule: exactly the snapshot's segments; in the
+    pool's own chunks and in strided caller storage laid out like vLLM's KV cache."""
     params = SCENARIOS[name] | {"token_ratio": 0.5}
-    mgr = manager(params, dtype=torch.bfloat16, evict_tokens=4)
+    if storage == "own":
+        mgr = manager(params, dtype=torch.bfloat16, evict_tokens=4)
+    else:
+        _, views = interleaved_blocks(96, 2, 2 * 4096 + 112)  # two 4 KiB pages per block and layer
+        config = CacheConfig(page_bytes=4096, evict_tokens=4)
+        mgr = CacheManager(make_method("mosaic", **params), 1, H_KV, D, torch.bfloat16, "cpu", config, views)
+        assert mgr.pool.external
     try:
         for rid, n, prompt, seed in (("a", 230, 120, 0), ("b", 150, 40, 1)):
             mgr.add_request(rid)

@@ -60,12 +60,20 @@ def test_manager_in_a_vllm_shaped_kv_cache_on_cuda_matches_the_cpu() -> None:
         cpu.close()
 
 
-def test_kernels_read_the_pages_in_place_like_a_flat_copy() -> None:
+@pytest.mark.parametrize("storage", ["own", "vllm"])
+def test_kernels_read_the_pages_in_place_like_a_flat_copy(storage: str) -> None:
     """Block-selecting attention over the pages (page tables, nothing gathered) equals the same
-    kernels over a flat copy of each snapshot (``DecodePlan``): same data, same selection."""
+    kernels over a flat copy of each snapshot (``DecodePlan``): same data, same selection; in the
+    pool's own chunks and in a vLLM-shaped (block-major, strided) KV cache."""
     gen = torch.Generator().manual_seed(1)
     method = make_method("mosaic", **(PARAMS | {"token_ratio": 0.25}))
-    mgr = CacheManager(method, LAYERS, H_KV, D, torch.bfloat16, "cuda", CacheConfig(evict_tokens=8))
+    views: list[torch.Tensor] = []
+    config = CacheConfig(evict_tokens=8)
+    if storage == "vllm":
+        buf = torch.zeros(700, LAYERS, H_KV, 16, 208, dtype=torch.bfloat16, device="cuda")
+        views, page_bytes = page_storage([buf[:, layer] for layer in range(LAYERS)])
+        config = CacheConfig(page_bytes=page_bytes, evict_tokens=8)
+    mgr = CacheManager(method, LAYERS, H_KV, D, torch.bfloat16, "cuda", config, views)
     try:
         for rid, n, prompt in (("a", 1500, 1200), ("b", 900, 300)):  # b's decode closes segments
             k, v = (torch.randn(LAYERS, n, H_KV, D, generator=gen).bfloat16().cuda() for _ in range(2))
