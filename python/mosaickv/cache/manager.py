@@ -8,6 +8,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -119,6 +120,7 @@ class CacheManager:
         self._prefix: dict[bytes, PagedSegment] = {}  # prompt segments by hash of the tokens up to their end
         self._prefix_hits = 0
         self._queue: queue.SimpleQueue[Stream | None] = queue.SimpleQueue()
+        self._readable: weakref.WeakKeyDictionary[CompressionMethod, bool] = weakref.WeakKeyDictionary()
         # per layer: (table_key of the last call's snapshots, their layout, its workspace)
         self._layer_tables: dict[int, tuple[tuple[object, ...], DecodeLayout, DecodeWorkspace]] = {}
         self.n_threads = self.config.n_threads or default_threads()
@@ -319,8 +321,7 @@ class CacheManager:
         snaps = [s.acquire() for s in streams]
         try:
             methods = [s.method for s in streams]
-            readable = all(pages_readable(m, self.head_dim, self.dtype, self.pool) for m in methods)
-            if self._plan_device.type == "cuda" and readable:
+            if self._plan_device.type == "cuda" and all(self._pages_readable(m) for m in methods):
                 layout, ws = self._tables(layer, snaps, methods, q.shape[1] // self.n_kv_heads)
                 sc = self.head_dim**-0.5 if scale is None else float(scale)
                 return run_decode(layout, ws, q.contiguous(), torch.empty_like(q), sc)
@@ -329,6 +330,13 @@ class CacheManager:
         finally:
             for s, snap in zip(streams, snaps, strict=True):
                 s.release(snap)
+
+    def _pages_readable(self, m: CompressionMethod) -> bool:
+        """``tables.pages_readable`` for this manager's pages, once per method object."""
+        known = self._readable.get(m)
+        if known is None:
+            known = self._readable[m] = pages_readable(m, self.head_dim, self.dtype, self.pool)
+        return known
 
     def _tables(
         self, layer: int, snaps: list[Snapshot], methods: list[CompressionMethod], group: int
