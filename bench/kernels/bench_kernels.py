@@ -112,7 +112,6 @@ def synth_dense_select(k: torch.Tensor, v: torch.Tensor) -> DecodeLayout:
     )
     return DecodeLayout.from_flat(
         flat,
-        rows,
         packed=False,
         stripe_ptr=list(range(bh + 1)),
         block_ptr=[i * nb for i in range(bh + 1)],
@@ -339,7 +338,7 @@ def bench_encode(repeats: int) -> dict:
         vals = torch.empty(H_KV * SEG_LEN * KEEP, dtype=DT, device=DEV)
         vb, vv = torch.empty_like(bits), torch.empty_like(vals)
         summ = torch.empty(H_KV * SEG_LEN // BLOCK, 16, dtype=DT, device=DEV)
-        stripes, pages = paged_tables(rows, rot, bits, vb, vals, vv, summ)
+        stripes, pages = paged_tables(FlatPools(torch.tensor(rows), rot, bits, vb, vals, vv, summ))
         status = torch.zeros(1, dtype=torch.int32, device=DEV)
         k = torch.randn(n_tok, H_KV, D, device=DEV, dtype=DT)
         v = torch.randn(n_tok, H_KV, D, device=DEV, dtype=DT)

@@ -19,7 +19,7 @@ from mosaickv.cache.segments import PagedSegment, Snapshot
 from mosaickv.cache.temp import TempView
 from mosaickv.core import CompressionMethod
 from mosaickv.core.summaries import summary_width
-from mosaickv.ops.layout import STRIPE_COLS, SUMMARY_KIND_IDS, DecodeLayout, n_select
+from mosaickv.ops.layout import STRIPE_COLS, SUMMARY_KIND_IDS, DecodeLayout, n_select, stripe_row
 
 _COL = {name: i for i, name in enumerate(STRIPE_COLS)}
 _PAGE_COLS = [_COL[c] for c in ("k_bits", "k_vals", "v_bits", "v_vals", "sum_pages", "rot_pages")]
@@ -28,8 +28,8 @@ _PAGE_COLS = [_COL[c] for c in ("k_bits", "k_vals", "v_bits", "v_vals", "sum_pag
 @dataclass(frozen=True)
 class SegmentTables:
     """One segment's stripe rows (one per KV head; page columns relative to ``pages``), its page
-    addresses, and the tensors those addresses point into that nothing else owns (a temporary
-    segment's joined summaries)."""
+    addresses, and tensors those addresses point into that must outlive the layout (a temporary
+    segment's summary tensor, which a later append may replace)."""
 
     rows: np.ndarray  # [H_kv, len(STRIPE_COLS)] int64; seq and block_off are set per batch
     pages: torch.Tensor  # int64 device addresses, on the pool's device
@@ -45,12 +45,8 @@ def _stripe_entries(stripe: PagedStripe, entries: list[np.ndarray]) -> tuple[int
 
 
 def _blob_entries(blob: PagedBlob, row_bytes: int, entries: list[np.ndarray]) -> tuple[int, int]:
-    """Append a blob's page addresses; returns (entry, rows per page) for rows of row_bytes."""
-    if blob.pool.page_bytes % row_bytes:
-        raise ValueError(
-            f"rows of {row_bytes} B straddle pages of {blob.pool.page_bytes} B; use a summary width whose "
-            "row size divides the page size"
-        )
+    """Append a blob's page addresses; returns (entry, rows per page) for rows of row_bytes, which
+    divide the page (``pages_readable``)."""
     base = sum(len(e) for e in entries)
     entries.append(blob.pool.addresses(blob.pages))
     return base, blob.pool.page_bytes // row_bytes
@@ -68,34 +64,17 @@ def _rows(
     per block; rotation: (entry, first R_K row of head 0, first R_V row of head 0, rows/page)."""
     n_blocks = -(-length // k[0].block)
     d = k[0].dim
-    rows = np.zeros((len(k), len(STRIPE_COLS)), dtype=np.int64)
+    s_entry, s_first, s_rows = summary
+    r_entry, r_k, r_v, r_rows = rotation
+    rows = []
     for h, (sk, sv) in enumerate(zip(k, v, strict=True)):
-        kb, kv, kr = _stripe_entries(sk, entries)
-        vb, vv, vr = _stripe_entries(sv, entries)
-        s_entry, s_first, s_rows = summary
-        r_entry, r_k, r_v, r_rows = rotation
+        k_pages, v_pages = _stripe_entries(sk, entries), _stripe_entries(sv, entries)
         sums = (s_entry, s_first + h * n_blocks, s_rows)
         rots = (r_entry, r_k + h * d, r_v + h * d, r_rows)
-        rows[h] = [
-            0,
-            h,
-            length,
-            sk.keep,
-            sv.keep,
-            sk.group,
-            sv.group,
-            kb,
-            kv,
-            kr,
-            vb,
-            vv,
-            vr,
-            *sums,
-            *rots,
-            0,
-            0,
-        ]
-    return rows
+        rows.append(
+            stripe_row(0, h, length, (sk.keep, sv.keep), (sk.group, sv.group), k_pages, v_pages, sums, rots)
+        )
+    return np.array(rows, dtype=np.int64)
 
 
 def pages_readable(m: CompressionMethod, dim: int, dtype: torch.dtype, pool: PagePool) -> bool:
@@ -142,6 +121,11 @@ def snapshot_layout(
     summary kind), reading the pool's pages in place."""
     m0 = methods[0]
     n_kv, d, dtype = snaps[0].sink_k.shape[1], snaps[0].sink_k.shape[2], snaps[0].sink_k.dtype
+    if not pages_readable(m0, d, dtype, pool):
+        raise ValueError(
+            f"the kernels cannot read these pages: method {m0!r} attends every block or its summary rows "
+            f"straddle pages of {pool.page_bytes} B; attend through the core reference (DecodePlan)"
+        )
     kind = SUMMARY_KIND_IDS[m0.summary]
     width = summary_width(m0.summary, d, m0.summary_channels)
     rows, pages, keep = [], [], []

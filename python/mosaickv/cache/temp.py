@@ -19,9 +19,7 @@ from mosaickv.cache.segments import PagedSegment, side_of
 from mosaickv.core import CompressionMethod, Segment, block_summaries, pack_topk
 from mosaickv.core.summaries import summary_width
 from mosaickv.ops import STRIPE_COLS, append_encode_, cuda_available
-from mosaickv.ops.layout import SUMMARY_KIND_IDS
-
-_COL = {name: i for i, name in enumerate(STRIPE_COLS)}
+from mosaickv.ops.layout import SUMMARY_KIND_IDS, stripe_row
 
 
 @dataclass(frozen=True)
@@ -235,24 +233,11 @@ class TempTables:
         for h, (sk, sv) in enumerate(zip(t.k, t.v, strict=True)):
             kb, vb = self._region(h, 0), self._region(h, 1)
             tokens = self.per * min(sk.rows_per_page, sv.rows_per_page)  # the append kernel's capacity
-            k_cols = (kb, kb + self.per, sk.rows_per_page)
-            v_cols = (vb, vb + self.per, sv.rows_per_page)
+            k_pages = (kb, kb + self.per, sk.rows_per_page)
+            v_pages = (vb, vb + self.per, sv.rows_per_page)
             sums, rots = (0, h * cap, n_heads * cap), (1, h * d, n_heads * d + h * d, n_heads * d)
-            rows[h] = [
-                0,
-                h,
-                tokens,
-                sk.keep,
-                sv.keep,
-                sk.group,
-                sv.group,
-                *k_cols,
-                *v_cols,
-                *sums,
-                *rots,
-                0,
-                0,
-            ]
+            keep, group = (sk.keep, sv.keep), (sk.group, sv.group)
+            rows[h] = stripe_row(0, h, tokens, keep, group, k_pages, v_pages, sums, rots)
             for side, s in enumerate((sk, sv)):
                 addr = s.pool.addresses(s.pages)
                 at = self._region(h, side)

@@ -22,6 +22,7 @@ from mosaickv.ops.layout import (
     AppendPools,
     DecodeLayout,
     DecodeWorkspace,
+    FlatPools,
     paged_tables,
     round_up8,
 )
@@ -82,7 +83,9 @@ def encode_side(
         rot2 = torch.zeros(h, 2, d, d, dtype=torch.float32, device=x.device)
         rot2[:, 0] = rot
         flat_summary = summary.view(-1, summary_width) if summary_width else None
-        stripes, pages = paged_tables(rows, rot2, bits, bits, vals, vals, flat_summary)
+        # K only: the V columns point at the same pools and are never used (which = 0)
+        flat = FlatPools(torch.tensor(rows, dtype=torch.int64), rot2, bits, bits, vals, vals, flat_summary)
+        stripes, pages = paged_tables(flat)
         status = torch.zeros(1, dtype=torch.int32, device=x.device)
         ids = torch.arange(h, dtype=torch.int32, device=x.device)
         ext.encode(x, 0, ids, stripes, pages, 0, summary_kind, summary_width, channels, block, status)
@@ -343,7 +346,7 @@ def append_encode_reference(
     """``append_encode_`` in torch over flat pools, on any device: rotate in float32, ``pack_topk`` of
     the core, the same running summaries and the same status bits as the kernel (a bad row or side
     is skipped; rows past a pool's end are flagged too)."""
-    stripes, rot, summary, block_sum = pools.flat_rows, pools.rot, pools.summary, pools.block_sum
+    stripes, rot, summary, block_sum = pools.rows, pools.rot, pools.summary, pools.block_sum
     kbits, vbits, kvals, vvals = pools.kbits, pools.vbits, pools.kvals, pools.vvals
     summary_kind, n_channels, block = pools.summary_kind, pools.channels, pools.block
     d = rot.shape[-1]

@@ -49,35 +49,56 @@ def n_select(n_blocks: int, ratio: float) -> int:
     return min(n_blocks, math.ceil(ratio * n_blocks - 1e-9))
 
 
-def paged_tables(
-    flat: list[list[int]],
-    rot: torch.Tensor | None,
-    kbits: torch.Tensor,
-    vbits: torch.Tensor,
-    kvals: torch.Tensor,
-    vvals: torch.Tensor,
-    summary: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat-pool stripe rows (FLAT_COLS) -> the kernels' stripe table (STRIPE_COLS) and page table.
+def stripe_row(
+    seq: int,
+    head: int,
+    tokens: int,
+    keep: tuple[int, int],
+    group: tuple[int, int],
+    k_pages: tuple[int, int, int],
+    v_pages: tuple[int, int, int],
+    summary: tuple[int, int, int],
+    rotation: tuple[int, int, int, int],
+    block_off: int = 0,
+    row_off: int = 0,
+) -> list[int]:
+    """One row of the stripe table (STRIPE_COLS). keep, group: (K, V); k_pages, v_pages: (bitmap
+    entry, values entry, rows per page); summary: (entry, first row, rows per page); rotation:
+    (entry, first R_K row, first R_V row, rows per page)."""
+    return [seq, head, tokens, *keep, *group, *k_pages, *v_pages, *summary, *rotation, block_off, row_off]
+
+
+def paged_tables(pools: "FlatPools") -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat-pool stripe rows (``pools.rows``, FLAT_COLS) -> the kernels' stripe table (STRIPE_COLS)
+    and page table.
 
     Every stripe array becomes one page (its address in the pool, FLAT_ROWS rows per page);
     summaries and rotations are one page each for all stripes (rot [n, 2, D, D]: stripe s's R_K
     starts at row 2 D s). The tables live on the pools' device; the pools must outlive them.
     """
-    dev = kbits.device
-    d = rot.shape[-1] if rot is not None else 0
+    d = pools.rot.shape[-1] if pools.rot is not None else 0
 
     def addr(t: torch.Tensor | None, off: int = 0) -> int:
         return 0 if t is None else t.data_ptr() + off * t.element_size()
 
-    pages = [addr(summary), addr(rot)]
+    pages = [addr(pools.summary), addr(pools.rot)]
     rows = []
-    for s, (b, h, tok, kk, kv, gk, gv, kbo, vbo, kvo, vvo, blk, row) in enumerate(flat):
+    for s, (b, h, tok, kk, kv, gk, gv, kbo, vbo, kvo, vvo, blk, row) in enumerate(pools.rows.tolist()):
         e = len(pages)
-        pages += [addr(kbits, kbo), addr(kvals, kvo), addr(vbits, vbo), addr(vvals, vvo)]
-        rot_first = 2 * d * s
-        rows.append([b, h, tok, kk, kv, gk, gv, e, e + 1, FLAT_ROWS, e + 2, e + 3, FLAT_ROWS,
-                     0, blk, FLAT_ROWS, 1, rot_first, rot_first + d, FLAT_ROWS, blk, row])  # fmt: skip
+        pages += [
+            addr(pools.kbits, kbo),
+            addr(pools.kvals, kvo),
+            addr(pools.vbits, vbo),
+            addr(pools.vvals, vvo),
+        ]
+        k_pages, v_pages = (e, e + 1, FLAT_ROWS), (e + 2, e + 3, FLAT_ROWS)
+        rotation = (1, 2 * d * s, 2 * d * s + d, FLAT_ROWS)
+        rows.append(
+            stripe_row(
+                b, h, tok, (kk, kv), (gk, gv), k_pages, v_pages, (0, blk, FLAT_ROWS), rotation, blk, row
+            )
+        )
+    dev = pools.kbits.device
     stripes = torch.tensor(rows, dtype=torch.int64).reshape(-1, len(STRIPE_COLS)).to(dev)
     return stripes, torch.tensor(pages, dtype=torch.int64).to(dev)
 
@@ -106,7 +127,7 @@ class FlatPools:
         rot: [n_stripes, 2, D, D] float32 (R_K, R_V), or None (dense).
         kbits, vbits: flat int32 bitmap pools (uint32 bit patterns); empty when dense.
         kvals, vvals: flat storage-dtype value pools (packed) or [n_rows, D] rows (dense).
-        summary: [n_blocks, width] storage dtype.
+        summary: [n_blocks, width] storage dtype, or None (no summaries).
     """
 
     rows: torch.Tensor
@@ -115,11 +136,11 @@ class FlatPools:
     vbits: torch.Tensor
     kvals: torch.Tensor
     vvals: torch.Tensor
-    summary: torch.Tensor
+    summary: torch.Tensor | None
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [self.rows, self.kbits, self.vbits, self.kvals, self.vvals, self.summary]
-        return out + ([self.rot] if self.rot is not None else [])
+        out = [self.rows, self.kbits, self.vbits, self.kvals, self.vvals]
+        return out + [t for t in (self.summary, self.rot) if t is not None]
 
 
 @dataclass
@@ -181,7 +202,6 @@ class DecodeLayout:
     def from_flat(
         cls,
         flat: FlatPools,
-        flat_rows: list[list[int]],
         *,
         packed: bool,
         stripe_ptr: list[int],
@@ -196,8 +216,9 @@ class DecodeLayout:
     ) -> "DecodeLayout":
         """A layout over flat pools: page tables from ``paged_tables``, CSR tables to the device."""
         dev, i32 = dense_k.device, torch.int32
-        kb, vb = (flat.kbits, flat.vbits)
-        stripes, pages = paged_tables(flat_rows, flat.rot, kb, vb, flat.kvals, flat.vvals, flat.summary)
+        if flat.summary is None:
+            raise ValueError("a decode layout scores block summaries: the flat pools need a summary tensor")
+        stripes, pages = paged_tables(flat)
         empty = torch.empty(0, dense_k.shape[-1], dtype=dense_k.dtype, device=dev)
         return cls(
             packed=packed,
@@ -292,7 +313,6 @@ class DecodeLayout:
         )
         return cls.from_flat(
             flat,
-            rows,
             packed=True,
             stripe_ptr=stripe_ptr,
             block_ptr=block_ptr,
@@ -425,7 +445,6 @@ class DecodeLayout:
         )
         return cls.from_flat(
             flat,
-            rows,
             packed=packed,
             stripe_ptr=stripe_ptr,
             block_ptr=block_ptr,
@@ -492,32 +511,21 @@ class DecodeWorkspace:
 
 
 @dataclass
-class AppendPools:
+class AppendPools(FlatPools):
     """Open segments of many stripes (any layers x requests x KV heads) in one set of flat pools:
     what ``append_encode_`` writes, K and V of every stripe in one launch.
 
-    Attributes:
-        flat_rows: [n, 13] int64, columns FLAT_COLS; ``tokens`` is the stripe's capacity in rows.
+    Attributes (beyond FlatPools', whose ``rows`` hold each stripe's capacity in ``tokens`` and
+    whose summary rows are the keys' block summaries, block_off per stripe):
         stripes, pages: the kernels' stripe and page tables over these pools (``paged_tables``).
-        rot: [n, 2, D, D] float32 (R_K, R_V of the stripe's segment).
-        kbits, vbits: flat int32 bitmap pools; kvals, vvals: flat storage-dtype value pools (rows of
-            round_up8(keep), zero padded), laid out as in DecodeLayout.
-        summary: [n_blocks, summary_width] storage dtype (keys' block summaries, block_off per stripe)
-            or None; summary_kind: 0 mean/compact, 1 minmax/compact_minmax.
         block_sum: [n, summary_width] float32 fp32 sum of the open block's rotated keys (mean kinds:
             the append updates means from it without rereading earlier tokens), else None.
+        summary_kind: 0 mean/compact, 1 minmax/compact_minmax.
         channels: truncation c (D for none); block: token block size B.
     """
 
-    flat_rows: torch.Tensor
     stripes: torch.Tensor
     pages: torch.Tensor
-    rot: torch.Tensor
-    kbits: torch.Tensor
-    vbits: torch.Tensor
-    kvals: torch.Tensor
-    vvals: torch.Tensor
-    summary: torch.Tensor | None
     block_sum: torch.Tensor | None
     summary_kind: int
     channels: int
@@ -565,17 +573,18 @@ class AppendPools:
             torch.zeros(offs[3], dtype=dtype, device=dev),
         )
         summary = torch.zeros(n * nb, summary_width, dtype=dtype, device=dev) if summary_width else None
-        stripes, pages = paged_tables(rows, rot, kbits, vbits, kvals, vvals, summary)
+        flat = FlatPools(torch.tensor(rows, dtype=torch.int64), rot, kbits, vbits, kvals, vvals, summary)
+        stripes, pages = paged_tables(flat)
         return cls(
-            flat_rows=torch.tensor(rows, dtype=torch.int64, device=dev),
-            stripes=stripes,
-            pages=pages,
+            rows=flat.rows.to(dev),
             rot=rot,
             kbits=kbits,
             vbits=vbits,
             kvals=kvals,
             vvals=vvals,
             summary=summary,
+            stripes=stripes,
+            pages=pages,
             block_sum=torch.zeros(n, summary_width, device=dev)
             if summary_width and summary_kind == 0
             else None,
@@ -587,7 +596,7 @@ class AppendPools:
     def stripe_rows(self, which: int, stripe: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [lo, hi) of one side (0 K, 1 V) of a stripe: values [hi - lo, round_up8(keep)] and
         bitmap words [hi - lo, W] int32 (views into the pools)."""
-        meta = self.flat_rows[stripe].tolist()
+        meta = self.rows[stripe].tolist()
         col = {name: i for i, name in enumerate(FLAT_COLS)}
         side = "k" if which == 0 else "v"
         keep, g = meta[col[f"keep_{side}"]], meta[col[f"group_{side}"]]
