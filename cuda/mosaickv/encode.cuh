@@ -13,9 +13,6 @@
 
 namespace mosaickv {
 
-template <int D>
-__host__ __device__ constexpr int encode_words(int g) { return (D / g + 31) / 32; }
-
 // How one side (K or V) of one stripe is packed, from its stripe-table row.
 struct SideShape {
   int keep, ks, g, ngroups, kg, words;

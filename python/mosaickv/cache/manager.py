@@ -294,6 +294,7 @@ class CacheManager:
                 self._reencodes_freed += s.reencodes
                 self._backlog -= dropped
                 self._cond.notify_all()
+        self._layer_tables.clear()  # they reference the freed request's segments
         self._evict_prefixes()
 
     def _evict_prefixes(self) -> None:

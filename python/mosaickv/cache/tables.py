@@ -107,8 +107,9 @@ def closed_tables(seg: PagedSegment, width: int) -> SegmentTables:
 
 def temp_tables(view: TempView) -> SegmentTables:
     """The tables of a temporary segment's first ``view.length`` rows: its own device tables
-    (``TempTables``, kept current by its appends) with the view's row count."""
+    (``TempTables``, brought up to date here) with the view's row count."""
     tables = view.temp.tables
+    tables.update()
     rows = tables.rows.copy()
     rows[:, _COL["tokens"]] = view.length
     return SegmentTables(rows, tables.pages, (view.temp.summary,))

@@ -112,7 +112,6 @@ class TempSegment:
             self._append_kernel(k, v)
         else:
             self._append_torch(k, v)
-            self.tables.update()
         self.length += t
 
     def _append_kernel(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -194,7 +193,6 @@ class TempSegment:
             twin._block_sum = None if self._block_sum is None else self._block_sum.clone()
         else:
             twin._open = self._open
-        twin.tables.update()
         return twin
 
     @property
@@ -249,8 +247,11 @@ class TempTables:
         self.stripes = torch.from_numpy(rows).to(dev)
         self._summary_ptr, self._summary_cap = t.summary.data_ptr(), cap
 
+    @torch.inference_mode()  # the tables are inference tensors (the manager makes everything in it)
     def update(self) -> None:
-        """Write the entries of pages added since the last call (and a moved summary tensor)."""
+        """Write the entries of pages added since the last call (and a moved summary tensor): before
+        the append kernel writes through the table, and before attention reads it (``tables``), so
+        the CPU path, whose appends write with torch, never pays for it."""
         t = self.temp
         stripes = [s for pair in zip(t.k, t.v, strict=True) for s in pair]
         if max(len(s.pages) for s in stripes) > self.per or t.summary.shape[1] != self._summary_cap:

@@ -146,19 +146,18 @@ def _check_encode_args(
         raise ValueError(f"channels must be in [1, D = {d}], got {channels}")
     if not 1 <= block <= 64:
         raise ValueError(f"block must be in [1, 64], got {block}")
-    if summary_kind not in SUMMARY_KIND_NAMES:
-        raise ValueError(f"summary_kind must be 0 (mean/compact) or 1 (minmax), got {summary_kind}")
-    if summary_width:
-        ok = (
-            summary_width % 16 == 0 and summary_width <= 2 * d
-            if summary_kind == 1
-            else (summary_width % 8 == 0 and summary_width <= d)
+    _check_summary(summary_kind, summary_width, d)
+
+
+def _check_summary(kind: int, width: int, d: int) -> None:
+    """The summary kinds and widths the kernels read and write (the binding checks the same)."""
+    if kind not in SUMMARY_KIND_NAMES:
+        raise ValueError(f"summary_kind must be 0 (mean/compact) or 1 (minmax), got {kind}")
+    if (kind == 1 and (width % 16 or width > 2 * d)) or (kind == 0 and (width % 8 or width > d)):
+        raise ValueError(
+            f"summary_width must be 0, a multiple of 8 <= D for mean/compact, or 2m (m a multiple of 8, "
+            f"m <= D) for minmax; got {width}"
         )
-        if not ok:
-            raise ValueError(
-                f"summary_width must be 0, a multiple of 8 <= D for mean/compact, or 2m (m a multiple of 8, "
-                f"m <= D) for minmax; got {summary_width}"
-            )
 
 
 @torch.library.custom_op("mosaickv::encode_into_", mutates_args=("status",), device_types="cuda")
@@ -329,13 +328,7 @@ def _check_append_settings(
         raise ValueError(f"n_channels must be in [1, D = {d}], got {n_channels}")
     if not width:
         return
-    if kind not in SUMMARY_KIND_NAMES:
-        raise ValueError(f"summary_kind must be 0 (mean/compact) or 1 (minmax), got {kind}")
-    if (kind == 1 and (width % 16 or width > 2 * d)) or (kind == 0 and (width % 8 or width > d)):
-        raise ValueError(
-            f"summary width {width}: 2m (m a multiple of 8, <= D) for minmax, "
-            "a multiple of 8 <= D for mean/compact"
-        )
+    _check_summary(kind, width, d)
     if kind == 0 and (block_sum is None or block_sum.shape[1] != width):
         raise ValueError(f"mean/compact summaries need block_sum [n_stripes, {width}] float32")
 
