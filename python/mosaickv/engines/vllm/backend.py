@@ -175,6 +175,8 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
         self.method = self.settings.make_method()
         self.caches: dict[int, KVCache] = {}  # cache: core, by request key
         self.use_manager = self.settings.cache == "manager"
+        self._place: tuple[int, int] | None = None  # (index, count) among MosaicKV layers, once known
+        self._place_known = False
 
     @property
     def kv_bytes(self) -> int:
@@ -298,6 +300,13 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
             out[rows] = plan.run(q[rows], scale=self.scale).to(out.dtype)
         return output
 
+    def _layer_place(self, layer: AttentionLayer) -> tuple[int, int] | None:
+        """``_mosaic_layer_place`` of this impl's layer, looked up once (the forward context's
+        layers never change after the model is built; an impl serves one layer)."""
+        if not self._place_known:
+            self._place, self._place_known = _mosaic_layer_place(layer), True
+        return self._place
+
     def _policy_methods(self, n_layers: int) -> list[MosaicMethod] | None:
         """One method per MosaicKV layer from the newest policy the worker published
         (engines/vllm/policies.py), or None (no policy: the settings' method everywhere)."""
@@ -306,7 +315,7 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
     def _prompt_method(self, layer: AttentionLayer) -> MosaicMethod:
         """cache: core: the method this layer encodes a new prompt with (the policy's, or the
         settings')."""
-        place = _mosaic_layer_place(layer)
+        place = self._layer_place(layer)
         methods = self._policy_methods(place[1]) if place is not None else None
         return methods[place[0]] if methods is not None and place is not None else self.method
 
@@ -315,7 +324,7 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
         """telemetry_every: hand this prompt's Q/K/V to the process's sampler (engines/vllm/telemetry.py).
         Best effort: never raises."""
         sampler = telemetry.prefill_sampler(self.settings.telemetry_every)
-        place = _mosaic_layer_place(layer)
+        place = self._layer_place(layer)
         if sampler is not None and place is not None:
             sampler.on_prefill(*place, req, q, k, v)
 
@@ -323,7 +332,7 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
         """recall_every: hand the step's first decode row (q: [H_q, D]; its cache
         already holds the step's token) to the process's recall sampler. Best effort: never raises."""
         sampler = telemetry.recall_sampler(self.settings.recall_every)
-        place = _mosaic_layer_place(layer)
+        place = self._layer_place(layer)
         if sampler is not None and place is not None:
             sampler.on_decode(*place, cache, q, self.scale)
 
