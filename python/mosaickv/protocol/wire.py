@@ -337,6 +337,13 @@ _STR = Str()
 _INT0 = Int(0)
 _BOOL = Bool()
 
+
+def _per_head(*fields: Field) -> Spec:
+    """A list of entries, one per (layer, KV head), each with ``fields``: policies, telemetry
+    curves, recall."""
+    return Array(MapOf((_f("layer", _INT0), _f("head", _INT0), *fields)))
+
+
 SCHEMA: Mapping[str, tuple[Field, ...]] = {
     "hello": (
         _f("worker_id", _STR),
@@ -420,16 +427,10 @@ SCHEMA: Mapping[str, tuple[Field, ...]] = {
         _f("version", Int(1)),
         _f(
             "heads",
-            Array(
-                MapOf(
-                    (
-                        _f("layer", _INT0),
-                        _f("head", _INT0),
-                        _f("keep_ratio", Float(min=0.0, max=1.0, min_exclusive=True)),
-                        _f("token_ratio", Float(min=0.0, max=1.0, min_exclusive=True)),
-                        _f("loss_threshold", Float(min=0.0, max=1.0)),
-                    )
-                )
+            _per_head(
+                _f("keep_ratio", Float(min=0.0, max=1.0, min_exclusive=True)),
+                _f("token_ratio", Float(min=0.0, max=1.0, min_exclusive=True)),
+                _f("loss_threshold", Float(min=0.0, max=1.0)),
             ),
         ),
     ),
@@ -447,15 +448,9 @@ SCHEMA: Mapping[str, tuple[Field, ...]] = {
         _f("keep_ratios", Array(Float(min=0.0, max=1.0, min_exclusive=True))),
         _f(
             "curves",
-            Array(
-                MapOf(
-                    (
-                        _f("layer", _INT0),
-                        _f("head", _INT0),
-                        _f("loss", Array(Float(min=0.0, max=1.0))),
-                        _f("energy", Array(Float(min=0.0, max=1.0)), optional=True),
-                    )
-                )
+            _per_head(
+                _f("loss", Array(Float(min=0.0, max=1.0))),
+                _f("energy", Array(Float(min=0.0, max=1.0)), optional=True),
             ),
         ),
         _f("tokens", _INT0),
@@ -467,14 +462,8 @@ SCHEMA: Mapping[str, tuple[Field, ...]] = {
         _f("token_ratios", Array(Float(min=0.0, max=1.0, min_exclusive=True))),
         _f(
             "heads",
-            Array(
-                MapOf(
-                    (
-                        _f("layer", _INT0),
-                        _f("head", _INT0),
-                        _f("recall", Array(Float(min=0.0, max=1.0))),
-                    )
-                )
+            _per_head(
+                _f("recall", Array(Float(min=0.0, max=1.0))),
             ),
         ),
         _f("tokens", _INT0),
