@@ -25,13 +25,14 @@ H_KV, H_Q, D, LAYERS = 8, 32, 128, 2
 PARAMS = dict(keep_ratio=0.25, token_ratio=1.0, segment_len=256, window=64, n_sink=4, min_segment_len=64)
 
 
-def feed(mgr: CacheManager, k: torch.Tensor, v: torch.Tensor, prompt: int) -> None:
-    mgr.add_request("r")
+def feed(mgr: CacheManager, k: torch.Tensor, v: torch.Tensor, prompt: int, rid: str = "r") -> None:
+    """k, v [LAYERS, n, H_kv, D]: the first ``prompt`` tokens prefilled, the rest decoded one at a time."""
+    mgr.add_request(rid)
     for layer in range(LAYERS):
-        mgr.prefill("r", layer, k[layer, :prompt], v[layer, :prompt])
+        mgr.prefill(rid, layer, k[layer, :prompt], v[layer, :prompt])
     for t in range(prompt, k.shape[1]):
         for layer in range(LAYERS):
-            mgr.append("r", layer, k[layer, t : t + 1], v[layer, t : t + 1])
+            mgr.append(rid, layer, k[layer, t : t + 1], v[layer, t : t + 1])
     mgr.drain()
 
 
@@ -77,13 +78,7 @@ def test_kernels_read_the_pages_in_place_like_a_flat_copy(storage: str) -> None:
     try:
         for rid, n, prompt in (("a", 1500, 1200), ("b", 900, 300)):  # b's decode closes segments
             k, v = (torch.randn(LAYERS, n, H_KV, D, generator=gen).bfloat16().cuda() for _ in range(2))
-            mgr.add_request(rid)
-            for layer in range(LAYERS):
-                mgr.prefill(rid, layer, k[layer, :prompt], v[layer, :prompt])
-            for t in range(prompt, n):
-                for layer in range(LAYERS):
-                    mgr.append(rid, layer, k[layer, t : t + 1], v[layer, t : t + 1])
-        mgr.drain()
+            feed(mgr, k, v, prompt, rid)
         q = torch.randn(2, H_Q, D, generator=gen).to(torch.bfloat16).cuda()
         for layer in range(LAYERS):
             got = mgr.attend(["a", "b"], layer, q).double()
