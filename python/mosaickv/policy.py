@@ -253,6 +253,36 @@ def head_recalls(layers: list[int], recalls: list[torch.Tensor]) -> list[dict[st
     ]
 
 
+def telemetry_body(
+    curves: torch.Tensor, head_dim: int, dtype: str, tokens: int, seconds: float
+) -> dict[str, Any]:
+    """A ``telemetry`` message without worker_id and model (its sender adds them): curves
+    [L, 2, H_kv, n_ratios] of ``prompt_curves`` per layer at PLAN_KEEP_RATIOS."""
+    return {
+        "type": "telemetry",
+        "head_dim": head_dim,
+        "dtype": dtype,
+        "keep_ratios": list(PLAN_KEEP_RATIOS),
+        "curves": head_curves(curves[:, 0], curves[:, 1]),
+        "tokens": tokens,
+        "overhead_s": seconds,
+    }
+
+
+def recall_body(
+    layers: list[int], recalls: list[torch.Tensor], tokens: int, seconds: float
+) -> dict[str, Any]:
+    """A ``recall`` message without worker_id and model: per measured layer, [H_kv, n_ratios] recalls
+    of ``decode_recall`` at RECALL_TOKEN_RATIOS."""
+    return {
+        "type": "recall",
+        "token_ratios": list(RECALL_TOKEN_RATIOS),
+        "heads": head_recalls(layers, recalls),
+        "tokens": tokens,
+        "overhead_s": seconds,
+    }
+
+
 def model_shape(model: Any, name: str) -> dict[str, Any]:
     """Layers, KV heads, head_dim and storage dtype of a loaded HF causal LM."""
     cfg = model.config

@@ -64,13 +64,12 @@ from mosaickv.core import METHODS, CompressionMethod, KVCache, make_method
 from mosaickv.policy import (
     PLAN_KEEP_RATIOS,
     QUERY_WINDOW,
-    RECALL_TOKEN_RATIOS,
     decode_recall,
-    head_curves,
-    head_recalls,
     model_shape,
     prompt_curves,
     read_plan,
+    recall_body,
+    telemetry_body,
 )
 
 from .backends import KVBackend
@@ -160,13 +159,7 @@ class DecodeRecallSampler:
         recalls, self._recalls = self._recalls or {}, None
         if recalls:
             layers = sorted(recalls)
-            self.emit({
-                "type": "recall",
-                "token_ratios": list(RECALL_TOKEN_RATIOS),
-                "heads": head_recalls(layers, [recalls[i] for i in layers]),
-                "tokens": tokens,
-                "overhead_s": self._elapsed,
-            })
+            self.emit(recall_body(layers, [recalls[i] for i in layers], tokens, self._elapsed))
 
 
 class PackedLayer(CacheLayerMixin):
@@ -540,15 +533,8 @@ class MosaicKVBackend(KVBackend):
         without worker_id and model."""
         start = time.perf_counter()
         curves = prefill_curves(layers, PLAN_KEEP_RATIOS)
-        head_dim, dtype = self._shape
-        return {
-            "head_dim": head_dim,
-            "dtype": dtype,
-            "keep_ratios": list(PLAN_KEEP_RATIOS),
-            "curves": head_curves(curves[:, 0], curves[:, 1]),
-            "tokens": int(layers[0]._prompt_kv()[0].shape[0]),
-            "overhead_s": time.perf_counter() - start,
-        }
+        tokens = int(layers[0]._prompt_kv()[0].shape[0])
+        return telemetry_body(curves, *self._shape, tokens, time.perf_counter() - start)
 
     def kv_bytes(self, cache: Cache) -> int:
         if isinstance(cache, PackedCache) and cache.request_id is not None and self.manager is not None:

@@ -37,11 +37,10 @@ from mosaickv.policy import (
     DTYPE_NAMES,
     PLAN_KEEP_RATIOS,
     QUERY_WINDOW,
-    RECALL_TOKEN_RATIOS,
     decode_recall,
-    head_curves,
-    head_recalls,
     prompt_curves,
+    recall_body,
+    telemetry_body,
 )
 from mosaickv.protocol import ProtocolError, decode, encode
 
@@ -174,17 +173,8 @@ class PrefillTelemetry:
         for the request whose first block is ``request``."""
 
         def finish(curves: list[torch.Tensor], seconds: float) -> dict[str, Any]:
-            return {
-                "type": "telemetry",
-                "worker_id": f"vllm-engine-core-{os.getpid()}",
-                "model": "",
-                "head_dim": int(k.shape[2]),
-                "dtype": DTYPE_NAMES[k.dtype],
-                "keep_ratios": list(PLAN_KEEP_RATIOS),
-                "curves": head_curves(torch.stack(curves)[:, 0], torch.stack(curves)[:, 1]),
-                "tokens": int(k.shape[0]),
-                "overhead_s": seconds,
-            }
+            head_dim, dtype, tokens = int(k.shape[2]), DTYPE_NAMES[k.dtype], int(k.shape[0])
+            return telemetry_body(torch.stack(curves), head_dim, dtype, tokens, seconds) | _sender()
 
         self.sampler.add(layer, n_layers, request,
                          lambda: prompt_curves(k, v, q[-QUERY_WINDOW:], PLAN_KEEP_RATIOS), finish)
@@ -204,17 +194,15 @@ class DecodeRecall:
         """Layer ``layer`` of ``n_layers`` attended ``q`` ([H_q, D]) over ``cache`` (token appended)."""
 
         def finish(recalls: list[torch.Tensor], seconds: float) -> dict[str, Any]:
-            return {
-                "type": "recall",
-                "worker_id": f"vllm-engine-core-{os.getpid()}",
-                "model": "",
-                "token_ratios": list(RECALL_TOKEN_RATIOS),
-                "heads": head_recalls(list(range(n_layers)), recalls),
-                "tokens": cache.length,
-                "overhead_s": seconds,
-            }
+            return recall_body(list(range(n_layers)), recalls, cache.length, seconds) | _sender()
 
         self.sampler.add(layer, n_layers, self._STEP, lambda: decode_recall(cache, q, scale), finish)
+
+
+def _sender() -> dict[str, str]:
+    """What names this engine-core process in its messages (the relay drops it: the worker sends
+    its own ids)."""
+    return {"worker_id": f"vllm-engine-core-{os.getpid()}", "model": ""}
 
 
 _pushers: dict[str, TelemetryPusher] = {}
@@ -270,7 +258,7 @@ def report_cache_stats(stats: Callable[[], dict[str, int | float]]) -> None:
         kv = int(values["cache_page_bytes"] + values["cache_dense_bytes"])
         pusher = _pusher()
         if pusher is not None:
-            pusher.send({"type": "stats", "nonce": 0, "worker_id": f"vllm-engine-core-{os.getpid()}",
+            pusher.send({"type": "stats", "nonce": 0, "worker_id": _sender()["worker_id"],
                          "inflight": int(values["cache_requests"]), "requests_total": 0,
                          "tokens_generated_total": 0, "kv_bytes": kv, "kv_bytes_peak": kv, "engine": values})
     except Exception as err:  # noqa: BLE001 - best effort, like the telemetry
