@@ -755,12 +755,12 @@ export class WorkerPool {
     return { tokenRatios: [...acc.tokenRatios], heads, samples: acc.samples, meanOverheadS: acc.overheadS / acc.samples, meanTokens: acc.tokens / acc.samples };
   }
 
-  /** Models with decode recall samples. */
   /** Models with telemetry (`telemetry` messages) received. */
   telemetryModels(): string[] {
     return [...this.telemetryByModel.keys()];
   }
 
+  /** Models with decode recall samples (`recall` messages) received. */
   recallModels(): string[] {
     return [...this.recallByModel.keys()];
   }
