@@ -32,7 +32,7 @@ import torch
 from mosaickv.cache import CacheConfig, CacheManager
 from mosaickv.cache.tables import snapshot_layout
 from mosaickv.core import make_method
-from mosaickv.ops import DecodeWorkspace, cuda_available, run_decode
+from mosaickv.ops import cuda_available, run_decode
 
 H_Q, H_KV, D, N_LAYERS = 32, 8, 128, 32
 METHOD = {"keep_ratio": 0.25, "token_ratio": 0.10, "block_size": 8, "n_sink": 4, "window": 64,
@@ -78,12 +78,11 @@ def run(context: int, batch: int, layers: int, repeats: int, device: torch.devic
     streams = [mgr._stream(r, 0) for r in rids]
     snaps = [s.snapshot for s in streams]
     methods = [s.method for s in streams]
-    tables = median_ms(lambda: snapshot_layout(snaps, methods, mgr.pool, device), repeats, cuda)
+    tables = median_ms(lambda: snapshot_layout(snaps, methods, mgr.pool, H_Q // H_KV), repeats, cuda)
     row = {"context": context, "batch": batch, "layers": layers, "prefill_s": prefill_s,
            "manager_ms": manager, "manager_mean_ms": manager_mean, "tables_ms": tables}  # fmt: skip
     if cuda:
-        lay = snapshot_layout(snaps, methods, mgr.pool, device)
-        ws = DecodeWorkspace.plan(lay, H_Q // H_KV)
+        lay, ws = snapshot_layout(snaps, methods, mgr.pool, H_Q // H_KV)
         out = torch.empty_like(q)
         row["kernels_ms"] = median_ms(lambda: run_decode(lay, ws, q, out, D**-0.5), repeats, cuda)
         row["overhead_ms_per_step"] = (manager_mean - row["kernels_ms"]) * N_LAYERS

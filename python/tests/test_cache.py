@@ -14,6 +14,7 @@ from paged_read import COL, stripe_rotation, stripe_side, stripe_summary
 from mosaickv.cache import CacheConfig, CacheFull, CacheManager, PagedBlob, PagedStripe, PagePool
 from mosaickv.cache.tables import pages_readable, snapshot_layout
 from mosaickv.core import KVCache, make_method, pack_topk
+from mosaickv.ops import DecodeWorkspace
 
 H_KV, H_Q, D = 2, 4, 32
 
@@ -593,7 +594,10 @@ def test_page_tables_address_every_row_summary_and_rotation(name: str, storage: 
         mgr.drain()
         mgr.append("b", 0, *tokens(4, 9, torch.bfloat16))  # b's temporary segment grows past the drain
         snaps = [mgr._stream(r, 0).snapshot for r in ("a", "b")]
-        lay = snapshot_layout(snaps, [mgr.method] * 2, mgr.pool, torch.device("cpu"))
+        lay, ws = snapshot_layout(snaps, [mgr.method] * 2, mgr.pool, gqa_group=4)
+        planned = DecodeWorkspace.plan(lay, gqa_group=4)  # sized from the tables read back
+        for name in ("qrot", "keys", "sel", "pieces", "n_pieces", "part_o", "part_ml", "stripe_out"):
+            assert getattr(ws, name).shape == getattr(planned, name).shape, name
         s = 0
         for b, snap in enumerate(snaps):
             core = snap.to_kvcache(mgr.method)

@@ -20,6 +20,7 @@ from mosaickv.core import (
     search_strategy,
     unpack_values,
 )
+from mosaickv.core.strategy import dropped_energy
 
 SMALL = {"n_sink": 4, "window": 16, "block_size": 8, "segment_len": 128}
 
@@ -259,6 +260,23 @@ def test_strategy_search_picks_most_compressive_under_threshold():
         best = min(c.keep * 2 + 4 * math.ceil(32 / c.group / 32) for c in ok)
         assert chosen.keep * 2 + 4 * math.ceil(32 / chosen.group / 32) == best
         assert loss(chosen) <= threshold and abs(chosen_loss - loss(chosen)) < 1e-5
+
+
+def test_dropped_energy_per_head_matches_a_brute_force_per_row_loss():
+    """Heads with different keep counts, groups and truncations in one call, one all-zero head."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(5, 24, 32, generator=gen) * torch.logspace(1, -1, 32)
+    x[3] = 0.0
+    strategies = [Strategy(8, 1), Strategy(8, 2), Strategy(12, 4, 16), Strategy(4, 1), Strategy(16, 2, 24)]
+    dropped, total = dropped_energy(x, strategies)
+    for h, st in enumerate(strategies):
+        xh = x[h].double()
+        limit = 32 if st.channels is None else st.channels
+        e = xh[:, :limit].pow(2).view(24, -1, st.group).sum(-1)
+        kept = e.sort(dim=1, descending=True).values[:, : st.keep // st.group].sum()
+        assert float(total[h]) == pytest.approx(float(xh.pow(2).sum()), rel=1e-12)
+        assert float(dropped[h]) == pytest.approx(float(xh.pow(2).sum() - kept), rel=1e-9, abs=1e-12)
+    assert float(dropped[3]) == 0.0 and float(total[3]) == 0.0
 
 
 # ---- GQA and memory --------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from mosaickv.core import bitmap_words, block_summaries, make_method, pack_topk
 from mosaickv.ops import (
     FLAT_COLS,
+    STAGE_ALL,
     STRIPE_COLS,
     AppendPools,
     DecodeLayout,
@@ -20,6 +21,8 @@ from mosaickv.ops import (
     DecodeWorkspace,
     append_encode_,
     append_to_pools,
+    decode_,
+    decode_args,
     encode_side,
     n_select,
     round_up8,
@@ -156,15 +159,18 @@ def test_decode_op_is_registered_with_a_fake_impl() -> None:
     ws = DecodeWorkspace.plan(lay, gqa_group=4)
     with FakeTensorMode(allow_non_fake_inputs=True):
         q = torch.empty(1, 8, 64, dtype=torch.bfloat16)
-        result = run_decode(lay, ws, q, torch.empty_like(q), 0.125)
-    assert result.shape == q.shape
+        out = torch.empty_like(q)
+        decode_(*decode_args(lay, ws, q, out, 0.125, STAGE_ALL))
+    assert out.shape == q.shape
 
 
 def test_cuda_ops_refuse_cpu_tensors_with_a_pointer_to_core() -> None:
     lay = DecodeLayout.from_caches(caches("mosaic", [200]), "cpu")
     ws = DecodeWorkspace.plan(lay, gqa_group=4)
     q = torch.randn(1, 8, 64).to(torch.bfloat16)
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(NotImplementedError):  # the torch op has no CPU kernel
+        decode_(*decode_args(lay, ws, q, torch.empty_like(q), 0.125, STAGE_ALL))
+    with pytest.raises(ValueError, match="DecodePlan"):
         run_decode(lay, ws, q, torch.empty_like(q), 0.125)
 
 

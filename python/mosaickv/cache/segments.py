@@ -101,24 +101,122 @@ class PagedSegment:
 
 
 @dataclass(frozen=True)
+class DenseRows:
+    """The dense part of one (request, layer) cache, stored as the kernels read it: rows [0, n) of
+    ``buf`` [2, H_kv, cap, D] (K then V, storage dtype), the first ``n_sink`` the sinks, the rest the
+    recent window (unrotated, uncompressed).
+
+    Each row of a buffer is written once: an append writes past the ``n`` of every view of it, an
+    eviction or an append past ``cap`` starts a new buffer. So a snapshot's rows never change under
+    it, and attention hands the buffer to the kernels as it is, without copying it per call.
+    """
+
+    buf: torch.Tensor
+    n_sink: int
+    n: int
+
+    @classmethod
+    def empty(cls, n_heads: int, dim: int, dtype: torch.dtype, device: torch.device, cap: int) -> DenseRows:
+        return cls(torch.empty(2, n_heads, cap, dim, dtype=dtype, device=device), 0, 0)
+
+    @classmethod
+    def of(
+        cls, sink_k: torch.Tensor, sink_v: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor, cap: int
+    ) -> DenseRows:
+        """Sinks and a tail, [n, H_kv, D] each, in a buffer of at least ``cap`` rows."""
+        n_s, n = sink_k.shape[0], sink_k.shape[0] + tail_k.shape[0]
+        rows = cls.empty(sink_k.shape[1], sink_k.shape[2], sink_k.dtype, sink_k.device, max(cap, n))
+        rows.buf[0, :, :n_s], rows.buf[1, :, :n_s] = sink_k.transpose(0, 1), sink_v.transpose(0, 1)
+        rows.buf[0, :, n_s:n], rows.buf[1, :, n_s:n] = tail_k.transpose(0, 1), tail_v.transpose(0, 1)
+        return cls(rows.buf, n_s, n)
+
+    @property
+    def cap(self) -> int:
+        return self.buf.shape[2]
+
+    @property
+    def sink_k(self) -> torch.Tensor:
+        """[n_sink, H_kv, D] (a view)."""
+        return self.buf[0, :, : self.n_sink].transpose(0, 1)
+
+    @property
+    def sink_v(self) -> torch.Tensor:
+        return self.buf[1, :, : self.n_sink].transpose(0, 1)
+
+    @property
+    def window_k(self) -> torch.Tensor:
+        """[n - n_sink, H_kv, D] (a view)."""
+        return self.buf[0, :, self.n_sink : self.n].transpose(0, 1)
+
+    @property
+    def window_v(self) -> torch.Tensor:
+        return self.buf[1, :, self.n_sink : self.n].transpose(0, 1)
+
+    def appended(self, k: torch.Tensor, v: torch.Tensor, new_sinks: int, cap: int) -> DenseRows:
+        """These rows plus k, v: [t, H_kv, D], of which the first ``new_sinks`` become sinks (only
+        while the window is empty); written in place past ``n``, or into a new buffer of at least
+        ``cap`` rows when they do not fit."""
+        t = k.shape[0]
+        buf = self.buf
+        if self.n + t > self.cap:
+            h, d = buf.shape[1], buf.shape[3]
+            buf = torch.empty(2, h, max(cap, self.n + t), d, dtype=buf.dtype, device=buf.device)
+            buf[:, :, : self.n] = self.buf[:, :, : self.n]
+        buf[0, :, self.n : self.n + t] = k.transpose(0, 1)
+        buf[1, :, self.n : self.n + t] = v.transpose(0, 1)
+        return DenseRows(buf, self.n_sink + new_sinks, self.n + t)
+
+    def oldest(self, out: int) -> torch.Tensor:
+        """The ``out`` oldest window rows, K and V: [2, out, H_kv, D] (a contiguous copy)."""
+        return self.buf[:, :, self.n_sink : self.n_sink + out].transpose(1, 2).contiguous()
+
+    def without_oldest(self, out: int, cap: int) -> DenseRows:
+        """The sinks and the window less its ``out`` oldest rows, in a new buffer of ``cap`` rows
+        (at least what is left)."""
+        left = self.n - out
+        _, h, _, d = self.buf.shape
+        rows = DenseRows.empty(h, d, self.buf.dtype, self.buf.device, max(cap, left))
+        rows.buf[:, :, : self.n_sink] = self.buf[:, :, : self.n_sink]
+        rows.buf[:, :, self.n_sink : left] = self.buf[:, :, self.n_sink + out : self.n]
+        return DenseRows(rows.buf, self.n_sink, left)
+
+    def copy(self) -> DenseRows:
+        """The same rows in a buffer of their own (a fork appends to both)."""
+        return DenseRows(self.buf.clone(), self.n_sink, self.n)
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """One consistent state of a (request, layer) cache; attention reads exactly one snapshot.
 
     generation counts swaps (a re-encoded segment replacing temporary rows); appends make a new
-    snapshot of the same generation. sink_*, window_*: [n, H_kv, D] storage dtype, never mutated.
+    snapshot of the same generation. dense: the sinks and the window (``DenseRows``).
     """
 
     generation: int
-    sink_k: torch.Tensor
-    sink_v: torch.Tensor
+    dense: DenseRows
     segments: tuple[PagedSegment, ...]
     temp: TempView | None
-    window_k: torch.Tensor
-    window_v: torch.Tensor
+
+    @property
+    def sink_k(self) -> torch.Tensor:
+        return self.dense.sink_k
+
+    @property
+    def sink_v(self) -> torch.Tensor:
+        return self.dense.sink_v
+
+    @property
+    def window_k(self) -> torch.Tensor:
+        return self.dense.window_k
+
+    @property
+    def window_v(self) -> torch.Tensor:
+        return self.dense.window_v
 
     @property
     def length(self) -> int:
-        n = self.sink_k.shape[0] + sum(s.length for s in self.segments) + self.window_k.shape[0]
+        n = self.dense.n + sum(s.length for s in self.segments)
         return n + (self.temp.length if self.temp is not None else 0)
 
     def to_kvcache(self, method: CompressionMethod) -> KVCache:

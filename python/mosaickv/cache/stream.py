@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mosaickv.cache.pages import Paged, PagePool
-from mosaickv.cache.segments import PagedSegment, Snapshot
+from mosaickv.cache.segments import DenseRows, PagedSegment, Snapshot
 from mosaickv.cache.temp import TempSegment, TempStrategy
 from mosaickv.core import CompressionMethod, Segment
 
@@ -89,8 +89,11 @@ class Stream:
         self.n_heads, self.dim = n_heads, dim
         self.config = config
         self.lock = threading.Lock()
-        empty = torch.empty(0, n_heads, dim, dtype=dtype, device=pool.device)
-        self.snapshot = Snapshot(0, empty, empty, (), None, empty, empty)
+        # sinks + the longest window a one-token append leaves: every dense buffer of a batch has
+        # this size, so attention stacks them in one copy (``tables.with_dense``)
+        self.dense_cap = method.n_sink + method.window + config.evict_tokens
+        empty = DenseRows.empty(n_heads, dim, dtype, pool.device, self.dense_cap)
+        self.snapshot = Snapshot(0, empty, (), None)
         self.temp: TempSegment | None = None
         self.host = HostBuffer(n_heads, dim, dtype, pin=pool.device.type == "cuda")
         self.state: Any = None  # the method's per-cache state, owned by the CPU side
@@ -126,9 +129,8 @@ class Stream:
         self.state = _to_host(cache.state)
         with self.lock:
             self.host.start = self.host.base = self.host.end = start
-            self.snapshot = Snapshot(
-                0, cache.sink_k, cache.sink_v, tuple(segs), None, cache.tail_k, cache.tail_v
-            )
+            dense = DenseRows.of(cache.sink_k, cache.sink_v, cache.tail_k, cache.tail_v, self.dense_cap)
+            self.snapshot = Snapshot(0, dense, tuple(segs), None)
 
     # ---- decode side ------------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> int:
@@ -137,18 +139,15 @@ class Stream:
         with self.lock:
             snap = self.snapshot
             n_s = 0
-            if snap.length == snap.sink_k.shape[0]:
-                n_s = min(m.n_sink - snap.sink_k.shape[0], k.shape[0])
-            sink_k, sink_v = snap.sink_k, snap.sink_v
-            if n_s > 0:
-                sink_k, sink_v = torch.cat([sink_k, k[:n_s]]), torch.cat([sink_v, v[:n_s]])
-                # nothing is pending yet: the first pending token comes right after the sinks
-                self.host.start = self.host.base = self.host.end = sink_k.shape[0]
-            win_k, win_v = torch.cat([snap.window_k, k[n_s:]]), torch.cat([snap.window_v, v[n_s:]])
-            out = self.evicted(win_k.shape[0])
+            if snap.length == snap.dense.n_sink:
+                n_s = min(m.n_sink - snap.dense.n_sink, k.shape[0])
+                if n_s > 0:  # nothing is pending yet: the first pending token comes right after the sinks
+                    self.host.start = self.host.base = self.host.end = snap.dense.n_sink + n_s
+            dense = snap.dense.appended(k, v, n_s, self.dense_cap)
+            out = self.evicted(dense.n - dense.n_sink)
             temp_view = snap.temp
             if out:
-                old_k, old_v = win_k[:out], win_v[:out]
+                old_k, old_v = dense.oldest(out)
                 if self.temp is None:
                     self.temp = self._new_temp(self.host.end)
                 self.temp.append(old_k, old_v)
@@ -159,9 +158,8 @@ class Stream:
                     event = torch.cuda.Event()
                     event.record()
                 self.jobs.append((out, event))
-            self.snapshot = replace(
-                snap, sink_k=sink_k, sink_v=sink_v, temp=temp_view, window_k=win_k[out:], window_v=win_v[out:]
-            )
+                dense = dense.without_oldest(out, self.dense_cap)
+            self.snapshot = replace(snap, dense=dense, temp=temp_view)
             return out
 
     def evicted(self, window_len: int) -> int:
@@ -290,7 +288,11 @@ class Stream:
             segs = tuple(s.shared() for s in snap.segments)
             twin.temp = self.temp.copy() if self.temp is not None else None
             twin.snapshot = replace(
-                snap, generation=0, segments=segs, temp=twin.temp.view() if twin.temp is not None else None
+                snap,
+                generation=0,
+                dense=snap.dense.copy(),
+                segments=segs,
+                temp=twin.temp.view() if twin.temp is not None else None,
             )
             k, v = self.host.rows(self.host.start, self.host.end)
             twin.host.start = twin.host.base = twin.host.end = self.host.start
@@ -327,8 +329,7 @@ class Stream:
         """Device bytes outside pages: sinks, window, the temporary segment's summaries and open block."""
         with self.lock:
             snap = self.snapshot
-            parts = [snap.sink_k, snap.sink_v, snap.window_k, snap.window_v]
-            n = sum(t.untyped_storage().nbytes() for t in parts)  # a window view keeps its whole storage
+            n = snap.dense.buf.untyped_storage().nbytes()
             return n + (self.temp.dense_bytes if self.temp is not None else 0)
 
     @property

@@ -19,7 +19,14 @@ from mosaickv.cache.segments import PagedSegment, Snapshot
 from mosaickv.cache.temp import TempView
 from mosaickv.core import CompressionMethod
 from mosaickv.core.summaries import summary_width
-from mosaickv.ops.layout import STRIPE_COLS, SUMMARY_KIND_IDS, DecodeLayout, n_select, stripe_row
+from mosaickv.ops.layout import (
+    STRIPE_COLS,
+    SUMMARY_KIND_IDS,
+    DecodeLayout,
+    DecodeWorkspace,
+    n_select,
+    stripe_row,
+)
 
 _COL = {name: i for i, name in enumerate(STRIPE_COLS)}
 _PAGE_COLS = [_COL[c] for c in ("k_bits", "k_vals", "v_bits", "v_vals", "sum_pages", "rot_pages")]
@@ -116,22 +123,22 @@ def temp_tables(view: TempView) -> SegmentTables:
 
 
 def snapshot_layout(
-    snaps: list[Snapshot], methods: list[CompressionMethod], pool: PagePool, device: torch.device
-) -> DecodeLayout:
+    snaps: list[Snapshot], methods: list[CompressionMethod], pool: PagePool, gqa_group: int
+) -> tuple[DecodeLayout, DecodeWorkspace]:
     """One layer's DecodeLayout over a batch of snapshots (same H_kv, D, dtype, block size and
-    summary kind), reading the pool's pages in place."""
+    summary kind), reading the pool's pages in place, and its workspace for ``gqa_group`` query
+    heads per KV head. Host work and two small copies to the device: it never waits for the device."""
     m0 = methods[0]
-    n_kv, d, dtype = snaps[0].sink_k.shape[1], snaps[0].sink_k.shape[2], snaps[0].sink_k.dtype
-    if not pages_readable(m0, d, dtype, pool):
+    _, n_kv, _, d = snaps[0].dense.buf.shape
+    if not pages_readable(m0, d, snaps[0].dense.buf.dtype, pool):
         raise ValueError(
             f"the kernels cannot read these pages: method {m0!r} attends every block or its summary rows "
             f"straddle pages of {pool.page_bytes} B; attend through the core reference (DecodePlan)"
         )
     kind = SUMMARY_KIND_IDS[m0.summary]
     width = summary_width(m0.summary, d, m0.summary_channels)
-    rows, pages, keep = [], [], []
-    stripe_ptr, block_ptr, n_sel, blocks_per_stripe = [0], [0], [], []
-    n_entries = n_stripes = n_blocks = 0
+    per_seq, pages, keep = [], [], []
+    n_entries = 0
     for b, (snap, m) in enumerate(zip(snaps, methods, strict=True)):
         if (m.block_size, summary_width(m.summary, d, m.summary_channels)) != (m0.block_size, width) or (
             SUMMARY_KIND_IDS[m.summary] != kind
@@ -140,74 +147,72 @@ def snapshot_layout(
         tables = [closed_tables(seg, width) for seg in snap.segments]
         if snap.temp is not None and snap.temp.length:
             tables.append(temp_tables(snap.temp))
-        per_head: list[list[np.ndarray]] = [[] for _ in range(n_kv)]
-        for t in tables:
-            r = t.rows.copy()
-            r[:, _PAGE_COLS] += n_entries
-            r[:, _COL["seq"]] = b
-            n_entries += len(t.pages)
-            pages.append(t.pages)
-            keep += t.keep_alive
-            for h in range(n_kv):
-                per_head[h].append(r[h])
-        for h in range(n_kv):
-            nb_bh = 0
-            for r in per_head[h]:
-                nb = -(-int(r[_COL["tokens"]]) // m.block_size)
-                r[_COL["block_off"]] = n_blocks
-                blocks_per_stripe.append(nb)
-                n_blocks += nb
-                nb_bh += nb
-                rows.append(r)
-            n_stripes += len(per_head[h])
-            stripe_ptr.append(n_stripes)
-            block_ptr.append(n_blocks)
-            n_sel.append(n_select(nb_bh, m.token_ratio))
-    i32, i64 = torch.int32, torch.int64
-    table = np.stack(rows) if rows else np.zeros((0, len(STRIPE_COLS)), dtype=np.int64)
-    counts = torch.tensor(blocks_per_stripe, dtype=i64, device=device)
+        rows = np.stack([t.rows for t in tables]) if tables else np.zeros((0, n_kv, len(STRIPE_COLS)), int)
+        offsets = np.cumsum([0] + [len(t.pages) for t in tables[:-1]], dtype=np.int64) + n_entries
+        rows[:, :, _PAGE_COLS] += offsets[:, None, None]  # stack copied: the cached rows stay as they are
+        rows[:, :, _COL["seq"]] = b
+        per_seq.append(rows.transpose(1, 0, 2).reshape(-1, len(STRIPE_COLS)))  # (b, h) then segment order
+        n_entries += sum(len(t.pages) for t in tables)
+        pages += [t.pages for t in tables]
+        keep += [x for t in tables for x in t.keep_alive]
+    table = np.concatenate(per_seq)
+    blocks = -(-table[:, _COL["tokens"]] // m0.block_size)  # per stripe
+    table[:, _COL["block_off"]] = np.cumsum(blocks) - blocks
+    stripes_per_head = [len(r) // n_kv for r in per_seq for _ in range(n_kv)]
+    stripe_ptr = np.cumsum([0] + stripes_per_head)
+    block_ptr = np.concatenate([[0], np.cumsum(blocks)])[stripe_ptr]
+    n_sel = [
+        n_select(int(block_ptr[i + 1] - block_ptr[i]), methods[i // n_kv].token_ratio)
+        for i in range(len(stripes_per_head))
+    ]
+    n_blocks = int(block_ptr[-1])
+    device = pool.device
+    wide = torch.from_numpy(np.concatenate([table.ravel(), blocks])).to(device, non_blocking=True)
+    ints = np.concatenate([stripe_ptr, block_ptr, n_sel]).astype(np.int32)
+    narrow = torch.from_numpy(ints).to(device, non_blocking=True)
+    bh = len(stripes_per_head)
+    counts = wide[table.size :]
     layout = DecodeLayout(
         packed=True,
-        stripes=torch.from_numpy(table).to(device),
-        pages=torch.cat(pages) if pages else torch.zeros(1, dtype=i64, device=device),
-        stripe_ptr=torch.tensor(stripe_ptr, dtype=i32, device=device),
-        block_ptr=torch.tensor(block_ptr, dtype=i32, device=device),
+        stripes=wide[: table.size].view(table.shape),
+        pages=torch.cat(pages) if pages else torch.zeros(1, dtype=torch.int64, device=device),
+        stripe_ptr=narrow[: bh + 1],
+        block_ptr=narrow[bh + 1 : 2 * bh + 2],
         block_stripe=torch.repeat_interleave(
-            torch.arange(len(rows), dtype=i32, device=device), counts, output_size=n_blocks
+            torch.arange(len(table), dtype=torch.int32, device=device), counts, output_size=n_blocks
         ),
         summary_kind=kind,
         summary_width=width,
         block=m0.block_size,
-        n_select=torch.tensor(n_sel, dtype=i32, device=device),
+        n_select=narrow[2 * bh + 2 :],
         dense_k=torch.empty(0),
         dense_v=torch.empty(0),
         dense_len=torch.empty(0),
-        kdense=torch.empty(0, d, dtype=dtype, device=device),
-        vdense=torch.empty(0, d, dtype=dtype, device=device),
+        kdense=torch.empty(0, d, dtype=snaps[0].dense.buf.dtype, device=device),
+        vdense=torch.empty(0, d, dtype=snaps[0].dense.buf.dtype, device=device),
         owner=tuple(keep),
     )
-    return with_dense(layout, snaps)
+    layout = with_dense(layout, snaps)
+    return layout, DecodeWorkspace.sized(layout, gqa_group, n_sel, stripes_per_head, n_blocks)
 
 
 def with_dense(layout: DecodeLayout, snaps: list[Snapshot]) -> DecodeLayout:
-    """``layout`` with the dense part (sinks, then the window) of ``snaps``: the only rows copied
-    per call. The compressed part's tables stay valid while the snapshots' segments and temporary
-    view are the same objects (``table_key``)."""
-    n_kv, d = snaps[0].sink_k.shape[1], snaps[0].sink_k.shape[2]
-    lens = [s.sink_k.shape[0] + s.window_k.shape[0] for s in snaps]
-    dk = torch.zeros(
-        len(snaps), n_kv, max(1, *lens), d, dtype=snaps[0].sink_k.dtype, device=layout.stripes.device
-    )
-    dv = torch.zeros_like(dk)
-    for b, s in enumerate(snaps):
-        n_s = s.sink_k.shape[0]
-        dk[b, :, :n_s], dv[b, :, :n_s] = s.sink_k.transpose(0, 1), s.sink_v.transpose(0, 1)
-        dk[b, :, n_s : lens[b]], dv[b, :, n_s : lens[b]] = (
-            s.window_k.transpose(0, 1),
-            s.window_v.transpose(0, 1),
-        )
-    dense_len = torch.tensor(lens, dtype=torch.int32).to(dk.device, non_blocking=True)
-    return replace(layout, dense_k=dk, dense_v=dv, dense_len=dense_len)
+    """``layout`` with the dense part (sinks, then the window) of ``snaps``. One sequence's buffer is
+    handed over as it is; a batch's are stacked in one copy (they have one size unless a long
+    prompt's tail is still in a window). The compressed part's tables stay valid while the
+    snapshots' segments and temporary view are the same objects (``table_key``)."""
+    bufs = [s.dense.buf for s in snaps]
+    if len(bufs) == 1:
+        both = bufs[0].unsqueeze(1)  # [2, 1, H_kv, cap, D]
+    elif all(b.shape == bufs[0].shape for b in bufs):
+        both = torch.stack(bufs, dim=1)
+    else:
+        cap = max(b.shape[2] for b in bufs)
+        both = bufs[0].new_zeros(2, len(bufs), bufs[0].shape[1], cap, bufs[0].shape[3])
+        for b, s in enumerate(snaps):
+            both[:, b, :, : s.dense.n] = s.dense.buf[:, :, : s.dense.n]
+    dense_len = torch.tensor([s.dense.n for s in snaps], dtype=torch.int32).to(both.device, non_blocking=True)
+    return replace(layout, dense_k=both[0], dense_v=both[1], dense_len=dense_len)
 
 
 def table_key(snaps: list[Snapshot]) -> tuple[object, ...]:

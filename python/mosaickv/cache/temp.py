@@ -1,7 +1,7 @@
 """The temporary segment: decode tokens that left the dense window, packed on the decode path with
 the previous segment's strategy until the CPU re-encodes them into a closed segment.
 
-On a GPU with the kernels built, an append is one ``append_encode_`` launch for every head, K and
+On a GPU with the kernels built, an append is one ``append_encode`` launch for every head, K and
 V, written straight into the segment's pages through its device page table (``TempTables``); the
 torch path (CPU, or no kernels) packs with the core's ``pack_topk``. Both keep the block summaries
 in one growing tensor, so attention reads them in place too.
@@ -18,7 +18,7 @@ from mosaickv.cache.pages import Paged, PagedStripe, PagePool
 from mosaickv.cache.segments import PagedSegment, side_of
 from mosaickv.core import CompressionMethod, Segment, block_summaries, pack_topk
 from mosaickv.core.summaries import summary_width
-from mosaickv.ops import STRIPE_COLS, append_encode_, cuda_available
+from mosaickv.ops import STRIPE_COLS, append_encode, cuda_available
 from mosaickv.ops.layout import SUMMARY_KIND_IDS, stripe_row
 
 
@@ -123,7 +123,7 @@ class TempSegment:
             [[h, h * d, n_heads * d, t, self.length] for h in range(n_heads)], dtype=torch.int64
         )
         m = self.method
-        append_encode_(
+        append_encode(
             k.contiguous(),
             v.contiguous(),
             rows.to(k.device, non_blocking=True),
@@ -170,7 +170,7 @@ class TempSegment:
     def check(self) -> None:
         """Raise if an append launch reported a problem (reads a device flag: call off the hot path)."""
         if self.kernel and int(self._status.item()):
-            raise RuntimeError(f"append_encode_ status {int(self._status.item())} (mosaickv/params.h Status)")
+            raise RuntimeError(f"append_encode status {int(self._status.item())} (mosaickv/params.h Status)")
 
     def view(self) -> TempView:
         """What a snapshot keeps: the row count, the summary tensor and a copy of the open block's row."""
@@ -214,7 +214,8 @@ class TempTables:
     def __init__(self, temp: TempSegment) -> None:
         self.temp = temp
         self.per = 16
-        self._known = [0] * (2 * len(temp.k))
+        self._stripes = [s for pair in zip(temp.k, temp.v, strict=True) for s in pair]  # K0, V0, K1, ...
+        self._known = [0] * len(self._stripes)  # pages of each stripe already in the table
         self._summary_ptr = 0
         self._build()
 
@@ -252,10 +253,12 @@ class TempTables:
         """Write the entries of pages added since the last call (and a moved summary tensor): before
         the append kernel writes through the table, and before attention reads it (``tables``), so
         the CPU path, whose appends write with torch, never pays for it."""
-        t = self.temp
-        stripes = [s for pair in zip(t.k, t.v, strict=True) for s in pair]
-        if max(len(s.pages) for s in stripes) > self.per or t.summary.shape[1] != self._summary_cap:
-            while max(len(s.pages) for s in stripes) > self.per:
+        t, stripes = self.temp, self._stripes
+        counts = [len(s.pages) for s in stripes]
+        if counts == self._known and t.summary.data_ptr() == self._summary_ptr:
+            return  # most calls: no page added, the summary tensor did not move
+        if max(counts) > self.per or t.summary.shape[1] != self._summary_cap:
+            while max(counts) > self.per:
                 self.per *= 2
             self._build()
             return

@@ -73,6 +73,33 @@ def energy_losses(x: torch.Tensor, strategies: list[Strategy]) -> torch.Tensor:
     return losses
 
 
+def dropped_energy(x: torch.Tensor, strategies: list[Strategy]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Energy each head's strategy drops, and each head's total, for all heads at once.
+
+    Args:
+        x: [H, S, D] float32, rotated vectors of H heads.
+        strategies: one per head.
+    Returns:
+        (dropped, total): [H] float64; dropped[h] / total[h] is ``energy_losses(x[h], [strategies[h]])``.
+    """
+    n_heads, s, d = x.shape
+    xd = x.double()
+    total = xd.pow(2).sum((1, 2))
+    kept = torch.zeros_like(total)
+    by_shape: dict[tuple[int, int | None], list[int]] = {}
+    for h, st in enumerate(strategies):
+        by_shape.setdefault((st.group, st.channels), []).append(h)
+    for (g, channels), heads in by_shape.items():  # one sort per distinct (group, truncation)
+        index = torch.tensor(heads, device=x.device)
+        energy = xd.index_select(0, index).view(len(heads), s, d // g, g).pow(2).sum(-1)
+        if channels is not None:
+            energy = energy[..., : channels // g]
+        best_first = energy.sort(dim=-1, descending=True).values.cumsum(-1)  # [h, S, D/g]
+        last = torch.tensor([strategies[h].keep // g - 1 for h in heads], device=x.device)
+        kept[index] = best_first.gather(-1, last.view(-1, 1, 1).expand(-1, s, 1)).sum((1, 2))
+    return (total - kept).clamp(min=0.0), total
+
+
 def search_strategy(
     x: torch.Tensor, candidates: list[Strategy], threshold: float, elem_bytes: int
 ) -> tuple[Strategy, float]:

@@ -191,8 +191,7 @@ def _(x, token0, stripe_ids, stripes, pages, which, summary_kind, summary_width,
     return None
 
 
-@torch.library.custom_op("mosaickv::append_encode_", mutates_args=("block_sum", "status"))
-def append_encode_(
+def append_encode(
     x_k: torch.Tensor,
     x_v: torch.Tensor,
     rows: torch.Tensor,
@@ -207,6 +206,9 @@ def append_encode_(
     status: torch.Tensor,
 ) -> None:
     """Encode new tokens of many stripes, K and V, into their pages in place (one CUDA launch).
+
+    Launched directly: the decode path calls this, not the torch op ``append_encode_`` (the same
+    thing for torch.compile and tracing), whose Python dispatch costs more than the launch.
 
     Args:
         x_k, x_v: contiguous storage-dtype tensors of any shape holding the new tokens' unrotated
@@ -229,7 +231,7 @@ def append_encode_(
     _check_append_settings(block_sum, summary_kind, summary_width, n_channels, block, head_dim)
     if not x_k.is_cuda:
         raise ValueError(
-            "append_encode_ runs on CUDA (it writes through device addresses); on CPU use "
+            "append_encode runs on CUDA (it writes through device addresses); on CPU use "
             "append_to_pools, which runs the torch reference"
         )
     _ext.require().append_encode(
@@ -248,6 +250,26 @@ def append_encode_(
     )
 
 
+@torch.library.custom_op("mosaickv::append_encode_", mutates_args=("block_sum", "status"))
+def append_encode_(
+    x_k: torch.Tensor,
+    x_v: torch.Tensor,
+    rows: torch.Tensor,
+    stripes: torch.Tensor,
+    pages: torch.Tensor,
+    block_sum: torch.Tensor | None,
+    summary_kind: int,
+    summary_width: int,
+    head_dim: int,
+    n_channels: int,
+    block: int,
+    status: torch.Tensor,
+) -> None:
+    """``append_encode`` as a torch op."""
+    settings = (summary_kind, summary_width, head_dim, n_channels, block)
+    append_encode(x_k, x_v, rows, stripes, pages, block_sum, *settings, status)
+
+
 @append_encode_.register_fake
 def _(*args: object) -> None:  # mutates its block sums and status only: nothing to describe
     return None
@@ -262,7 +284,7 @@ def append_to_pools(
     width = 0 if p.summary is None else p.summary.shape[1]
     d = p.rot.shape[-1]
     if x_k.is_cuda:
-        append_encode_(
+        append_encode(
             x_k,
             x_v,
             rows,
@@ -513,6 +535,17 @@ def _(*args: object) -> None:  # mutates its workspace arguments only: nothing t
     return None
 
 
+def decode_args(
+    layout: DecodeLayout, ws: DecodeWorkspace, q: torch.Tensor, out: torch.Tensor, scale: float, stages: int
+) -> tuple[object, ...]:
+    """The arguments of ``decode_`` (and of the extension's ``decode``), in order."""
+    lay = layout
+    return (q, out, scale, lay.packed, stages, lay.stripes, lay.stripe_ptr, lay.block_ptr, lay.block_stripe,
+            lay.pages, lay.kdense, lay.vdense, lay.summary_kind, lay.summary_width, lay.block, lay.n_select,
+            lay.dense_k, lay.dense_v, lay.dense_len, ws.qrot, ws.keys, ws.sel, ws.pieces, ws.n_pieces,
+            ws.piece_blocks, ws.part_o, ws.part_ml, ws.stripe_out, ws.status)  # fmt: skip
+
+
 def run_decode(
     layout: DecodeLayout,
     ws: DecodeWorkspace,
@@ -522,36 +555,12 @@ def run_decode(
     stages: int = STAGE_ALL,
 ) -> torch.Tensor:
     """``decode_`` over a layout and its workspace: q [B, H_q, D] contiguous -> out [B, H_q, D] (q's
-    dtype), written in place and returned. ``ws`` comes from ``DecodeWorkspace.plan(layout, H_q / H_kv)``."""
-    decode_(
-        q,
-        out,
-        scale,
-        layout.packed,
-        stages,
-        layout.stripes,
-        layout.stripe_ptr,
-        layout.block_ptr,
-        layout.block_stripe,
-        layout.pages,
-        layout.kdense,
-        layout.vdense,
-        layout.summary_kind,
-        layout.summary_width,
-        layout.block,
-        layout.n_select,
-        layout.dense_k,
-        layout.dense_v,
-        layout.dense_len,
-        ws.qrot,
-        ws.keys,
-        ws.sel,
-        ws.pieces,
-        ws.n_pieces,
-        ws.piece_blocks,
-        ws.part_o,
-        ws.part_ml,
-        ws.stripe_out,
-        ws.status,
-    )
+    dtype), written in place and returned. ``ws`` comes from ``DecodeWorkspace.plan(layout, H_q / H_kv)``.
+
+    Launches the extension directly rather than through the torch op ``decode_``: its Python
+    dispatch (with ten mutated arguments) costs about twice the launch itself, once per layer and
+    step (bench/decode/README.md, "Where the step's time goes")."""
+    if not q.is_cuda:
+        raise ValueError("run_decode runs on CUDA; on CPU attend with mosaickv.ops.DecodePlan (the core)")
+    _ext.require().decode(*decode_args(layout, ws, q, out, scale, stages))
     return out

@@ -482,23 +482,39 @@ class DecodeWorkspace:
 
     @classmethod
     def plan(cls, layout: DecodeLayout, gqa_group: int, piece_blocks: int = 64) -> "DecodeWorkspace":
-        """Size the buffers for ``layout`` (reads its small int tables on the host once)."""
+        """Size the buffers for ``layout`` (reads its small int tables on the host once: a caller
+        that knows them already uses ``sized``, which never waits for the device)."""
+        n_str = (layout.stripe_ptr[1:] - layout.stripe_ptr[:-1]).tolist()
+        n_blocks = layout.block_stripe.numel()
+        return cls.sized(layout, gqa_group, layout.n_select.tolist(), n_str, n_blocks, piece_blocks)
+
+    @classmethod
+    def sized(
+        cls,
+        layout: DecodeLayout,
+        gqa_group: int,
+        n_select: list[int],
+        stripes_per_head: list[int],
+        n_blocks: int,
+        piece_blocks: int = 64,
+    ) -> "DecodeWorkspace":
+        """The buffers for ``layout`` given its per-(b, h) selected blocks and stripes and its block
+        count, as the host built them."""
         if not 1 <= piece_blocks <= 64:
             raise ValueError(
                 f"piece_blocks must be in [1, 64] (the attention CTA stages 64 block ids), got {piece_blocks}"
             )
         dev = layout.dense_k.device
         bh = layout.batch * layout.n_kv_heads
-        n_sel = layout.n_select.cpu()
-        n_str = (layout.stripe_ptr[1:] - layout.stripe_ptr[:-1]).cpu()
-        max_select = max(1, int(n_sel.max()) if bh else 1)
-        max_stripes = int(n_str.max()) if bh else 0
-        max_pieces = max(1, int(((n_sel + piece_blocks - 1) // piece_blocks + n_str).max()))
+        max_select = max(1, *n_select) if bh else 1
+        max_stripes = max(stripes_per_head) if bh else 0
+        pieces = [-(-n // piece_blocks) + m for n, m in zip(n_select, stripes_per_head, strict=True)]
+        max_pieces = max(1, *pieces) if bh else 1
         g, d = gqa_group, layout.head_dim
         f32, i32 = torch.float32, torch.int32
         return cls(
             qrot=torch.empty(max(1, layout.stripes.shape[0]), g, d, dtype=f32, device=dev),
-            keys=torch.empty(max(1, layout.block_stripe.numel()), dtype=i32, device=dev),
+            keys=torch.empty(max(1, n_blocks), dtype=i32, device=dev),
             sel=torch.empty(bh, max_select, dtype=i32, device=dev),
             pieces=torch.empty(bh, max_pieces, 3, dtype=i32, device=dev),
             n_pieces=torch.empty(bh, dtype=i32, device=dev),

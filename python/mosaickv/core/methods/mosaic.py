@@ -14,7 +14,7 @@ from mosaickv.core.strategy import (
     DEFAULT_KEEP_RATIOS,
     Strategy,
     candidate_strategies,
-    energy_losses,
+    dropped_energy,
     fixed_strategy,
     search_strategy,
 )
@@ -215,10 +215,9 @@ class MosaicMethod(CompressionMethod):
         if state.last_rotation is None or state.last_strategies is None:
             return
         x = torch.einsum("shd,hed->hse", k.float(), state.last_rotation)
-        for h, st in enumerate(state.last_strategies):
-            energy = float(x[h].pow(2).sum())
-            state.pending_dropped += float(energy_losses(x[h], [st])[0]) * energy
-            state.pending_total += energy
+        dropped, total = dropped_energy(x, state.last_strategies)  # every head in a few ops
+        state.pending_dropped += float(dropped.sum())
+        state.pending_total += float(total.sum())
 
     def _should_close(self, state: MosaicState, n_pending: int) -> bool:
         if n_pending >= self.segment_len:

@@ -1,0 +1,303 @@
+"""The cache manager's own overhead per decode step, end to end (issue 7's "< 5% at 128K").
+
+A Llama-3.1-8B-shaped model (bench_decode.Model: 32 layers, random bf16 weights) decodes through
+one ``CacheManager`` holding every layer of ``--batch`` sequences at ``--context`` tokens (random
+K/V prefilled into layer caches of sequence 0, the others forked from it: closed segments shared
+page for page, as n > 1 sampling would; each sequence then appends a different number of tokens
+first, so that their windows evict on different steps, as in serving). Timed per step (CUDA-
+synchronised once per step), in one run, in two modes: ``eager`` (every op launched from Python)
+and ``piecewise`` (as vLLM decodes with piecewise CUDA graphs: all but attention replayed from
+graphs, attention eager; CUDA only):
+  manager  every layer: ``append`` one token per sequence (window, evictions into the temporary
+           segment by the append kernel, host copies, CPU re-encoder jobs), then ``attend``;
+  kernels  the same model and kernels over the same caches, frozen: each layer's tables built once
+           from the manager's snapshots (``snapshot_layout``), ``run_decode`` only.
+overhead = manager - kernels (means), per step and as a fraction of the kernels' step in the same
+mode and of the whole step captured in one CUDA graph (``kernels_graph_ms``: no launch cost at all).
+``--profile`` adds the top functions by own time over a few manager steps (cProfile; on Python 3.12
+it sees every thread, the CPU re-encoders too).
+
+    python3 -m mosaickv.ops.compile
+    python3 bench/decode/bench_manager_step.py --batches 1 8 --out bench/results/manager-step-h200.json
+    python3 bench/decode/bench_manager_step.py --smoke --out /tmp/manager-step.json   # CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import io
+import json
+import pstats
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(
+    0, str(Path(__file__).resolve().parent)
+)  # bench_decode: the model and method
+from bench_decode import LLAMA_8B, METHOD, SMOKE, Model, Shape, time_ms
+from mosaickv.cache import CacheConfig, CacheManager
+from mosaickv.cache.tables import snapshot_layout
+from mosaickv.core import make_method
+from mosaickv.ops import DecodePlan, cuda_available, run_decode
+
+EVICT_TOKENS = 8
+
+
+class PiecewiseStep:
+    """``Model.step`` as vLLM runs decode with piecewise CUDA graphs: everything between two
+    attention calls (the O projection, MLP and norms of one layer, the norm and Q projection of the
+    next) is one captured graph; attention runs eagerly in between, reading and writing static
+    buffers."""
+
+    def __init__(self, model: Model, tokens: torch.Tensor) -> None:
+        s, p = model.s, model.layers
+        self.n = s.layers
+        self.tok = tokens.clone()
+        self.x = torch.zeros(
+            len(tokens), s.hidden, device=tokens.device, dtype=model.dtype
+        )
+        self.q = torch.zeros(
+            len(tokens), s.heads, s.dim, device=tokens.device, dtype=model.dtype
+        )
+        self.attn = torch.zeros_like(self.q)
+        self.logits: torch.Tensor | None = None
+
+        def project_q(i: int) -> None:
+            h = F.rms_norm(self.x, (s.hidden,), p[i]["n1"])
+            self.q.copy_((h @ p[i]["qkv"][: s.heads * s.dim].T).view_as(self.q))
+
+        def finish(i: int) -> None:  # layer i after its attention
+            self.x.add_(self.attn.reshape(len(self.tok), -1) @ p[i]["o"].T)
+            gate, up = (
+                F.rms_norm(self.x, (s.hidden,), p[i]["n2"]) @ p[i]["gate_up"].T
+            ).chunk(2, dim=-1)
+            self.x.add_((F.silu(gate) * up) @ p[i]["down"].T)
+
+        def piece(j: int) -> None:
+            if j == 0:
+                self.x.copy_(model.embed[self.tok])
+            else:
+                finish(j - 1)
+            if j < self.n:
+                project_q(j)
+            else:
+                self.logits = F.rms_norm(self.x, (s.hidden,), model.norm) @ model.head.T
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for j in range(self.n + 1):
+                piece(j)
+        torch.cuda.current_stream().wait_stream(side)
+        pool = torch.cuda.graph_pool_handle()
+        self.graphs = []
+        for j in range(self.n + 1):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                piece(j)
+            self.graphs.append(graph)
+
+    def step(self, attend: Callable[[int, torch.Tensor], torch.Tensor]) -> None:
+        self.graphs[0].replay()
+        for i in range(self.n):
+            self.attn.copy_(attend(i, self.q))
+            self.graphs[i + 1].replay()
+
+
+def timed_steps(step: object, steps: int, cuda: bool) -> list[float]:
+    """Wall ms of ``steps`` calls of step(), each ended by a device synchronisation."""
+    times = []
+    for _ in range(steps):
+        if cuda:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        step()  # type: ignore[operator]
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - began) * 1e3)
+    return times
+
+
+def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None, profile: bool,
+        device: torch.device, method: dict) -> dict:  # fmt: skip
+    cuda = device.type == "cuda"
+    dtype = torch.bfloat16
+    mgr = CacheManager(make_method("mosaic", **method), shape.layers, shape.kv_heads, shape.dim, dtype, device,
+                       CacheConfig(page_bytes=4096, evict_tokens=EVICT_TOKENS, n_threads=threads))  # fmt: skip
+    try:
+        rids = [f"seq{b}" for b in range(batch)]
+        began = time.perf_counter()
+        mgr.add_request(rids[0])
+        for layer in range(shape.layers):
+            k = torch.randn(
+                context, shape.kv_heads, shape.dim, device=device, dtype=dtype
+            )
+            mgr.prefill(rids[0], layer, k, torch.randn_like(k))
+        for rid in rids[1:]:
+            mgr.fork(rids[0], rid)
+        prefill_s = time.perf_counter() - began
+        new = torch.randn(
+            batch, 1, shape.kv_heads, shape.dim, device=device, dtype=dtype
+        )
+        for b, rid in enumerate(
+            rids
+        ):  # stagger the sequences' evictions over the steps
+            for _ in range(b % EVICT_TOKENS):
+                for layer in range(shape.layers):
+                    mgr.append(rid, layer, new[b], new[b])
+
+        def through_manager(layer: int, q: torch.Tensor) -> torch.Tensor:
+            for b, rid in enumerate(rids):
+                mgr.append(rid, layer, new[b], new[b])
+            return mgr.attend(rids, layer, q)
+
+        model = Model(shape, device, dtype)
+        tok = torch.randint(0, shape.vocab, (batch,), device=device)
+        modes: dict[
+            str, Callable[[Callable[[int, torch.Tensor], torch.Tensor]], object]
+        ] = {"eager": lambda attend: model.step(tok, attend)}
+        if cuda:
+            modes["piecewise"] = PiecewiseStep(model, tok).step
+        manager, top = {}, None
+        for mode, step in modes.items():
+            timed_steps(
+                lambda step=step: step(through_manager), 2 * EVICT_TOKENS, cuda
+            )  # warm-up
+            manager[mode] = timed_steps(
+                lambda step=step: step(through_manager), steps, cuda
+            )
+        if profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            timed_steps(lambda: step(through_manager), 2 * EVICT_TOKENS, cuda)
+            prof.disable()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+            top = (
+                f"{mode} steps, every thread of the process (cProfile):\n"
+                + text.getvalue()
+            )
+        stats = mgr.stats()
+
+        snaps = [
+            [mgr._stream(r, layer).snapshot for r in rids]
+            for layer in range(shape.layers)
+        ]
+        if cuda:
+            frozen = [
+                snapshot_layout(s, [mgr.method] * batch, mgr.pool, shape.group)
+                for s in snaps
+            ]
+            outs = [
+                torch.empty(batch, shape.heads, shape.dim, device=device, dtype=dtype)
+                for _ in frozen
+            ]
+
+            def kernels_only(layer: int, q: torch.Tensor) -> torch.Tensor:
+                lay, ws = frozen[layer]
+                return run_decode(lay, ws, q.contiguous(), outs[layer], shape.dim**-0.5)
+        else:  # --smoke: the core reference over the same snapshots
+            plans = [
+                DecodePlan([x.to_kvcache(mgr.method) for x in s], device) for s in snaps
+            ]
+
+            def kernels_only(layer: int, q: torch.Tensor) -> torch.Tensor:
+                return plans[layer].run(q)
+
+        kernels = {}
+        for mode, step in modes.items():
+            timed_steps(lambda step=step: step(kernels_only), 4, cuda)
+            kernels[mode] = timed_steps(
+                lambda step=step: step(kernels_only), steps, cuda
+            )
+        kernels_graph = (
+            time_ms(lambda: model.step(tok, kernels_only), cuda, 20) if cuda else None
+        )
+    finally:
+        mgr.close()
+    row = {
+        "context": context, "batch": batch, "steps": steps, "threads": stats["cache_threads"],
+        "prefill_s": prefill_s, "kernels_graph_ms": kernels_graph,
+        "backlog_peak": stats["cache_backlog_peak"], "stalls": stats["cache_backlog_stalls"],
+        "reencodes": stats["cache_reencodes"],
+    }  # fmt: skip
+    for mode in modes:
+        m, k = manager[mode], kernels[mode]
+        row[mode] = {
+            "manager_ms_mean": statistics.fmean(m), "manager_ms_median": statistics.median(m),
+            "manager_ms_max": max(m),
+            "kernels_ms_mean": statistics.fmean(k), "kernels_ms_median": statistics.median(k),
+            "overhead_ms": statistics.fmean(m) - statistics.fmean(k),
+        }  # fmt: skip
+        row[mode]["overhead_of_step"] = row[mode]["overhead_ms"] / statistics.fmean(k)
+        if kernels_graph:
+            row[mode]["overhead_of_graph_step"] = (
+                row[mode]["overhead_ms"] / kernels_graph
+            )
+    if top is not None:
+        row["profile"] = top
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--context", type=int, default=131072)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--steps", type=int, default=48)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU re-encoders (default: the manager's)",
+    )
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny shapes on the CPU (checks the script)",
+    )
+    args = parser.parse_args()
+    if not args.smoke and not cuda_available():
+        parser.error(
+            "needs a CUDA GPU and the built kernels (python -m mosaickv.ops.compile); or --smoke"
+        )
+    device = torch.device("cpu" if args.smoke else "cuda")
+    shape = Shape(**(SMOKE if args.smoke else LLAMA_8B))
+    method = METHOD | {"segment_len": 256 if args.smoke else 65536}
+    context = 1200 if args.smoke else args.context
+    rows = []
+    for b in args.batches:
+        row = run(
+            shape,
+            context,
+            b,
+            4 if args.smoke else args.steps,
+            args.threads,
+            args.profile,
+            device,
+            method,
+        )
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+        if "profile" in row:
+            print(row["profile"], flush=True)
+    doc = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+           "device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
+           "shape": vars(shape), "method": method, "evict_tokens": EVICT_TOKENS, "rows": rows}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()
