@@ -14,8 +14,8 @@ graphs, attention eager; CUDA only):
            from the manager's snapshots (``snapshot_layout``), ``run_decode`` only.
 overhead = manager - kernels (means), per step and as a fraction of the kernels' step in the same
 mode and of the whole step captured in one CUDA graph (``kernels_graph_ms``: no launch cost at all).
-``--profile`` adds the top functions by own time over a few manager steps (cProfile; on Python 3.12
-it sees every thread, the CPU re-encoders too).
+``--profile`` adds the decode thread's functions by cumulative time over a few manager steps
+(cProfile, the CPU re-encoders paused meanwhile).
 
     python3 -m mosaickv.ops.compile
     python3 bench/decode/bench_manager_step.py --batches 1 8 --out bench/results/manager-step-h200.json
@@ -126,8 +126,8 @@ def timed_steps(step: object, steps: int, cuda: bool) -> list[float]:
     return times
 
 
-def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None, profile: bool,
-        device: torch.device, method: dict) -> dict:  # fmt: skip
+def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
+        paused: bool, profile: bool, device: torch.device, method: dict) -> dict:  # fmt: skip
     cuda = device.type == "cuda"
     dtype = torch.bfloat16
     mgr = CacheManager(make_method("mosaic", **method), shape.layers, shape.kv_heads, shape.dim, dtype, device,
@@ -167,6 +167,8 @@ def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
         if cuda:
             modes["piecewise"] = PiecewiseStep(model, tok).step
         manager, top = {}, None
+        if paused:  # what the decode thread costs alone: jobs queue up (the backlog bound still holds)
+            mgr.pause()
         for mode, step in modes.items():
             timed_steps(
                 lambda step=step: step(through_manager), 2 * EVICT_TOKENS, cuda
@@ -174,15 +176,19 @@ def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
             manager[mode] = timed_steps(
                 lambda step=step: step(through_manager), steps, cuda
             )
-        if profile:
+        if (
+            profile
+        ):  # the decode thread alone (cProfile sees every thread): re-encoders wait
+            mgr.pause()
             prof = cProfile.Profile()
             prof.enable()
             timed_steps(lambda: step(through_manager), 2 * EVICT_TOKENS, cuda)
             prof.disable()
+            mgr.resume()
             text = io.StringIO()
-            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+            pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(45)
             top = (
-                f"{mode} steps, every thread of the process (cProfile):\n"
+                f"{mode} steps, the decode thread (re-encoders paused):\n"
                 + text.getvalue()
             )
         stats = mgr.stats()
@@ -225,6 +231,7 @@ def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
         mgr.close()
     row = {
         "context": context, "batch": batch, "steps": steps, "threads": stats["cache_threads"],
+        "reencoders_paused": paused,
         "prefill_s": prefill_s, "kernels_graph_ms": kernels_graph,
         "backlog_peak": stats["cache_backlog_peak"], "stalls": stats["cache_backlog_stalls"],
         "reencodes": stats["cache_reencodes"],
@@ -234,6 +241,7 @@ def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
         row[mode] = {
             "manager_ms_mean": statistics.fmean(m), "manager_ms_median": statistics.median(m),
             "manager_ms_max": max(m),
+            "manager_ms_steps": m,
             "kernels_ms_mean": statistics.fmean(k), "kernels_ms_median": statistics.median(k),
             "overhead_ms": statistics.fmean(m) - statistics.fmean(k),
         }  # fmt: skip
@@ -261,6 +269,11 @@ def main() -> None:
         default=None,
         help="CPU re-encoders (default: the manager's)",
     )
+    parser.add_argument(
+        "--pause-reencoders",
+        action="store_true",
+        help="time the decode thread alone (CPU jobs wait; needs steps x layers x batch < max_backlog_tokens)",
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
         "--smoke",
@@ -284,6 +297,7 @@ def main() -> None:
             b,
             4 if args.smoke else args.steps,
             args.threads,
+            args.pause_reencoders,
             args.profile,
             device,
             method,

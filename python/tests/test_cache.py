@@ -645,3 +645,61 @@ def test_attention_reads_pages_in_place_only_when_no_row_straddles_a_page() -> N
     }
     assert readable == {16: True, 24: False}
     assert not pages_readable(make_method("mosaic", token_ratio=1.0), 128, torch.bfloat16, pool)
+
+
+def test_a_snapshots_dense_rows_never_change_under_it() -> None:
+    """Sinks and window live in one buffer per stream that appends write in place: an older
+    snapshot keeps the rows it saw through later appends, evictions and a fork's appends."""
+    params = SCENARIOS["fixed_len"]
+    mgr = manager(params, evict_tokens=4)
+    try:
+        mgr.add_request("a")
+        k, v = tokens(160, 3)
+        feed(mgr, "a", k[:100], v[:100], 60)
+        old = mgr._stream("a", 0).snapshot
+        seen = (old.sink_k.clone(), old.window_k.clone(), old.window_v.clone())
+        assert torch.equal(seen[1], k[100 - seen[1].shape[0] : 100])
+        for i in range(100, 130):  # past several evictions
+            mgr.append("a", 0, k[i : i + 1], v[i : i + 1])
+        mgr.fork("a", "b")
+        for i in range(130, 160):
+            mgr.append("b", 0, k[i : i + 1], v[i : i + 1])
+        now = mgr._stream("a", 0).snapshot
+        assert torch.equal(old.sink_k, seen[0]) and torch.equal(old.window_k, seen[1])
+        assert torch.equal(old.window_v, seen[2])
+        assert torch.equal(now.window_k, k[130 - now.window_k.shape[0] : 130]), "the fork wrote into a's rows"
+        assert now.window_k.shape[0] <= params["window"] + 3
+    finally:
+        mgr.close()
+
+
+def test_a_rebuilt_layout_keeps_the_workspace_while_it_fits() -> None:
+    """After an eviction (one more block per head) the layer's workspace is reused when the grid-
+    sizing buffers keep their shapes; another GQA group, or buffers too small, get new ones."""
+    mgr = manager(SCENARIOS["fixed_len"] | {"token_ratio": 0.5}, dtype=torch.bfloat16, evict_tokens=4)
+    try:
+        mgr.add_request("a")
+        k, v = tokens(200, 5, torch.bfloat16)
+        feed(mgr, "a", k[:150], v[:150], 100)
+        snaps = [mgr._stream("a", 0).snapshot]
+        _, ws1 = snapshot_layout(snaps, [mgr.method], mgr.pool, gqa_group=4)
+        reused = 0
+        for i in range(150, 200, 4):
+            mgr.append("a", 0, k[i : i + 4], v[i : i + 4])  # 4 tokens leave the window: a block per head
+            lay2, ws2 = snapshot_layout([mgr._stream("a", 0).snapshot], [mgr.method], mgr.pool, 4, reuse=ws1)
+            fresh = DecodeWorkspace.plan(lay2, gqa_group=4)  # sized from the tables read back
+            grid = ("sel", "pieces", "stripe_out")
+            same_grid = all(getattr(ws1, n).shape == getattr(fresh, n).shape for n in grid)
+            n_blocks, n_stripes = lay2.block_stripe.numel(), lay2.stripes.shape[0]
+            fits = ws1.keys.numel() >= n_blocks and ws1.qrot.shape[0] >= n_stripes
+            assert (ws2 is ws1) == (same_grid and fits)
+            for n in grid + ("part_o", "part_ml", "n_pieces"):
+                assert getattr(ws2, n).shape == getattr(fresh, n).shape, n
+            assert ws2.keys.numel() >= n_blocks and ws2.qrot.shape[0] >= n_stripes
+            reused += ws2 is ws1
+            ws1 = ws2
+        assert 0 < reused < len(range(150, 200, 4)), "both branches: reused, and grown past the old grid"
+        _, ws8 = snapshot_layout([mgr._stream("a", 0).snapshot], [mgr.method], mgr.pool, 8, reuse=ws1)
+        assert ws8 is not ws1 and ws8.qrot.shape[1] == 8
+    finally:
+        mgr.close()

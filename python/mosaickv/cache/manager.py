@@ -348,7 +348,8 @@ class CacheManager:
         held = self._layer_tables.get(layer)
         stale = held is None or len(held[0]) != len(key) or held[2].qrot.shape[1] != group
         if stale or any(a is not b for a, b in zip(held[0], key, strict=True)):
-            held = (key, *snapshot_layout(snaps, methods, self.pool, group))
+            reuse = None if held is None else held[2]
+            held = (key, *snapshot_layout(snaps, methods, self.pool, group, reuse))
             self._layer_tables[layer] = held
         return with_dense(held[1], snaps), held[2]
 

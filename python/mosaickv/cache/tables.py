@@ -123,11 +123,16 @@ def temp_tables(view: TempView) -> SegmentTables:
 
 
 def snapshot_layout(
-    snaps: list[Snapshot], methods: list[CompressionMethod], pool: PagePool, gqa_group: int
+    snaps: list[Snapshot],
+    methods: list[CompressionMethod],
+    pool: PagePool,
+    gqa_group: int,
+    reuse: DecodeWorkspace | None = None,
 ) -> tuple[DecodeLayout, DecodeWorkspace]:
     """One layer's DecodeLayout over a batch of snapshots (same H_kv, D, dtype, block size and
     summary kind), reading the pool's pages in place, and its workspace for ``gqa_group`` query
-    heads per KV head. Host work and two small copies to the device: it never waits for the device."""
+    heads per KV head (``reuse`` when it fits, ``DecodeWorkspace.sized``). Host work and two small
+    copies to the device: it never waits for the device."""
     m0 = methods[0]
     _, n_kv, _, d = snaps[0].dense.buf.shape
     if not pages_readable(m0, d, snaps[0].dense.buf.dtype, pool):
@@ -193,7 +198,7 @@ def snapshot_layout(
         owner=tuple(keep),
     )
     layout = with_dense(layout, snaps)
-    return layout, DecodeWorkspace.sized(layout, gqa_group, n_sel, stripes_per_head, n_blocks)
+    return layout, DecodeWorkspace.sized(layout, gqa_group, n_sel, stripes_per_head, n_blocks, reuse=reuse)
 
 
 def with_dense(layout: DecodeLayout, snaps: list[Snapshot]) -> DecodeLayout:

@@ -497,9 +497,14 @@ class DecodeWorkspace:
         stripes_per_head: list[int],
         n_blocks: int,
         piece_blocks: int = 64,
+        reuse: "DecodeWorkspace | None" = None,
     ) -> "DecodeWorkspace":
         """The buffers for ``layout`` given its per-(b, h) selected blocks and stripes and its block
-        count, as the host built them."""
+        count, as the host built them. ``reuse`` (an earlier layout's workspace, whose launches are
+        ordered before this layout's on the stream) is returned when it fits: the kernels size
+        their grids by sel, pieces and stripe_out, which must match, and only index into qrot and
+        keys, which may be larger (new ones get an eighth more rows, so that a cache growing by a
+        block per head keeps its workspace for a while)."""
         if not 1 <= piece_blocks <= 64:
             raise ValueError(
                 f"piece_blocks must be in [1, 64] (the attention CTA stages 64 block ids), got {piece_blocks}"
@@ -511,10 +516,22 @@ class DecodeWorkspace:
         pieces = [-(-n // piece_blocks) + m for n, m in zip(n_select, stripes_per_head, strict=True)]
         max_pieces = max(1, *pieces) if bh else 1
         g, d = gqa_group, layout.head_dim
+        n_stripes = layout.stripes.shape[0]
+        if (
+            reuse is not None
+            and reuse.sel.shape == (bh, max_select)
+            and reuse.pieces.shape[1] == max_pieces
+            and reuse.stripe_out.shape[1:3] == (max_stripes + 1, g)
+            and reuse.qrot.shape[1:] == (g, d)
+            and reuse.piece_blocks == piece_blocks
+            and reuse.qrot.shape[0] >= n_stripes
+            and reuse.keys.numel() >= n_blocks
+        ):
+            return reuse
         f32, i32 = torch.float32, torch.int32
         return cls(
-            qrot=torch.empty(max(1, layout.stripes.shape[0]), g, d, dtype=f32, device=dev),
-            keys=torch.empty(max(1, n_blocks), dtype=i32, device=dev),
+            qrot=torch.empty(max(1, n_stripes + n_stripes // 8), g, d, dtype=f32, device=dev),
+            keys=torch.empty(max(1, n_blocks + n_blocks // 8), dtype=i32, device=dev),
             sel=torch.empty(bh, max_select, dtype=i32, device=dev),
             pieces=torch.empty(bh, max_pieces, 3, dtype=i32, device=dev),
             n_pieces=torch.empty(bh, dtype=i32, device=dev),
