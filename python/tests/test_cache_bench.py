@@ -50,3 +50,21 @@ def test_decode_bench_smoke(tmp_path: Path) -> None:
         assert probe["reencodes"] >= probe["batch"] * doc["shape"]["layers"]
         assert probe["backlog_peak"] <= probe["backlog_limit"]
         assert probe["append_ms_per_step"] > 0
+
+
+def test_manager_step_bench_smoke(tmp_path: Path) -> None:
+    """bench/decode/bench_manager_step.py --smoke: whole steps through the manager against the core
+    reference over the same snapshots, two batches, the decode thread's profile."""
+    out = tmp_path / "step.json"
+    script = ROOT / "bench" / "decode" / "bench_manager_step.py"
+    cmd = [sys.executable, str(script), "--smoke", "--out", str(out), "--batches", "1", "2", "--profile"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 2]
+    for r in rows:
+        eager = r["eager"]
+        assert len(eager["manager_ms_steps"]) == r["steps"] and min(eager["manager_ms_steps"]) > 0
+        assert eager["kernels_ms_mean"] > 0 and "piecewise" not in r  # CUDA graphs only on a GPU
+        assert "the decode thread" in r["profile"] and "attend" in r["profile"]
+        assert r["backlog_peak"] > 0 and r["stalls"] == 0

@@ -43,7 +43,7 @@ class CacheConfig:
     host copy and the CPU job then run once every evict_tokens steps of a sequence instead of every
     step. 1 keeps the synchronous core's token-by-token order; a block (8) amortises the decode-path
     cost (bench/decode/README.md). append_kernel: on a GPU with the kernels built, encode the
-    tokens that leave the window with one ``append_encode_`` launch into the pages (False: the
+    tokens that leave the window with one ``append_encode`` launch into the pages (False: the
     torch path, for A/B runs).
     """
 

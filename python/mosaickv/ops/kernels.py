@@ -279,7 +279,7 @@ def append_to_pools(
     pools: AppendPools, x_k: torch.Tensor, x_v: torch.Tensor, rows: torch.Tensor, status: torch.Tensor
 ) -> None:
     """Append-encode into ``pools`` (rows: [n_rows, 5] int64, APPEND_COLS; status: [1] int32):
-    ``append_encode_`` on CUDA, ``append_encode_reference`` on CPU."""
+    ``append_encode`` on CUDA, ``append_encode_reference`` on CPU."""
     p = pools
     width = 0 if p.summary is None else p.summary.shape[1]
     d = p.rot.shape[-1]

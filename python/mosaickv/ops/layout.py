@@ -546,7 +546,7 @@ class DecodeWorkspace:
 @dataclass
 class AppendPools(FlatPools):
     """Open segments of many stripes (any layers x requests x KV heads) in one set of flat pools:
-    what ``append_encode_`` writes, K and V of every stripe in one launch.
+    what ``append_encode`` writes, K and V of every stripe in one launch.
 
     Attributes (beyond FlatPools', whose ``rows`` hold each stripe's capacity in ``tokens`` and
     whose summary rows are the keys' block summaries, block_off per stripe):
