@@ -91,11 +91,11 @@ def assert_same_segments(mgr: CacheManager, rid: str, ref: KVCache, layer: int =
             assert mine.summary is None
         else:
             assert torch.equal(mine.summary, seg.summary)  # type: ignore[arg-type]
-    assert torch.equal(snap.sink_k, ref.sink_k) and torch.equal(snap.sink_v, ref.sink_v)
+    assert torch.equal(snap.dense.sink_k, ref.sink_k) and torch.equal(snap.dense.sink_v, ref.sink_v)
     # the core's dense tail = its pending tokens + window; ours = temporary segment + window
     n_temp = snap.temp.length if snap.temp is not None else 0
     assert n_temp == ref.n_pending
-    assert torch.equal(snap.window_k, ref.tail_k[ref.n_pending :])
+    assert torch.equal(snap.dense.window_k, ref.tail_k[ref.n_pending :])
     assert snap.length == ref.length
 
 
@@ -134,7 +134,7 @@ def test_evicting_a_block_at_a_time_equals_a_synchronous_encode_fed_in_blocks(na
         window = params["window"]
         for i in range(100, k.shape[0]):
             mgr.append("r", 0, k[i : i + 1], v[i : i + 1])
-            held = mgr._stream("r", 0).snapshot.window_k.shape[0]
+            held = mgr._stream("r", 0).snapshot.dense.window_k.shape[0]
             assert window <= held < window + 8  # never evicted early, never held a block too long
         mgr.drain()
         assert_same_segments(mgr, "r", ref)
@@ -657,7 +657,7 @@ def test_a_snapshots_dense_rows_never_change_under_it() -> None:
         k, v = tokens(160, 3)
         feed(mgr, "a", k[:100], v[:100], 60)
         old = mgr._stream("a", 0).snapshot
-        seen = (old.sink_k.clone(), old.window_k.clone(), old.window_v.clone())
+        seen = (old.dense.sink_k.clone(), old.dense.window_k.clone(), old.dense.window_v.clone())
         assert torch.equal(seen[1], k[100 - seen[1].shape[0] : 100])
         for i in range(100, 130):  # past several evictions
             mgr.append("a", 0, k[i : i + 1], v[i : i + 1])
@@ -665,10 +665,11 @@ def test_a_snapshots_dense_rows_never_change_under_it() -> None:
         for i in range(130, 160):
             mgr.append("b", 0, k[i : i + 1], v[i : i + 1])
         now = mgr._stream("a", 0).snapshot
-        assert torch.equal(old.sink_k, seen[0]) and torch.equal(old.window_k, seen[1])
-        assert torch.equal(old.window_v, seen[2])
-        assert torch.equal(now.window_k, k[130 - now.window_k.shape[0] : 130]), "the fork wrote into a's rows"
-        assert now.window_k.shape[0] <= params["window"] + 3
+        assert torch.equal(old.dense.sink_k, seen[0]) and torch.equal(old.dense.window_k, seen[1])
+        assert torch.equal(old.dense.window_v, seen[2])
+        window = now.dense.window_k
+        assert torch.equal(window, k[130 - window.shape[0] : 130]), "the fork wrote into a's rows"
+        assert window.shape[0] <= params["window"] + 3
     finally:
         mgr.close()
 

@@ -238,7 +238,8 @@ class CacheManager:
         at ``max_backlog_tokens``, then waits for the re-encoders (counted as a stall in stats)."""
         self._check_kv(k, v)
         stream = self._stream(request_id, layer)
-        need = stream.evicted(stream.snapshot.window_k.shape[0] + k.shape[0])
+        dense = stream.snapshot.dense
+        need = stream.evicted(dense.n - dense.n_sink + k.shape[0])
         with self._cond:
             if need and self._backlog and self._backlog + need > self.config.max_backlog_tokens:
                 self._stalls += 1

@@ -199,22 +199,6 @@ class Snapshot:
     temp: TempView | None
 
     @property
-    def sink_k(self) -> torch.Tensor:
-        return self.dense.sink_k
-
-    @property
-    def sink_v(self) -> torch.Tensor:
-        return self.dense.sink_v
-
-    @property
-    def window_k(self) -> torch.Tensor:
-        return self.dense.window_k
-
-    @property
-    def window_v(self) -> torch.Tensor:
-        return self.dense.window_v
-
-    @property
     def length(self) -> int:
         n = self.dense.n + sum(s.length for s in self.segments)
         return n + (self.temp.length if self.temp is not None else 0)
@@ -222,11 +206,12 @@ class Snapshot:
     def to_kvcache(self, method: CompressionMethod) -> KVCache:
         """A core KVCache over this snapshot (packed rows gathered from pages, nothing decompressed);
         pending tokens are all in the temporary segment, so the dense tail is exactly the window."""
-        n_kv, dim = self.sink_k.shape[1], self.sink_k.shape[2]
-        cache = KVCache(method, n_kv, dim, self.sink_k.dtype, self.sink_k.device, None)
-        cache.sink_k, cache.sink_v = self.sink_k, self.sink_v
+        d = self.dense
+        _, n_kv, _, dim = d.buf.shape
+        cache = KVCache(method, n_kv, dim, d.buf.dtype, d.buf.device, None)
+        cache.sink_k, cache.sink_v = d.sink_k, d.sink_v
         cache.segments = [s.to_core() for s in self.segments]
         if self.temp is not None and self.temp.length:
             cache.segments.append(self.temp.to_core())
-        cache.tail_k, cache.tail_v = self.window_k, self.window_v
+        cache.tail_k, cache.tail_v = d.window_k, d.window_v
         return cache

@@ -250,24 +250,10 @@ def append_encode(
     )
 
 
-@torch.library.custom_op("mosaickv::append_encode_", mutates_args=("block_sum", "status"))
-def append_encode_(
-    x_k: torch.Tensor,
-    x_v: torch.Tensor,
-    rows: torch.Tensor,
-    stripes: torch.Tensor,
-    pages: torch.Tensor,
-    block_sum: torch.Tensor | None,
-    summary_kind: int,
-    summary_width: int,
-    head_dim: int,
-    n_channels: int,
-    block: int,
-    status: torch.Tensor,
-) -> None:
-    """``append_encode`` as a torch op."""
-    settings = (summary_kind, summary_width, head_dim, n_channels, block)
-    append_encode(x_k, x_v, rows, stripes, pages, block_sum, *settings, status)
+# The same function as a torch op (schema from its annotations), for torch.compile and tracing.
+append_encode_ = torch.library.custom_op(
+    "mosaickv::append_encode_", append_encode, mutates_args=("block_sum", "status")
+)
 
 
 @append_encode_.register_fake
