@@ -203,8 +203,8 @@ def snapshot_layout(
 
 def with_dense(layout: DecodeLayout, snaps: list[Snapshot]) -> DecodeLayout:
     """``layout`` with the dense part (sinks, then the window) of ``snaps``. One sequence's buffer is
-    handed over as it is; a batch's are stacked in one copy (they have one size unless a long
-    prompt's tail is still in a window). The compressed part's tables stay valid while the
+    handed over as it is; a batch's are stacked in one copy (they have one size unless an append of
+    several tokens outgrew one). The compressed part's tables stay valid while the
     snapshots' segments and temporary view are the same objects (``table_key``)."""
     bufs = [s.dense.buf for s in snaps]
     if len(bufs) == 1:
