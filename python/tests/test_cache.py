@@ -704,3 +704,38 @@ def test_a_rebuilt_layout_keeps_the_workspace_while_it_fits() -> None:
         assert ws8 is not ws1 and ws8.qrot.shape[1] == 8
     finally:
         mgr.close()
+
+
+def test_a_job_of_a_freed_request_stops_at_its_next_close() -> None:
+    """free() can land while a re-encoder is inside a job that runs past a segment's end: the close
+    then finds the stream freed and publishes nothing, and the job must end there (it used to fold
+    zero tokens and re-encode the same segment forever, holding a thread). The job runs here on
+    its own thread, with the pool paused, after the request was freed."""
+    mgr = manager(SCENARIOS["fixed_len"], n_threads=1, evict_tokens=4)  # 48-token segments
+    try:
+        mgr.add_request("a")
+        k, v = tokens(160, 7)
+        mgr.prefill("a", 0, k[:60], v[:60])
+        mgr.pause()
+        mgr.append("a", 0, k[60:160], v[60:160])  # one job of 100 tokens: closes at 48 and 96
+        stream = mgr._stream("a", 0)
+        n, event = stream.jobs[0]
+        assert n > SCENARIOS["fixed_len"]["segment_len"]
+        mgr.free("a")
+        failed: list[BaseException] = []
+
+        def run_job() -> None:
+            try:
+                with torch.inference_mode():  # as the re-encoder threads run
+                    stream.process(n, event)
+            except BaseException as err:  # noqa: BLE001 - reported below
+                failed.append(err)
+
+        job = threading.Thread(target=run_job, daemon=True)
+        job.start()
+        job.join(timeout=30)
+        assert not job.is_alive(), "the job kept re-encoding a freed request"
+        assert not failed and stream.reencodes == 0
+    finally:
+        mgr.resume()
+        mgr.close()

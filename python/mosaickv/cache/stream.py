@@ -221,7 +221,7 @@ class Stream:
         if event is not None:
             event.synchronize()  # the device-to-host copy of these rows has landed
         m = self.method
-        while n:
+        while n and not self.freed:  # free() drops the rest (a close of a freed stream publishes nothing)
             a = self.host.start + self.cpu_pending
             t = min(n, m.segment_len - self.cpu_pending)
             with self.lock:  # push may be swapping the buffer
