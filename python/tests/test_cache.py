@@ -739,3 +739,26 @@ def test_a_job_of_a_freed_request_stops_at_its_next_close() -> None:
     finally:
         mgr.resume()
         mgr.close()
+
+
+def test_a_batch_whose_dense_buffers_differ_in_size_is_padded_into_one() -> None:
+    """Requests whose methods keep different windows have dense buffers of different sizes: the
+    layout pads them into one [B, H_kv, cap, D] tensor, each sequence's sinks then window first."""
+    base = SCENARIOS["fixed_len"] | {"token_ratio": 0.5}
+    mgr = manager(base, dtype=torch.bfloat16, evict_tokens=4)
+    try:
+        mgr.add_request("wide")
+        mgr.add_request("narrow", [make_method("mosaic", **(base | {"window": 8}))])
+        fed = {rid: tokens(130, seed, torch.bfloat16) for rid, seed in (("wide", 1), ("narrow", 2))}
+        for rid, (k, v) in fed.items():
+            feed(mgr, rid, k, v, 100)
+        snaps = [mgr._stream(r, 0).snapshot for r in fed]
+        assert snaps[0].dense.cap != snaps[1].dense.cap
+        lay, _ = snapshot_layout(snaps, [mgr._stream(r, 0).method for r in fed], mgr.pool, 4)
+        for b, (snap, (k, v)) in enumerate(zip(snaps, fed.values(), strict=True)):
+            n, n_sink = snap.dense.n, base["n_sink"]
+            assert int(lay.dense_len[b]) == n
+            for got, x in ((lay.dense_k[b, :, :n], k), (lay.dense_v[b, :, :n], v)):  # sinks, then the newest
+                assert torch.equal(got, torch.cat([x[:n_sink], x[130 - (n - n_sink) :]]).transpose(0, 1))
+    finally:
+        mgr.close()
