@@ -39,9 +39,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(
-    0, str(Path(__file__).resolve().parent)
-)  # bench_decode: the model and method
+# bench_decode (beside this file): the model, the method and the timing helper
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import LLAMA_8B, METHOD, SMOKE, Model, Shape, time_ms
 from mosaickv.cache import CacheConfig, CacheManager
 from mosaickv.cache.tables import snapshot_layout
@@ -147,9 +146,8 @@ def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
         new = torch.randn(
             batch, 1, shape.kv_heads, shape.dim, device=device, dtype=dtype
         )
-        for b, rid in enumerate(
-            rids
-        ):  # stagger the sequences' evictions over the steps
+        # stagger the sequences' evictions over the steps
+        for b, rid in enumerate(rids):
             for _ in range(b % EVICT_TOKENS):
                 for layer in range(shape.layers):
                     mgr.append(rid, layer, new[b], new[b])
@@ -167,18 +165,19 @@ def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
         if cuda:
             modes["piecewise"] = PiecewiseStep(model, tok).step
         manager, top = {}, None
-        if paused:  # what the decode thread costs alone: jobs queue up (the backlog bound still holds)
+        # --pause-reencoders: the decode thread alone; jobs queue up (the backlog bound still holds)
+        if paused:
             mgr.pause()
         for mode, step in modes.items():
-            timed_steps(
-                lambda step=step: step(through_manager), 2 * EVICT_TOKENS, cuda
-            )  # warm-up
+            warm_up = 2 * EVICT_TOKENS
+            timed_steps(lambda step=step: step(through_manager), warm_up, cuda)
             manager[mode] = timed_steps(
                 lambda step=step: step(through_manager), steps, cuda
             )
-        if (
-            profile
-        ):  # the decode thread alone (cProfile sees every thread): re-encoders wait
+        if paused:
+            mgr.resume()
+        # the profile: the decode thread alone (cProfile sees every thread), re-encoders wait
+        if profile:
             mgr.pause()
             prof = cProfile.Profile()
             prof.enable()
