@@ -53,6 +53,7 @@ sys.path.insert(
 from mosaickv.cache import CacheConfig, CacheManager
 from mosaickv.core import make_method
 from mosaickv.ops import cuda_available
+from timing import graph_time_ms, wall_times_ms
 
 LLAMA_8B = {
     "layers": 32,
@@ -200,16 +201,9 @@ class Utilisation:
 def time_ms(fn: Callable[[], object], cuda: bool, repeats: int) -> float:
     """Median ms of fn: CUDA-graph replay on the GPU (bench/kernels/timing.py), wall clock on CPU."""
     if cuda:
-        from timing import graph_time_ms
-
         return graph_time_ms(fn, repeats)
     fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return statistics.median(wall_times_ms(fn, repeats, cuda=False))
 
 
 def distinct_layers(per_layer: int, free: int, shape: Shape) -> tuple[int, bool]:
@@ -389,18 +383,17 @@ def manager_overhead(
             steps, batch, shape.kv_heads, shape.dim, device=device, dtype=dtype
         )
         cuda = device.type == "cuda"
-        times = []
+        step_tokens = iter(new)
+
+        def append_step() -> None:
+            # [batch, H_kv, D]: this step's token of every sequence
+            tok = next(step_tokens)
+            for layer in range(shape.layers):
+                for b, rid in enumerate(rids):
+                    mgr.append(rid, layer, tok[b : b + 1], tok[b : b + 1])
+
         with Utilisation(cuda) as util:
-            for i in range(steps):
-                if cuda:
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for layer in range(shape.layers):
-                    for b, rid in enumerate(rids):
-                        mgr.append(rid, layer, new[i, b : b + 1], new[i, b : b + 1])
-                if cuda:
-                    torch.cuda.synchronize()
-                times.append((time.perf_counter() - t0) * 1e3)
+            times = wall_times_ms(append_step, steps, cuda)
             behind = mgr.stats()
             drain_t0 = time.perf_counter()
             mgr.drain()

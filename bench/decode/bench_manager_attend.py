@@ -29,10 +29,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))  # timing.py
 from mosaickv.cache import CacheConfig, CacheManager
 from mosaickv.cache.tables import snapshot_layout
 from mosaickv.core import make_method
 from mosaickv.ops import cuda_available, run_decode
+from timing import wall_times_ms
 
 H_Q, H_KV, D, N_LAYERS = 32, 8, 128, 32
 METHOD = {"keep_ratio": 0.25, "token_ratio": 0.10, "block_size": 8, "n_sink": 4, "window": 64,
@@ -40,16 +43,7 @@ METHOD = {"keep_ratio": 0.25, "token_ratio": 0.10, "block_size": 8, "n_sink": 4,
 
 
 def median_ms(fn: Callable[[], object], repeats: int, cuda: bool) -> float:
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        began = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - began) * 1e3)
-    return statistics.median(times)
+    return statistics.median(wall_times_ms(fn, repeats, cuda))
 
 
 def run(context: int, batch: int, layers: int, repeats: int, device: torch.device, method: dict) -> dict:

@@ -46,6 +46,7 @@ from mosaickv.cache import CacheConfig, CacheManager
 from mosaickv.cache.tables import snapshot_layout
 from mosaickv.core import make_method
 from mosaickv.ops import DecodePlan, cuda_available, run_decode
+from timing import wall_times_ms  # bench/kernels, on the path from bench_decode
 
 EVICT_TOKENS = 8
 
@@ -111,20 +112,6 @@ class PiecewiseStep:
             self.graphs[i + 1].replay()
 
 
-def timed_steps(step: object, steps: int, cuda: bool) -> list[float]:
-    """Wall ms of ``steps`` calls of step(), each ended by a device synchronisation."""
-    times = []
-    for _ in range(steps):
-        if cuda:
-            torch.cuda.synchronize()
-        began = time.perf_counter()
-        step()  # type: ignore[operator]
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - began) * 1e3)
-    return times
-
-
 def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
         paused: bool, profile: bool, device: torch.device, method: dict) -> dict:  # fmt: skip
     cuda = device.type == "cuda"
@@ -170,8 +157,8 @@ def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
             mgr.pause()
         for mode, step in modes.items():
             warm_up = 2 * EVICT_TOKENS
-            timed_steps(lambda step=step: step(through_manager), warm_up, cuda)
-            manager[mode] = timed_steps(
+            wall_times_ms(lambda step=step: step(through_manager), warm_up, cuda)
+            manager[mode] = wall_times_ms(
                 lambda step=step: step(through_manager), steps, cuda
             )
         if paused:
@@ -181,7 +168,7 @@ def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
             mgr.pause()
             prof = cProfile.Profile()
             prof.enable()
-            timed_steps(lambda: step(through_manager), 2 * EVICT_TOKENS, cuda)
+            wall_times_ms(lambda: step(through_manager), 2 * EVICT_TOKENS, cuda)
             prof.disable()
             mgr.resume()
             text = io.StringIO()
@@ -219,8 +206,8 @@ def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
 
         kernels = {}
         for mode, step in modes.items():
-            timed_steps(lambda step=step: step(kernels_only), 4, cuda)
-            kernels[mode] = timed_steps(
+            wall_times_ms(lambda step=step: step(kernels_only), 4, cuda)
+            kernels[mode] = wall_times_ms(
                 lambda step=step: step(kernels_only), steps, cuda
             )
         kernels_graph = (

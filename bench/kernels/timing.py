@@ -1,8 +1,25 @@
-"""The one timing helper of bench/: CUDA-graph replay timed with CUDA events, median of repeats."""
+"""The timing helpers of bench/: CUDA-graph replay timed with CUDA events (the device's time), and
+synchronised wall time (what a caller waits for, host work included)."""
 
+import time
 from collections.abc import Callable
 
 import torch
+
+
+def wall_times_ms(fn: Callable[[], object], repeats: int, cuda: bool) -> list[float]:
+    """Wall milliseconds of each of ``repeats`` calls of fn, each call between two device
+    synchronisations when ``cuda`` (on CPU there is nothing to wait for)."""
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            torch.cuda.synchronize()
+        began = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - began) * 1e3)
+    return times
 
 
 def graph_time_ms(
