@@ -159,8 +159,8 @@ class DenseRows:
         t = k.shape[0]
         buf = self.buf
         if self.n + t > self.cap:
-            h, d = buf.shape[1], buf.shape[3]
-            buf = torch.empty(2, h, max(cap, self.n + t), d, dtype=buf.dtype, device=buf.device)
+            _, h, _, d = buf.shape
+            buf = DenseRows.empty(h, d, buf.dtype, buf.device, max(cap, self.n + t)).buf
             buf[:, :, : self.n] = self.buf[:, :, : self.n]
         buf[0, :, self.n : self.n + t] = k.transpose(0, 1)
         buf[1, :, self.n : self.n + t] = v.transpose(0, 1)
