@@ -5,6 +5,7 @@ token at a time): after the re-encoders drain, the manager's segments must be ex
 Synchronisation is by events and ``drain``/``pause``, never by sleeping.
 """
 
+import itertools
 import threading
 
 import pytest
@@ -139,6 +140,46 @@ def test_evicting_a_block_at_a_time_equals_a_synchronous_encode_fed_in_blocks(na
         mgr.drain()
         assert_same_segments(mgr, "r", ref)
         assert mgr.tokens("r") == k.shape[0]
+    finally:
+        mgr.close()
+
+
+def test_the_layers_of_a_request_evict_on_different_steps() -> None:
+    """evict_tokens=4 over 4 layers: layer l's first block leaves the window l tokens early (phases
+    spread evenly over the evict_tokens steps), so with
+    one token per step exactly one layer evicts on each step, and each layer evicts every 4 steps.
+    Layer l then equals the core fed its first 4 - l decode tokens, then 4 at a time."""
+    params = SCENARIOS["fixed_len"]
+    n_prompt, n_layers = 100, 4
+    k, v = tokens(n_prompt + 4 * 31, seed=11)
+    mgr = manager(params, n_layers=n_layers, n_threads=2, evict_tokens=4)
+    try:
+        mgr.add_request("r")
+        for layer in range(n_layers):
+            mgr.prefill("r", layer, k[:n_prompt], v[:n_prompt])
+        evicting: list[list[int]] = []
+        for i in range(n_prompt, n_prompt + 4 * 30):
+            before = [mgr._stream("r", layer).snapshot.dense.n for layer in range(n_layers)]
+            for layer in range(n_layers):
+                mgr.append("r", layer, k[i : i + 1], v[i : i + 1])
+            after = [mgr._stream("r", layer).snapshot.dense.n for layer in range(n_layers)]
+            evicting.append([layer for layer in range(n_layers) if after[layer] <= before[layer]])
+        assert all(len(layers) == 1 for layers in evicting), evicting
+        for layer in range(n_layers):
+            steps = [i for i, layers in enumerate(evicting) if layer in layers]
+            assert len(steps) >= 29 and all(b - a == 4 for a, b in itertools.pairwise(steps))
+        for layer in range(n_layers):  # each layer on to its next eviction: nothing held past a block
+            while mgr._stream("r", layer).snapshot.dense.n > params["n_sink"] + params["window"]:
+                i = mgr.tokens("r", layer)
+                mgr.append("r", layer, k[i : i + 1], v[i : i + 1])
+        mgr.drain()
+        for layer in range(n_layers):
+            ref = make_method("mosaic", **params).encode(k[:n_prompt], v[:n_prompt])
+            first, end = n_prompt + 4 - layer, mgr.tokens("r", layer)
+            ref.append(k[n_prompt:first], v[n_prompt:first])
+            for i in range(first, end, 4):
+                ref.append(k[i : i + 4], v[i : i + 4])
+            assert_same_segments(mgr, "r", ref, layer)
     finally:
         mgr.close()
 
@@ -492,6 +533,18 @@ def test_pool_over_caller_storage_never_allocates() -> None:
         PagePool(256, torch.device("cpu"), storage=[views[0], views[1][:2]])
     with pytest.raises(ValueError, match="holds no page"):
         PagePool(1024, torch.device("cpu"), storage=views)
+
+
+def test_page_addresses_follow_the_pool_as_it_grows() -> None:
+    """The kernels' page addresses stay right when chunks are added between two lookups (the pool
+    extends its chunk table with the new chunks only)."""
+    pool = PagePool(256, torch.device("cpu"), chunk_pages=2)
+    pages: list[int] = []
+    for round_size in (1, 3, 4, 1):  # crosses chunk boundaries mid-round and between rounds
+        pages += [pool.allocate() for _ in range(round_size)]
+        want = [pool.page(p).data_ptr() for p in pages]
+        assert pool.addresses(pages).tolist() == want
+    assert len({*pool.addresses(pages).tolist()}) == len(pages) == 9
 
 
 def test_blob_round_trip_shares_and_releases() -> None:

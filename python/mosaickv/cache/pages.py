@@ -162,10 +162,10 @@ class PagePool:
         """Device byte addresses of ``pages`` (int64), for the kernels' page tables."""
         ids = np.asarray(pages, dtype=np.int64)
         with self._lock:
-            if len(self._chunk_addr) != len(self._chunks):  # chunks were added: extend the table
-                self._chunk_addr = np.array(
-                    [(c.data_ptr(), c.stride(0), c.shape[1]) for c in self._chunks], dtype=np.int64
-                ).reshape(-1, 3)
+            known = len(self._chunk_addr)
+            if known != len(self._chunks):  # chunks were added: the table gains their rows only
+                new = [(c.data_ptr(), c.stride(0), c.shape[1]) for c in self._chunks[known:]]
+                self._chunk_addr = np.concatenate([self._chunk_addr, np.array(new, dtype=np.int64)])
             table = self._chunk_addr
         c, within = np.divmod(ids, self.chunk_pages)
         row, col = np.divmod(within, table[c, 2])

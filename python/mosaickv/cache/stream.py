@@ -84,10 +84,14 @@ class Stream:
         dim: int,
         dtype: torch.dtype,
         config: CacheConfig,
+        evict_phase: int = 0,
     ) -> None:
         self.method, self.pool, self.dtype = method, pool, dtype
         self.n_heads, self.dim = n_heads, dim
         self.config = config
+        # the first eviction takes evict_tokens - phase tokens, later ones evict_tokens: streams given
+        # different phases (the layers of a request) evict on different steps (``evicted``)
+        self.evict_at = config.evict_tokens - evict_phase % config.evict_tokens
         self.lock = threading.Lock()
         # sinks + the longest window a one-token append leaves: every dense buffer of a batch has
         # this size, so attention stacks them in one copy (``tables.with_dense``)
@@ -147,6 +151,7 @@ class Stream:
             out = self.evicted(dense.n - dense.n_sink)
             temp_view = snap.temp
             if out:
+                self.evict_at = self.config.evict_tokens
                 old_k, old_v = dense.oldest(out)
                 if self.temp is None:
                     self.temp = self._new_temp(self.host.end)
@@ -159,14 +164,14 @@ class Stream:
                     event.record()
                 self.jobs.append((out, event))
                 dense = dense.without_oldest(out, self.dense_cap)
-            self.snapshot = replace(snap, dense=dense, temp=temp_view)
+            self.snapshot = Snapshot(snap.generation, dense, snap.segments, temp_view)
             return out
 
     def evicted(self, window_len: int) -> int:
         """Tokens that leave a window grown to ``window_len``: all it holds past ``method.window``,
-        once that is at least ``config.evict_tokens``."""
+        once that is at least ``evict_at`` (``config.evict_tokens`` after the first eviction)."""
         excess = window_len - self.method.window
-        return excess if excess >= self.config.evict_tokens else 0
+        return excess if excess >= self.evict_at else 0
 
     def _new_temp(self, start: int) -> TempSegment:
         segs = self.snapshot.segments
@@ -298,6 +303,7 @@ class Stream:
             twin.host.start = twin.host.base = twin.host.end = self.host.start
             twin.host.push(k, v)
             twin.state = copy.deepcopy(self.state)
+            twin.evict_at = self.evict_at
             twin.cpu_pending = self.cpu_pending
         return twin
 

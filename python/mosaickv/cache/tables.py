@@ -9,6 +9,7 @@ batch of snapshots into one ``DecodeLayout`` per call: only the dense sinks and 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -216,8 +217,25 @@ def with_dense(layout: DecodeLayout, snaps: list[Snapshot]) -> DecodeLayout:
         both = bufs[0].new_zeros(2, len(bufs), bufs[0].shape[1], cap, bufs[0].shape[3])
         for b, s in enumerate(snaps):
             both[:, b, :, : s.dense.n] = s.dense.buf[:, :, : s.dense.n]
-    dense_len = torch.tensor([s.dense.n for s in snaps], dtype=torch.int32).to(both.device, non_blocking=True)
-    return replace(layout, dense_k=both[0], dense_v=both[1], dense_len=dense_len)
+    return replace(layout, dense_k=both[0], dense_v=both[1], dense_len=dense_lengths(snaps, both.device))
+
+
+def dense_lengths(snaps: list[Snapshot], device: torch.device) -> torch.Tensor:
+    """The snapshots' dense row counts, [B] int32 on ``device``. One sequence's is a view of a
+    device arange: no host-to-device copy on the decode step of a single sequence."""
+    if len(snaps) == 1 and snaps[0].dense.n < _COUNTING:
+        n = snaps[0].dense.n
+        return _counting(device)[n : n + 1]
+    return torch.tensor([s.dense.n for s in snaps], dtype=torch.int32).to(device, non_blocking=True)
+
+
+_COUNTING = 4096  # longer than any dense part (sinks + window + evict_tokens)
+
+
+@functools.cache
+def _counting(device: torch.device) -> torch.Tensor:
+    with torch.inference_mode():  # as the manager's tensors (it is read in and out of the mode)
+        return torch.arange(_COUNTING, dtype=torch.int32, device=device)
 
 
 def table_key(snaps: list[Snapshot]) -> tuple[object, ...]:

@@ -188,8 +188,9 @@ def test_impl_refuses_unsupported_layers(kwargs: dict[str, object], reason: str)
         MosaicKVAttentionImpl(H_Q, D, SCALE, H_KV, **kwargs)  # type: ignore[arg-type]
 
 
+# evict_tokens 8 (not the default 256): the short decode runs close segments in the manager too
 LOSSLESS = ('{"keep_ratio": 1.0, "group": 1, "token_ratio": 1.0, "block_size": 8, "n_sink": 4, '
-            '"window": 8, "segment_len": 16, "summary": "minmax"%s}')
+            '"window": 8, "segment_len": 16, "summary": "minmax", "evict_tokens": 8%s}')
 
 
 def run_mixed(layers: list[Attention], builder: MosaicKVMetadataBuilder, config: VllmConfig,

@@ -141,14 +141,15 @@ def _recall_of(settings: MosaicSettings, layer: int, step: int, q: torch.Tensor)
         for k1, v1 in steps:
             cache.append(k1, v1)
         return decode_recall(cache, q, child.D**-0.5)
-    config = CacheConfig(n_threads=1, evict_tokens=settings.block_size)  # as the vLLM adapter makes it
-    mgr = CacheManager(method, 1, child.H_KV, child.D, k.dtype, "cpu", config)
+    # as the vLLM adapter makes it: one manager over every layer (their evictions are staggered)
+    config = CacheConfig(n_threads=1, evict_tokens=settings.evict_tokens)
+    mgr = CacheManager(method, child.N_LAYERS, child.H_KV, child.D, k.dtype, "cpu", config)
     try:
         mgr.add_request("r")
-        mgr.prefill("r", 0, k, v)
+        mgr.prefill("r", layer, k, v)
         for k1, v1 in steps:
-            mgr.append("r", 0, k1, v1)
-        with mgr.view("r", 0) as cache:
+            mgr.append("r", layer, k1, v1)
+        with mgr.view("r", layer) as cache:
             return decode_recall(cache, q, child.D**-0.5)
     finally:
         mgr.close()

@@ -28,10 +28,10 @@ layer 0 (every layer has the same shape) as the cache will hold it (core tensors
 pages); only for methods with a keep_ratio (think, naive2d, mosaic); ``policy``: a plan file from
 ``mosaickv plan --json`` whose per-head keep ratios and per-layer token ratios replace
 keep_ratio/token_ratio (method mosaic). With ``cache=manager``: ``cache_threads`` (CPU re-encoders,
-default: usable cores - 1), ``max_backlog_tokens`` (default 4096) and ``evict_tokens`` (default 8: decode
-tokens leave the dense window a block at a time), see ``CacheConfig``; the manager's
-``stats()`` join the engine's ``stats`` and ``kv_bytes`` is its ``request_stats`` (pages + dense device
-tensors).
+default: usable cores - 1), ``max_backlog_tokens`` (default 4096) and ``evict_tokens`` (default
+``SERVING_EVICT_TOKENS``, 256: decode tokens that leave the dense window at a time), see
+``CacheConfig``; the manager's ``stats()`` join the engine's ``stats`` and ``kv_bytes`` is its
+``request_stats`` (pages + dense device tensors).
 ``telemetry_every=N`` (method mosaic; default 0 = off): on the 1st, (N+1)-th, ... prefill, measure
 every layer's ``attention_losses`` and energy losses at the planner's keep ratios from the prompt
 K/V and query window before they are encoded, and hand the curves to ``telemetry_sink`` (the worker
@@ -59,7 +59,7 @@ from transformers import AttentionInterface, Cache, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from mosaickv.cache import CacheConfig, CacheManager
+from mosaickv.cache import SERVING_EVICT_TOKENS, CacheConfig, CacheManager
 from mosaickv.core import METHODS, CompressionMethod, KVCache, make_method
 from mosaickv.policy import (
     PLAN_KEEP_RATIOS,
@@ -78,9 +78,6 @@ log = logging.getLogger("mosaickv.engines.hf.mosaickv")
 
 ATTENTION_NAME = "mosaickv"
 Q_WINDOW = QUERY_WINDOW  # prompt queries kept per layer for ThinK's channel scores and the telemetry
-# Decode tokens leave the dense window a selection block (default B) at a time: the temporary
-# segment's encode, host copy and CPU job run once per 8 steps of a sequence (CacheConfig.evict_tokens).
-EVICT_TOKENS = 8
 _FIT_STEPS = 12  # bisection steps on keep_ratio: 2**-12 of resolution is far below one element
 _current = threading.local()  # the PackedLayer whose update ran last on this thread
 
@@ -388,7 +385,7 @@ def _cache_config(method: str, params: dict[str, Any]) -> CacheConfig | None:
     for key, value in knobs.items():
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"{key} must be an integer, got {value!r}")
-    knobs.setdefault("evict_tokens", EVICT_TOKENS)
+    knobs.setdefault("evict_tokens", SERVING_EVICT_TOKENS)
     return CacheConfig(**knobs)
 
 

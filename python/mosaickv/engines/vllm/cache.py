@@ -219,8 +219,7 @@ def shared(
                 head_dim,
                 dtype,
                 device,
-                # a selection block at a time leaves the window (CacheConfig.evict_tokens)
-                CacheConfig(page_bytes=page_bytes, evict_tokens=settings.block_size),
+                CacheConfig(page_bytes=page_bytes, evict_tokens=settings.evict_tokens),
                 storage,
             )
             adapter.layers = {name: i for i, name in enumerate(layer_names)}

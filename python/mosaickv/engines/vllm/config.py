@@ -8,9 +8,10 @@ one environment variable, read in every vLLM process (API server, engine core, w
 Keys are ``mosaickv.core`` MosaicMethod parameters plus ``cache`` (``core``, the default: each
 layer keeps its own core caches; ``manager``: every layer of a worker process stores and attends
 through one ``mosaickv.cache.CacheManager``, engines/vllm/cache.py) and ``telemetry_every`` /
-``recall_every`` (planner curves of every N-th prefill / decode step, engines/vllm/telemetry.py);
-unknown keys are an error. The page size is derived from the same settings, so every process sizes
-pages identically.
+``recall_every`` (planner curves of every N-th prefill / decode step, engines/vllm/telemetry.py)
+and, with ``manager``, ``evict_tokens`` (decode tokens that leave the dense window at a time);
+unknown keys are an error. The page size is derived from the same settings, so every process
+sizes pages identically.
 """
 
 import functools
@@ -22,6 +23,7 @@ from typing import Any
 
 import torch
 
+from mosaickv.cache.manager import SERVING_EVICT_TOKENS
 from mosaickv.core import bitmap_words
 from mosaickv.core.methods.mosaic import MosaicMethod
 from mosaickv.core.packing import check_group
@@ -55,6 +57,9 @@ class MosaicSettings:
     cache: str = "manager"
     # cache: manager only: page room beyond a closed segment's measured bytes (see state_bytes)
     arena_reserve: float = 0.1
+    # cache: manager only: decode tokens leave the dense window this many at a time
+    # (CacheConfig.evict_tokens)
+    evict_tokens: int = SERVING_EVICT_TOKENS
     # On the 1st, (N+1)-th, ... prefill (decode step) of the engine core, the planner's curves
     # (block-selection recall) go to the worker (engines/vllm/telemetry.py); 0: off.
     telemetry_every: int = 0
@@ -65,10 +70,10 @@ class MosaicSettings:
             raise ValueError(f"cache must be one of {CACHES}, got {self.cache!r}")
         if not 0.0 <= self.arena_reserve <= 1.0:
             raise ValueError(f"arena_reserve must be in [0, 1], got {self.arena_reserve}")
-        for name in ("telemetry_every", "recall_every"):
-            every = getattr(self, name)
-            if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {every!r}")
+        for name, least in (("telemetry_every", 0), ("recall_every", 0), ("evict_tokens", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         # The core checks g against a head dim only at encode time; every D the backend accepts is a
         # multiple of 4, so checking against D = 4 refuses a bad g here, in every vLLM process.
         check_group(4, self.group)
@@ -79,7 +84,7 @@ class MosaicSettings:
         parameters a policy sets for one layer (keep_ratio, head_keep_ratios, token_ratio)."""
         params = asdict(self)
         # where the caches live and what is sent: not the method's parameters
-        for not_method in ("cache", "telemetry_every", "recall_every", "arena_reserve"):
+        for not_method in ("cache", "telemetry_every", "recall_every", "arena_reserve", "evict_tokens"):
             del params[not_method]
         return MosaicMethod(**{**params, **overrides})
 
