@@ -8,8 +8,9 @@ first, so that their windows evict on different steps, as in serving). Timed per
 synchronised once per step), in one run, in two modes: ``eager`` (every op launched from Python)
 and ``piecewise`` (as vLLM decodes with piecewise CUDA graphs: all but attention replayed from
 graphs, attention eager; CUDA only):
-  manager  every layer: ``append`` one token per sequence (window, evictions into the temporary
-           segment by the append kernel, host copies, CPU re-encoder jobs), then ``attend``;
+  manager  every layer: ``append`` one token per sequence (window, evictions of ``--evict-tokens``
+           tokens into the temporary segment by the append kernel, host copies, CPU re-encoder
+           jobs), then ``attend``;
   kernels  the same model and kernels over the same caches, frozen: each layer's tables built once
            from the manager's snapshots (``snapshot_layout``), ``run_decode`` only.
 overhead = manager - kernels (means), per step and as a fraction of the kernels' step in the same
@@ -18,7 +19,8 @@ mode and of the whole step captured in one CUDA graph (``kernels_graph_ms``: no 
 (cProfile, the CPU re-encoders paused meanwhile).
 
     python3 -m mosaickv.ops.compile
-    python3 bench/decode/bench_manager_step.py --batches 1 8 --out bench/results/manager-step-h200.json
+    python3 bench/decode/bench_manager_step.py --batches 1 --steps 256 \
+        --out bench/results/manager-step-h200-b1-e256.json
     python3 bench/decode/bench_manager_step.py --smoke --out /tmp/manager-step.json   # CPU check
 """
 
@@ -42,13 +44,11 @@ import torch.nn.functional as F
 # bench_decode (beside this file): the model, the method and the timing helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import LLAMA_8B, METHOD, SMOKE, Model, Shape, time_ms
-from mosaickv.cache import CacheConfig, CacheManager
+from mosaickv.cache import SERVING_EVICT_TOKENS, CacheConfig, CacheManager
 from mosaickv.cache.tables import snapshot_layout
 from mosaickv.core import make_method
 from mosaickv.ops import DecodePlan, cuda_available, run_decode
 from timing import wall_times_ms  # bench/kernels, on the path from bench_decode
-
-EVICT_TOKENS = 8
 
 
 class PiecewiseStep:
@@ -112,12 +112,12 @@ class PiecewiseStep:
             self.graphs[i + 1].replay()
 
 
-def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
+def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None, evict_tokens: int,
         paused: bool, profile: bool, device: torch.device, method: dict) -> dict:  # fmt: skip
     cuda = device.type == "cuda"
     dtype = torch.bfloat16
     mgr = CacheManager(make_method("mosaic", **method), shape.layers, shape.kv_heads, shape.dim, dtype, device,
-                       CacheConfig(page_bytes=4096, evict_tokens=EVICT_TOKENS, n_threads=threads))  # fmt: skip
+                       CacheConfig(page_bytes=4096, evict_tokens=evict_tokens, n_threads=threads))  # fmt: skip
     try:
         rids = [f"seq{b}" for b in range(batch)]
         began = time.perf_counter()
@@ -135,7 +135,7 @@ def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
         )
         # stagger the sequences' evictions over the steps
         for b, rid in enumerate(rids):
-            for _ in range(b % EVICT_TOKENS):
+            for _ in range(b % evict_tokens):
                 for layer in range(shape.layers):
                     mgr.append(rid, layer, new[b], new[b])
 
@@ -156,23 +156,27 @@ def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
         if paused:
             mgr.pause()
         for mode, step in modes.items():
-            warm_up = 2 * EVICT_TOKENS
+            warm_up = 16  # the layers' evictions are staggered: every step is alike after these
             wall_times_ms(lambda step=step: step(through_manager), warm_up, cuda)
             manager[mode] = wall_times_ms(
                 lambda step=step: step(through_manager), steps, cuda
             )
         if paused:
             mgr.resume()
-        # the profile: the decode thread alone (cProfile sees every thread), re-encoders wait
+        # the profile: the decode thread alone (cProfile sees every thread), re-encoders
+        # drained, then paused; few enough steps that the backlog bound never stalls them
         if profile:
+            mgr.drain()
             mgr.pause()
             prof = cProfile.Profile()
             prof.enable()
-            wall_times_ms(lambda: step(through_manager), 2 * EVICT_TOKENS, cuda)
+            wall_times_ms(lambda: step(through_manager), max(4, 16 // batch), cuda)
             prof.disable()
             mgr.resume()
             text = io.StringIO()
-            pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(45)
+            stats = pstats.Stats(prof, stream=text)
+            stats.sort_stats("cumulative").print_stats(45)
+            stats.sort_stats("tottime").print_stats(25)
             top = (
                 f"{mode} steps, the decode thread (re-encoders paused):\n"
                 + text.getvalue()
@@ -260,6 +264,19 @@ def main() -> None:
         action="store_true",
         help="time the decode thread alone (CPU jobs wait; needs steps x layers x batch < max_backlog_tokens)",
     )
+    parser.add_argument(
+        "--evict-tokens",
+        type=int,
+        default=SERVING_EVICT_TOKENS,
+        help="CacheConfig.evict_tokens (default: the hf and vLLM adapters' SERVING_EVICT_TOKENS)",
+    )
+    parser.add_argument(
+        "--switch-interval",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval in seconds: how long a thread holds the GIL while another "
+        "waits for it (Python's default: 0.005)",
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
         "--smoke",
@@ -271,6 +288,8 @@ def main() -> None:
         parser.error(
             "needs a CUDA GPU and the built kernels (python -m mosaickv.ops.compile); or --smoke"
         )
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     device = torch.device("cpu" if args.smoke else "cuda")
     shape = Shape(**(SMOKE if args.smoke else LLAMA_8B))
     method = METHOD | {"segment_len": 256 if args.smoke else 65536}
@@ -283,6 +302,7 @@ def main() -> None:
             b,
             4 if args.smoke else args.steps,
             args.threads,
+            args.evict_tokens,
             args.pause_reencoders,
             args.profile,
             device,
@@ -294,7 +314,8 @@ def main() -> None:
             print(row["profile"], flush=True)
     doc = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
            "device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
-           "shape": vars(shape), "method": method, "evict_tokens": EVICT_TOKENS, "rows": rows}  # fmt: skip
+           "shape": vars(shape), "method": method, "evict_tokens": args.evict_tokens,
+           "switch_interval_s": sys.getswitchinterval(), "rows": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
 
