@@ -44,9 +44,10 @@ import torch.nn.functional as F
 # bench_decode (beside this file): the model, the method and the timing helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import LLAMA_8B, METHOD, SMOKE, Model, Shape, time_ms
-from mosaickv.cache import SERVING_EVICT_TOKENS, CacheConfig, CacheManager
+from mosaickv.cache import CacheConfig, CacheManager
 from mosaickv.cache.tables import snapshot_layout
 from mosaickv.core import make_method
+from mosaickv.engines.vllm.config import MosaicSettings
 from mosaickv.ops import DecodePlan, cuda_available, run_decode
 from timing import wall_times_ms  # bench/kernels, on the path from bench_decode
 
@@ -267,8 +268,8 @@ def main() -> None:
     parser.add_argument(
         "--evict-tokens",
         type=int,
-        default=SERVING_EVICT_TOKENS,
-        help="CacheConfig.evict_tokens (default: the hf and vLLM adapters' SERVING_EVICT_TOKENS)",
+        default=MosaicSettings().evict_tokens,
+        help="CacheConfig.evict_tokens (default: the vLLM backend's, MosaicSettings.evict_tokens)",
     )
     parser.add_argument(
         "--switch-interval",

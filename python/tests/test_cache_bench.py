@@ -58,7 +58,7 @@ def test_manager_step_bench_smoke(tmp_path: Path) -> None:
     out = tmp_path / "step.json"
     script = ROOT / "bench" / "decode" / "bench_manager_step.py"
     cmd = [sys.executable, str(script), "--smoke", "--out", str(out), "--batches", "1", "2", "--profile"]
-    cmd += ["--evict-tokens", "8"]  # its 20 steps then evict (the engines' 256 would not)
+    cmd += ["--evict-tokens", "8"]  # its 20 steps then evict (the default 256 would not)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]

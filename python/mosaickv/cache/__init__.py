@@ -21,14 +21,13 @@ request x layer: decode-side append, CPU-side close and swap), ``manager`` (requ
 pool, backlog bound, accounting).
 """
 
-from mosaickv.cache.manager import SERVING_EVICT_TOKENS, CacheConfig, CacheManager, default_threads
+from mosaickv.cache.manager import CacheConfig, CacheManager, default_threads
 from mosaickv.cache.pages import CacheFull, PagedBlob, PagedStripe, PagePool
 from mosaickv.cache.segments import PagedSegment, Snapshot
 from mosaickv.cache.stream import HostBuffer, Stream
 from mosaickv.cache.temp import TempSegment, TempStrategy
 
 __all__ = [
-    "SERVING_EVICT_TOKENS",
     "CacheConfig",
     "CacheFull",
     "CacheManager",

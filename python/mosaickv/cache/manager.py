@@ -22,15 +22,6 @@ from mosaickv.cache.tables import pages_readable, snapshot_layout, table_key, wi
 from mosaickv.core import CompressionMethod, KVCache, Segment, make_method
 from mosaickv.ops import DecodeLayout, DecodePlan, DecodeWorkspace, cuda_available, run_decode
 
-# CacheConfig.evict_tokens of the engines' adapters (hf, vLLM): decode tokens leave the dense window
-# 256 at a time. An eviction's decode-path work (the temporary segment's append, the host copy, the
-# CPU job, the layer's table rebuild) costs about the same for 8 tokens as for 256, so fewer, larger
-# evictions cut the manager's overhead per step: at 128K tokens, batch 1, 0.9 ms (12 %) against
-# 2.4 ms with 64 and 7.2 ms with 8 (bench/decode/README.md). The price is device memory: each
-# (request, layer) holds a dense buffer of n_sink + window + evict_tokens rows, 1.3 MB at 4 sinks,
-# a 64-token window, 8 KV heads x 128, bf16 (0.3 MB with 8).
-SERVING_EVICT_TOKENS = 256
-
 
 def default_threads() -> int:
     """CPU re-encoder threads: the cores this process may use, less one for the decode loop."""

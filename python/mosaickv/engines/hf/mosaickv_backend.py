@@ -29,7 +29,7 @@ pages); only for methods with a keep_ratio (think, naive2d, mosaic); ``policy``:
 ``mosaickv plan --json`` whose per-head keep ratios and per-layer token ratios replace
 keep_ratio/token_ratio (method mosaic). With ``cache=manager``: ``cache_threads`` (CPU re-encoders,
 default: usable cores - 1), ``max_backlog_tokens`` (default 4096) and ``evict_tokens`` (default
-``SERVING_EVICT_TOKENS``, 256: decode tokens that leave the dense window at a time), see
+8: decode tokens leave the dense window a selection block at a time), see
 ``CacheConfig``; the manager's ``stats()`` join the engine's ``stats`` and ``kv_bytes`` is its
 ``request_stats`` (pages + dense device tensors).
 ``telemetry_every=N`` (method mosaic; default 0 = off): on the 1st, (N+1)-th, ... prefill, measure
@@ -59,7 +59,7 @@ from transformers import AttentionInterface, Cache, PreTrainedModel
 from transformers.cache_utils import CacheLayerMixin
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from mosaickv.cache import SERVING_EVICT_TOKENS, CacheConfig, CacheManager
+from mosaickv.cache import CacheConfig, CacheManager
 from mosaickv.core import METHODS, CompressionMethod, KVCache, make_method
 from mosaickv.policy import (
     PLAN_KEEP_RATIOS,
@@ -78,6 +78,11 @@ log = logging.getLogger("mosaickv.engines.hf.mosaickv")
 
 ATTENTION_NAME = "mosaickv"
 Q_WINDOW = QUERY_WINDOW  # prompt queries kept per layer for ThinK's channel scores and the telemetry
+# Decode tokens leave the dense window a selection block (default B) at a time. Fewer than the vLLM
+# backend's 256 (MosaicSettings.evict_tokens): every (request, layer) holds a dense buffer of
+# n_sink + window + evict_tokens rows, which counts in kv_bytes and the budget fit, and the embedded
+# default serves short prompts, where 256 rows would be a large share of the cache.
+EVICT_TOKENS = 8
 _FIT_STEPS = 12  # bisection steps on keep_ratio: 2**-12 of resolution is far below one element
 _current = threading.local()  # the PackedLayer whose update ran last on this thread
 
@@ -385,7 +390,7 @@ def _cache_config(method: str, params: dict[str, Any]) -> CacheConfig | None:
     for key, value in knobs.items():
         if not isinstance(value, int) or isinstance(value, bool):
             raise ValueError(f"{key} must be an integer, got {value!r}")
-    knobs.setdefault("evict_tokens", SERVING_EVICT_TOKENS)
+    knobs.setdefault("evict_tokens", EVICT_TOKENS)
     return CacheConfig(**knobs)
 
 
