@@ -145,10 +145,10 @@ def test_evicting_a_block_at_a_time_equals_a_synchronous_encode_fed_in_blocks(na
 
 
 def test_the_layers_of_a_request_evict_on_different_steps() -> None:
-    """evict_tokens=4 over 4 layers: layer l's first block leaves the window l tokens early (phases
-    spread evenly over the evict_tokens steps), so with
-    one token per step exactly one layer evicts on each step, and each layer evicts every 4 steps.
-    Layer l then equals the core fed its first 4 - l decode tokens, then 4 at a time."""
+    """evict_tokens=4 over 4 layers: layer l's first block leaves the window l tokens early (the
+    phases are spread evenly over the evict_tokens steps), so with one token per step exactly one
+    layer evicts on each step, and each layer evicts every 4 steps. Layer l then equals the core fed
+    its first 4 - l decode tokens, then 4 at a time."""
     params = SCENARIOS["fixed_len"]
     n_prompt, n_layers = 100, 4
     k, v = tokens(n_prompt + 4 * 31, seed=11)

@@ -20,9 +20,9 @@ from mosaickv.engines.hf.mosaickv_backend import MosaicKVBackend
 from mosaickv.protocol import MosaicError
 
 # 4 sinks, 16-token segments, an 8-token window: the ~200-token prompt closes a dozen segments at
-# prefill. Decode tokens leave the window 8 at a time (the engine's evict_tokens), each
-# layer's first block up to 7 tokens early (the manager staggers its layers), so every layer has 16
-# pending tokens by decode step 24 and closes one segment on the CPU. max_backlog_tokens=1 makes
+# prefill. Decode tokens leave the window 8 at a time (the engine's evict_tokens), each layer's
+# first block up to 7 tokens early (the manager staggers its layers), so every layer has 16 pending
+# tokens by decode step 24 and closes one segment on the CPU. max_backlog_tokens=1 makes
 # each eviction wait for the re-encoder to finish the previous job, so every close and its swap
 # happen inside the 28 steps, every run.
 LOSSLESS = {"keep_ratio": "1.0", "token_ratio": "1.0", "n_sink": "4", "window": "8", "segment_len": "16"}
