@@ -487,6 +487,13 @@ def test_pool_bound_and_errors() -> None:
         pool.allocate()
     pool.release(pages[0])
     assert pool.allocate() == pages[0]
+    for p in reversed(pages[1:]):
+        pool.release(p)
+    with pytest.raises(CacheFull, match="max_pages"):  # 3 pages exist, 2 free: all or none
+        pool.allocate_many(3)
+    assert pool.used_pages == 1 and pool.allocate_many(0) == []
+    got = pool.allocate_many(2)
+    assert got == sorted(got) == sorted(pages[1:])  # ascending, whatever order they were freed in
     with pytest.raises(ValueError, match="multiple of 16"):
         PagePool(1000, torch.device("cpu"))
     with pytest.raises(ValueError, match="raise page_bytes"):
@@ -545,6 +552,40 @@ def test_page_addresses_follow_the_pool_as_it_grows() -> None:
         want = [pool.page(p).data_ptr() for p in pages]
         assert pool.addresses(pages).tolist() == want
     assert len({*pool.addresses(pages).tolist()}) == len(pages) == 9
+
+
+@pytest.mark.parametrize("storage", ["own", "caller"])
+@pytest.mark.parametrize("order", ["fresh", "reused"])
+def test_whole_pages_written_in_runs_read_back(storage: str, order: str) -> None:
+    """Whole pages are written a run of pages per copy (``PagePool.runs``): own chunks of 4 pages,
+    or caller blocks of 4 pages each (runs end at a block); pages fresh (in order) or reused after
+    holding other bytes, freed in scrambled order (runs of one or two). Rows read back as written,
+    and the padding of rows (keep 5 in a stride of 8) reads as zeros."""
+    if storage == "own":
+        pool = PagePool(256, torch.device("cpu"), chunk_pages=4, max_pages=16)
+    else:
+        _, views = interleaved_blocks(4, 2, 1100)  # 4 pages of 256 B per block and layer
+        pool = PagePool(256, torch.device("cpu"), storage=views)
+    if order == "reused":
+        held = [pool.allocate() for _ in range(16)]
+        for p in held:
+            pool.page(p).fill_(255)
+        for p in held[1::2] + held[0::2][::-1]:
+            pool.release(p)
+    vals, bits = pack_topk(torch.randn(60, D), 5, 1, None, torch.float32)
+    stripe = PagedStripe(pool, D, 1, 5, torch.float32)
+    wide = torch.zeros(60, 8)
+    wide[:, :5] = vals  # rows handed over as a strided view, as a caller's slice may be
+    stripe.append(vals[:3], bits[:3])  # a partial page, then whole pages, then a partial one
+    stripe.append(wide[3:, :5], bits[3:])
+    got_v, got_b = stripe.read()
+    assert torch.equal(got_v, vals) and torch.equal(got_b, bits)
+    lengths = [b - a for a, b, _ in pool.runs(stripe.pages)]
+    assert max(lengths) == (4 if order == "fresh" else 2) and sum(lengths) == len(stripe.pages)
+    per, lo = stripe.rows_per_page, stripe.values_offset
+    for page in stripe.pages[:-1]:
+        rows = pool.page(page)[lo : lo + per * stripe.value_row_bytes].view(torch.float32).view(per, 8)
+        assert not rows[:, 5:].any()
 
 
 def test_blob_round_trip_shares_and_releases() -> None:

@@ -69,3 +69,17 @@ def test_manager_step_bench_smoke(tmp_path: Path) -> None:
         assert eager["kernels_ms_mean"] > 0 and "piecewise" not in r  # CUDA graphs only on a GPU
         assert "the decode thread" in r["profile"] and "attend" in r["profile"]
         assert r["backlog_peak"] > 0 and r["stalls"] == 0
+
+
+def test_paging_bench_smoke(tmp_path: Path) -> None:
+    """bench/decode/bench_paging.py on the CPU at a small segment: every stage runs, the segment
+    is paged into whole pages (4 KiB) that hold at least its bytes."""
+    out = tmp_path / "paging.json"
+    script = ROOT / "bench" / "decode" / "bench_paging.py"
+    cmd = [sys.executable, str(script), "--device", "cpu", "--tokens", "2048", "--repeats", "1"]
+    cmd += ["--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads(out.read_text())["row"]
+    assert set(row["ms"]) == {"encode", "page", "gather", "copy", "prefill"} and min(row["ms"].values()) > 0
+    assert row["pages"] * row["page_bytes"] >= row["segment_bytes"] > 0

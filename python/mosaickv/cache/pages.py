@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -117,6 +117,21 @@ class PagePool:
             self._refs[page] = 1
             return page
 
+    def allocate_many(self, n: int) -> list[int]:
+        """n fresh page ids (reference count 1), all or none (``CacheFull``), in ascending order:
+        pages that neighbour in memory then sit side by side in the caller's table, so ``runs``
+        writes them with one copy even after frees have shuffled the free list."""
+        if n <= 0:
+            return []
+        with self._lock:
+            while len(self._free) < n:
+                self._grow()
+            pages = sorted(self._free[-n:])
+            del self._free[-n:]
+            for page in pages:
+                self._refs[page] = 1
+            return pages
+
     def _grow(self) -> None:
         if self.external:
             raise CacheFull(
@@ -177,6 +192,23 @@ class PagePool:
         row, col = divmod(page % self.chunk_pages, chunk.shape[1])
         return chunk[row, col]
 
+    def runs(self, pages: Sequence[int]) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``pages`` cut into runs that one strided view covers: (start, end, [end - start,
+        page_bytes] uint8 view of pages[start:end]). A run is consecutive page ids in one chunk row
+        (own chunks have one page per row and evenly strided rows), so a fresh chunk's pages, which
+        are handed out in order, are written with one copy instead of one per page."""
+        i = 0
+        while i < len(pages):
+            chunk = self._chunks[pages[i] // self.chunk_pages]
+            per_row = chunk.shape[1]
+            row, col = divmod(pages[i] % self.chunk_pages, per_row)
+            room = per_row - col if per_row > 1 else chunk.shape[0] - row
+            j = i + 1
+            while j < len(pages) and j - i < room and pages[j] == pages[i] + (j - i):
+                j += 1
+            yield i, j, chunk[row, col : col + j - i] if per_row > 1 else chunk[row : row + j - i, 0]
+            i = j
+
 
 class PagedStripe:
     """The rows of one stripe, appended in token order into pages of a pool.
@@ -231,23 +263,51 @@ class PagedStripe:
                 f"got {tuple(values.shape)} {values.dtype} and {tuple(bitmap.shape)}"
             )
         bits = bitmap.contiguous().view(torch.uint8).reshape(n, self.bitmap_bytes)
-        vb, done = self.value_row_bytes, 0
-        while done < n:
-            slot = self.length % self.rows_per_page
-            if slot == 0:
-                self.pages.append(self.pool.allocate())
-                if self.stride != self.keep:  # the row padding must read as zeros (pages are reused)
-                    self.pool.page(self.pages[-1])[self.values_offset :].zero_()
-            m = min(n - done, self.rows_per_page - slot)
-            page = self.pool.page(self.pages[-1])
-            page[slot * self.bitmap_bytes : (slot + m) * self.bitmap_bytes] = bits[done : done + m].reshape(
-                -1
-            )
-            lo = self.values_offset + slot * vb
-            rows = page[lo : lo + m * vb].view(self.dtype).view(m, self.stride)
-            rows[:, : self.keep] = values[done : done + m]
-            done += m
-            self.length += m
+        done = 0
+        while done < n:  # the open page, then whole pages in runs, then the last, partial page
+            whole = 0 if self.length % self.rows_per_page else (n - done) // self.rows_per_page
+            if whole:
+                done += self._fill_pages(values, bits, done, whole)
+            else:
+                done += self._fill_page(values, bits, done)
+
+    def _fill_page(self, values: torch.Tensor, bits: torch.Tensor, done: int) -> int:
+        """Rows from ``done`` on into the open page (a fresh one when the last is full), up to its
+        end; returns how many."""
+        slot = self.length % self.rows_per_page
+        if slot == 0:
+            self.pages.append(self.pool.allocate())
+            if self.stride != self.keep:  # the row padding must read as zeros (pages are reused)
+                self.pool.page(self.pages[-1])[self.values_offset :].zero_()
+        m = min(values.shape[0] - done, self.rows_per_page - slot)
+        page = self.pool.page(self.pages[-1])
+        page[slot * self.bitmap_bytes : (slot + m) * self.bitmap_bytes] = bits[done : done + m].reshape(-1)
+        lo = self.values_offset + slot * self.value_row_bytes
+        rows = page[lo : lo + m * self.value_row_bytes].view(self.dtype).view(m, self.stride)
+        rows[:, : self.keep] = values[done : done + m]
+        self.length += m
+        return m
+
+    def _fill_pages(self, values: torch.Tensor, bits: torch.Tensor, done: int, whole: int) -> int:
+        """``whole`` full pages of rows from ``done`` on, into fresh pages, one copy per run of
+        pages (``PagePool.runs``) rather than per page; returns how many rows."""
+        per, first = self.rows_per_page, len(self.pages)
+        self.pages += self.pool.allocate_many(whole)
+        for a, b, view in self.pool.runs(self.pages[first:]):
+            lo, hi = done + a * per, done + b * per
+            view[:, : per * self.bitmap_bytes] = bits[lo:hi].reshape(b - a, per * self.bitmap_bytes)
+            rows = self._value_rows(view)
+            if self.stride != self.keep:  # the row padding must read as zeros (pages are reused)
+                rows[:, :, self.keep :] = 0
+            rows[:, :, : self.keep] = values[lo:hi].reshape(b - a, per, self.keep)
+        self.length += whole * per
+        return whole * per
+
+    def _value_rows(self, view: torch.Tensor) -> torch.Tensor:
+        """The value rows of a run of pages (``PagePool.runs``): [pages, rows_per_page, stride]."""
+        lo, per = self.values_offset, self.rows_per_page
+        region = view[:, lo : lo + per * self.value_row_bytes].view(self.dtype)
+        return region.view(view.shape[0], per, self.stride)
 
     def grow(self, n: int) -> None:
         """Room for n more rows, written by a kernel through the page table (``cache.temp``): pages
@@ -264,20 +324,18 @@ class PagedStripe:
         table instead.
         """
         n = self.length if n is None else n
-        bits, vals, left = [], [], n
-        for page_id in self.pages[: -(-n // self.rows_per_page)]:
-            m = min(left, self.rows_per_page)
-            page = self.pool.page(page_id)
-            bits.append(page[: m * self.bitmap_bytes].view(torch.uint32).view(m, self.words))
-            lo, vb = self.values_offset, self.value_row_bytes
-            vals.append(page[lo : lo + m * vb].view(self.dtype).view(m, self.stride)[:, : self.keep])
-            left -= m
-        if not bits:
+        if not n:
             return (
                 torch.empty(0, self.keep, dtype=self.dtype, device=self.pool.device),
                 torch.empty(0, self.words, dtype=torch.uint32, device=self.pool.device),
             )
-        return torch.cat(vals), torch.cat(bits)
+        per = self.rows_per_page
+        bits, vals = [], []
+        for _, _, view in self.pool.runs(self.pages[: -(-n // per)]):  # whole pages; cut to n below
+            bits.append(view[:, : per * self.bitmap_bytes].reshape(-1))
+            vals.append(self._value_rows(view)[:, :, : self.keep].reshape(-1, self.keep))
+        bitmap = torch.cat(bits)[: n * self.bitmap_bytes].view(torch.uint32).view(n, self.words)
+        return torch.cat(vals)[:n], bitmap
 
     def shared(self) -> PagedStripe:
         """Another owner of the same (closed, immutable) rows: pages are shared, not copied."""
@@ -305,22 +363,21 @@ class PagedBlob:
         self.pool, self.shape, self.dtype = pool, tuple(x.shape), x.dtype
         data = x.detach().contiguous().reshape(-1).view(torch.uint8).to(pool.device)
         self.used_bytes = data.numel()
-        self.pages: list[int] = []
-        try:
-            for lo in range(0, self.used_bytes, pool.page_bytes):
-                self.pages.append(pool.allocate())
-                part = data[lo : lo + pool.page_bytes]
-                pool.page(self.pages[-1])[: part.numel()] = part
-        except CacheFull:
-            self.release()
-            raise
+        size = pool.page_bytes
+        self.pages = pool.allocate_many(-(-self.used_bytes // size))
+        for a, b, view in pool.runs(self.pages):  # one copy per run of pages; only the last is partial
+            part = data[a * size : b * size]
+            whole = part.numel() // size
+            view[:whole] = part[: whole * size].view(whole, size)
+            if whole < b - a:
+                view[whole, : part.numel() - whole * size] = part[whole * size :]
 
     def read(self) -> torch.Tensor:
         """The tensor, gathered from its pages."""
         if not self.pages:
             return torch.empty(self.shape, dtype=self.dtype, device=self.pool.device)
-        data = torch.cat([self.pool.page(p) for p in self.pages])[: self.used_bytes]
-        return data.view(self.dtype).view(self.shape)
+        data = torch.cat([view.reshape(-1) for _, _, view in self.pool.runs(self.pages)])
+        return data[: self.used_bytes].view(self.dtype).view(self.shape)
 
     def shared(self) -> PagedBlob:
         """Another owner of the same pages."""
