@@ -16,7 +16,8 @@ graphs, attention eager; CUDA only):
 overhead = manager - kernels (means), per step and as a fraction of the kernels' step in the same
 mode and of the whole step captured in one CUDA graph (``kernels_graph_ms``: no launch cost at all).
 ``--profile`` adds the decode thread's functions by cumulative time over a few manager steps
-(cProfile, the CPU re-encoders paused meanwhile).
+(cProfile, the CPU re-encoders paused meanwhile). Everything runs in ``torch.inference_mode``, as
+vLLM's model runner decodes (the results dated 2026-11-29 and earlier ran outside it).
 
     python3 -m mosaickv.ops.compile
     python3 bench/decode/bench_manager_step.py --batches 1 --steps 256 \
@@ -297,18 +298,19 @@ def main() -> None:
     context = 1200 if args.smoke else args.context
     rows = []
     for b in args.batches:
-        row = run(
-            shape,
-            context,
-            b,
-            4 if args.smoke else args.steps,
-            args.threads,
-            args.evict_tokens,
-            args.pause_reencoders,
-            args.profile,
-            device,
-            method,
-        )
+        with torch.inference_mode():  # as vLLM's model runner decodes
+            row = run(
+                shape,
+                context,
+                b,
+                4 if args.smoke else args.steps,
+                args.threads,
+                args.evict_tokens,
+                args.pause_reencoders,
+                args.profile,
+                device,
+                method,
+            )
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
         if "profile" in row:

@@ -383,6 +383,8 @@ def test_callers_in_and_out_of_inference_mode_mix() -> None:
                 mgr.append("r", 0, k[i : i + 1], v[i : i + 1])
         mgr.drain()
         assert_same_segments(mgr, "r", synchronous(params, k, v, n_prompt=100))
+        q = torch.randn(1, H_Q, D)
+        assert mgr.attend(["r"], 0, q).is_inference()  # called outside the mode, run inside it
     finally:
         mgr.close()
 

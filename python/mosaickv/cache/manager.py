@@ -3,15 +3,17 @@ the backlog bound and the byte accounting. Engines adapt to it (see the package 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import queue
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 import torch
 
@@ -21,6 +23,24 @@ from mosaickv.cache.stream import Stream
 from mosaickv.cache.tables import pages_readable, snapshot_layout, table_key, with_dense
 from mosaickv.core import CompressionMethod, KVCache, Segment, make_method
 from mosaickv.ops import DecodeLayout, DecodePlan, DecodeWorkspace, cuda_available, run_decode
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _inference(method: Callable[P, R]) -> Callable[P, R]:
+    """Run a manager call in ``torch.inference_mode``, entering it only when the caller is not
+    already in it (engines decode in it): the decorator form builds and enters a new context on
+    every call, and decode calls the manager per layer and sequence."""
+
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        if torch.is_inference_mode_enabled():
+            return method(*args, **kwargs)
+        with torch.inference_mode():
+            return method(*args, **kwargs)
+
+    return call
 
 
 def default_threads() -> int:
@@ -155,7 +175,7 @@ class CacheManager:
         )
 
     # ---- requests ---------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @_inference
     def add_request(self, request_id: str, methods: Sequence[CompressionMethod] | None = None) -> None:
         """Open a request's cache. ``methods``: one "mosaic" method per layer (a per-request fitted
         keep ratio, a per-layer policy); default: the manager's method for every layer."""
@@ -197,7 +217,7 @@ class CacheManager:
         if k.shape != v.shape:
             raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
 
-    @torch.inference_mode()
+    @_inference
     def prefill(
         self,
         request_id: str,
@@ -236,7 +256,7 @@ class CacheManager:
 
         stream.prefill(k, v, page)
 
-    @torch.inference_mode()
+    @_inference
     def append(self, request_id: str, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Add decode tokens k, v: [t, H_kv, D] for one layer. Returns at once unless the CPU backlog is
         at ``max_backlog_tokens``, then waits for the re-encoders (counted as a stall in stats)."""
@@ -274,7 +294,7 @@ class CacheManager:
             stream.scheduled = True
         self._queue.put(stream)
 
-    @torch.inference_mode()
+    @_inference
     def fork(self, src_id: str, dst_id: str) -> None:
         """Start request dst as a copy of src (parallel sampling, beam search): closed segments are
         shared page for page, the rest copied. Waits for src's queued re-encodes first."""
@@ -315,7 +335,7 @@ class CacheManager:
                     del self._prefix[key]
 
     # ---- attention --------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @_inference
     def attend(
         self, request_ids: list[str], layer: int, q: torch.Tensor, scale: float | None = None
     ) -> torch.Tensor:
@@ -377,7 +397,7 @@ class CacheManager:
         return self._stream(request_id, layer).snapshot.length
 
     # ---- CPU pool ---------------------------------------------------------------------------------
-    @torch.inference_mode()
+    @torch.inference_mode()  # its own thread, which starts outside inference mode
     def _worker(self) -> None:
         while True:
             stream = self._queue.get()
