@@ -110,12 +110,7 @@ class PagePool:
 
     def allocate(self) -> int:
         """A fresh page id with reference count 1."""
-        with self._lock:
-            if not self._free:
-                self._grow()
-            page = self._free.pop()
-            self._refs[page] = 1
-            return page
+        return self.allocate_many(1)[0]
 
     def allocate_many(self, n: int) -> list[int]:
         """n fresh page ids (reference count 1), all or none (``CacheFull``), in ascending order:
@@ -263,48 +258,39 @@ class PagedStripe:
                 f"got {tuple(values.shape)} {values.dtype} and {tuple(bitmap.shape)}"
             )
         bits = bitmap.contiguous().view(torch.uint8).reshape(n, self.bitmap_bytes)
-        done = 0
+        per, done = self.rows_per_page, 0
         while done < n:  # the open page, then whole pages in runs, then the last, partial page
-            whole = 0 if self.length % self.rows_per_page else (n - done) // self.rows_per_page
-            if whole:
-                done += self._fill_pages(values, bits, done, whole)
-            else:
-                done += self._fill_page(values, bits, done)
+            slot = self.length % per
+            if slot:  # rows up to the end of the open page
+                m = min(n - done, per - slot)
+                self._write(self.pool.page(self.pages[-1])[None], slot, m, values[done:], bits[done:])
+            elif n - done >= per:  # whole fresh pages, one copy per run of them (PagePool.runs)
+                m = (n - done) // per * per
+                first = len(self.pages)
+                self.pages += self.pool.allocate_many(m // per)
+                for a, b, view in self.pool.runs(self.pages[first:]):
+                    lo = done + a * per
+                    self._write(view, 0, per, values[lo : lo + (b - a) * per], bits[lo : lo + (b - a) * per])
+            else:  # the last rows start a fresh page
+                m = n - done
+                self.pages.append(self.pool.allocate())
+                self._write(self.pool.page(self.pages[-1])[None], 0, m, values[done:], bits[done:])
+            done += m
+            self.length += m
 
-    def _fill_page(self, values: torch.Tensor, bits: torch.Tensor, done: int) -> int:
-        """Rows from ``done`` on into the open page (a fresh one when the last is full), up to its
-        end; returns how many."""
-        slot = self.length % self.rows_per_page
-        if slot == 0:
-            self.pages.append(self.pool.allocate())
-            if self.stride != self.keep:  # the row padding must read as zeros (pages are reused)
-                self.pool.page(self.pages[-1])[self.values_offset :].zero_()
-        m = min(values.shape[0] - done, self.rows_per_page - slot)
-        page = self.pool.page(self.pages[-1])
-        page[slot * self.bitmap_bytes : (slot + m) * self.bitmap_bytes] = bits[done : done + m].reshape(-1)
-        lo = self.values_offset + slot * self.value_row_bytes
-        rows = page[lo : lo + m * self.value_row_bytes].view(self.dtype).view(m, self.stride)
-        rows[:, : self.keep] = values[done : done + m]
-        self.length += m
-        return m
-
-    def _fill_pages(self, values: torch.Tensor, bits: torch.Tensor, done: int, whole: int) -> int:
-        """``whole`` full pages of rows from ``done`` on, into fresh pages, one copy per run of
-        pages (``PagePool.runs``) rather than per page; returns how many rows."""
-        per, first = self.rows_per_page, len(self.pages)
-        self.pages += self.pool.allocate_many(whole)
-        for a, b, view in self.pool.runs(self.pages[first:]):
-            lo, hi = done + a * per, done + b * per
-            view[:, : per * self.bitmap_bytes] = bits[lo:hi].reshape(b - a, per * self.bitmap_bytes)
-            rows = self._value_rows(view)
-            if self.stride != self.keep:  # the row padding must read as zeros (pages are reused)
-                rows[:, :, self.keep :] = 0
-            rows[:, :, : self.keep] = values[lo:hi].reshape(b - a, per, self.keep)
-        self.length += whole * per
-        return whole * per
+    def _write(self, view: torch.Tensor, slot: int, m: int, values: torch.Tensor, bits: torch.Tensor) -> None:
+        """Rows [slot, slot + m) of each page of ``view`` ([pages, page_bytes]) from the first
+        pages x m rows of values [.., keep] and bits [.., bitmap_bytes] uint8; row padding zeroed
+        (pages are reused, and the kernels read whole value rows)."""
+        p = view.shape[0]
+        view[:, slot * self.bitmap_bytes : (slot + m) * self.bitmap_bytes] = bits[: p * m].reshape(p, -1)
+        rows = self._value_rows(view)[:, slot : slot + m]
+        if self.stride != self.keep:
+            rows[:, :, self.keep :] = 0
+        rows[:, :, : self.keep] = values[: p * m].reshape(p, m, self.keep)
 
     def _value_rows(self, view: torch.Tensor) -> torch.Tensor:
-        """The value rows of a run of pages (``PagePool.runs``): [pages, rows_per_page, stride]."""
+        """The value rows of pages ``view`` ([pages, page_bytes]): [pages, rows_per_page, stride]."""
         lo, per = self.values_offset, self.rows_per_page
         region = view[:, lo : lo + per * self.value_row_bytes].view(self.dtype)
         return region.view(view.shape[0], per, self.stride)
