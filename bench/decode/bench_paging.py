@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import statistics
 import sys
@@ -81,7 +82,7 @@ def run(tokens: int, page_bytes: int, repeats: int, device: torch.device) -> dic
         device,
         CacheConfig(page_bytes=pool.page_bytes, n_threads=1),
     )
-    rid = iter(range(1 << 30))
+    rid = itertools.count()
 
     def prefill() -> None:
         name = f"r{next(rid)}"
