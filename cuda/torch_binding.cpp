@@ -229,11 +229,25 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
   launch_ok(mosaickv::decode(dt, (int)d, (int)g, packed, p, at::cuda::getCurrentCUDAStream()), "decode");
 }
 
+// table: [2, n] int64 device addresses (sources, then destinations), computed by the caller
+// (mosaickv.ops.kernels.copy_rows) from live tensors; each address 16-byte aligned.
+void copy_rows(const at::Tensor& table, int64_t row_bytes) {
+  TORCH_CHECK(table.is_cuda() && table.is_contiguous(), "table must be a contiguous CUDA tensor");
+  check_type(table, "table", at::kLong);
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == 2, "table must be [2, n_rows] int64 (sources, destinations)");
+  TORCH_CHECK(row_bytes > 0 && row_bytes % 16 == 0, "row_bytes must be a positive multiple of 16, got ", row_bytes);
+  const c10::cuda::CUDAGuard guard(table.device());
+  launch_ok(mosaickv::copy_rows(table.data_ptr<int64_t>(), (int)table.size(1), (int)row_bytes,
+                                at::cuda::getCurrentCUDAStream()),
+            "copy_rows");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "MosaicKV CUDA kernels (see docs/KERNELS.md)";
   m.def("encode", &encode, "Rotate, top-r select in groups, pack values + bitmaps, block summaries");
   m.def("append_encode", &append_encode, "Encode new tokens of many stripes (K and V), updating block summaries");
+  m.def("copy_rows", &copy_rows, "Copy many rows between device addresses in one launch");
   m.def("decode", &decode, "Block scoring + selection + PackedAttention (or dense token-selection) decode");
 }

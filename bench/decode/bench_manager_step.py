@@ -8,13 +8,15 @@ first, so that their windows evict on different steps, as in serving). Timed per
 synchronised once per step), in one run, in two modes: ``eager`` (every op launched from Python)
 and ``piecewise`` (as vLLM decodes with piecewise CUDA graphs: all but attention replayed from
 graphs, attention eager; CUDA only):
-  manager  every layer: ``append`` one token per sequence (window, evictions of ``--evict-tokens``
-           tokens into the temporary segment by the append kernel, host copies, CPU re-encoder
-           jobs), then ``attend``;
+  manager  every layer: ``append_batch`` of one token per sequence (windows, evictions of
+           ``--evict-tokens`` tokens into the temporary segment by the append kernel, host copies,
+           CPU re-encoder jobs; ``--per-request-appends``: one ``append`` per sequence, as the
+           results before append_batch ran), then ``attend``;
   kernels  the same model and kernels over the same caches, frozen: each layer's tables built once
            from the manager's snapshots (``snapshot_layout``), ``run_decode`` only.
 overhead = manager - kernels (means), per step and as a fraction of the kernels' step in the same
 mode and of the whole step captured in one CUDA graph (``kernels_graph_ms``: no launch cost at all).
+Python's garbage collections during the manager's timed steps are counted and timed (``gc_*``).
 ``--profile`` adds the decode thread's functions by cumulative time over a few manager steps
 (cProfile, the CPU re-encoders paused meanwhile). Everything runs in ``torch.inference_mode``, as
 vLLM's model runner decodes (the results dated 2026-11-29 and earlier ran outside it).
@@ -30,13 +32,15 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime
+import gc
 import io
 import json
 import pstats
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -114,8 +118,29 @@ class PiecewiseStep:
             self.graphs[i + 1].replay()
 
 
+@contextmanager
+def gc_pauses() -> Iterator[list[tuple[int, float]]]:
+    """Python's garbage collections while the block runs: (generation, milliseconds) of each
+    (a full collection walks every object the manager holds: a step it lands in is that much longer)."""
+    seen: list[tuple[int, float]] = []
+    began = 0.0
+
+    def note(phase: str, info: dict) -> None:
+        nonlocal began
+        if phase == "start":
+            began = time.perf_counter()
+        else:
+            seen.append((info["generation"], (time.perf_counter() - began) * 1e3))
+
+    gc.callbacks.append(note)
+    try:
+        yield seen
+    finally:
+        gc.callbacks.remove(note)
+
+
 def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None, evict_tokens: int,
-        paused: bool, profile: bool, device: torch.device, method: dict) -> dict:  # fmt: skip
+        paused: bool, profile: bool, per_request: bool, device: torch.device, method: dict) -> dict:  # fmt: skip
     cuda = device.type == "cuda"
     dtype = torch.bfloat16
     mgr = CacheManager(make_method("mosaic", **method), shape.layers, shape.kv_heads, shape.dim, dtype, device,
@@ -142,8 +167,11 @@ def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
                     mgr.append(rid, layer, new[b], new[b])
 
         def through_manager(layer: int, q: torch.Tensor) -> torch.Tensor:
-            for b, rid in enumerate(rids):
-                mgr.append(rid, layer, new[b], new[b])
+            if per_request:
+                for b, rid in enumerate(rids):
+                    mgr.append(rid, layer, new[b], new[b])
+            else:
+                mgr.append_batch(rids, layer, new[:, 0], new[:, 0])
             return mgr.attend(rids, layer, q)
 
         model = Model(shape, device, dtype)
@@ -153,16 +181,17 @@ def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
         ] = {"eager": lambda attend: model.step(tok, attend)}
         if cuda:
             modes["piecewise"] = PiecewiseStep(model, tok).step
-        manager, top = {}, None
+        manager, collections, top = {}, {}, None
         # --pause-reencoders: the decode thread alone; jobs queue up (the backlog bound still holds)
         if paused:
             mgr.pause()
         for mode, step in modes.items():
             warm_up = 16  # the layers' evictions are staggered: every step is alike after these
             wall_times_ms(lambda step=step: step(through_manager), warm_up, cuda)
-            manager[mode] = wall_times_ms(
-                lambda step=step: step(through_manager), steps, cuda
-            )
+            with gc_pauses() as collections[mode]:
+                manager[mode] = wall_times_ms(
+                    lambda step=step: step(through_manager), steps, cuda
+                )
         if paused:
             mgr.resume()
         # the profile: the decode thread alone (cProfile sees every thread), re-encoders
@@ -223,7 +252,7 @@ def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
         mgr.close()
     row = {
         "context": context, "batch": batch, "steps": steps, "threads": stats["cache_threads"],
-        "reencoders_paused": paused,
+        "reencoders_paused": paused, "appends": "per-request" if per_request else "batch",
         "prefill_s": prefill_s, "kernels_graph_ms": kernels_graph,
         "backlog_peak": stats["cache_backlog_peak"], "stalls": stats["cache_backlog_stalls"],
         "reencodes": stats["cache_reencodes"],
@@ -236,6 +265,10 @@ def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
             "manager_ms_steps": m,
             "kernels_ms_mean": statistics.fmean(k), "kernels_ms_median": statistics.median(k),
             "overhead_ms": statistics.fmean(m) - statistics.fmean(k),
+            "gc_collections": len(collections[mode]),
+            "gc_full_collections": sum(g == 2 for g, _ in collections[mode]),
+            "gc_ms_total": sum(ms for _, ms in collections[mode]),
+            "gc_ms_max": max((ms for _, ms in collections[mode]), default=0.0),
         }  # fmt: skip
         row[mode]["overhead_of_step"] = row[mode]["overhead_ms"] / statistics.fmean(k)
         if kernels_graph:
@@ -281,6 +314,11 @@ def main() -> None:
     )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
+        "--per-request-appends",
+        action="store_true",
+        help="one CacheManager.append per sequence and layer instead of append_batch",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="tiny shapes on the CPU (checks the script)",
@@ -308,6 +346,7 @@ def main() -> None:
                 args.evict_tokens,
                 args.pause_reencoders,
                 args.profile,
+                args.per_request_appends,
                 device,
                 method,
             )

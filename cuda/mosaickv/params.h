@@ -153,6 +153,9 @@ enum class DType : int { kBFloat16 = 0, kFloat16 = 1 };
 cudaError_t encode(DType dtype, int head_dim, const EncodeParams& p, cudaStream_t stream);
 cudaError_t append_encode(DType dtype, int head_dim, const AppendParams& p, cudaStream_t stream);
 cudaError_t decode(DType dtype, int head_dim, int gqa_group, bool packed, const DecodeParams& p, cudaStream_t stream);
+// Copies n_rows rows of row_bytes (a multiple of 16) from table[0, i] to table[1, i] (device
+// addresses, 16-byte aligned), table being [2, n_rows] int64 on the device.
+cudaError_t copy_rows(const int64_t* table, int n_rows, int row_bytes, cudaStream_t stream);
 // Dynamic shared memory the attention stage needs; callers may check it against the device limit.
 size_t decode_smem_bytes(int head_dim, int gqa_group, int piece_tokens, bool packed);
 

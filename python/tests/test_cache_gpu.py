@@ -128,3 +128,111 @@ def test_the_append_kernel_packs_the_temporary_segment_like_the_torch_path(summa
                 x.values[h].cpu()[same].float(), y.values[h][same].float(), rtol=1e-2, atol=1e-2
             )
     torch.testing.assert_close(got.summary.cpu().float(), want.summary.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_decode_steps_never_wait_for_the_device() -> None:
+    """Appends (one request or a batch at a time) and attention never synchronise the host with
+    the device, evictions included: the first temporary segment, its table growing past its region
+    and its summary tensor moving, and the first attention over a segment the re-encoders swapped
+    in. A wait would stall the decode thread behind every kernel queued before it (the CPU runs a
+    step ahead of the GPU) and breaks CUDA-graph capture. CUDA's sync debug mode 'error' raises on
+    any synchronising call."""
+    gen = torch.Generator().manual_seed(3)
+    method = make_method("mosaic", **(PARAMS | {"token_ratio": 0.25}))
+    config = CacheConfig(page_bytes=1024, evict_tokens=8)  # small pages: the temp's table outgrows 16
+    mgr = CacheManager(method, LAYERS, H_KV, D, torch.bfloat16, "cuda", config)
+    steps = 300  # past segment_len pending tokens, so the re-encoders close a segment after resume
+    k, v = (torch.randn(LAYERS, 900 + steps, H_KV, D, generator=gen).bfloat16().cuda() for _ in range(2))
+    q = torch.randn(2, H_Q, D, generator=gen).bfloat16().cuda()
+    prompts = {"a": 900, "b": 500}
+
+    # each step's batch rows, indexed on the device (a list index is a blocking upload)
+    batch_rows = torch.tensor([[n + t for n in prompts.values()] for t in range(steps + 1)], device="cuda")
+
+    def step(t: int) -> None:  # odd steps append the batch in one call
+        for layer in range(LAYERS):
+            rows = [prompt + t for prompt in prompts.values()]
+            if t % 2:
+                kb, vb = (x[layer].index_select(0, batch_rows[t]) for x in (k, v))
+                mgr.append_batch(list(prompts), layer, kb, vb)
+            else:
+                for rid, row in zip(prompts, rows, strict=True):
+                    mgr.append(rid, layer, k[layer, row : row + 1], v[layer, row : row + 1])
+            mgr.attend(list(prompts), layer, q)
+
+    try:
+        for rid, prompt in prompts.items():
+            mgr.add_request(rid)
+            for layer in range(LAYERS):
+                mgr.prefill(rid, layer, k[layer, :prompt], v[layer, :prompt])
+        torch.cuda.synchronize()
+        mgr.pause()  # the re-encoders synchronise (their host copies), off the decode path
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for t in range(steps):
+                step(t)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        temp = mgr._stream("a", 0).temp
+        assert temp is not None and temp.tables.per > 16 and temp.summary.shape[1] > 16  # both grew
+        mgr.resume()
+        mgr.drain()
+        assert mgr.stats()["cache_reencodes"] >= 1
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            step(steps)  # the swapped-in segments' tables are built here
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    finally:
+        mgr.close()
+
+
+def test_a_batched_append_writes_what_an_append_per_request_writes() -> None:
+    """append_batch on CUDA writes the window rows of the whole batch in one copy_rows launch; the
+    requests' caches (dense rows, temporary and closed segments) and attention over them equal those
+    of a manager given one append per request, through sinks (a 2-token prompt) and evictions."""
+    gen = torch.Generator().manual_seed(4)
+    method = make_method("mosaic", **(PARAMS | {"token_ratio": 0.25}))
+    prompts = {"a": 700, "b": 2, "c": 300}
+    steps = 200
+    k, v = (torch.randn(LAYERS, 700 + steps, H_KV, D, generator=gen).bfloat16().cuda() for _ in range(2))
+    q = torch.randn(len(prompts), H_Q, D, generator=gen).bfloat16().cuda()
+    batched, single = (
+        CacheManager(method, LAYERS, H_KV, D, torch.bfloat16, "cuda", CacheConfig(evict_tokens=8))
+        for _ in range(2)
+    )
+    try:
+        for mgr in (batched, single):
+            for rid, n in prompts.items():
+                mgr.add_request(rid)
+                for layer in range(LAYERS):
+                    mgr.prefill(rid, layer, k[layer, :n], v[layer, :n])
+        fast = 0
+        for t in range(steps):
+            rows = [n + t for n in prompts.values()]
+            for layer in range(LAYERS):
+                fast += sum(batched._stream(rid, layer).window_row() is not None for rid in prompts)
+                batched.append_batch(list(prompts), layer, k[layer, rows], v[layer, rows])
+                for rid, row in zip(prompts, rows, strict=True):
+                    single.append(rid, layer, k[layer, row : row + 1], v[layer, row : row + 1])
+        assert fast > steps * LAYERS * len(prompts) // 2  # most rows took the one-launch path
+        batched.drain()
+        single.drain()
+        for layer in range(LAYERS):
+            assert torch.equal(
+                batched.attend(list(prompts), layer, q), single.attend(list(prompts), layer, q)
+            )
+            for rid in prompts:
+                with batched.view(rid, layer) as got, single.view(rid, layer) as want:
+                    assert got.length == want.length == prompts[rid] + steps
+                    for x, y in (
+                        (got.sink_k, want.sink_k),
+                        (got.tail_k, want.tail_k),
+                        (got.tail_v, want.tail_v),
+                    ):
+                        assert torch.equal(x, y)
+                    assert [s.length for s in got.segments] == [s.length for s in want.segments]
+    finally:
+        batched.close()
+        single.close()

@@ -18,7 +18,7 @@ from typing import ParamSpec, TypeVar
 import torch
 
 from mosaickv.cache.pages import Paged, PagePool
-from mosaickv.cache.segments import PagedSegment, Snapshot
+from mosaickv.cache.segments import PagedSegment, Snapshot, write_next_rows
 from mosaickv.cache.stream import Stream
 from mosaickv.cache.tables import pages_readable, snapshot_layout, table_key, with_dense
 from mosaickv.core import CompressionMethod, KVCache, Segment, make_method
@@ -286,6 +286,34 @@ class CacheManager:
             self._backlog -= need - out  # the reservation is an upper bound (sinks take the first tokens)
         if out:
             self._schedule(stream)
+
+    @_inference
+    def append_batch(self, request_ids: Sequence[str], layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """One decode token per request for one layer: k, v [B, H_kv, D], row b for
+        ``request_ids[b]``; the same as ``append(request_ids[b], layer, k[b : b + 1], v[b : b + 1])``
+        for each b. With the CUDA kernels, the rows that only grow their window (two or more) are
+        written in one launch for the whole batch (a step at batch 8 would otherwise make 8 appends
+        per layer, each a few launches from Python); evictions and sinks go through ``append``."""
+        self._check_kv(k, v)
+        if k.shape[0] != len(request_ids) or len(set(request_ids)) != len(request_ids):
+            raise ValueError(
+                f"append_batch needs one row of k/v per request, each request once: got {k.shape[0]} rows "
+                f"for requests {list(request_ids)}"
+            )
+        streams = [self._stream(r, layer) for r in request_ids]
+        rows = (
+            [s.window_row() for s in streams] if self._plan_device.type == "cuda" else [None] * len(streams)
+        )
+        targets = [(b, d) for b, d in enumerate(rows) if d is not None]
+        # a single row is cheaper through append: two copies against a table upload and a launch
+        if len(targets) > 1 and write_next_rows(k, v, targets):
+            for b, d in targets:
+                streams[b].add_row(d)
+        else:
+            rows = [None] * len(streams)
+        for b, d in enumerate(rows):
+            if d is None:
+                self.append(request_ids[b], layer, k[b : b + 1], v[b : b + 1])
 
     def _schedule(self, stream: Stream) -> None:
         with stream.lock:

@@ -167,6 +167,24 @@ class Stream:
             self.snapshot = Snapshot(snap.generation, dense, snap.segments, temp_view)
             return out
 
+    def window_row(self) -> DenseRows | None:
+        """The dense rows whose row ``n`` a one-token append would only write (no sink to fill,
+        nothing leaving the window, room in the buffer), for a batched writer
+        (``segments.write_next_rows``), which then calls ``add_row``; None: ``append`` it."""
+        snap = self.snapshot
+        d = snap.dense
+        if d.n >= d.cap or self.evicted(d.n - d.n_sink + 1) or snap.length == d.n_sink:
+            return None
+        return d
+
+    def add_row(self, dense: DenseRows) -> None:
+        """Publish the row written at ``dense.n`` of ``window_row``'s rows (swaps keep the dense
+        rows, and only the decode thread appends, so they are still the snapshot's)."""
+        with self.lock:
+            snap = self.snapshot
+            grown = DenseRows(dense.buf, dense.n_sink, dense.n + 1)
+            self.snapshot = Snapshot(snap.generation, grown, snap.segments, snap.temp)
+
     def evicted(self, window_len: int) -> int:
         """Tokens that leave a window grown to ``window_len``: all it holds past ``method.window``,
         once that is at least ``evict_at`` (``config.evict_tokens`` after the first eviction)."""

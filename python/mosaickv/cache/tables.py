@@ -18,6 +18,7 @@ import torch
 from mosaickv.cache.pages import PagedBlob, PagedStripe, PagePool
 from mosaickv.cache.segments import PagedSegment, Snapshot
 from mosaickv.cache.temp import TempView
+from mosaickv.cache.upload import to_device
 from mosaickv.core import CompressionMethod
 from mosaickv.core.summaries import summary_width
 from mosaickv.ops.layout import (
@@ -108,7 +109,7 @@ def closed_tables(seg: PagedSegment, width: int) -> SegmentTables:
     r_entry, r_rows = _blob_entries(seg.rotations, 4 * d, entries)  # [2, H, D, D] float32
     rows = _rows(seg.k, seg.v, seg.length, entries, (s_entry, 0, s_rows), (r_entry, 0, n_heads * d, r_rows))
     device = seg.rotations.pool.device
-    tables = SegmentTables(rows, torch.from_numpy(np.concatenate(entries)).to(device))
+    tables = SegmentTables(rows, to_device(np.concatenate(entries), device))
     seg.table_cache.append(tables)
     return tables
 
@@ -173,9 +174,9 @@ def snapshot_layout(
     ]
     n_blocks = int(block_ptr[-1])
     device = pool.device
-    wide = torch.from_numpy(np.concatenate([table.ravel(), blocks])).to(device, non_blocking=True)
+    wide = to_device(np.concatenate([table.ravel(), blocks]), device)
     ints = np.concatenate([stripe_ptr, block_ptr, n_sel]).astype(np.int32)
-    narrow = torch.from_numpy(ints).to(device, non_blocking=True)
+    narrow = to_device(ints, device)
     bh = len(stripes_per_head)
     counts = wide[table.size :]
     layout = DecodeLayout(
@@ -226,7 +227,7 @@ def dense_lengths(snaps: list[Snapshot], device: torch.device) -> torch.Tensor:
     if len(snaps) == 1 and snaps[0].dense.n < _COUNTING:
         n = snaps[0].dense.n
         return _counting(device)[n : n + 1]
-    return torch.tensor([s.dense.n for s in snaps], dtype=torch.int32).to(device, non_blocking=True)
+    return to_device(np.array([s.dense.n for s in snaps], dtype=np.int32), device)
 
 
 _COUNTING = 4096  # longer than any dense part (sinks + window + evict_tokens)

@@ -16,6 +16,7 @@ import torch
 
 from mosaickv.cache.pages import Paged, PagedStripe, PagePool
 from mosaickv.cache.segments import PagedSegment, side_of
+from mosaickv.cache.upload import to_device
 from mosaickv.core import CompressionMethod, Segment, block_summaries, pack_topk
 from mosaickv.core.summaries import summary_width
 from mosaickv.ops import STRIPE_COLS, append_encode, cuda_available
@@ -126,7 +127,7 @@ class TempSegment:
         append_encode(
             k.contiguous(),
             v.contiguous(),
-            rows.to(k.device, non_blocking=True),
+            to_device(rows, k.device),
             self.tables.stripes,
             self.tables.pages,
             self._block_sum,
@@ -244,8 +245,8 @@ class TempTables:
                 pages[at + self.per : at + self.per + len(addr)] = addr + s.values_offset
                 self._known[2 * h + side] = len(addr)
         self.rows = rows
-        self.pages = torch.from_numpy(pages).to(dev)
-        self.stripes = torch.from_numpy(rows).to(dev)
+        self.pages = to_device(pages, dev)
+        self.stripes = to_device(rows, dev)
         self._summary_ptr, self._summary_cap = t.summary.data_ptr(), cap
 
     @torch.inference_mode()  # the tables are inference tensors (the manager makes everything in it)
@@ -277,7 +278,8 @@ class TempTables:
             self._summary_ptr = t.summary.data_ptr()
         if index:
             dev = self.pages.device
-            self.pages[torch.tensor(index, device=dev)] = torch.tensor(value, dtype=torch.int64).to(dev)
+            upload = to_device(np.array([index, value], dtype=np.int64), dev)
+            self.pages.index_copy_(0, upload[0], upload[1])
 
 
 def _heads_by_strategy(

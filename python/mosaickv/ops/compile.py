@@ -13,7 +13,14 @@ from pathlib import Path
 from mosaickv.ops._ext import BUILD_DIR, EXT_NAME
 
 CUDA_DIR = Path(__file__).resolve().parents[3] / "cuda"
-SOURCES = ["torch_binding.cpp", "encode.cu", "decode_bf16.cu", "decode_fp16.cu", "dispatch.cu"]
+SOURCES = [
+    "torch_binding.cpp",
+    "encode.cu",
+    "decode_bf16.cu",
+    "decode_fp16.cu",
+    "dispatch.cu",
+    "copy_rows.cu",
+]
 
 
 def gencode_flags(extra_arch: list[str]) -> list[str]:

@@ -551,3 +551,11 @@ def run_decode(
         raise ValueError("run_decode runs on CUDA; on CPU attend with mosaickv.ops.DecodePlan (the core)")
     _ext.require().decode(*decode_args(layout, ws, q, out, scale, stages))
     return out
+
+
+def copy_rows(table: torch.Tensor, row_bytes: int) -> None:
+    """Copy ``row_bytes`` (a multiple of 16) from address ``table[0, i]`` to ``table[1, i]`` for every
+    i, in one launch on the current stream. table: [2, n] int64 on the device, addresses 16-byte
+    aligned and inside tensors that stay allocated until the copy has run (stream order: tensors
+    freed after the call are safe, the caching allocator reuses them behind it)."""
+    _ext.require().copy_rows(table, row_bytes)

@@ -53,6 +53,7 @@ from mosaickv.core import KVCache
 from mosaickv.core.methods.mosaic import MosaicMethod
 from mosaickv.engines.vllm import cache as manager_cache
 from mosaickv.engines.vllm import policies, telemetry
+from mosaickv.engines.vllm.cache import put_rows, select_rows
 from mosaickv.engines.vllm.config import MosaicSettings
 from mosaickv.ops import DecodePlan, cuda_available
 
@@ -278,14 +279,13 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
                 decode_rows.append(lo)
                 decode_keys.append(req)
         if decode_rows and self.use_manager:
-            rows = torch.tensor(decode_rows, device=q.device)
             adapter = self._adapter(key)
             index = adapter.layer(layer.layer_name)  # type: ignore[attr-defined]
             if self.settings.recall_every:
                 with adapter.view(index, decode_keys[0]) as cache:
                     self._sample_decode(layer, cache, q[decode_rows[0]])
-            got = adapter.attend(index, decode_keys, q[rows], self.scale)
-            out[rows] = got.to(out.device, out.dtype)
+            got = adapter.attend(index, decode_keys, select_rows(q, decode_rows), self.scale)
+            put_rows(out, decode_rows, got.to(out.device, out.dtype))
             telemetry.report_cache_stats(adapter.stats)
         elif decode_rows:
             decode_caches = [self.caches[req] for req in decode_keys]
@@ -294,10 +294,9 @@ class MosaicKVAttentionImpl(AttentionImpl[MosaicKVMetadata]):
             # One plan for every decode row of this layer: the CUDA kernels when they are built and
             # the caches are on a GPU; otherwise the core reference (a "cpu" plan runs the core on
             # the caches' own device).
-            rows = torch.tensor(decode_rows, device=q.device)
             kernels = q.is_cuda and cuda_available()
             plan = DecodePlan(decode_caches, q.device if kernels else torch.device("cpu"))
-            out[rows] = plan.run(q[rows], scale=self.scale).to(out.dtype)
+            put_rows(out, decode_rows, plan.run(select_rows(q, decode_rows), scale=self.scale).to(out.dtype))
         return output
 
     def _layer_place(self, layer: AttentionLayer) -> tuple[int, int] | None:

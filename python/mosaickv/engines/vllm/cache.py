@@ -28,11 +28,30 @@ from contextlib import AbstractContextManager
 import torch
 
 from mosaickv.cache import CacheConfig, CacheManager
+from mosaickv.cache.upload import to_device
 from mosaickv.core import CompressionMethod, KVCache
 from mosaickv.engines.vllm.config import PAGE_TARGET_BYTES, MosaicSettings
 
 Row = tuple[int, int, int, int]
 """(request key, first token, end token, cached tokens) of one request in a step."""
+
+
+def _index(x: torch.Tensor, rows: Sequence[int]) -> slice | torch.Tensor:
+    """Rows of a step's token tensor as a slice when they are consecutive (vLLM puts the decode
+    rows first), else as an index tensor sent without waiting for the device (``to_device``)."""
+    if all(b - a == 1 for a, b in itertools.pairwise(rows)):
+        return slice(rows[0], rows[0] + len(rows))
+    return to_device(torch.tensor(rows), x.device)
+
+
+def select_rows(x: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """x[rows] along the first dimension (``_index``)."""
+    return x[_index(x, rows)]
+
+
+def put_rows(out: torch.Tensor, rows: Sequence[int], values: torch.Tensor) -> None:
+    """out[rows] = values along the first dimension (``_index``)."""
+    out[_index(out, rows)] = values
 
 
 class VllmCacheAdapter:
@@ -102,6 +121,7 @@ class VllmCacheAdapter:
         """do_kv_cache_update for one layer: key, value [num_tokens, H_kv, D] post-RoPE, the step's
         tokens in row order; `step` is the step's metadata object; a prompt's request is opened with
         ``methods`` (one per layer: a policy's) or the manager's default method."""
+        decode_ids, decode_rows = [], []
         for req, lo, hi, cached in rows:
             if cached == 0:
                 self.manager.prefill(self._open(step, req, methods), layer, key[lo:hi], value[lo:hi])
@@ -111,7 +131,10 @@ class VllmCacheAdapter:
                     "prefill or speculative decoding)"
                 )
             else:
-                self.manager.append(self._request(req), layer, key[lo:hi], value[lo:hi])
+                decode_ids.append(self._request(req))
+                decode_rows.append(lo)
+        if decode_rows:
+            self.manager.append_batch(decode_ids, layer, *(select_rows(x, decode_rows) for x in (key, value)))
 
     def attend(self, layer: int, keys: Sequence[int], q: torch.Tensor, scale: float) -> torch.Tensor:
         """Decode attention of one layer: q [B, H_q, D], one row per request key -> [B, H_q, D]."""
