@@ -16,7 +16,9 @@ graphs, attention eager; CUDA only):
            from the manager's snapshots (``snapshot_layout``), ``run_decode`` only.
 overhead = manager - kernels (means), per step and as a fraction of the kernels' step in the same
 mode and of the whole step captured in one CUDA graph (``kernels_graph_ms``: no launch cost at all).
-Python's garbage collections during the manager's timed steps are counted and timed (``gc_*``).
+Python's garbage collections during the manager's timed steps are counted and timed (``gc_*``);
+each run first freezes the objects the process holds so far, as vLLM does after start-up (results
+without ``"gc_frozen": true`` in their JSON ran without).
 ``--profile`` adds the decode thread's functions by cumulative time over a few manager steps
 (cProfile, the CPU re-encoders paused meanwhile). Everything runs in ``torch.inference_mode``, as
 vLLM's model runner decodes (the results dated 2026-11-29 and earlier ran outside it).
@@ -143,6 +145,10 @@ def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
         paused: bool, profile: bool, per_request: bool, device: torch.device, method: dict) -> dict:  # fmt: skip
     cuda = device.type == "cuda"
     dtype = torch.bfloat16
+    # as vLLM after start-up (freeze_gc_heap): the process's objects so far are never walked again
+    # by a full collection; the manager's (and this run's model's) are
+    gc.collect()
+    gc.freeze()
     mgr = CacheManager(make_method("mosaic", **method), shape.layers, shape.kv_heads, shape.dim, dtype, device,
                        CacheConfig(page_bytes=4096, evict_tokens=evict_tokens, n_threads=threads))  # fmt: skip
     try:
@@ -357,7 +363,7 @@ def main() -> None:
     doc = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
            "device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
            "shape": vars(shape), "method": method, "evict_tokens": args.evict_tokens,
-           "switch_interval_s": sys.getswitchinterval(), "rows": rows}  # fmt: skip
+           "switch_interval_s": sys.getswitchinterval(), "gc_frozen": True, "rows": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
 

@@ -13,7 +13,17 @@ import pytest
 import torch
 from paged_read import COL, stripe_rotation, stripe_side, stripe_summary
 
-from mosaickv.cache import CacheConfig, CacheFull, CacheManager, PagedBlob, PagedStripe, PagePool
+from mosaickv.cache import (
+    CacheConfig,
+    CacheFull,
+    CacheManager,
+    HostBuffer,
+    HostChunks,
+    PagedBlob,
+    PagedStripe,
+    PagePool,
+)
+from mosaickv.cache.host import SPARE_CHUNKS
 from mosaickv.cache.tables import pages_readable, snapshot_layout
 from mosaickv.core import KVCache, make_method, pack_topk
 from mosaickv.ops import DecodeWorkspace
@@ -525,6 +535,74 @@ def test_page_ids_are_held_where_the_garbage_collector_does_not_walk() -> None:
         assert any(isinstance(st, PagedBlob) for st in parts) and all(st.pages for st in parts)
         walked = [gc.get_referents(ids) for ids in [st.pages for st in parts] + [mgr.pool._free]]
         assert all(len(refs) <= 1 for refs in walked)  # at most the container's type, never an id
+    finally:
+        mgr.close()
+
+
+def test_host_rows_span_chunks_and_chunks_go_back_to_the_pool() -> None:
+    """Pending rows pushed across chunk boundaries read back as pushed (a view inside one chunk, a
+    copy across several); chunks below a new start, and all of them on reset, return to the pool,
+    and the next buffer reuses them."""
+    with torch.inference_mode():  # as the manager, which writes its chunks in the mode
+        chunks = HostChunks(rows=16, n_heads=H_KV, dim=D, dtype=torch.float32, pin=False)
+        k, v = tokens(70, seed=5)
+        buf = HostBuffer(chunks)
+        buf.reset(100)  # token 100 is the first pending one
+        for a, b in ((0, 5), (5, 40), (40, 41), (41, 70)):
+            buf.push(k[a:b], v[a:b])
+        assert buf.end == 170 and len(buf.chunks) == 5 and chunks.allocated == 5
+        for a, b in ((100, 170), (103, 116), (110, 150), (169, 170), (120, 120)):
+            got_k, got_v = buf.rows(a, b)
+            assert torch.equal(got_k, k[a - 100 : b - 100]) and torch.equal(got_v, v[a - 100 : b - 100])
+        view, _ = buf.rows(116, 130)
+        assert view.data_ptr() == buf.chunks[1][0, 0].data_ptr()  # inside one chunk: no copy
+        buf.release_before(135)  # chunks 0 and 1 hold tokens 100..131 only
+        assert len(buf.chunks) == 3 and buf.base == 132 and len(chunks._free) == 2
+        assert torch.equal(buf.rows(135, 170)[0], k[35:70])
+        buf.reset(0)
+        assert len(chunks._free) == 5 and buf.nbytes == 0
+        other = HostBuffer(chunks)
+        other.push(k[:40], v[:40])
+        assert chunks.allocated == 5 and torch.equal(other.rows(0, 40)[1], v[:40])
+
+
+def test_pending_rows_never_pin_memory_on_the_decode_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manager allocates host chunks at start and the re-encoders top them up after each job,
+    so an eviction on the decode thread takes a ready chunk (pinning memory on CUDA takes about a
+    millisecond per megabyte). Freeing a request gives its chunks back, also when it is freed
+    while a re-encoder still reads them (they come back when that job ends)."""
+    allocating: list[str] = []
+    new = HostChunks._new
+    monkeypatch.setattr(
+        HostChunks, "_new", lambda self: (allocating.append(threading.current_thread().name), new(self))[1]
+    )
+    params = SCENARIOS["fixed_len"]
+    k, v = tokens(400, seed=6)
+    mgr = manager(params, n_threads=1, evict_tokens=8, reencode_delay_s=0.05)
+    try:
+        assert allocating and all(name == threading.current_thread().name for name in allocating)  # at start
+        allocating.clear()
+        requests = [f"r{i}" for i in range(3 * SPARE_CHUNKS // 2)]  # each holds a chunk: more than spare
+        for rid in requests:
+            mgr.add_request(rid)
+            mgr.prefill(rid, 0, k[:100], v[:100])
+            for i in range(100, 130):  # evictions: the request takes a chunk
+                mgr.append(rid, 0, k[i : i + 1], v[i : i + 1])
+            mgr.drain()  # its job ran, and the re-encoder topped the pool up after it
+        assert len(allocating) >= len(requests) - SPARE_CHUNKS
+        assert all(name.startswith("mosaickv-reencode") for name in allocating)
+        for rid in requests:
+            mgr.free(rid)
+        mgr.drain()
+        host = mgr._host
+        assert mgr.stats()["cache_host_bytes"] == 0 and len(host._free) == host.allocated
+        mgr.add_request("s")  # freed in the middle of a slow re-encode
+        mgr.prefill("s", 0, k[:100], v[:100])
+        for i in range(100, 160):
+            mgr.append("s", 0, k[i : i + 1], v[i : i + 1])
+        mgr.free("s")
+        mgr.drain()
+        assert len(host._free) == host.allocated and mgr.stats()["cache_errors"] == 0
     finally:
         mgr.close()
 

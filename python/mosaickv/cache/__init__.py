@@ -21,10 +21,11 @@ request x layer: decode-side append, CPU-side close and swap), ``manager`` (requ
 pool, backlog bound, accounting).
 """
 
+from mosaickv.cache.host import HostBuffer, HostChunks
 from mosaickv.cache.manager import CacheConfig, CacheManager, default_threads
 from mosaickv.cache.pages import CacheFull, PagedBlob, PagedStripe, PagePool
 from mosaickv.cache.segments import PagedSegment, Snapshot
-from mosaickv.cache.stream import HostBuffer, Stream
+from mosaickv.cache.stream import Stream
 from mosaickv.cache.temp import TempSegment, TempStrategy
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "CacheFull",
     "CacheManager",
     "HostBuffer",
+    "HostChunks",
     "PagePool",
     "PagedBlob",
     "PagedSegment",

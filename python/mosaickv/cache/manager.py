@@ -17,6 +17,7 @@ from typing import ParamSpec, TypeVar
 
 import torch
 
+from mosaickv.cache.host import HostChunks
 from mosaickv.cache.pages import Paged, PagePool
 from mosaickv.cache.segments import PagedSegment, Snapshot, write_next_rows
 from mosaickv.cache.stream import Stream
@@ -126,6 +127,11 @@ class CacheManager:
         # attention runs the CUDA kernels when they are built, else the core reference on the device
         kernels = self.device.type == "cuda" and cuda_available()
         self._plan_device = self.device if kernels else torch.device("cpu")
+        # raw K/V of pending tokens, in chunks of at least one eviction
+        self._host = HostChunks(
+            max(256, self.config.evict_tokens), n_kv_heads, head_dim, dtype, pin=self.device.type == "cuda"
+        )
+        self._host.top_up()
         self._requests: dict[str, list[Stream]] = {}
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -193,7 +199,9 @@ class CacheManager:
             # instead of one step in evict_tokens carrying all of it (bench/decode/README.md)
             phases = [layer * self.config.evict_tokens // self.n_layers for layer in range(self.n_layers)]
             self._requests[request_id] = [
-                Stream(m, self.pool, self.n_kv_heads, self.head_dim, self.dtype, self.config, phase)
+                Stream(
+                    m, self.pool, self.n_kv_heads, self.head_dim, self.dtype, self.config, self._host, phase
+                )
                 for m, phase in zip(methods, phases, strict=True)
             ]
 
@@ -436,6 +444,7 @@ class CacheManager:
             while (job := stream.next_job()) is not None:
                 try:
                     stream.process(*job)
+                    self._host.top_up()  # for the decode thread's next evictions, before drain returns
                 except BaseException as err:  # noqa: BLE001 - reported to the caller on its next call
                     with self._cond:
                         self._errors.append(err)
@@ -526,6 +535,7 @@ class CacheManager:
             "cache_fragmentation": 1.0 - rows / page_bytes if page_bytes else 0.0,
             "cache_dense_bytes": sum(s.dense_bytes() for s in streams),
             "cache_host_bytes": sum(s.host.nbytes for s in streams),
+            "cache_host_reserved_bytes": self._host.nbytes,
             "cache_temp_tokens": sum(s.temp_tokens for s in streams),
             "cache_backlog_tokens": backlog,
             "cache_backlog_peak": peak,

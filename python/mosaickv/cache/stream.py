@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from mosaickv.cache.host import HostBuffer, HostChunks
 from mosaickv.cache.pages import Paged, PagePool
 from mosaickv.cache.segments import DenseRows, PagedSegment, Snapshot
 from mosaickv.cache.temp import TempSegment, TempStrategy
@@ -20,51 +21,6 @@ from mosaickv.core import CompressionMethod, Segment
 
 if TYPE_CHECKING:  # the manager module imports this one
     from mosaickv.cache.manager import CacheConfig
-
-
-class HostBuffer:
-    """Raw K/V of the pending tokens (left the window, not yet in a closed segment), on the host.
-
-    Rows are never overwritten: growth copies the live rows into a new allocation, so a reader
-    holding an older tensor keeps valid data. Pinned when the cache lives on CUDA (async copies).
-    Absolute token index ``i`` is row ``i - base``.
-    """
-
-    def __init__(self, n_heads: int, dim: int, dtype: torch.dtype, pin: bool) -> None:
-        self.pin = pin
-        self.k = self._empty(0, n_heads, dim, dtype)
-        self.v = self._empty(0, n_heads, dim, dtype)
-        self.base = 0
-        self.end = 0
-        self.start = 0  # first live absolute index (earlier rows belong to closed segments)
-
-    def _empty(self, n: int, h: int, d: int, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(n, h, d, dtype=dtype, pin_memory=self.pin)
-
-    def push(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append k, v: [t, H_kv, D] (any device) at absolute index ``end``."""
-        t = k.shape[0]
-        if self.end + t - self.base > self.k.shape[0]:
-            live = self.end - self.start
-            cap = max(2 * (live + t), 64)
-            nk, nv = (self._empty(cap, *self.k.shape[1:], self.k.dtype) for _ in range(2))
-            nk[:live], nv[:live] = (
-                self.k[self.start - self.base : self.end - self.base],
-                self.v[self.start - self.base : self.end - self.base],
-            )
-            self.k, self.v, self.base = nk, nv, self.start
-        lo = self.end - self.base
-        self.k[lo : lo + t].copy_(k, non_blocking=self.pin)
-        self.v[lo : lo + t].copy_(v, non_blocking=self.pin)
-        self.end += t
-
-    def rows(self, a: int, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw tokens [a, b) (absolute): k, v [b - a, H_kv, D] views."""
-        return self.k[a - self.base : b - self.base], self.v[a - self.base : b - self.base]
-
-    @property
-    def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
 
 
 class Stream:
@@ -84,6 +40,7 @@ class Stream:
         dim: int,
         dtype: torch.dtype,
         config: CacheConfig,
+        host: HostChunks,
         evict_phase: int = 0,
     ) -> None:
         self.method, self.pool, self.dtype = method, pool, dtype
@@ -99,7 +56,7 @@ class Stream:
         empty = DenseRows.empty(n_heads, dim, dtype, pool.device, self.dense_cap)
         self.snapshot = Snapshot(0, empty, (), None)
         self.temp: TempSegment | None = None
-        self.host = HostBuffer(n_heads, dim, dtype, pin=pool.device.type == "cuda")
+        self.host = HostBuffer(host)
         self.state: Any = None  # the method's per-cache state, owned by the CPU side
         self.jobs: deque[tuple[int, Any]] = deque()  # (tokens, CUDA event or None)
         self.scheduled = False
@@ -132,7 +89,7 @@ class Stream:
             start += seg.length
         self.state = _to_host(cache.state)
         with self.lock:
-            self.host.start = self.host.base = self.host.end = start
+            self.host.reset(start)
             dense = DenseRows.of(cache.sink_k, cache.sink_v, cache.tail_k, cache.tail_v, self.dense_cap)
             self.snapshot = Snapshot(0, dense, tuple(segs), None)
 
@@ -146,7 +103,7 @@ class Stream:
             if snap.length == snap.dense.n_sink:
                 n_s = min(m.n_sink - snap.dense.n_sink, k.shape[0])
                 if n_s > 0:  # nothing is pending yet: the first pending token comes right after the sinks
-                    self.host.start = self.host.base = self.host.end = snap.dense.n_sink + n_s
+                    self.host.reset(snap.dense.n_sink + n_s)
             dense = snap.dense.appended(k, v, n_s, self.dense_cap)
             out = self.evicted(dense.n - dense.n_sink)
             temp_view = snap.temp
@@ -235,6 +192,8 @@ class Stream:
             if self.jobs and not self.freed:
                 return self.jobs.popleft()
             self.scheduled = False
+            if self.freed:  # free() left the host rows to the job that was running
+                self.host.reset(self.host.end)
             return None
 
     def process(self, n: int, event: Any) -> None:
@@ -247,8 +206,7 @@ class Stream:
         while n and not self.freed:  # free() drops the rest (a close of a freed stream publishes nothing)
             a = self.host.start + self.cpu_pending
             t = min(n, m.segment_len - self.cpu_pending)
-            with self.lock:  # push may be swapping the buffer
-                k, v = self.host.rows(a, a + t)
+            k, v = self.host.rows(a, a + t)  # pushed before the job was queued: no lock needed
             m._on_pending(self.state, k, v)
             self.cpu_pending += t
             n -= t
@@ -261,8 +219,7 @@ class Stream:
         if self.config.reencode_delay_s:
             time.sleep(self.config.reencode_delay_s)  # the configured slow re-encoder (backlog tests)
         a, n = self.host.start, self.cpu_pending
-        with self.lock:
-            k, v = self.host.rows(a, a + n)
+        k, v = self.host.rows(a, a + n)  # outside the lock: a copy when it spans chunks
         core = self.method._encode_segment(k, v, self.state, True)
         seg = PagedSegment.from_core(core, a, self.pool, self.dtype, self.method.block_size)
         temp = TempSegment(
@@ -293,7 +250,7 @@ class Stream:
             )
             if old is not None:
                 self.retired.append((snap.generation, old.paged()))
-            self.host.start = a + n
+            self.host.release_before(a + n)
             self.cpu_pending = 0
             self._reclaim()
             self.reencodes += 1
@@ -305,7 +262,7 @@ class Stream:
     def fork(self) -> Stream:
         """A copy for another request (the caller made sure no job is queued or running): closed
         segments share pages, the temporary segment and host rows are copied."""
-        twin = Stream(self.method, self.pool, self.n_heads, self.dim, self.dtype, self.config)
+        twin = Stream(self.method, self.pool, self.n_heads, self.dim, self.dtype, self.config, self.host.pool)
         with self.lock:
             snap = self.snapshot
             segs = tuple(s.shared() for s in snap.segments)
@@ -318,7 +275,7 @@ class Stream:
                 temp=twin.temp.view() if twin.temp is not None else None,
             )
             k, v = self.host.rows(self.host.start, self.host.end)
-            twin.host.start = twin.host.base = twin.host.end = self.host.start
+            twin.host.reset(self.host.start)
             twin.host.push(k, v)
             twin.state = copy.deepcopy(self.state)
             twin.evict_at = self.evict_at
@@ -338,6 +295,8 @@ class Stream:
             self.retired.append((snap.generation, owned))
             self.temp = None
             self._reclaim()
+            if not self.scheduled:  # else the re-encoder still reading them gives them back (next_job)
+                self.host.reset(self.host.end)
             return dropped
 
     # ---- accounting -------------------------------------------------------------------------------
