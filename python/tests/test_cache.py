@@ -246,14 +246,22 @@ def test_attention_equals_synchronous_when_nothing_is_pending() -> None:
 
 
 def test_temporary_segment_uses_previous_strategy() -> None:
+    """Prefill leaves an empty temporary segment with the last prompt segment's strategy (the decode
+    path never builds one), which attention skips until tokens leave the window into it."""
     params = SCENARIOS["fixed_len"]
     k, v = tokens(130, seed=4)
     mgr = manager(params, n_threads=1)
     try:
         mgr.add_request("r")
         mgr.pause()  # nothing is re-encoded: every decode token is served from the temporary segment
-        feed(mgr, "r", k, v, n_prompt=100)
-        snap = mgr._stream("r", 0).snapshot
+        mgr.prefill("r", 0, k[:100], v[:100])
+        stream = mgr._stream("r", 0)
+        ready = stream.temp
+        assert ready is not None and ready.length == 0 and stream.snapshot.temp is None
+        for i in range(100, 130):
+            mgr.append("r", 0, k[i : i + 1], v[i : i + 1])
+        snap = stream.snapshot
+        assert snap.temp is not None and snap.temp.temp is ready
         assert snap.temp is not None and snap.temp.length == 30
         seg = snap.segments[-1]
         rows = snap.temp.to_core()

@@ -132,7 +132,7 @@ def test_the_append_kernel_packs_the_temporary_segment_like_the_torch_path(summa
 
 def test_decode_steps_never_wait_for_the_device() -> None:
     """Appends (one request or a batch at a time) and attention never synchronise the host with
-    the device, evictions included: the first temporary segment, its table growing past its region
+    the device, evictions included: the temporary segment's first rows, its table growing past its region
     and its summary tensor moving, and the first attention over a segment the re-encoders swapped
     in. A wait would stall the decode thread behind every kernel queued before it (the CPU runs a
     step ahead of the GPU) and breaks CUDA-graph capture. CUDA's sync debug mode 'error' raises on

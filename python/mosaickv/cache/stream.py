@@ -92,6 +92,8 @@ class Stream:
             self.host.reset(start)
             dense = DenseRows.of(cache.sink_k, cache.sink_v, cache.tail_k, cache.tail_v, self.dense_cap)
             self.snapshot = Snapshot(0, dense, tuple(segs), None)
+        if segs:  # made here, not by the first eviction: a step's decode path never builds one
+            self.temp = self._new_temp(start)
 
     # ---- decode side ------------------------------------------------------------------------------
     def append(self, k: torch.Tensor, v: torch.Tensor) -> int:
