@@ -150,14 +150,20 @@ class Stream:
         excess = window_len - self.method.window
         return excess if excess >= self.evict_at else 0
 
-    def _new_temp(self, start: int) -> TempSegment:
+    def _new_temp(self, start: int, after: PagedSegment | None = None) -> TempSegment:
+        """An empty temporary segment from token ``start``, packing with the strategy of ``after``
+        (default: the last closed segment; before any, the lossless identity)."""
         segs = self.snapshot.segments
+        last = after if after is not None else (segs[-1] if segs else None)
         strategy = (
-            TempStrategy.of(segs[-1], getattr(self.method, "channels", None))
-            if segs
+            TempStrategy.of(last, getattr(self.method, "channels", None))
+            if last is not None
             else TempStrategy.identity(self.n_heads, self.dim, self.pool.device)
         )
-        return TempSegment(self.method, start, strategy, self.pool, self.dtype, self.config.append_kernel)
+        m, config = self.method, self.config
+        return TempSegment(
+            m, start, strategy, self.pool, self.dtype, config.append_kernel, config.evict_tokens
+        )
 
     # ---- readers ----------------------------------------------------------------------------------
     def acquire(self) -> Snapshot:
@@ -224,14 +230,7 @@ class Stream:
         k, v = self.host.rows(a, a + n)  # outside the lock: a copy when it spans chunks
         core = self.method._encode_segment(k, v, self.state, True)
         seg = PagedSegment.from_core(core, a, self.pool, self.dtype, self.method.block_size)
-        temp = TempSegment(
-            self.method,
-            a + n,
-            TempStrategy.of(seg, getattr(self.method, "channels", None)),
-            self.pool,
-            self.dtype,
-            self.config.append_kernel,
-        )
+        temp = self._new_temp(a + n, seg)
         with self.lock:
             known = self.host.end
             hk, hv = self.host.rows(a + n, known)

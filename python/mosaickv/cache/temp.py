@@ -61,7 +61,8 @@ class TempStrategy:
 
 class TempSegment:
     """The segment that decode tokens are encoded into, on the decode path, with ``strategy``;
-    ``kernel`` False keeps the torch path on a GPU.
+    ``kernel`` False keeps the torch path on a GPU. ``room``: tokens its summary holds before it
+    first grows (an eviction's worth: an empty one, made at prefill, stays small).
 
     Append-only: rows and finished block summaries are never rewritten, so a snapshot that saw
     ``n`` rows stays valid while more are appended. Only the open (last, partial) block's summary
@@ -76,6 +77,7 @@ class TempSegment:
         pool: PagePool,
         dtype: torch.dtype,
         kernel: bool = True,
+        room: int = 128,
     ) -> None:
         self.method, self.start, self.strategy, self.dtype = method, start, strategy, dtype
         st, d = strategy, strategy.rot_k.shape[-1]
@@ -89,7 +91,7 @@ class TempSegment:
         self.length = 0
         self.width = summary_width(method.summary, d, method.summary_channels) if method.selects_blocks else 0
         # block summaries [H_kv, capacity, F]: rows of finished blocks, then the open block's row
-        self.summary = torch.zeros(h, 16, self.width, dtype=dtype, device=pool.device)
+        self.summary = torch.zeros(h, -(-room // b), self.width, dtype=dtype, device=pool.device)
         self.kernel = kernel and pool.device.type == "cuda" and cuda_available()
         if self.kernel:
             mean = self.width and SUMMARY_KIND_IDS[method.summary] == 0
@@ -100,7 +102,7 @@ class TempSegment:
             self._rotations = torch.cat([st.rot_k, st.rot_v])  # [2 H_kv, D, D]
             self._packs = _heads_by_strategy(st.keep_k + st.keep_v, st.group_k + st.group_v, pool.device)
             self._open = torch.empty(h, 0, d, device=pool.device)  # rotated keys of the open block
-        self.tables = TempTables(self)
+        self._tables: TempTables | None = None
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Pack k, v: [t, H_kv, D] (on the pool's device) with the strategy and update summaries."""
@@ -114,6 +116,13 @@ class TempSegment:
         else:
             self._append_torch(k, v)
         self.length += t
+
+    @property
+    def tables(self) -> TempTables:
+        """The kernels' tables, built on first use (the CPU path never needs them)."""
+        if self._tables is None:
+            self._tables = TempTables(self)
+        return self._tables
 
     def _append_kernel(self, k: torch.Tensor, v: torch.Tensor) -> None:
         t, n_heads, d = k.shape
@@ -199,7 +208,7 @@ class TempSegment:
     @property
     def dense_bytes(self) -> int:
         """Bytes outside pages owned by the temp alone: summaries, running sums, the open block's keys."""
-        parts = [self.summary, self.tables.pages, self.tables.stripes]
+        parts = [self.summary] + ([self._tables.pages, self._tables.stripes] if self._tables else [])
         parts += [self._block_sum] if self.kernel and self._block_sum is not None else []
         parts += [] if self.kernel else [self._open]
         return sum(t.numel() * t.element_size() for t in parts)
