@@ -21,7 +21,7 @@ each run first freezes the objects the process holds so far, as vLLM does after 
 without ``"gc_frozen": true`` in their JSON ran without).
 ``--profile`` adds the decode thread's functions by cumulative time over a few manager steps
 (cProfile, the CPU re-encoders paused meanwhile). Everything runs in ``torch.inference_mode``, as
-vLLM's model runner decodes (the results dated 2026-11-29 and earlier ran outside it).
+vLLM's model runner decodes (results without an ``appends`` field in their JSON ran outside it).
 
     python3 -m mosaickv.ops.compile
     python3 bench/decode/bench_manager_step.py --batches 1 --steps 256 \
