@@ -27,7 +27,7 @@ class HostChunks:
 
     def __init__(self, rows: int, n_heads: int, dim: int, dtype: torch.dtype, pin: bool) -> None:
         self.rows = rows
-        self._shape, self._dtype, self._pin = (2, rows, n_heads, dim), dtype, pin
+        self.shape, self.dtype, self.pin = (2, rows, n_heads, dim), dtype, pin
         self.chunk_bytes = 2 * rows * n_heads * dim * torch.empty(0, dtype=dtype).element_size()
         self._free: list[torch.Tensor] = []
         self._lock = threading.Lock()
@@ -35,7 +35,7 @@ class HostChunks:
 
     def _new(self) -> torch.Tensor:
         with torch.inference_mode():  # as the manager's other tensors (written in and out of the mode)
-            return torch.empty(self._shape, dtype=self._dtype, pin_memory=self._pin)
+            return torch.empty(self.shape, dtype=self.dtype, pin_memory=self.pin)
 
     def take(self) -> torch.Tensor:
         with self._lock:
@@ -96,8 +96,8 @@ class HostBuffer:
                 self.chunks.append(self.pool.take())
             n = min(t - done, rows - r)
             chunk = self.chunks[i]
-            chunk[0, r : r + n].copy_(k[done : done + n], non_blocking=self.pool._pin)
-            chunk[1, r : r + n].copy_(v[done : done + n], non_blocking=self.pool._pin)
+            chunk[0, r : r + n].copy_(k[done : done + n], non_blocking=self.pool.pin)
+            chunk[1, r : r + n].copy_(v[done : done + n], non_blocking=self.pool.pin)
             done += n
             self.end += n
 
@@ -111,8 +111,8 @@ class HostBuffer:
             parts.append(self.chunks[i][:, r : r + n])
             a += n
         if not parts:
-            _, _, h, d = self.pool._shape
-            return (torch.empty(0, h, d, dtype=self.pool._dtype),) * 2
+            _, _, h, d = self.pool.shape
+            return (torch.empty(0, h, d, dtype=self.pool.dtype),) * 2
         both = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
         return both[0], both[1]
 
