@@ -10,6 +10,8 @@ bench_decode.py, one ``--tokens``-token segment (64K: the step benchmark's segme
   copy       baseline, same run: the same bytes (values, bitmaps, rotations, summary) copied once
              as whole tensors, the floor for page and gather
   prefill    ``CacheManager.prefill`` of the layer: encode + page + the dense sinks and window
+  share      ``PagedSegment.shared`` and the release of that copy: what a fork adds and what
+             freeing a request takes, per segment (host work only: page reference counts)
 Wall time of each call (synchronised on CUDA), median over ``--repeats``; JSON to ``--out``.
 
     python3 bench/decode/bench_paging.py --out bench/results/paging-h200.json        # GPU
@@ -90,12 +92,17 @@ def run(tokens: int, page_bytes: int, repeats: int, device: torch.device) -> dic
         mgr.prefill(name, 0, k, v)
         mgr.free(name)
 
+    def share_and_release() -> None:
+        for part in paged.shared().paged():
+            part.release()
+
     stages = {
         "encode": lambda: method.encode(k, v),
         "page": page_and_release,
         "gather": paged.to_core,
         "copy": lambda: [t.clone() for t in parts],
         "prefill": prefill,
+        "share": share_and_release,
     }
     try:
         ms = {}

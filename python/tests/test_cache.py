@@ -332,11 +332,11 @@ def test_retired_pages_wait_for_their_readers() -> None:
         temp_pages = {p for st in held.temp.temp.paged() for p in st.pages}  # type: ignore[union-attr]
         mgr.resume()
         mgr.drain()
-        assert stream.retired and temp_pages <= set(mgr.pool._refs)
+        assert stream.retired and (mgr.pool.owners(sorted(temp_pages)) > 0).all()
         q = torch.randn(H_Q, D)
         held.to_kvcache(mgr.method).attend(q)  # still readable: its pages were not reused
         stream.release(held)
-        assert not stream.retired and not temp_pages & set(mgr.pool._refs)
+        assert not stream.retired and (mgr.pool.owners(sorted(temp_pages)) == 0).all()
     finally:
         mgr.close()
 
@@ -492,7 +492,7 @@ def test_fork_shares_closed_segments_and_diverges() -> None:
         mgr.fork("a", "b")
         temp_pages = {p for st in mgr._stream("b", 0).temp.paged() for p in st.pages}  # type: ignore[union-attr]
         assert mgr.pool.used_pages == before + len(temp_pages)  # closed segments were not copied
-        assert all(mgr.pool._refs[p] == 2 for p in closed)
+        assert (mgr.pool.owners(sorted(closed)) == 2).all()
         for rid, (kk, vv) in (("a", (k, v)), ("b", (k2, v2))):
             for i in range(130, 170):
                 mgr.append(rid, 0, kk[i : i + 1], vv[i : i + 1])
@@ -500,7 +500,7 @@ def test_fork_shares_closed_segments_and_diverges() -> None:
         assert_same_segments(mgr, "a", synchronous(params, k, v, 100))
         assert_same_segments(mgr, "b", synchronous(params, k2, v2, 100))
         mgr.free("a")
-        assert all(mgr.pool._refs[p] == 1 for p in closed)
+        assert (mgr.pool.owners(sorted(closed)) == 1).all()
         mgr.free("b")
         assert mgr.pool.used_pages == 0
     finally:
@@ -620,14 +620,17 @@ def test_pool_bound_and_errors() -> None:
     pages = [pool.allocate() for _ in range(3)]
     with pytest.raises(CacheFull, match="max_pages"):
         pool.allocate()
-    pool.release(pages[0])
+    pool.release([pages[0]])
     assert pool.allocate() == pages[0]
-    for p in reversed(pages[1:]):
-        pool.release(p)
+    pool.release(pages[:0:-1])
+    with pytest.raises(ValueError, match="distinct allocated ids"):  # freed twice
+        pool.release([pages[1]])
+    with pytest.raises(ValueError, match="distinct allocated ids"):  # one id twice in a call
+        pool.share([pages[0], pages[0]])
     with pytest.raises(CacheFull, match="max_pages"):  # 3 pages exist, 2 free: all or none
         pool.allocate_many(3)
-    assert pool.used_pages == 1 and pool.allocate_many(0) == []
-    got = pool.allocate_many(2)
+    assert pool.used_pages == 1 and len(pool.allocate_many(0)) == 0
+    got = pool.allocate_many(2).tolist()
     assert got == sorted(got) == sorted(pages[1:])  # ascending, whatever order they were freed in
     with pytest.raises(ValueError, match="multiple of 16"):
         PagePool(1000, torch.device("cpu"))
@@ -669,7 +672,7 @@ def test_pool_over_caller_storage_never_allocates() -> None:
     # every page is a distinct 256-byte piece of the caller's buffer, none of the per-block tails
     assert sorted(buf[:, :, :512].reshape(-1, 256)[:, 0].tolist()) == list(range(1, 13))
     assert int((buf[:, :, :512] == 0).sum()) == 0 and int(buf[:, :, 512:].sum()) == 0
-    pool.release(pages[5])
+    pool.release([pages[5]])
     assert pool.allocate() == pages[5]
     with pytest.raises(ValueError, match="one shape"):
         PagePool(256, torch.device("cpu"), storage=[views[0], views[1][:2]])
@@ -705,8 +708,8 @@ def test_whole_pages_written_in_runs_read_back(storage: str, order: str) -> None
         held = [pool.allocate() for _ in range(16)]
         for p in held:
             pool.page(p).fill_(255)
-        for p in held[1::2] + held[0::2][::-1]:
-            pool.release(p)
+        for p in held[1::2] + held[0::2][::-1]:  # one at a time: the free list in this order
+            pool.release([p])
     vals, bits = pack_topk(torch.randn(60, D), 5, 1, None, torch.float32)
     stripe = PagedStripe(pool, D, 1, 5, torch.float32)
     wide = torch.zeros(60, 8)
@@ -760,7 +763,8 @@ def test_manager_in_caller_storage_holds_every_per_token_byte_there() -> None:
         feed(mgr, "r", k, v, n_prompt=100, layer=1)
         mgr.drain()
         assert_same_segments(mgr, "r", ref, layer=1)  # rows, rotations and summaries read back from buf
-        used = [mgr.pool.page(p) for p in range(mgr.pool.reserved_pages) if p in mgr.pool._refs]
+        owners = mgr.pool.owners(range(mgr.pool.reserved_pages))
+        used = [mgr.pool.page(p) for p in range(mgr.pool.reserved_pages) if owners[p]]
         assert used and all(t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr() for t in used)
         for rid in ("short", "long", "r"):
             mgr.free(rid)

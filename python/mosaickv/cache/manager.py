@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
 
+import numpy as np
 import torch
 
 from mosaickv.cache.host import HostChunks
@@ -365,7 +366,7 @@ class CacheManager:
         """Drop prefix entries no request uses any more (the entry is the pages' only owner)."""
         with self._lock:
             for key, seg in list(self._prefix.items()):
-                if all(self.pool.owners(p) == 1 for st in seg.paged() for p in st.pages):
+                if all((self.pool.owners(st.pages) == 1).all() for st in seg.paged()):
                     for st in seg.paged():
                         st.release()
                     del self._prefix[key]
@@ -501,17 +502,19 @@ class CacheManager:
     def request_stats(self, request_id: str) -> dict[str, int]:
         """Real bytes of one request: pages it references, host buffers, dense device tensors."""
         streams = [self._stream(request_id, layer) for layer in range(self.n_layers)]
-        pages = {p for s in streams for st in s.paged() for p in st.pages}
-        rows = _unique_rows(st for s in streams for st in s.paged())
+        parts = [st for s in streams for st in s.paged()]
+        ids = [np.frombuffer(st.pages, dtype=np.int64) for st in parts]
+        pages = len(np.unique(np.concatenate(ids))) if ids else 0  # shared pages once
+        rows = _unique_rows(parts)
         return {
             "tokens": streams[0].snapshot.length,
             "segments": len(streams[0].snapshot.segments),
             "temp_tokens": sum(s.temp_tokens for s in streams),
-            "page_bytes": len(pages) * self.pool.page_bytes,
+            "page_bytes": pages * self.pool.page_bytes,
             "row_bytes": rows,
             "dense_bytes": sum(s.dense_bytes() for s in streams),
             "host_bytes": sum(s.host.nbytes for s in streams),
-            "kv_bytes": len(pages) * self.pool.page_bytes + sum(s.dense_bytes() for s in streams),
+            "kv_bytes": pages * self.pool.page_bytes + sum(s.dense_bytes() for s in streams),
         }
 
     def stats(self) -> dict[str, int | float]:
