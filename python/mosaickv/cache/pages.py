@@ -152,7 +152,10 @@ class PagePool:
         chunk = torch.empty(self.chunk_pages, self.page_bytes, dtype=torch.uint8, device=self.device)
         self._chunks.append(chunk.unsqueeze(1))
         self._free.extend(range(base + n - 1, base - 1, -1))
-        self._refs = np.concatenate([self._refs, np.zeros(self.chunk_pages, dtype=np.int32)])
+        if self.reserved_pages > len(self._refs):  # doubled: growing by a chunk would copy it per chunk
+            grown = np.zeros(max(2 * len(self._refs), self.reserved_pages), dtype=np.int32)
+            grown[: len(self._refs)] = self._refs
+            self._refs = grown
 
     # Owners are counted for whole arrays of page ids at once: a 128K-token request holds about 1.4M
     # pages over 32 layers, so a fork or a free page by page took about a second of Python.
@@ -163,24 +166,24 @@ class PagePool:
 
     def share(self, pages: Sequence[int]) -> None:
         """One more owner of each of ``pages`` (distinct allocated ids; a fork, prefix sharing)."""
-        ids = self._owned(pages)
+        ids = _ids(pages)
         with self._lock:
+            self._check_owned(ids)
             self._refs[ids] += 1
 
     def release(self, pages: Sequence[int]) -> None:
         """Drop one owner of each of ``pages`` (distinct allocated ids); a page returns to the free
         list with its last owner."""
-        ids = self._owned(pages)
+        ids = _ids(pages)
         with self._lock:
+            self._check_owned(ids)
             self._refs[ids] -= 1
             freed = ids[self._refs[ids] == 0]
             self._free.frombytes(freed.tobytes())
             self._used -= len(freed)
 
-    def _owned(self, pages: Sequence[int]) -> np.ndarray:
-        """``pages`` as ids, checked: distinct, and allocated (a page freed twice would corrupt the
-        free list)."""
-        ids = _ids(pages)
+    def _check_owned(self, ids: np.ndarray) -> None:
+        """Distinct and allocated (caller holds the lock): a page freed twice would corrupt the free list."""
         if len(ids) and (
             ids.min() < 0
             or ids.max() >= len(self._refs)
@@ -190,7 +193,6 @@ class PagePool:
             raise ValueError(
                 f"pages shared or released must be distinct allocated ids (freed twice?), got {ids}"
             )
-        return ids
 
     def addresses(self, pages: Sequence[int]) -> np.ndarray:
         """Device byte addresses of ``pages`` (int64), for the kernels' page tables."""
