@@ -158,7 +158,8 @@ def test_evicting_a_block_at_a_time_equals_a_synchronous_encode_fed_in_blocks(na
 def test_a_batched_append_equals_a_synchronous_encode_per_request() -> None:
     """append_batch (one row of k/v per request) holds for each request what the core holds fed its
     tokens one at a time: through sinks (a 2-token prompt), window growth and evictions. Bad
-    batches are refused before anything is written."""
+    batches are refused before anything is written. On the CPU every row goes through ``append``;
+    the one-launch path of CUDA is compared with it in test_cache_gpu.py."""
     params = SCENARIOS["fixed_len"]
     prompts = {"a": 100, "b": 2, "c": 57}
     data = {rid: tokens(300, seed=20 + i) for i, rid in enumerate(prompts)}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mosaickv.cache.host import HostChunks
-from mosaickv.cache.pages import Paged, PagePool
+from mosaickv.cache.pages import Paged, PagePool, page_ids
 from mosaickv.cache.segments import PagedSegment, Snapshot, write_next_rows
 from mosaickv.cache.stream import Stream
 from mosaickv.cache.tables import pages_readable, snapshot_layout, table_key, with_dense
@@ -315,13 +315,11 @@ class CacheManager:
         )
         targets = [(b, d) for b, d in enumerate(rows) if d is not None]
         # a single row is cheaper through append: two copies against a table upload and a launch
-        if len(targets) > 1 and write_next_rows(k, v, targets):
-            for b, d in targets:
-                streams[b].add_row(d)
-        else:
-            rows = [None] * len(streams)
-        for b, d in enumerate(rows):
-            if d is None:
+        written = len(targets) > 1 and write_next_rows(k, v, targets)
+        for b, (stream, d) in enumerate(zip(streams, rows, strict=True)):
+            if written and d is not None:
+                stream.add_row(d)
+            else:
                 self.append(request_ids[b], layer, k[b : b + 1], v[b : b + 1])
 
     def _schedule(self, stream: Stream) -> None:
@@ -503,8 +501,8 @@ class CacheManager:
         """Real bytes of one request: pages it references, host buffers, dense device tensors."""
         streams = [self._stream(request_id, layer) for layer in range(self.n_layers)]
         parts = [st for s in streams for st in s.paged()]
-        ids = [np.frombuffer(st.pages, dtype=np.int64) for st in parts]
-        pages = len(np.unique(np.concatenate(ids))) if ids else 0  # shared pages once
+        ids = [page_ids(st.pages) for st in parts]
+        pages = len(np.unique(np.concatenate(ids))) if ids else 0  # a shared page once
         rows = _unique_rows(parts)
         return {
             "tokens": streams[0].snapshot.length,

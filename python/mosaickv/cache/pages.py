@@ -162,11 +162,11 @@ class PagePool:
     def owners(self, pages: Sequence[int]) -> np.ndarray:
         """Reference counts of ``pages`` (int32; 0 for a free page)."""
         with self._lock:
-            return self._refs[_ids(pages)]
+            return self._refs[page_ids(pages)]
 
     def share(self, pages: Sequence[int]) -> None:
         """One more owner of each of ``pages`` (distinct allocated ids; a fork, prefix sharing)."""
-        ids = _ids(pages)
+        ids = page_ids(pages)
         with self._lock:
             self._check_owned(ids)
             self._refs[ids] += 1
@@ -174,7 +174,7 @@ class PagePool:
     def release(self, pages: Sequence[int]) -> None:
         """Drop one owner of each of ``pages`` (distinct allocated ids); a page returns to the free
         list with its last owner."""
-        ids = _ids(pages)
+        ids = page_ids(pages)
         with self._lock:
             self._check_owned(ids)
             self._refs[ids] -= 1
@@ -196,7 +196,7 @@ class PagePool:
 
     def addresses(self, pages: Sequence[int]) -> np.ndarray:
         """Device byte addresses of ``pages`` (int64), for the kernels' page tables."""
-        ids = np.asarray(pages, dtype=np.int64)
+        ids = page_ids(pages)
         with self._lock:
             known = len(self._chunk_addr)
             if known != len(self._chunks):  # chunks were added: the table gains their rows only
@@ -218,7 +218,7 @@ class PagePool:
         page_bytes] uint8 view of pages[start:end]). A run is consecutive page ids in one chunk row
         (own chunks have one page per row and evenly strided rows), so a fresh chunk's pages, which
         are handed out in order, are written with one copy instead of one per page."""
-        ids = _ids(pages)
+        ids = page_ids(pages)
         if not len(ids):
             return
         per_row = self._chunks[0].shape[1]  # one shape for every chunk
@@ -235,7 +235,7 @@ class PagePool:
             start = end
 
 
-def _ids(pages: Sequence[int]) -> np.ndarray:
+def page_ids(pages: Sequence[int]) -> np.ndarray:
     """Page ids as int64 numpy (a view of an ``array("q")``, a copy of anything else)."""
     if isinstance(pages, array):
         return np.frombuffer(pages, dtype=np.int64)
@@ -336,8 +336,8 @@ class PagedStripe:
         """Room for n more rows, written by a kernel through the page table (``cache.temp``): pages
         are allocated and the length grows now; the rows must be written before anything reads them."""
         need = -(-(self.length + n) // self.rows_per_page)
-        while len(self.pages) < need:
-            self.pages.append(self.pool.allocate())
+        new = self.pool.allocate_many(need - len(self.pages))  # one call for them all (decode path)
+        self.pages.frombytes(new.tobytes())
         self.length += n
 
     def read(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -132,7 +132,8 @@ class Stream:
         (``segments.write_next_rows``), which then calls ``add_row``; None: ``append`` it."""
         snap = self.snapshot
         d = snap.dense
-        if d.n >= d.cap or self.evicted(d.n - d.n_sink + 1) or snap.length == d.n_sink:
+        filling_sinks = d.n_sink < self.method.n_sink and snap.length == d.n_sink  # length: a sum, rarely
+        if d.n >= d.cap or self.evicted(d.n - d.n_sink + 1) or filling_sinks:
             return None
         return d
 
