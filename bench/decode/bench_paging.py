@@ -12,6 +12,9 @@ bench_decode.py, one ``--tokens``-token segment (64K: the step benchmark's segme
   prefill    ``CacheManager.prefill`` of the layer: encode + page + the dense sinks and window
   share      ``PagedSegment.shared`` and the release of that copy: what a fork adds and what
              freeing a request takes, per segment (host work only: page reference counts)
+  evict_pages  the pages an eviction (the vLLM backend's 256 tokens) takes for a temporary
+             segment's stripes (one per head, K and V, shaped as the segment's): the pool's share of
+             an eviction on the decode path (``PagedStripe.grow`` alone, on the host)
 Wall time of each call (synchronised on CUDA), median over ``--repeats``; JSON to ``--out``.
 
     python3 bench/decode/bench_paging.py --out bench/results/paging-h200.json        # GPU
@@ -26,15 +29,25 @@ import itertools
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import LLAMA_8B, METHOD
-from mosaickv.cache import CacheConfig, CacheManager, PagedSegment, PagePool
+from mosaickv.cache import (
+    CacheConfig,
+    CacheManager,
+    PagedSegment,
+    PagedStripe,
+    PagePool,
+)
 from mosaickv.core import Segment, make_method
+from mosaickv.engines.vllm.config import MosaicSettings
 from timing import wall_times_ms  # bench/kernels, on the path from bench_decode
+
+EVICT_TOKENS = MosaicSettings().evict_tokens  # the vLLM backend's
 
 
 def segment_tensors(seg: Segment) -> list[torch.Tensor]:
@@ -96,6 +109,20 @@ def run(tokens: int, page_bytes: int, repeats: int, device: torch.device) -> dic
         for part in paged.shared().paged():
             part.release()
 
+    def evict_pages_ms() -> float:
+        """One eviction's page allocation, timed alone: stripes made before, released after."""
+        stripes = [
+            PagedStripe(pool, dim, s.group, s.keep, dtype, method.block_size)
+            for s in paged.k + paged.v
+        ]
+        began = time.perf_counter()
+        for s in stripes:
+            s.grow(EVICT_TOKENS)
+        took = (time.perf_counter() - began) * 1e3
+        for s in stripes:
+            s.release()
+        return took
+
     stages = {
         "encode": lambda: method.encode(k, v),
         "page": page_and_release,
@@ -110,6 +137,9 @@ def run(tokens: int, page_bytes: int, repeats: int, device: torch.device) -> dic
             fn()  # warm-up: allocator, kernels' first launch
             ms[name] = statistics.median(wall_times_ms(fn, repeats, cuda))
             print(f"{name:8s} {ms[name]:10.2f} ms", flush=True)
+        evict_pages_ms()  # warm-up
+        ms["evict_pages"] = statistics.median(evict_pages_ms() for _ in range(repeats))
+        print(f"evict_pages {ms['evict_pages']:7.3f} ms", flush=True)
     finally:
         mgr.close()
     return {

@@ -81,6 +81,6 @@ def test_paging_bench_smoke(tmp_path: Path) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     row = json.loads(out.read_text())["row"]
-    assert set(row["ms"]) == {"encode", "page", "gather", "copy", "prefill", "share"}
+    assert set(row["ms"]) == {"encode", "page", "gather", "copy", "prefill", "share", "evict_pages"}
     assert min(row["ms"].values()) > 0
     assert row["pages"] * row["page_bytes"] >= row["segment_bytes"] > 0
