@@ -141,7 +141,7 @@ def gc_pauses() -> Iterator[list[tuple[int, float]]]:
         gc.callbacks.remove(note)
 
 
-def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None, evict_tokens: int,
+def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
         paused: bool, profile: bool, per_request: bool, device: torch.device, method: dict) -> dict:  # fmt: skip
     cuda = device.type == "cuda"
     dtype = torch.bfloat16
@@ -150,7 +150,8 @@ def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
     gc.collect()
     gc.freeze()
     mgr = CacheManager(make_method("mosaic", **method), shape.layers, shape.kv_heads, shape.dim, dtype, device,
-                       CacheConfig(page_bytes=4096, evict_tokens=evict_tokens, n_threads=threads))  # fmt: skip
+                       config)  # fmt: skip
+    evict_tokens = config.evict_tokens
     try:
         rids = [f"seq{b}" for b in range(batch)]
         began = time.perf_counter()
@@ -258,9 +259,11 @@ def run(shape: Shape, context: int, batch: int, steps: int, threads: int | None,
         mgr.close()
     row = {
         "context": context, "batch": batch, "steps": steps, "threads": stats["cache_threads"],
+        "reencoder_nice": config.reencoder_nice,
         "reencoders_paused": paused, "appends": "per-request" if per_request else "batch",
         "prefill_s": prefill_s, "kernels_graph_ms": kernels_graph,
-        "backlog_peak": stats["cache_backlog_peak"], "stalls": stats["cache_backlog_stalls"],
+        "backlog_peak": stats["cache_backlog_peak"], "backlog_limit": stats["cache_backlog_limit"],
+        "stalls": stats["cache_backlog_stalls"],
         "reencodes": stats["cache_reencodes"],
     }  # fmt: skip
     for mode in modes:
@@ -303,7 +306,8 @@ def main() -> None:
     parser.add_argument(
         "--pause-reencoders",
         action="store_true",
-        help="time the decode thread alone (CPU jobs wait; needs steps x layers x batch < max_backlog_tokens)",
+        help="time the decode thread alone (CPU jobs wait; needs room for every eviction in "
+        "--max-backlog-tokens)",
     )
     parser.add_argument(
         "--evict-tokens",
@@ -317,6 +321,18 @@ def main() -> None:
         default=None,
         help="sys.setswitchinterval in seconds: how long a thread holds the GIL while another "
         "waits for it (Python's default: 0.005)",
+    )
+    parser.add_argument(
+        "--max-backlog-tokens",
+        type=int,
+        default=CacheConfig().max_backlog_tokens,
+        help="CacheConfig.max_backlog_tokens (--pause-reencoders needs room for every eviction)",
+    )
+    parser.add_argument(
+        "--reencoder-nice",
+        type=int,
+        default=CacheConfig().reencoder_nice,
+        help="CacheConfig.reencoder_nice: the re-encoder threads' niceness",
     )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
@@ -348,8 +364,13 @@ def main() -> None:
                 context,
                 b,
                 4 if args.smoke else args.steps,
-                args.threads,
-                args.evict_tokens,
+                CacheConfig(
+                    page_bytes=4096,
+                    evict_tokens=args.evict_tokens,
+                    n_threads=args.threads,
+                    reencoder_nice=args.reencoder_nice,
+                    max_backlog_tokens=args.max_backlog_tokens,
+                ),
                 args.pause_reencoders,
                 args.profile,
                 args.per_request_appends,

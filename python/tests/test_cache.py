@@ -7,7 +7,10 @@ Synchronisation is by events and ``drain``/``pause``, never by sleeping.
 
 import gc
 import itertools
+import os
+import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -641,6 +644,8 @@ def test_pool_bound_and_errors() -> None:
         CacheManager(make_method("quest"), 1, H_KV, D, torch.float32)
     with pytest.raises(ValueError, match="max_backlog_tokens"):
         CacheConfig(max_backlog_tokens=0)
+    with pytest.raises(ValueError, match="reencoder_nice must be in 0..19"):
+        CacheConfig(reencoder_nice=20)
     mgr = manager(SCENARIOS["fixed_len"], n_threads=1)
     try:
         with pytest.raises(ValueError, match="add_request first"):
@@ -648,6 +653,48 @@ def test_pool_bound_and_errors() -> None:
         mgr.add_request("r")
         with pytest.raises(ValueError, match=r"\[t, 2, 32\] torch.float32"):
             mgr.append("r", 0, torch.zeros(1, 3, D), torch.zeros(1, 3, D))
+    finally:
+        mgr.close()
+
+
+def test_kernel_tables_of_a_grown_temporary_segment_address_all_its_pages() -> None:
+    """A temporary segment's kernel tables are built on first use, possibly after its stripes grew
+    past the table's first region (a close re-packs every token that arrived meanwhile): every page
+    must have its entry, or the append kernel and attention would address the wrong rows."""
+    mgr = manager(SCENARIOS["fixed_len"], page_bytes=512, n_threads=1)
+    try:
+        mgr.add_request("r")
+        mgr.prefill("r", 0, *tokens(100, 0))
+        temp = mgr._stream("r", 0).temp
+        assert temp is not None
+        with torch.inference_mode():  # as the manager makes and updates its tensors
+            temp.append(*tokens(300, 1))  # the CPU path: no table built yet
+            tables = temp.tables
+        assert max(len(s.pages) for s in temp.k + temp.v) > 16
+        for h in range(H_KV):
+            for side, stripe in enumerate((temp.k[h], temp.v[h])):
+                addr = stripe.pool.addresses(stripe.pages).tolist()
+                at = tables._region(h, side)
+                assert tables.pages[at : at + len(addr)].tolist() == addr
+                values = tables.pages[at + tables.per : at + tables.per + len(addr)].tolist()
+                assert values == [a + stripe.values_offset for a in addr]
+    finally:
+        mgr.close()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
+def test_reencoder_threads_yield_to_the_decode_thread() -> None:
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    if before > 14:
+        pytest.skip(f"this process already runs at niceness {before}")
+    mgr = manager(SCENARIOS["fixed_len"], n_threads=2, reencoder_nice=5)
+    try:
+        deadline = time.monotonic() + 10  # each thread sets its own niceness as it starts
+        while any(os.getpriority(os.PRIO_PROCESS, t.native_id) == before for t in mgr._threads):
+            assert time.monotonic() < deadline, "a re-encoder thread kept the process's niceness"
+            time.sleep(0.01)
+        assert {os.getpriority(os.PRIO_PROCESS, t.native_id) for t in mgr._threads} == {before + 5}
+        assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the caller's thread is untouched
     finally:
         mgr.close()
 

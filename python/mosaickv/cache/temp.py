@@ -233,6 +233,8 @@ class TempTables:
         return 3 + (4 * h + 2 * side) * self.per  # bitmaps; values follow at + per
 
     def _build(self) -> None:
+        while max(len(s.pages) for s in self._stripes) > self.per:  # a fresh table of stripes that
+            self.per *= 2  # already grew (a temporary segment re-packed after a close) or outgrew one
         t, dev = self.temp, self.temp.summary.device
         st, n_heads, d = t.strategy, len(t.k), t.strategy.rot_k.shape[-1]
         cap = t.summary.shape[1]
@@ -268,8 +270,6 @@ class TempTables:
         if counts == self._known and t.summary.data_ptr() == self._summary_ptr:
             return  # most calls: no page added, the summary tensor did not move
         if max(counts) > self.per or t.summary.shape[1] != self._summary_cap:
-            while max(counts) > self.per:
-                self.per *= 2
             self._build()
             return
         index, value = [], []
