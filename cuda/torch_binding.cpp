@@ -23,7 +23,7 @@ DType storage_dtype(const at::Tensor& t, const char* name) {
 
 void check_cuda(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor (CPU tensors take the mosaickv.core path)");
-  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), " but the query is on ", like.device());
+  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), " but the other inputs are on ", like.device());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
@@ -147,7 +147,8 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
             const at::Tensor& stripes, const at::Tensor& stripe_ptr, const at::Tensor& block_ptr,
             const at::Tensor& block_stripe, const at::Tensor& pages, const at::Tensor& kdense,
             const at::Tensor& vdense, int64_t summary_kind, int64_t summary_width, int64_t block, const at::Tensor& n_select, const at::Tensor& dense_k,
-            const at::Tensor& dense_v, const at::Tensor& dense_len, at::Tensor& qrot, at::Tensor& keys,
+            const at::Tensor& dense_v, const at::Tensor& dense_len, const std::optional<at::Tensor>& dense_rows,
+            at::Tensor& qrot, at::Tensor& keys,
             at::Tensor& sel, at::Tensor& pieces, at::Tensor& n_pieces, int64_t piece_blocks, at::Tensor& part_o,
             at::Tensor& part_ml, at::Tensor& stripe_out, at::Tensor& status) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.is_contiguous(), "q must be a contiguous CUDA tensor [B, H_q, D]");
@@ -161,7 +162,8 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
   TORCH_CHECK(g == 1 || g == 4 || g == 8, "GQA group (query heads per KV head) must be 1, 4 or 8 for the CUDA kernels, got ", g);
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{out, "out"}, {kdense, "kdense"},
                                 {vdense, "vdense"}, {dense_k, "dense_k"}, {dense_v, "dense_v"}}) {
-    check_cuda(t, name, q);
+    // with dense_rows, dense_k/v only give the dense rows' shape and dtype (a view, e.g. expanded)
+    if (!dense_rows.has_value() || (&t != &dense_k && &t != &dense_v)) check_cuda(t, name, q);
     TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(), ", got ", t.scalar_type());
   }
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{stripe_ptr, "stripe_ptr"}, {block_ptr, "block_ptr"},
@@ -211,6 +213,13 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
   p.dense_v = dense_v.data_ptr();
   p.dense_cap = (int)dense_k.size(2);
   p.dense_len = dense_len.data_ptr<int32_t>();
+  if (dense_rows.has_value()) {  // each sequence's own buffer [2, H_kv, cap, D]; dense_k gives the shape
+    check_cuda(*dense_rows, "dense_rows", q);
+    check_type(*dense_rows, "dense_rows", at::kLong);
+    TORCH_CHECK(dense_rows->numel() == 2 * batch && dense_rows->is_contiguous(),
+                "dense_rows must be [2, B] int64 (K and V row addresses of each sequence)");
+    p.dense_rows = dense_rows->data_ptr<int64_t>();
+  }
   p.qrot = qrot.data_ptr<float>();
   p.keys = reinterpret_cast<uint32_t*>(keys.data_ptr<int32_t>());
   p.sel = sel.data_ptr<int32_t>();
@@ -229,17 +238,27 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
   launch_ok(mosaickv::decode(dt, (int)d, (int)g, packed, p, at::cuda::getCurrentCUDAStream()), "decode");
 }
 
-// table: [2, n] int64 device addresses (sources, then destinations), computed by the caller
-// (mosaickv.ops.kernels.copy_rows) from live tensors; each address 16-byte aligned.
-void copy_rows(const at::Tensor& table, int64_t row_bytes) {
-  TORCH_CHECK(table.is_cuda() && table.is_contiguous(), "table must be a contiguous CUDA tensor");
+// k, v: [B, H_kv, D] rows of a decode step; table: [3, n] int64 on the device, computed by the caller
+// (mosaickv.cache.segments.write_next_rows) from live buffers: batch index, address of the row in
+// K head 0 of the target's [2, H_kv, cap, D] buffer (16-byte aligned), cap.
+void write_dense_rows(const at::Tensor& k, const at::Tensor& v, const at::Tensor& table) {
+  TORCH_CHECK(k.is_cuda() && k.dim() == 3 && k.is_contiguous(), "k must be a contiguous CUDA tensor [B, H_kv, D]");
+  check_cuda(v, "v", k);
+  TORCH_CHECK(v.sizes() == k.sizes() && v.is_contiguous() && v.scalar_type() == k.scalar_type(),
+              "v must be contiguous, with k's shape and dtype");
+  check_cuda(table, "table", k);
   check_type(table, "table", at::kLong);
-  TORCH_CHECK(table.dim() == 2 && table.size(0) == 2, "table must be [2, n_rows] int64 (sources, destinations)");
-  TORCH_CHECK(row_bytes > 0 && row_bytes % 16 == 0, "row_bytes must be a positive multiple of 16, got ", row_bytes);
-  const c10::cuda::CUDAGuard guard(table.device());
-  launch_ok(mosaickv::copy_rows(table.data_ptr<int64_t>(), (int)table.size(1), (int)row_bytes,
-                                at::cuda::getCurrentCUDAStream()),
-            "copy_rows");
+  TORCH_CHECK(table.dim() == 2 && table.size(0) == 3 && table.is_contiguous(),
+              "table must be [3, n] int64 (batch index, row address, cap)");
+  const int64_t row_bytes = k.size(2) * k.element_size();
+  TORCH_CHECK(row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(k.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(v.data_ptr()) % 16 == 0,
+              "rows must be multiples of 16 bytes at 16-byte aligned addresses, got ", row_bytes, " bytes");
+  const c10::cuda::CUDAGuard guard(k.device());
+  launch_ok(mosaickv::write_dense_rows(k.data_ptr(), v.data_ptr(), table.data_ptr<int64_t>(), (int)table.size(1),
+                                       (int)k.size(0), (int)k.size(1), (int)row_bytes,
+                                       at::cuda::getCurrentCUDAStream()),
+            "write_dense_rows");
 }
 
 }  // namespace
@@ -248,6 +267,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "MosaicKV CUDA kernels (see docs/KERNELS.md)";
   m.def("encode", &encode, "Rotate, top-r select in groups, pack values + bitmaps, block summaries");
   m.def("append_encode", &append_encode, "Encode new tokens of many stripes (K and V), updating block summaries");
-  m.def("copy_rows", &copy_rows, "Copy many rows between device addresses in one launch");
+  m.def("write_dense_rows", &write_dense_rows, "A decode step's K/V rows into each sequence's dense buffer");
   m.def("decode", &decode, "Block scoring + selection + PackedAttention (or dense token-selection) decode");
 }

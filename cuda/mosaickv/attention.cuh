@@ -107,6 +107,15 @@ __device__ __forceinline__ void load_dense_rows(const T* base, int t0, int n_tok
   }
 }
 
+// Sequence b's sinks + window rows of KV head h, K or V: [dense_cap, D], from its own buffer when
+// the caller passed their addresses (the cache manager), else from the batch's stacked tensors.
+template <typename T, int D>
+__device__ __forceinline__ const T* dense_rows_of(const DecodeParams& p, int b, int h, bool is_v) {
+  const int64_t head = (int64_t)h * p.dense_cap * D;
+  if (p.dense_rows != nullptr) return reinterpret_cast<const T*>(p.dense_rows[(is_v ? p.batch : 0) + b]) + head;
+  return static_cast<const T*>(is_v ? p.dense_v : p.dense_k) + (int64_t)b * p.n_kv_heads * p.dense_cap * D + head;
+}
+
 // Dense rows (sinks + window, or the dense baseline): D/8 threads per token, 16-byte loads, kUnroll
 // tokens in flight per thread. row_of(t) gives the element offset of token t's row, or -1 (padding).
 template <typename T, int D, int G, typename RowOf>
@@ -205,10 +214,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(DecodeParams p)
     const T* q = static_cast<const T*>(p.q) + ((int64_t)b * p.n_kv_heads * G + (int64_t)h * G) * D;
     for (int i = threadIdx.x; i < D * G; i += blockDim.x) qs[(i % D) * G + i / D] = Conv<T>::to(q[i]);
     __syncthreads();
-    const int64_t base = (int64_t)bh * p.dense_cap * D;
-    dense_tokens<T, D, G>(static_cast<const T*>(p.dense_k), static_cast<const T*>(p.dense_v), p.dense_len[b],
-                          [&](int t) { return base + (int64_t)t * D; }, qs, p.scale, logits, ml, scratch, region,
-                          out_o);
+    dense_tokens<T, D, G>(dense_rows_of<T, D>(p, b, h, false), dense_rows_of<T, D>(p, b, h, true), p.dense_len[b],
+                          [&](int t) { return (int64_t)t * D; }, qs, p.scale, logits, ml, scratch, region, out_o);
   } else {
     const int32_t* pc = p.pieces + ((int64_t)bh * p.max_pieces + x) * 3;
     const int first = pc[0], last = pc[1], stripe = pc[2];
@@ -562,7 +569,7 @@ __global__ void __launch_bounds__(kPaThreads, 3) packed_attention_kernel(DecodeP
     q_fragments<T, D, G>([&](int g, int d) { return Conv<T>::to(q[g * D + d]); }, qscale, qa);
     const int n_tok = p.dense_len[b];
     const int n_chunks = (n_tok + kChunk - 1) / kChunk;
-    const T* rows = static_cast<const T*>(is_v ? p.dense_v : p.dense_k) + (int64_t)bh * p.dense_cap * D;
+    const T* rows = dense_rows_of<T, D>(p, b, h, is_v);
     for (int c = warp; c < n_chunks; c += kPaWarps) {
       const int t = c * kChunk + my;
       if (t < n_tok) {

@@ -129,6 +129,8 @@ struct DecodeParams {
   const void* dense_v;
   int dense_cap;
   const int32_t* dense_len;      // [batch]
+  const int64_t* dense_rows;     // [2, batch] or nullptr: addresses of sequence b's own K and V rows
+                                 // [n_kv_heads, dense_cap, D] (no stacked copy); then dense_k/v unused
   // Workspaces, owned by the caller (plan once, run many; CUDA-graph capturable).
   float* qrot;                   // [n_stripes, G, D]
   uint32_t* keys;                // [n_blocks]
@@ -153,9 +155,11 @@ enum class DType : int { kBFloat16 = 0, kFloat16 = 1 };
 cudaError_t encode(DType dtype, int head_dim, const EncodeParams& p, cudaStream_t stream);
 cudaError_t append_encode(DType dtype, int head_dim, const AppendParams& p, cudaStream_t stream);
 cudaError_t decode(DType dtype, int head_dim, int gqa_group, bool packed, const DecodeParams& p, cudaStream_t stream);
-// Copies n_rows rows of row_bytes (a multiple of 16) from table[0, i] to table[1, i] (device
-// addresses, 16-byte aligned), table being [2, n_rows] int64 on the device.
-cudaError_t copy_rows(const int64_t* table, int n_rows, int row_bytes, cudaStream_t stream);
+// Writes k[b], v[b] ([batch, n_heads, D] rows of row_bytes, a multiple of 16) as one row of each
+// target's dense buffer [2, n_heads, cap, D] (K heads, then V heads), table being [3, n] int64 on
+// the device: batch index b, the address of that row in K head 0 (16-byte aligned), cap.
+cudaError_t write_dense_rows(const void* k, const void* v, const int64_t* table, int n, int batch, int n_heads,
+                             int row_bytes, cudaStream_t stream);
 // Dynamic shared memory the attention stage needs; callers may check it against the device limit.
 size_t decode_smem_bytes(int head_dim, int gqa_group, int piece_tokens, bool packed);
 

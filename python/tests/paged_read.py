@@ -56,3 +56,14 @@ def stripe_rotation(lay: DecodeLayout, s: int, side: str) -> torch.Tensor:
     return _rows(lay.pages.tolist(), row[COL["rot_pages"]], row[COL["rot_rows"]], first, d, 4 * d).view(
         torch.float32
     )
+
+
+def dense_rows(lay: DecodeLayout, b: int, side: str) -> torch.Tensor:
+    """[H_kv, cap, D] sinks + window rows of sequence b, K (side "k") or V: at the addresses in
+    ``dense_rows`` when the layout has them, else in the stacked ``dense_k``/``dense_v``."""
+    stacked = lay.dense_k if side == "k" else lay.dense_v
+    if lay.dense_rows is None:
+        return stacked[b]
+    shape, dtype = stacked.shape[1:], stacked.dtype
+    n_bytes = shape.numel() * stacked.element_size()
+    return _read(int(lay.dense_rows[0 if side == "k" else 1, b]), n_bytes).view(dtype).view(shape)

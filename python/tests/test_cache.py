@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from paged_read import COL, stripe_rotation, stripe_side, stripe_summary
+from paged_read import COL, dense_rows, stripe_rotation, stripe_side, stripe_summary
 
 from mosaickv.cache import (
     CacheConfig,
@@ -905,9 +905,11 @@ def test_page_tables_address_every_row_summary_and_rotation(name: str, storage: 
                         lay.block_stripe[lay.stripes[s, COL["block_off"]]], torch.tensor(s, dtype=torch.int32)
                     )
                     s += 1
-            dense = torch.cat([core.sink_k, core.tail_k])
-            assert torch.equal(lay.dense_k[b, :, : dense.shape[0]], dense.transpose(0, 1))
+            for side, sink, tail in (("k", core.sink_k, core.tail_k), ("v", core.sink_v, core.tail_v)):
+                dense = torch.cat([sink, tail])  # read where the kernels read it (a batch: in place)
+                assert torch.equal(dense_rows(lay, b, side)[:, : dense.shape[0]], dense.transpose(0, 1))
             assert int(lay.dense_len[b]) == dense.shape[0]
+        assert lay.dense_rows is not None, "a batch's dense rows are read in place, not stacked"
         assert s == lay.stripes.shape[0]
     finally:
         mgr.close()

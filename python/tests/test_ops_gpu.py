@@ -3,6 +3,7 @@ bench/kernels/gpu_session.sh). Every test here needs a CUDA GPU and the built ex
 without them each is reported as skipped with that reason."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from mosaickv.ops import (
     cuda_available,
     encode_side,
     run_decode,
+    write_dense_rows,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -229,6 +231,57 @@ def test_decode_cuda_graph_replay_matches_eager() -> None:
     eager = DecodePlan(caches, "cuda", piece_blocks=8).run(q2)
     assert torch.isfinite(out).all()
     assert rel_err(out.cpu(), eager.cpu()) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["mosaic", "quest"])
+def test_decode_reads_each_sequences_own_dense_rows_through_their_addresses(method: str) -> None:
+    """With ``dense_rows`` (the cache manager's per-sequence buffers, no stacked copy) the output is
+    exactly the stacked layout's; the stacked tensors given alongside (NaN here) are never read, nor
+    are a buffer's rows past its length."""
+    caches = build_caches(method, [700, 3, 150], 2, 128, torch.bfloat16, seed=5)
+    plan = DecodePlan(caches, "cuda", piece_blocks=4)
+    q = torch.randn(3, 8, 128, device="cuda").to(torch.bfloat16)
+    stacked = plan.run(q).clone()  # plans the workspace
+    lay, ws = plan.layout, plan.workspace
+    assert ws is not None and lay.dense_rows is None
+    bufs = []
+    for b in range(3):
+        n = int(lay.dense_len[b])
+        buf = torch.full((2, *lay.dense_k.shape[1:]), math.nan, dtype=torch.bfloat16, device="cuda")
+        buf[0, :, :n], buf[1, :, :n] = lay.dense_k[b, :, :n], lay.dense_v[b, :, :n]
+        bufs.append(buf)
+    rows = torch.tensor([[x[0].data_ptr() for x in bufs], [x[1].data_ptr() for x in bufs]], device="cuda")
+    nan = torch.full_like(lay.dense_k, math.nan)
+    own = replace(lay, dense_k=nan, dense_v=nan, dense_rows=rows)
+    out = run_decode(own, ws, q, torch.empty_like(q), 128**-0.5)
+    torch.cuda.synchronize()
+    assert int(ws.status.item()) == 0
+    assert torch.equal(out, stacked)
+
+
+def test_write_dense_rows_writes_each_target_row_and_nothing_else() -> None:
+    """One launch writes k[b], v[b] into row r of each target buffer [2, H, cap, D] of its own cap;
+    a batch index out of range is skipped."""
+    gen = torch.Generator().manual_seed(11)
+    k, v = (torch.randn(4, 2, 64, generator=gen).to(torch.float16).cuda() for _ in range(2))
+    bufs = [torch.zeros(2, 2, cap, 64, dtype=torch.float16, device="cuda") for cap in (5, 9, 7)]
+    targets = [(2, 0, 4), (0, 1, 8), (9, 2, 3)]  # (batch index, buffer, row); index 9 is out of range
+    row_bytes = 64 * 2
+    table = torch.tensor(
+        [
+            [b for b, _, _ in targets],
+            [bufs[i].data_ptr() + r * row_bytes for _, i, r in targets],
+            [bufs[i].shape[2] for _, i, _ in targets],
+        ],
+        device="cuda",
+    )
+    write_dense_rows(k, v, table)
+    torch.cuda.synchronize()
+    want = [torch.zeros_like(x) for x in bufs]
+    for b, i, r in targets[:2]:
+        want[i][0, :, r], want[i][1, :, r] = k[b], v[b]
+    for got, expected in zip(bufs, want, strict=True):
+        assert torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("ties", ["distinct", "all_tied"])

@@ -13,7 +13,7 @@ import torch
 from mosaickv.cache.pages import Paged, PagedBlob, PagedStripe, PagePool
 from mosaickv.cache.upload import to_device
 from mosaickv.core import CompressionMethod, KVCache, PackedSide, Segment
-from mosaickv.ops import copy_rows
+from mosaickv.ops import write_dense_rows
 
 if TYPE_CHECKING:  # the temp module imports this one
     from mosaickv.cache.temp import TempView
@@ -191,32 +191,20 @@ class DenseRows:
 
 def write_next_rows(k: torch.Tensor, v: torch.Tensor, targets: Sequence[tuple[int, DenseRows]]) -> bool:
     """Write k[b], v[b] ([B, H_kv, D] on CUDA, the extension built) as row ``n`` of each
-    ``(b, rows)`` in ``targets`` (each with room: ``n < cap``), all in one ``copy_rows`` launch.
+    ``(b, rows)`` in ``targets`` (each with room: ``n < cap``), all in one ``write_dense_rows`` launch.
     The ``DenseRows`` themselves do not change: the caller publishes ``n + 1`` rows.
     Returns False, having written nothing, when a row is not a multiple of 16 bytes."""
-    _, n_heads, d = k.shape
-    row = d * k.element_size()
+    row = k.shape[2] * k.element_size()
     if row % 16:
         return False
     k, v = (
         x if x.is_contiguous() and x.data_ptr() % 16 == 0 else x.clone(memory_format=torch.contiguous_format)
         for x in (k, v)
     )
-    b = np.array([i for i, _ in targets], dtype=np.int64)[:, None]
-    base = np.array([t.buf.data_ptr() for _, t in targets], dtype=np.int64)[:, None]
-    cap = np.array([t.cap for _, t in targets], dtype=np.int64)[:, None]
-    n = np.array([t.n for _, t in targets], dtype=np.int64)[:, None]
-    heads = np.arange(n_heads, dtype=np.int64)
-    src = (b * n_heads + heads) * row  # [len(targets), H_kv] offsets into k and into v
-    dst_k = base + (heads * cap + n) * row  # buf is [2, H_kv, cap, D]: K heads, then V heads
-    dst_v = base + ((n_heads + heads) * cap + n) * row
-    table = np.stack(
-        [
-            np.concatenate([k.data_ptr() + src, v.data_ptr() + src]).ravel(),
-            np.concatenate([dst_k, dst_v]).ravel(),
-        ]
-    )
-    copy_rows(to_device(table, k.device), row)
+    index = [b for b, _ in targets]
+    address = [t.buf.data_ptr() + t.n * row for _, t in targets]  # row n of K head 0
+    table = np.array([index, address, [t.cap for _, t in targets]], dtype=np.int64)
+    write_dense_rows(k, v, to_device(table, k.device))
     return True
 
 

@@ -20,12 +20,12 @@ from mosaickv.ops.kernels import (
     append_encode_,
     append_encode_reference,
     append_to_pools,
-    copy_rows,
     decode_,
     decode_args,
     encode_into_,
     encode_side,
     run_decode,
+    write_dense_rows,
 )
 from mosaickv.ops.layout import (
     APPEND_COLS,
@@ -112,7 +112,6 @@ __all__ = [
     "append_encode_reference",
     "append_to_pools",
     "built_library",
-    "copy_rows",
     "cuda_available",
     "decode_",
     "decode_args",
@@ -122,4 +121,5 @@ __all__ = [
     "paged_tables",
     "round_up8",
     "run_decode",
+    "write_dense_rows",
 ]

@@ -19,7 +19,7 @@ SOURCES = [
     "decode_bf16.cu",
     "decode_fp16.cu",
     "dispatch.cu",
-    "copy_rows.cu",
+    "dense_rows.cu",
 ]
 
 

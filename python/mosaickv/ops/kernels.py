@@ -466,6 +466,7 @@ def decode_(
     dense_k: torch.Tensor,
     dense_v: torch.Tensor,
     dense_len: torch.Tensor,
+    dense_rows: torch.Tensor | None,
     qrot: torch.Tensor,
     keys: torch.Tensor,
     sel: torch.Tensor,
@@ -481,8 +482,9 @@ def decode_(
 
     Tensors are a ``DecodeLayout`` and a ``DecodeWorkspace`` (mosaickv.ops.layout): packed rows,
     summaries and rotations are read through ``pages``; kdense/vdense are the dense baseline's rows
-    (any tensor of q's dtype when packed). ``stages`` is a bit mask (1 rotate q, 2 score, 4 select,
-    8 attend, 16 merge; 31 = all) for timing one stage.
+    (any tensor of q's dtype when packed); dense_rows, when given, the addresses of each sequence's
+    own sinks + window rows (``DecodeLayout.dense_rows``). ``stages`` is a bit mask (1 rotate q,
+    2 score, 4 select, 8 attend, 16 merge; 31 = all) for timing one stage.
     """
     _ext.require().decode(
         q,
@@ -504,6 +506,7 @@ def decode_(
         dense_k,
         dense_v,
         dense_len,
+        dense_rows,
         qrot,
         keys,
         sel,
@@ -529,8 +532,8 @@ def decode_args(
     lay = layout
     return (q, out, scale, lay.packed, stages, lay.stripes, lay.stripe_ptr, lay.block_ptr, lay.block_stripe,
             lay.pages, lay.kdense, lay.vdense, lay.summary_kind, lay.summary_width, lay.block, lay.n_select,
-            lay.dense_k, lay.dense_v, lay.dense_len, ws.qrot, ws.keys, ws.sel, ws.pieces, ws.n_pieces,
-            ws.piece_blocks, ws.part_o, ws.part_ml, ws.stripe_out, ws.status)  # fmt: skip
+            lay.dense_k, lay.dense_v, lay.dense_len, lay.dense_rows, ws.qrot, ws.keys, ws.sel, ws.pieces,
+            ws.n_pieces, ws.piece_blocks, ws.part_o, ws.part_ml, ws.stripe_out, ws.status)  # fmt: skip
 
 
 def run_decode(
@@ -553,9 +556,10 @@ def run_decode(
     return out
 
 
-def copy_rows(table: torch.Tensor, row_bytes: int) -> None:
-    """Copy ``row_bytes`` (a multiple of 16) from address ``table[0, i]`` to ``table[1, i]`` for every
-    i, in one launch on the current stream. table: [2, n] int64 on the device, addresses 16-byte
-    aligned and inside tensors that stay allocated until the copy has run (stream order: tensors
-    freed after the call are safe, the caching allocator reuses them behind it)."""
-    _ext.require().copy_rows(table, row_bytes)
+def write_dense_rows(k: torch.Tensor, v: torch.Tensor, table: torch.Tensor) -> None:
+    """Write k[b], v[b] ([B, H_kv, D] contiguous, rows a multiple of 16 bytes) into one row of each
+    target's dense buffer [2, H_kv, cap, D] (K heads, then V heads), in one launch on the current
+    stream. table: [3, n] int64 on the device: target i's batch index, the address of the row to
+    write in its K head 0 (16-byte aligned), and its cap; buffers must stay allocated until the
+    launch has run (stream order: the caching allocator reuses freed tensors behind it)."""
+    _ext.require().write_dense_rows(k, v, table)

@@ -156,6 +156,9 @@ class DecodeLayout:
         summary_kind: 0 mean/compact, 1 minmax; summary_width: storage elements per summary row.
         n_select: [B*H_kv] int32 blocks attended per (b, h).
         dense_k, dense_v: [B, H_kv, cap, D] sinks then tail (pending + window); dense_len: [B] int32.
+        dense_rows: None, or [2, B] int64 device addresses of each sequence's own K and V rows
+            [H_kv, cap, D] (the cache manager's buffers: no stacked copy per call); dense_k/v then
+            give only their shape and dtype (``tables.with_dense``).
         kdense, vdense: [n_rows, D] rows of the dense token-selection baseline (row_off), else empty.
         flat: the flat pools the pages point into, or None when the pages belong to their owner (the
             cache manager's page pool: ``owner`` keeps the snapshots read alive).
@@ -178,6 +181,7 @@ class DecodeLayout:
     vdense: torch.Tensor
     flat: FlatPools | None = None
     owner: object = None
+    dense_rows: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -194,7 +198,9 @@ class DecodeLayout:
     def nbytes(self) -> int:
         """Bytes of every tensor the layout owns (tables, dense part, flat pools if any)."""
         ts = [self.stripes, self.pages, self.stripe_ptr, self.block_ptr, self.block_stripe, self.n_select]
-        ts += [self.dense_k, self.dense_v, self.dense_len, self.kdense, self.vdense]
+        # with dense_rows, the rows are the caller's buffers, not the layout's
+        dense = [self.dense_k, self.dense_v] if self.dense_rows is None else [self.dense_rows]
+        ts += [*dense, self.dense_len, self.kdense, self.vdense]
         ts += self.flat.tensors() if self.flat is not None else []
         return sum(t.numel() * t.element_size() for t in ts)
 
