@@ -1,6 +1,7 @@
-// A decode step's new K/V rows of a whole batch, each written into its sequence's own dense buffer
+// A decode step's new K/V rows of a whole batch, each appended to its sequence's own dense buffer
 // (mosaickv.cache.CacheManager.append_batch): one launch instead of 2 x batch x heads small copies,
-// each a Python-side launch. No torch headers.
+// each a Python-side launch. The row counts live on the device and the kernel advances them, so a
+// batch whose buffers did not change needs no upload from the host. No torch headers.
 #include <cstdint>
 
 #include "mosaickv/params.h"
@@ -8,40 +9,40 @@
 namespace mosaickv {
 namespace {
 
-constexpr int kThreads = 256;
-
-// Each thread moves 16 bytes of one (target, side, head) row: k or v [batch, n_heads, D] row
-// (b, h) to row r of head h of that side in the target's buffer [2, n_heads, cap, D], whose row r
-// of K head 0 is at table[1, i]. Rows are row_bytes long (a multiple of 16, 16-byte aligned: the
-// binding checks the tensors, the caller the addresses). A batch index out of range is skipped.
-__global__ void write_dense_rows_kernel(const char* __restrict__ k, const char* __restrict__ v,
-                                        const int64_t* __restrict__ table, int n, int batch, int n_heads,
-                                        int row_bytes) {
+// CTA b appends k[b], v[b] ([batch, n_heads, D] rows of row_bytes) as row lengths[b] of sequence b's
+// buffer: K head h at rows[b] + (h * cap + row) * row_bytes, V at rows[batch + b] likewise. Then
+// lengths[b] += 1, once every thread has read it. A sequence marked in skip (its row went in by
+// another path this step) is left alone and its mark cleared. A full buffer is never written past.
+__global__ void append_dense_rows_kernel(const char* __restrict__ k, const char* __restrict__ v,
+                                         const int64_t* __restrict__ rows, int32_t* lengths, int32_t* skip,
+                                         int batch, int n_heads, int cap, int row_bytes) {
+  const int b = blockIdx.x;
+  const int skipped = skip[b], row = lengths[b];
+  __syncthreads();  // every thread has read both before thread 0 changes either
+  if (skipped || row >= cap) {
+    if (threadIdx.x == 0) skip[b] = 0;
+    return;
+  }
   const int chunks = row_bytes / 16;
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
-  if (i >= static_cast<int64_t>(n) * 2 * n_heads * chunks) return;
-  const int chunk = static_cast<int>(i % chunks);
-  const int64_t row = i / chunks;  // (target, side, head)
-  const int h = static_cast<int>(row % n_heads), side = static_cast<int>(row / n_heads % 2);
-  const int target = static_cast<int>(row / (2 * n_heads));
-  const int64_t b = table[target];
-  if (b < 0 || b >= batch) return;
-  const int64_t cap = table[2 * n + target];
-  const char* src = (side ? v : k) + (b * n_heads + h) * row_bytes;
-  char* dst = reinterpret_cast<char*>(table[n + target]) + (side * n_heads + h) * cap * row_bytes;
-  reinterpret_cast<int4*>(dst)[chunk] = reinterpret_cast<const int4*>(src)[chunk];
+  for (int i = threadIdx.x; i < 2 * n_heads * chunks; i += blockDim.x) {
+    const int chunk = i % chunks, h = i / chunks % n_heads, side = i / chunks / n_heads;
+    const char* src = (side ? v : k) + (static_cast<int64_t>(b) * n_heads + h) * row_bytes;
+    char* dst = reinterpret_cast<char*>(rows[side * batch + b]) + (static_cast<int64_t>(h) * cap + row) * row_bytes;
+    reinterpret_cast<int4*>(dst)[chunk] = reinterpret_cast<const int4*>(src)[chunk];
+  }
+  if (threadIdx.x == 0) lengths[b] = row + 1;
 }
 
 }  // namespace
 
-cudaError_t write_dense_rows(const void* k, const void* v, const int64_t* table, int n, int batch, int n_heads,
-                             int row_bytes, cudaStream_t stream) {
-  if (n <= 0) return cudaSuccess;
-  if (row_bytes <= 0 || row_bytes % 16 || n_heads <= 0) return cudaErrorInvalidValue;
-  const int64_t threads = static_cast<int64_t>(n) * 2 * n_heads * (row_bytes / 16);
-  const int blocks = static_cast<int>((threads + kThreads - 1) / kThreads);
-  write_dense_rows_kernel<<<blocks, kThreads, 0, stream>>>(static_cast<const char*>(k), static_cast<const char*>(v),
-                                                            table, n, batch, n_heads, row_bytes);
+cudaError_t append_dense_rows(const void* k, const void* v, const int64_t* rows, int32_t* lengths, int32_t* skip,
+                              int batch, int n_heads, int cap, int row_bytes, cudaStream_t stream) {
+  if (batch <= 0) return cudaSuccess;
+  if (row_bytes <= 0 || row_bytes % 16 || n_heads <= 0 || cap <= 0) return cudaErrorInvalidValue;
+  const int work = 2 * n_heads * (row_bytes / 16);
+  const int threads = work < 1024 ? (work + 31) / 32 * 32 : 1024;
+  append_dense_rows_kernel<<<batch, threads, 0, stream>>>(static_cast<const char*>(k), static_cast<const char*>(v),
+                                                           rows, lengths, skip, batch, n_heads, cap, row_bytes);
   return cudaGetLastError();
 }
 

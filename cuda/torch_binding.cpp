@@ -238,27 +238,32 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
   launch_ok(mosaickv::decode(dt, (int)d, (int)g, packed, p, at::cuda::getCurrentCUDAStream()), "decode");
 }
 
-// k, v: [B, H_kv, D] rows of a decode step; table: [3, n] int64 on the device, computed by the caller
-// (mosaickv.cache.segments.write_next_rows) from live buffers: batch index, address of the row in
-// K head 0 of the target's [2, H_kv, cap, D] buffer (16-byte aligned), cap.
-void write_dense_rows(const at::Tensor& k, const at::Tensor& v, const at::Tensor& table) {
+// k, v: [B, H_kv, D] rows of a decode step; rows [2, B] int64, lengths and skip [B] int32: a
+// mosaickv.cache.dense_batch.DenseBatch (the addresses of live buffers, 16-byte aligned).
+void append_dense_rows(const at::Tensor& k, const at::Tensor& v, const at::Tensor& rows, at::Tensor& lengths,
+                       at::Tensor& skip, int64_t cap) {
   TORCH_CHECK(k.is_cuda() && k.dim() == 3 && k.is_contiguous(), "k must be a contiguous CUDA tensor [B, H_kv, D]");
   check_cuda(v, "v", k);
-  TORCH_CHECK(v.sizes() == k.sizes() && v.is_contiguous() && v.scalar_type() == k.scalar_type(),
-              "v must be contiguous, with k's shape and dtype");
-  check_cuda(table, "table", k);
-  check_type(table, "table", at::kLong);
-  TORCH_CHECK(table.dim() == 2 && table.size(0) == 3 && table.is_contiguous(),
-              "table must be [3, n] int64 (batch index, row address, cap)");
+  TORCH_CHECK(v.sizes() == k.sizes() && v.scalar_type() == k.scalar_type(), "v must have k's shape and dtype");
+  const int64_t batch = k.size(0);
+  check_cuda(rows, "rows", k);
+  check_type(rows, "rows", at::kLong);
+  TORCH_CHECK(rows.dim() == 2 && rows.size(0) == 2 && rows.size(1) == batch, "rows must be [2, B] int64");
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{lengths, "lengths"}, {skip, "skip"}}) {
+    check_cuda(t, name, k);
+    check_type(t, name, at::kInt);
+    TORCH_CHECK(t.numel() == batch, name, " must have one entry per sequence (", batch, "), got ", t.numel());
+  }
   const int64_t row_bytes = k.size(2) * k.element_size();
   TORCH_CHECK(row_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(k.data_ptr()) % 16 == 0 &&
                   reinterpret_cast<uintptr_t>(v.data_ptr()) % 16 == 0,
               "rows must be multiples of 16 bytes at 16-byte aligned addresses, got ", row_bytes, " bytes");
+  TORCH_CHECK(cap > 0, "cap must be positive, got ", cap);
   const c10::cuda::CUDAGuard guard(k.device());
-  launch_ok(mosaickv::write_dense_rows(k.data_ptr(), v.data_ptr(), table.data_ptr<int64_t>(), (int)table.size(1),
-                                       (int)k.size(0), (int)k.size(1), (int)row_bytes,
-                                       at::cuda::getCurrentCUDAStream()),
-            "write_dense_rows");
+  launch_ok(mosaickv::append_dense_rows(k.data_ptr(), v.data_ptr(), rows.data_ptr<int64_t>(),
+                                        lengths.data_ptr<int32_t>(), skip.data_ptr<int32_t>(), (int)batch,
+                                        (int)k.size(1), (int)cap, (int)row_bytes, at::cuda::getCurrentCUDAStream()),
+            "append_dense_rows");
 }
 
 }  // namespace
@@ -267,6 +272,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "MosaicKV CUDA kernels (see docs/KERNELS.md)";
   m.def("encode", &encode, "Rotate, top-r select in groups, pack values + bitmaps, block summaries");
   m.def("append_encode", &append_encode, "Encode new tokens of many stripes (K and V), updating block summaries");
-  m.def("write_dense_rows", &write_dense_rows, "A decode step's K/V rows into each sequence's dense buffer");
+  m.def("append_dense_rows", &append_dense_rows, "Append a decode step's K/V rows to each sequence's dense rows");
   m.def("decode", &decode, "Block scoring + selection + PackedAttention (or dense token-selection) decode");
 }

@@ -16,7 +16,9 @@ graphs, attention eager; CUDA only):
            from the manager's snapshots (``snapshot_layout``), ``run_decode`` only.
 overhead = manager - kernels (means), per step and as a fraction of the kernels' step in the same
 mode and of the whole step captured in one CUDA graph (``kernels_graph_ms``: no launch cost at all).
-Python's garbage collections during the manager's timed steps are counted and timed (``gc_*``);
+``*_host_ms_mean``: the host's time per step, until the step's last launch returned (below the
+step's wall time: the GPU, not the host, set the pace). Python's garbage collections during the
+manager's timed steps are counted and timed (``gc_*``);
 each run first freezes the objects the process holds so far, as vLLM does after start-up (results
 without ``"gc_frozen": true`` in their JSON ran without).
 ``--profile`` adds the decode thread's functions by cumulative time over a few manager steps
@@ -188,16 +190,20 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
         ] = {"eager": lambda attend: model.step(tok, attend)}
         if cuda:
             modes["piecewise"] = PiecewiseStep(model, tok).step
-        manager, collections, top = {}, {}, None
+        manager, manager_host, collections, top = {}, {}, {}, None
         # --pause-reencoders: the decode thread alone; jobs queue up (the backlog bound still holds)
         if paused:
             mgr.pause()
         for mode, step in modes.items():
             warm_up = 16  # the layers' evictions are staggered: every step is alike after these
             wall_times_ms(lambda step=step: step(through_manager), warm_up, cuda)
+            manager_host[mode] = []
             with gc_pauses() as collections[mode]:
                 manager[mode] = wall_times_ms(
-                    lambda step=step: step(through_manager), steps, cuda
+                    lambda step=step: step(through_manager),
+                    steps,
+                    cuda,
+                    manager_host[mode],
                 )
         if paused:
             mgr.resume()
@@ -246,11 +252,12 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
             def kernels_only(layer: int, q: torch.Tensor) -> torch.Tensor:
                 return plans[layer].run(q)
 
-        kernels = {}
+        kernels, kernels_host = {}, {}
         for mode, step in modes.items():
             wall_times_ms(lambda step=step: step(kernels_only), 4, cuda)
+            kernels_host[mode] = []
             kernels[mode] = wall_times_ms(
-                lambda step=step: step(kernels_only), steps, cuda
+                lambda step=step: step(kernels_only), steps, cuda, kernels_host[mode]
             )
         kernels_graph = (
             time_ms(lambda: model.step(tok, kernels_only), cuda, 20) if cuda else None
@@ -272,6 +279,8 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
             "manager_ms_mean": statistics.fmean(m), "manager_ms_median": statistics.median(m),
             "manager_ms_max": max(m),
             "manager_ms_steps": m,
+            "manager_host_ms_mean": statistics.fmean(manager_host[mode]),
+            "kernels_host_ms_mean": statistics.fmean(kernels_host[mode]),
             "kernels_ms_mean": statistics.fmean(k), "kernels_ms_median": statistics.median(k),
             "overhead_ms": statistics.fmean(m) - statistics.fmean(k),
             "gc_collections": len(collections[mode]),

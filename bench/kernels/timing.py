@@ -7,15 +7,21 @@ from collections.abc import Callable
 import torch
 
 
-def wall_times_ms(fn: Callable[[], object], repeats: int, cuda: bool) -> list[float]:
+def wall_times_ms(
+    fn: Callable[[], object], repeats: int, cuda: bool, host: list[float] | None = None
+) -> list[float]:
     """Wall milliseconds of each of ``repeats`` calls of fn, each call between two device
-    synchronisations when ``cuda`` (on CPU there is nothing to wait for)."""
+    synchronisations when ``cuda`` (on CPU there is nothing to wait for). ``host`` receives the
+    milliseconds until fn returned, before the synchronisation: the host's own time per call (a
+    step whose host time is below its wall time kept the device waiting on nothing)."""
     times = []
     for _ in range(repeats):
         if cuda:
             torch.cuda.synchronize()
         began = time.perf_counter()
         fn()
+        if host is not None:
+            host.append((time.perf_counter() - began) * 1e3)
         if cuda:
             torch.cuda.synchronize()
         times.append((time.perf_counter() - began) * 1e3)

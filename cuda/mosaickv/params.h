@@ -155,11 +155,12 @@ enum class DType : int { kBFloat16 = 0, kFloat16 = 1 };
 cudaError_t encode(DType dtype, int head_dim, const EncodeParams& p, cudaStream_t stream);
 cudaError_t append_encode(DType dtype, int head_dim, const AppendParams& p, cudaStream_t stream);
 cudaError_t decode(DType dtype, int head_dim, int gqa_group, bool packed, const DecodeParams& p, cudaStream_t stream);
-// Writes k[b], v[b] ([batch, n_heads, D] rows of row_bytes, a multiple of 16) as one row of each
-// target's dense buffer [2, n_heads, cap, D] (K heads, then V heads), table being [3, n] int64 on
-// the device: batch index b, the address of that row in K head 0 (16-byte aligned), cap.
-cudaError_t write_dense_rows(const void* k, const void* v, const int64_t* table, int n, int batch, int n_heads,
-                             int row_bytes, cudaStream_t stream);
+// Appends k[b], v[b] ([batch, n_heads, D] rows of row_bytes, a multiple of 16) as row lengths[b] of
+// sequence b's dense K rows at rows[b] and V rows at rows[batch + b] (device addresses of
+// [n_heads, cap, D], 16-byte aligned), then advances lengths[b]; a sequence with skip[b] set is
+// left alone and skip[b] cleared. All arrays on the device.
+cudaError_t append_dense_rows(const void* k, const void* v, const int64_t* rows, int32_t* lengths, int32_t* skip,
+                              int batch, int n_heads, int cap, int row_bytes, cudaStream_t stream);
 // Dynamic shared memory the attention stage needs; callers may check it against the device limit.
 size_t decode_smem_bytes(int head_dim, int gqa_group, int piece_tokens, bool packed);
 

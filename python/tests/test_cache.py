@@ -26,7 +26,9 @@ from mosaickv.cache import (
     PagedStripe,
     PagePool,
 )
+from mosaickv.cache.dense_batch import DenseBatch, dense_batch
 from mosaickv.cache.host import SPARE_CHUNKS
+from mosaickv.cache.segments import DenseRows
 from mosaickv.cache.tables import pages_readable, snapshot_layout
 from mosaickv.core import KVCache, make_method, pack_topk
 from mosaickv.ops import DecodeWorkspace
@@ -913,6 +915,26 @@ def test_page_tables_address_every_row_summary_and_rotation(name: str, storage: 
         assert s == lay.stripes.shape[0]
     finally:
         mgr.close()
+
+
+def test_a_dense_batch_describes_its_buffers_until_one_changes() -> None:
+    """The device table of a batch's dense rows: each buffer's K and V addresses, row counts and
+    skip marks; reused only for the same buffers with as many rows and nothing to skip."""
+    cpu = torch.device("cpu")
+    rows = [DenseRows(DenseRows.empty(H_KV, D, torch.bfloat16, cpu, 10).buf, 0, n) for n in (3, 0, 7)]
+    batch = DenseBatch(rows, skip=[False, True, False])
+    for b, r in enumerate(rows):
+        assert int(batch.rows[0, b]) == r.buf[0].data_ptr() and int(batch.rows[1, b]) == r.buf[1].data_ptr()
+    assert batch.lengths.tolist() == [3, 0, 7] and batch.skip.tolist() == [0, 1, 0] and batch.cap == 10
+    assert batch.matches(rows)
+    assert not batch.matches([rows[0], rows[1], DenseRows(rows[2].buf, 0, 8)])  # a row more
+    assert not batch.matches([rows[0], rows[1], rows[2].copy()])  # another buffer
+    assert dense_batch(rows, batch) is batch
+    assert dense_batch(rows, batch, skip=[True, False, False]) is not batch  # marks need a new table
+    assert dense_batch(rows[:1]) is None  # one sequence: its buffer as it is, for attention
+    assert dense_batch(rows[:1], single=True) is not None  # an append's table serves the next steps
+    assert dense_batch(rows[:1], DenseBatch(rows[:1])) is not None  # held: the device count is current
+    assert dense_batch([rows[0], DenseRows.empty(H_KV, D, torch.bfloat16, cpu, 12)]) is None  # stacked
 
 
 def test_attention_reads_pages_in_place_only_when_no_row_straddles_a_page() -> None:

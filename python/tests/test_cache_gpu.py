@@ -188,13 +188,15 @@ def test_decode_steps_never_wait_for_the_device() -> None:
         mgr.close()
 
 
-def test_a_batched_append_writes_what_an_append_per_request_writes() -> None:
-    """append_batch on CUDA writes the window rows of the whole batch in one copy_rows launch; the
-    requests' caches (dense rows, temporary and closed segments) and attention over them equal those
-    of a manager given one append per request, through sinks (a 2-token prompt) and evictions."""
+@pytest.mark.parametrize("prompts", [{"a": 700, "b": 2, "c": 300}, {"a": 700}], ids=["three", "one"])
+def test_a_batched_append_writes_what_an_append_per_request_writes(prompts: dict[str, int]) -> None:
+    """append_batch on CUDA writes the window rows of the whole batch in one launch through the
+    layer's DenseBatch, whose device row counts it advances (no upload until a sequence evicts); the
+    requests' caches (dense rows, temporary and closed segments) and attention over them, every
+    step, equal those of a manager given one append per request, through sinks (a 2-token prompt)
+    and evictions."""
     gen = torch.Generator().manual_seed(4)
     method = make_method("mosaic", **(PARAMS | {"token_ratio": 0.25}))
-    prompts = {"a": 700, "b": 2, "c": 300}
     steps = 200
     k, v = (torch.randn(LAYERS, 700 + steps, H_KV, D, generator=gen).bfloat16().cuda() for _ in range(2))
     q = torch.randn(len(prompts), H_Q, D, generator=gen).bfloat16().cuda()
@@ -208,15 +210,20 @@ def test_a_batched_append_writes_what_an_append_per_request_writes() -> None:
                 mgr.add_request(rid)
                 for layer in range(LAYERS):
                     mgr.prefill(rid, layer, k[layer, :n], v[layer, :n])
-        fast = 0
+        fast = kept = 0
         for t in range(steps):
             rows = [n + t for n in prompts.values()]
             for layer in range(LAYERS):
                 fast += sum(batched._stream(rid, layer).window_row() is not None for rid in prompts)
+                held = batched._dense.get(layer)
                 batched.append_batch(list(prompts), layer, k[layer, rows], v[layer, rows])
+                kept += held is not None and batched._dense[layer] is held
                 for rid, row in zip(prompts, rows, strict=True):
                     single.append(rid, layer, k[layer, row : row + 1], v[layer, row : row + 1])
+                got = batched.attend(list(prompts), layer, q)  # reads the counts the append advanced
+                assert torch.equal(got, single.attend(list(prompts), layer, q)), f"step {t}, layer {layer}"
         assert fast > steps * LAYERS * len(prompts) // 2  # most rows took the one-launch path
+        assert kept > steps * LAYERS // 2  # most steps uploaded nothing
         batched.drain()
         single.drain()
         for layer in range(LAYERS):

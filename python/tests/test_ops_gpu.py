@@ -16,11 +16,11 @@ from mosaickv.ops import (
     DecodeLayout,
     DecodePlan,
     DecodeWorkspace,
+    append_dense_rows,
     append_to_pools,
     cuda_available,
     encode_side,
     run_decode,
-    write_dense_rows,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -259,27 +259,22 @@ def test_decode_reads_each_sequences_own_dense_rows_through_their_addresses(meth
     assert torch.equal(out, stacked)
 
 
-def test_write_dense_rows_writes_each_target_row_and_nothing_else() -> None:
-    """One launch writes k[b], v[b] into row r of each target buffer [2, H, cap, D] of its own cap;
-    a batch index out of range is skipped."""
+def test_append_dense_rows_appends_one_row_per_sequence_and_advances_its_count() -> None:
+    """One launch appends k[b], v[b] as row lengths[b] of each sequence's own buffer [2, H, cap, D]
+    and advances lengths[b]; a sequence marked skip is left alone and its mark cleared; a full
+    buffer is never written past."""
     gen = torch.Generator().manual_seed(11)
     k, v = (torch.randn(4, 2, 64, generator=gen).to(torch.float16).cuda() for _ in range(2))
-    bufs = [torch.zeros(2, 2, cap, 64, dtype=torch.float16, device="cuda") for cap in (5, 9, 7)]
-    targets = [(2, 0, 4), (0, 1, 8), (9, 2, 3)]  # (batch index, buffer, row); index 9 is out of range
-    row_bytes = 64 * 2
-    table = torch.tensor(
-        [
-            [b for b, _, _ in targets],
-            [bufs[i].data_ptr() + r * row_bytes for _, i, r in targets],
-            [bufs[i].shape[2] for _, i, _ in targets],
-        ],
-        device="cuda",
-    )
-    write_dense_rows(k, v, table)
+    bufs = [torch.zeros(2, 2, 6, 64, dtype=torch.float16, device="cuda") for _ in range(4)]
+    rows = torch.tensor([[x[0].data_ptr() for x in bufs], [x[1].data_ptr() for x in bufs]], device="cuda")
+    lengths = torch.tensor([0, 3, 5, 6], dtype=torch.int32, device="cuda")
+    skip = torch.tensor([0, 1, 0, 0], dtype=torch.int32, device="cuda")
+    append_dense_rows(k, v, rows, lengths, skip, 6)
     torch.cuda.synchronize()
+    assert lengths.tolist() == [1, 3, 6, 6] and skip.tolist() == [0, 0, 0, 0]
     want = [torch.zeros_like(x) for x in bufs]
-    for b, i, r in targets[:2]:
-        want[i][0, :, r], want[i][1, :, r] = k[b], v[b]
+    for b, r in ((0, 0), (2, 5)):
+        want[b][0, :, r], want[b][1, :, r] = k[b], v[b]
     for got, expected in zip(bufs, want, strict=True):
         assert torch.equal(got, expected)
 

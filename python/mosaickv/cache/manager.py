@@ -19,9 +19,10 @@ from typing import ParamSpec, TypeVar
 import numpy as np
 import torch
 
+from mosaickv.cache.dense_batch import DenseBatch, dense_batch
 from mosaickv.cache.host import HostChunks
 from mosaickv.cache.pages import Paged, PagePool, page_ids
-from mosaickv.cache.segments import PagedSegment, Snapshot, write_next_rows
+from mosaickv.cache.segments import PagedSegment, Snapshot
 from mosaickv.cache.stream import Stream
 from mosaickv.cache.tables import pages_readable, snapshot_layout, table_key, with_dense
 from mosaickv.core import CompressionMethod, KVCache, Segment, make_method
@@ -156,6 +157,10 @@ class CacheManager:
         self._readable: weakref.WeakKeyDictionary[CompressionMethod, bool] = weakref.WeakKeyDictionary()
         # per layer: (table_key of the last call's snapshots, their layout, its workspace)
         self._layer_tables: dict[int, tuple[tuple[object, ...], DecodeLayout, DecodeWorkspace]] = {}
+        # per layer: the dense rows of its last batch, on the device (``append_batch``, ``attend``)
+        self._dense: dict[int, DenseBatch | None] = {}
+        row_bytes = head_dim * torch.empty(0, dtype=dtype).element_size()
+        self._batch_rows = kernels and row_bytes % 16 == 0  # append_batch's one-launch row writes
         self.n_threads = self.config.n_threads or default_threads()
         self._threads = [
             threading.Thread(target=self._worker, name=f"mosaickv-reencode-{i}", daemon=True)
@@ -306,9 +311,10 @@ class CacheManager:
     def append_batch(self, request_ids: Sequence[str], layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """One decode token per request for one layer: k, v [B, H_kv, D], row b for
         ``request_ids[b]``; the same as ``append(request_ids[b], layer, k[b : b + 1], v[b : b + 1])``
-        for each b. With the CUDA kernels, the rows that only grow their window (two or more) are
-        written in one launch for the whole batch (a step at batch 8 would otherwise make 8 appends
-        per layer, each a few launches from Python); evictions and sinks go through ``append``."""
+        for each b. With the CUDA kernels, the rows that only grow their window are written in one
+        launch through the layer's ``DenseBatch``, which attention then reads (no upload while the
+        batch and its buffers stay the same; ``append`` per request costs two copies each, and at
+        batch 8 eight times the Python); evictions and sinks go through ``append``."""
         self._check_kv(k, v)
         if k.shape[0] != len(request_ids) or len(set(request_ids)) != len(request_ids):
             raise ValueError(
@@ -316,17 +322,24 @@ class CacheManager:
                 f"for requests {list(request_ids)}"
             )
         streams = [self._stream(r, layer) for r in request_ids]
-        rows = (
-            [s.window_row() for s in streams] if self._plan_device.type == "cuda" else [None] * len(streams)
-        )
-        targets = [(b, d) for b, d in enumerate(rows) if d is not None]
-        # a single row is cheaper through append: two copies against a table upload and a launch
-        written = len(targets) > 1 and write_next_rows(k, v, targets)
-        for b, (stream, d) in enumerate(zip(streams, rows, strict=True)):
-            if written and d is not None:
-                stream.add_row(d)
-            else:
+        rows = [s.window_row() if self._batch_rows else None for s in streams]
+        for b, d in enumerate(rows):
+            if d is None:  # sinks to fill, tokens leaving the window: the general path
                 self.append(request_ids[b], layer, k[b : b + 1], v[b : b + 1])
+        if all(d is None for d in rows):
+            return
+        dense = [d if d is not None else s.snapshot.dense for s, d in zip(streams, rows, strict=True)]
+        batch = dense_batch(dense, self._dense.get(layer), [d is None for d in rows], single=True)
+        if batch is None:  # buffers of several sizes (one outgrew its cap): an append each
+            for b, d in enumerate(rows):
+                if d is not None:
+                    self.append(request_ids[b], layer, k[b : b + 1], v[b : b + 1])
+            return
+        batch.append(k, v, [d is not None for d in rows])
+        self._dense[layer] = batch  # attention reads it as it is, unless a sequence changed since
+        for stream, d in zip(streams, rows, strict=True):
+            if d is not None:
+                stream.add_row(d)
 
     def _schedule(self, stream: Stream) -> None:
         with stream.lock:
@@ -364,6 +377,7 @@ class CacheManager:
                 self._backlog -= dropped
                 self._cond.notify_all()
         self._layer_tables.clear()  # they reference the freed request's segments
+        self._dense.clear()  # and its dense buffers
         self._evict_prefixes()
 
     def _evict_prefixes(self) -> None:
@@ -420,7 +434,9 @@ class CacheManager:
             reuse = None if held is None else held[2]
             held = (key, *snapshot_layout(snaps, methods, self.pool, group, reuse))
             self._layer_tables[layer] = held
-        return with_dense(held[1], snaps), held[2]
+        batch = dense_batch([s.dense for s in snaps], self._dense.get(layer))
+        self._dense[layer] = batch
+        return with_dense(held[1], snaps, batch), held[2]
 
     @contextmanager
     def view(self, request_id: str, layer: int) -> Iterator[KVCache]:

@@ -3,17 +3,13 @@ attention reads (the temporary segment is in ``cache.temp``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
-import numpy as np
 import torch
 
 from mosaickv.cache.pages import Paged, PagedBlob, PagedStripe, PagePool
-from mosaickv.cache.upload import to_device
 from mosaickv.core import CompressionMethod, KVCache, PackedSide, Segment
-from mosaickv.ops import write_dense_rows
 
 if TYPE_CHECKING:  # the temp module imports this one
     from mosaickv.cache.temp import TempView
@@ -187,25 +183,6 @@ class DenseRows:
     def copy(self) -> DenseRows:
         """The same rows in a buffer of their own (a fork appends to both)."""
         return DenseRows(self.buf.clone(), self.n_sink, self.n)
-
-
-def write_next_rows(k: torch.Tensor, v: torch.Tensor, targets: Sequence[tuple[int, DenseRows]]) -> bool:
-    """Write k[b], v[b] ([B, H_kv, D] on CUDA, the extension built) as row ``n`` of each
-    ``(b, rows)`` in ``targets`` (each with room: ``n < cap``), all in one ``write_dense_rows`` launch.
-    The ``DenseRows`` themselves do not change: the caller publishes ``n + 1`` rows.
-    Returns False, having written nothing, when a row is not a multiple of 16 bytes."""
-    row = k.shape[2] * k.element_size()
-    if row % 16:
-        return False
-    k, v = (
-        x if x.is_contiguous() and x.data_ptr() % 16 == 0 else x.clone(memory_format=torch.contiguous_format)
-        for x in (k, v)
-    )
-    index = [b for b, _ in targets]
-    address = [t.buf.data_ptr() + t.n * row for _, t in targets]  # row n of K head 0
-    table = np.array([index, address, [t.cap for _, t in targets]], dtype=np.int64)
-    write_dense_rows(k, v, to_device(table, k.device))
-    return True
 
 
 @dataclass(frozen=True)

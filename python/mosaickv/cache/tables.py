@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from mosaickv.cache.dense_batch import DenseBatch, dense_batch
 from mosaickv.cache.pages import PagedBlob, PagedStripe, PagePool
 from mosaickv.cache.segments import PagedSegment, Snapshot
 from mosaickv.cache.temp import TempView
@@ -199,49 +200,31 @@ def snapshot_layout(
         vdense=torch.empty(0, d, dtype=snaps[0].dense.buf.dtype, device=device),
         owner=tuple(keep),
     )
-    layout = with_dense(layout, snaps)
+    layout = with_dense(layout, snaps, dense_batch([s.dense for s in snaps]))
     return layout, DecodeWorkspace.sized(layout, gqa_group, n_sel, stripes_per_head, n_blocks, reuse=reuse)
 
 
-def with_dense(layout: DecodeLayout, snaps: list[Snapshot]) -> DecodeLayout:
-    """``layout`` with the dense part (sinks, then the window) of ``snaps``. One sequence's buffer is
-    handed over as it is; a batch's buffers of one size are read where they are, through their
-    addresses and lengths (``dense_rows``, ``dense_len``: one upload, no copy of the rows); buffers
-    of several sizes (an append of several tokens outgrew one) are stacked. The compressed part's
-    tables stay valid while the snapshots' segments and temporary view are the same objects
+def with_dense(layout: DecodeLayout, snaps: list[Snapshot], batch: DenseBatch | None) -> DecodeLayout:
+    """``layout`` with the dense part (sinks, then the window) of ``snaps``: read where the rows are
+    through ``batch`` (``dense_batch``: no copy), one sequence's buffer as it is, or, for buffers of
+    several sizes (an append of several tokens outgrew one), stacked in one copy. The compressed
+    part's tables stay valid while the snapshots' segments and temporary view are the same objects
     (``table_key``)."""
+    if batch is not None:
+        first = batch.bufs[0]
+        shape = [len(batch.bufs), *first.shape[1:]]  # dense_k/v: only the rows' shape and dtype
+        k, v = first[0].expand(shape), first[1].expand(shape)
+        return replace(layout, dense_k=k, dense_v=v, dense_len=batch.lengths, dense_rows=batch.rows)
     bufs = [s.dense.buf for s in snaps]
     if len(bufs) == 1:
         both = bufs[0].unsqueeze(1)  # [2, 1, H_kv, cap, D]
-        lengths = dense_lengths(snaps, both.device)
-        return replace(layout, dense_k=both[0], dense_v=both[1], dense_len=lengths, dense_rows=None)
-    first = bufs[0]
-    if all(b.shape == first.shape for b in bufs):
-        rows, lengths = dense_addresses(snaps)
-        shape = [len(bufs), *first.shape[1:]]  # dense_k/v: only the rows' shape and dtype
-        k, v = first[0].expand(shape), first[1].expand(shape)
-        return replace(layout, dense_k=k, dense_v=v, dense_len=lengths, dense_rows=rows)
-    cap = max(b.shape[2] for b in bufs)
-    both = first.new_zeros(2, len(bufs), first.shape[1], cap, first.shape[3])
-    for b, s in enumerate(snaps):
-        both[:, b, :, : s.dense.n] = s.dense.buf[:, :, : s.dense.n]
-    return replace(
-        layout, dense_k=both[0], dense_v=both[1], dense_len=dense_lengths(snaps, both.device), dense_rows=None
-    )
-
-
-def dense_addresses(snaps: list[Snapshot]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The device addresses of each snapshot's K and V rows ([2, B] int64: its buffer's halves) and
-    their row counts ([B] int32), in one upload."""
-    bufs = [s.dense.buf for s in snaps]
-    b = len(bufs)
-    v_offset = bufs[0][0].numel() * bufs[0].element_size()  # buf: [2, H_kv, cap, D], V after K
-    table = np.empty(2 * b + (b + 1) // 2, dtype=np.int64)  # K addresses, V addresses, int32 lengths
-    table[:b] = [x.data_ptr() for x in bufs]
-    table[b : 2 * b] = table[:b] + v_offset
-    table[2 * b :].view(np.int32)[:b] = [s.dense.n for s in snaps]
-    dev = to_device(table, bufs[0].device)
-    return dev[: 2 * b].view(2, b), dev[2 * b :].view(torch.int32)[:b]
+    else:
+        cap = max(b.shape[2] for b in bufs)
+        both = bufs[0].new_zeros(2, len(bufs), bufs[0].shape[1], cap, bufs[0].shape[3])
+        for b, s in enumerate(snaps):
+            both[:, b, :, : s.dense.n] = s.dense.buf[:, :, : s.dense.n]
+    lengths = dense_lengths(snaps, both.device)
+    return replace(layout, dense_k=both[0], dense_v=both[1], dense_len=lengths, dense_rows=None)
 
 
 def dense_lengths(snaps: list[Snapshot], device: torch.device) -> torch.Tensor:

@@ -16,6 +16,7 @@ from mosaickv.core import KVCache
 from mosaickv.ops._ext import built_library, load
 from mosaickv.ops.kernels import (
     STAGE_ALL,
+    append_dense_rows,
     append_encode,
     append_encode_,
     append_encode_reference,
@@ -25,7 +26,6 @@ from mosaickv.ops.kernels import (
     encode_into_,
     encode_side,
     run_decode,
-    write_dense_rows,
 )
 from mosaickv.ops.layout import (
     APPEND_COLS,
@@ -107,6 +107,7 @@ __all__ = [
     "DecodePlan",
     "DecodeWorkspace",
     "FlatPools",
+    "append_dense_rows",
     "append_encode",
     "append_encode_",
     "append_encode_reference",
@@ -121,5 +122,4 @@ __all__ = [
     "paged_tables",
     "round_up8",
     "run_decode",
-    "write_dense_rows",
 ]

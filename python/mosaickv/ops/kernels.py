@@ -556,10 +556,13 @@ def run_decode(
     return out
 
 
-def write_dense_rows(k: torch.Tensor, v: torch.Tensor, table: torch.Tensor) -> None:
-    """Write k[b], v[b] ([B, H_kv, D] contiguous, rows a multiple of 16 bytes) into one row of each
-    target's dense buffer [2, H_kv, cap, D] (K heads, then V heads), in one launch on the current
-    stream. table: [3, n] int64 on the device: target i's batch index, the address of the row to
-    write in its K head 0 (16-byte aligned), and its cap; buffers must stay allocated until the
-    launch has run (stream order: the caching allocator reuses freed tensors behind it)."""
-    _ext.require().write_dense_rows(k, v, table)
+def append_dense_rows(
+    k: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor, skip: torch.Tensor, cap: int
+) -> None:
+    """Append k[b], v[b] ([B, H_kv, D] contiguous, rows a multiple of 16 bytes) as row ``lengths[b]``
+    of sequence b's dense K rows at address ``rows[0, b]`` and V rows at ``rows[1, b]`` (each
+    [H_kv, cap, D]), then advance ``lengths[b]``, in one launch on the current stream; a sequence with
+    ``skip[b]`` set is left alone and the mark cleared. rows [2, B] int64, lengths and skip [B] int32,
+    all on the device (``mosaickv.cache.dense_batch.DenseBatch``); the buffers must stay allocated
+    until the launch has run."""
+    _ext.require().append_dense_rows(k, v, rows, lengths, skip, cap)
