@@ -266,7 +266,7 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
         mgr.close()
     row = {
         "context": context, "batch": batch, "steps": steps, "threads": stats["cache_threads"],
-        "reencoder_nice": config.reencoder_nice,
+        "reencoder_nice": config.reencoder_nice, "host_spare_chunks": config.host_spare_chunks,
         "reencoders_paused": paused, "appends": "per-request" if per_request else "batch",
         "prefill_s": prefill_s, "kernels_graph_ms": kernels_graph,
         "backlog_peak": stats["cache_backlog_peak"], "backlog_limit": stats["cache_backlog_limit"],
@@ -338,6 +338,12 @@ def main() -> None:
         help="CacheConfig.max_backlog_tokens (--pause-reencoders needs room for every eviction)",
     )
     parser.add_argument(
+        "--host-spare-chunks",
+        type=int,
+        default=CacheConfig().host_spare_chunks,
+        help="CacheConfig.host_spare_chunks: pinned host chunks allocated ahead of need",
+    )
+    parser.add_argument(
         "--reencoder-nice",
         type=int,
         default=CacheConfig().reencoder_nice,
@@ -379,6 +385,7 @@ def main() -> None:
                     n_threads=args.threads,
                     reencoder_nice=args.reencoder_nice,
                     max_backlog_tokens=args.max_backlog_tokens,
+                    host_spare_chunks=args.host_spare_chunks,
                 ),
                 args.pause_reencoders,
                 args.profile,

@@ -646,6 +646,8 @@ def test_pool_bound_and_errors() -> None:
         CacheManager(make_method("quest"), 1, H_KV, D, torch.float32)
     with pytest.raises(ValueError, match="max_backlog_tokens"):
         CacheConfig(max_backlog_tokens=0)
+    with pytest.raises(ValueError, match="host_spare_chunks must be >= 0"):
+        CacheConfig(host_spare_chunks=-1)
     with pytest.raises(ValueError, match="reencoder_nice must be in 0..19"):
         CacheConfig(reencoder_nice=20)
     mgr = manager(SCENARIOS["fixed_len"], n_threads=1)
@@ -657,6 +659,15 @@ def test_pool_bound_and_errors() -> None:
             mgr.append("r", 0, torch.zeros(1, 3, D), torch.zeros(1, 3, D))
     finally:
         mgr.close()
+
+
+def test_the_host_pool_keeps_the_configured_spare_chunks() -> None:
+    for spare in (0, 3, SPARE_CHUNKS + 5):
+        mgr = manager(SCENARIOS["fixed_len"], n_threads=1, host_spare_chunks=spare)
+        try:
+            assert len(mgr._host._free) == mgr._host.allocated == spare  # allocated at start, none taken
+        finally:
+            mgr.close()
 
 
 def test_kernel_tables_of_a_grown_temporary_segment_address_all_its_pages() -> None:

@@ -21,12 +21,14 @@ class HostChunks:
 
     Pinning host memory (cudaHostAlloc) takes about a millisecond per megabyte: a growing buffer
     that pinned memory on the decode thread added that to its step. ``top_up`` (the manager at
-    start, the re-encoders after each job) keeps ``SPARE_CHUNKS`` free, so ``take`` on the decode
-    thread finds one; it allocates itself only when they have run out.
+    start, the re-encoders after each job) keeps ``spare`` free (``CacheConfig.host_spare_chunks``),
+    so ``take`` on the decode thread finds one; it allocates itself only when they have run out.
     """
 
-    def __init__(self, rows: int, n_heads: int, dim: int, dtype: torch.dtype, pin: bool) -> None:
-        self.rows = rows
+    def __init__(
+        self, rows: int, n_heads: int, dim: int, dtype: torch.dtype, pin: bool, spare: int = SPARE_CHUNKS
+    ) -> None:
+        self.rows, self.spare = rows, spare
         self.shape, self.dtype, self.pin = (2, rows, n_heads, dim), dtype, pin
         self.chunk_bytes = 2 * rows * n_heads * dim * torch.empty(0, dtype=dtype).element_size()
         self._free: list[torch.Tensor] = []
@@ -51,10 +53,10 @@ class HostChunks:
             self._free.extend(chunks)
 
     def top_up(self) -> None:
-        """Allocate until ``SPARE_CHUNKS`` are free (off the decode thread)."""
+        """Allocate until ``spare`` chunks are free (off the decode thread)."""
         while True:
             with self._lock:
-                if len(self._free) >= SPARE_CHUNKS:
+                if len(self._free) >= self.spare:
                     return
                 self.allocated += 1
             chunk = self._new()

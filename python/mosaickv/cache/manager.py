@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mosaickv.cache.dense_batch import DenseBatch, dense_batch
-from mosaickv.cache.host import HostChunks
+from mosaickv.cache.host import SPARE_CHUNKS, HostChunks
 from mosaickv.cache.pages import Paged, PagePool, page_ids
 from mosaickv.cache.segments import PagedSegment, Snapshot
 from mosaickv.cache.stream import Stream
@@ -70,7 +70,8 @@ class CacheConfig:
     tokens that leave the window with one ``append_encode`` launch into the pages (False: the
     torch path, for A/B runs). reencoder_nice: added to the process's scheduling niceness for each
     re-encoder thread on Linux (0-19, capped at 19): when every core is busy, the kernel runs the
-    decode thread first.
+    decode thread first. host_spare_chunks: pinned host chunks (one eviction's raw K/V each) kept
+    allocated ahead of need, topped up by the re-encoders (``HostChunks``).
     """
 
     page_bytes: int | None = None
@@ -82,6 +83,7 @@ class CacheConfig:
     evict_tokens: int = 1
     append_kernel: bool = True
     reencoder_nice: int = 0
+    host_spare_chunks: int = SPARE_CHUNKS
 
     def __post_init__(self) -> None:
         if self.n_threads is not None and self.n_threads < 1:
@@ -92,6 +94,8 @@ class CacheConfig:
             raise ValueError(f"reencode_delay_s must be >= 0, got {self.reencode_delay_s}")
         if self.evict_tokens < 1:
             raise ValueError(f"evict_tokens must be >= 1, got {self.evict_tokens}")
+        if self.host_spare_chunks < 0:
+            raise ValueError(f"host_spare_chunks must be >= 0, got {self.host_spare_chunks}")
         if not 0 <= self.reencoder_nice <= 19:
             raise ValueError(f"reencoder_nice must be in 0..19, got {self.reencoder_nice}")
 
@@ -136,9 +140,8 @@ class CacheManager:
         kernels = self.device.type == "cuda" and cuda_available()
         self._plan_device = self.device if kernels else torch.device("cpu")
         # raw K/V of pending tokens, in chunks of at least one eviction
-        self._host = HostChunks(
-            max(256, self.config.evict_tokens), n_kv_heads, head_dim, dtype, pin=self.device.type == "cuda"
-        )
+        pin, spare = self.device.type == "cuda", self.config.host_spare_chunks
+        self._host = HostChunks(max(256, self.config.evict_tokens), n_kv_heads, head_dim, dtype, pin, spare)
         self._host.top_up()
         self._requests: dict[str, list[Stream]] = {}
         self._lock = threading.Lock()

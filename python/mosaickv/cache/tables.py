@@ -27,7 +27,7 @@ from mosaickv.ops.layout import (
     SUMMARY_KIND_IDS,
     DecodeLayout,
     DecodeWorkspace,
-    n_select,
+    n_selects,
     stripe_row,
 )
 
@@ -145,9 +145,8 @@ def snapshot_layout(
         )
     kind = SUMMARY_KIND_IDS[m0.summary]
     width = summary_width(m0.summary, d, m0.summary_channels)
-    per_seq, pages, keep = [], [], []
-    n_entries = 0
-    for b, (snap, m) in enumerate(zip(snaps, methods, strict=True)):
+    per_seq: list[list[SegmentTables]] = []
+    for snap, m in zip(snaps, methods, strict=True):
         if (m.block_size, summary_width(m.summary, d, m.summary_channels)) != (m0.block_size, width) or (
             SUMMARY_KIND_IDS[m.summary] != kind
         ):
@@ -155,25 +154,27 @@ def snapshot_layout(
         tables = [closed_tables(seg, width) for seg in snap.segments]
         if snap.temp is not None and snap.temp.length:
             tables.append(temp_tables(snap.temp))
-        rows = np.stack([t.rows for t in tables]) if tables else np.zeros((0, n_kv, len(STRIPE_COLS)), int)
-        offsets = np.cumsum([0] + [len(t.pages) for t in tables[:-1]], dtype=np.int64) + n_entries
-        rows[:, :, _PAGE_COLS] += offsets[:, None, None]  # stack copied: the cached rows stay as they are
-        rows[:, :, _COL["seq"]] = b
-        per_seq.append(rows.transpose(1, 0, 2).reshape(-1, len(STRIPE_COLS)))  # (b, h) then segment order
-        n_entries += sum(len(t.pages) for t in tables)
-        pages += [t.pages for t in tables]
-        keep += [x for t in tables for x in t.keep_alive]
-    table = np.concatenate(per_seq)
+        per_seq.append(tables)
+    flat = [t for tables in per_seq for t in tables]
+    cols = len(STRIPE_COLS)
+    rows = np.stack([t.rows for t in flat]) if flat else np.zeros((0, n_kv, cols), np.int64)  # a copy
+    n_pages = np.array([t.pages.shape[0] for t in flat], dtype=np.int64)
+    rows[:, :, _PAGE_COLS] += (np.cumsum(n_pages) - n_pages)[:, None, None]  # into the pages' concatenation
+    counts = [len(tables) for tables in per_seq]
+    rows[:, :, _COL["seq"]] = np.repeat(np.arange(len(snaps)), counts)[:, None]
+    spans = zip(counts, np.cumsum(counts), strict=True)  # each sequence's tables, then (b, h), segment order
+    table = np.concatenate([rows[e - c : e].transpose(1, 0, 2).reshape(-1, cols) for c, e in spans])
     blocks = -(-table[:, _COL["tokens"]] // m0.block_size)  # per stripe
     table[:, _COL["block_off"]] = np.cumsum(blocks) - blocks
-    stripes_per_head = [len(r) // n_kv for r in per_seq for _ in range(n_kv)]
-    stripe_ptr = np.cumsum([0] + stripes_per_head)
+    stripes_per_head = np.repeat(counts, n_kv)
+    stripe_ptr = np.concatenate([[0], np.cumsum(stripes_per_head)])
     block_ptr = np.concatenate([[0], np.cumsum(blocks)])[stripe_ptr]
-    n_sel = [
-        n_select(int(block_ptr[i + 1] - block_ptr[i]), methods[i // n_kv].token_ratio)
-        for i in range(len(stripes_per_head))
-    ]
+    ratios = np.repeat([m.token_ratio for m in methods], n_kv)
+    head_blocks = np.diff(block_ptr)
+    n_sel = n_selects(head_blocks, ratios)
     n_blocks = int(block_ptr[-1])
+    pages = [t.pages for t in flat]
+    keep = [x for t in flat for x in t.keep_alive]
     device = pool.device
     wide = to_device(np.concatenate([table.ravel(), blocks]), device)
     ints = np.concatenate([stripe_ptr, block_ptr, n_sel]).astype(np.int32)
@@ -201,7 +202,8 @@ def snapshot_layout(
         owner=tuple(keep),
     )
     layout = with_dense(layout, snaps, dense_batch([s.dense for s in snaps]))
-    return layout, DecodeWorkspace.sized(layout, gqa_group, n_sel, stripes_per_head, n_blocks, reuse=reuse)
+    per_head = stripes_per_head.tolist()
+    return layout, DecodeWorkspace.sized(layout, gqa_group, n_sel.tolist(), per_head, n_blocks, reuse=reuse)
 
 
 def with_dense(layout: DecodeLayout, snaps: list[Snapshot], batch: DenseBatch | None) -> DecodeLayout:

@@ -103,6 +103,8 @@ class TempSegment:
             self._packs = _heads_by_strategy(st.keep_k + st.keep_v, st.group_k + st.group_v, pool.device)
             self._open = torch.empty(h, 0, d, device=pool.device)  # rotated keys of the open block
         self._tables: TempTables | None = None
+        if self.kernel:  # made here (prefill, a re-encoder's close), not by a decode step's first eviction
+            self._tables = TempTables(self)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Pack k, v: [t, H_kv, D] (on the pool's device) with the strategy and update summaries."""
@@ -119,7 +121,8 @@ class TempSegment:
 
     @property
     def tables(self) -> TempTables:
-        """The kernels' tables, built on first use (the CPU path never needs them)."""
+        """The kernels' tables: made with the segment on the kernel path, on first use otherwise (the
+        CPU path's appends never need them; a test may read them)."""
         if self._tables is None:
             self._tables = TempTables(self)
         return self._tables
@@ -260,15 +263,17 @@ class TempTables:
         self.stripes = to_device(rows, dev)
         self._summary_ptr, self._summary_cap = t.summary.data_ptr(), cap
 
-    @torch.inference_mode()  # the tables are inference tensors (the manager makes everything in it)
     def update(self) -> None:
         """Write the entries of pages added since the last call (and a moved summary tensor): before
         the append kernel writes through the table, and before attention reads it (``tables``), so
         the CPU path, whose appends write with torch, never pays for it."""
+        counts = [len(s.pages) for s in self._stripes]
+        if counts != self._known or self.temp.summary.data_ptr() != self._summary_ptr:
+            self._write(counts)  # else (most calls): no page added, the summary tensor did not move
+
+    @torch.inference_mode()  # the tables are inference tensors (the manager makes everything in it)
+    def _write(self, counts: list[int]) -> None:
         t, stripes = self.temp, self._stripes
-        counts = [len(s.pages) for s in stripes]
-        if counts == self._known and t.summary.data_ptr() == self._summary_ptr:
-            return  # most calls: no page added, the summary tensor did not move
         if max(counts) > self.per or t.summary.shape[1] != self._summary_cap:
             self._build()
             return

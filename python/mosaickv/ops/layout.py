@@ -9,9 +9,9 @@ stripe table describes flat pools (one page per stripe array) and the cache mana
 nothing and never synchronises with the host, so a CUDA graph can capture it.
 """
 
-import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from mosaickv.core import KVCache, bitmap_words
@@ -46,7 +46,12 @@ def round_up8(k: int) -> int:
 
 def n_select(n_blocks: int, ratio: float) -> int:
     """Blocks attended out of n_blocks; same rounding as mosaickv.core.summaries.select_top_blocks."""
-    return min(n_blocks, math.ceil(ratio * n_blocks - 1e-9))
+    return int(n_selects(np.array([n_blocks]), np.array([ratio]))[0])
+
+
+def n_selects(n_blocks: np.ndarray, ratios: np.ndarray) -> np.ndarray:
+    """``n_select`` elementwise over arrays of block counts and ratios (int64)."""
+    return np.minimum(n_blocks, np.ceil(ratios * n_blocks - 1e-9)).astype(np.int64)
 
 
 def stripe_row(
