@@ -266,7 +266,7 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
         mgr.close()
     row = {
         "context": context, "batch": batch, "steps": steps, "threads": stats["cache_threads"],
-        "reencoder_nice": config.reencoder_nice, "host_spare_chunks": config.host_spare_chunks,
+        "host_spare_chunks": config.host_spare_chunks,
         "reencoders_paused": paused, "appends": "per-request" if per_request else "batch",
         "prefill_s": prefill_s, "kernels_graph_ms": kernels_graph,
         "backlog_peak": stats["cache_backlog_peak"], "backlog_limit": stats["cache_backlog_limit"],
@@ -343,12 +343,6 @@ def main() -> None:
         default=CacheConfig().host_spare_chunks,
         help="CacheConfig.host_spare_chunks: pinned host chunks allocated ahead of need",
     )
-    parser.add_argument(
-        "--reencoder-nice",
-        type=int,
-        default=CacheConfig().reencoder_nice,
-        help="CacheConfig.reencoder_nice: the re-encoder threads' niceness",
-    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
         "--per-request-appends",
@@ -383,7 +377,6 @@ def main() -> None:
                     page_bytes=4096,
                     evict_tokens=args.evict_tokens,
                     n_threads=args.threads,
-                    reencoder_nice=args.reencoder_nice,
                     max_backlog_tokens=args.max_backlog_tokens,
                     host_spare_chunks=args.host_spare_chunks,
                 ),

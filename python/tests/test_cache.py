@@ -7,10 +7,7 @@ Synchronisation is by events and ``drain``/``pause``, never by sleeping.
 
 import gc
 import itertools
-import os
-import sys
 import threading
-import time
 
 import pytest
 import torch
@@ -648,8 +645,6 @@ def test_pool_bound_and_errors() -> None:
         CacheConfig(max_backlog_tokens=0)
     with pytest.raises(ValueError, match="host_spare_chunks must be >= 0"):
         CacheConfig(host_spare_chunks=-1)
-    with pytest.raises(ValueError, match="reencoder_nice must be in 0..19"):
-        CacheConfig(reencoder_nice=20)
     mgr = manager(SCENARIOS["fixed_len"], n_threads=1)
     try:
         with pytest.raises(ValueError, match="add_request first"):
@@ -691,23 +686,6 @@ def test_kernel_tables_of_a_grown_temporary_segment_address_all_its_pages() -> N
                 assert tables.pages[at : at + len(addr)].tolist() == addr
                 values = tables.pages[at + tables.per : at + tables.per + len(addr)].tolist()
                 assert values == [a + stripe.values_offset for a in addr]
-    finally:
-        mgr.close()
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
-def test_reencoder_threads_yield_to_the_decode_thread() -> None:
-    before = os.getpriority(os.PRIO_PROCESS, 0)
-    if before > 14:
-        pytest.skip(f"this process already runs at niceness {before}")
-    mgr = manager(SCENARIOS["fixed_len"], n_threads=2, reencoder_nice=5)
-    try:
-        deadline = time.monotonic() + 10  # each thread sets its own niceness as it starts
-        while any(os.getpriority(os.PRIO_PROCESS, t.native_id) == before for t in mgr._threads):
-            assert time.monotonic() < deadline, "a re-encoder thread kept the process's niceness"
-            time.sleep(0.01)
-        assert {os.getpriority(os.PRIO_PROCESS, t.native_id) for t in mgr._threads} == {before + 5}
-        assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the caller's thread is untouched
     finally:
         mgr.close()
 

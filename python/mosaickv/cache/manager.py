@@ -7,7 +7,6 @@ import functools
 import hashlib
 import os
 import queue
-import sys
 import threading
 import time
 import weakref
@@ -68,9 +67,7 @@ class CacheConfig:
     step. 1 keeps the synchronous core's token-by-token order; a block (8) amortises the decode-path
     cost (bench/decode/README.md). append_kernel: on a GPU with the kernels built, encode the
     tokens that leave the window with one ``append_encode`` launch into the pages (False: the
-    torch path, for A/B runs). reencoder_nice: added to the process's scheduling niceness for each
-    re-encoder thread on Linux (0-19, capped at 19): when every core is busy, the kernel runs the
-    decode thread first. host_spare_chunks: pinned host chunks (one eviction's raw K/V each) kept
+    torch path, for A/B runs). host_spare_chunks: pinned host chunks (one eviction's raw K/V each) kept
     allocated ahead of need, topped up by the re-encoders (``HostChunks``).
     """
 
@@ -82,7 +79,6 @@ class CacheConfig:
     reencode_delay_s: float = 0.0
     evict_tokens: int = 1
     append_kernel: bool = True
-    reencoder_nice: int = 0
     host_spare_chunks: int = SPARE_CHUNKS
 
     def __post_init__(self) -> None:
@@ -96,8 +92,6 @@ class CacheConfig:
             raise ValueError(f"evict_tokens must be >= 1, got {self.evict_tokens}")
         if self.host_spare_chunks < 0:
             raise ValueError(f"host_spare_chunks must be >= 0, got {self.host_spare_chunks}")
-        if not 0 <= self.reencoder_nice <= 19:
-            raise ValueError(f"reencoder_nice must be in 0..19, got {self.reencoder_nice}")
 
 
 class CacheManager:
@@ -459,10 +453,6 @@ class CacheManager:
     # ---- CPU pool ---------------------------------------------------------------------------------
     @torch.inference_mode()  # its own thread, which starts outside inference mode
     def _worker(self) -> None:
-        if self.config.reencoder_nice and sys.platform == "linux":  # a thread id: this thread alone
-            tid = threading.get_native_id()
-            nice = os.getpriority(os.PRIO_PROCESS, tid) + self.config.reencoder_nice
-            os.setpriority(os.PRIO_PROCESS, tid, min(nice, 19))  # raising it needs no privilege
         while True:
             stream = self._queue.get()
             if stream is None:
