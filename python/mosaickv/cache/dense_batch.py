@@ -63,8 +63,8 @@ def dense_batch(
     sizes (one outgrew its cap: stacked), and for one sequence unless ``single`` (an append: the
     table then serves the steps after it; attention alone takes one buffer as it is, its length
     without an upload)."""
+    if held is not None and not any(skip) and held.matches(dense):  # the same buffers: one shape
+        return held
     if any(d.buf.shape != dense[0].buf.shape for d in dense):
         return None
-    if held is not None and not any(skip) and held.matches(dense):
-        return held
     return DenseBatch(dense, skip) if len(dense) > 1 or single else None

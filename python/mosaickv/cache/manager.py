@@ -154,8 +154,11 @@ class CacheManager:
         self._readable: weakref.WeakKeyDictionary[CompressionMethod, bool] = weakref.WeakKeyDictionary()
         # per layer: (table_key of the last call's snapshots, their layout, its workspace)
         self._layer_tables: dict[int, tuple[tuple[object, ...], DecodeLayout, DecodeWorkspace]] = {}
-        # per layer: the dense rows of its last batch, on the device (``append_batch``, ``attend``)
+        # per layer: the dense rows of its last batch, on the device (``append_batch``, ``attend``),
+        # the layout joined with them, and the batch's streams (``_streams``)
         self._dense: dict[int, DenseBatch | None] = {}
+        self._joined: dict[int, tuple[DecodeLayout, DenseBatch | None, DecodeLayout]] = {}
+        self._batches: dict[int, tuple[tuple[str, ...], list[Stream]]] = {}
         row_bytes = head_dim * torch.empty(0, dtype=dtype).element_size()
         self._batch_rows = kernels and row_bytes % 16 == 0  # append_batch's one-launch row writes
         self.n_threads = self.config.n_threads or default_threads()
@@ -222,6 +225,18 @@ class CacheManager:
         if not 0 <= layer < self.n_layers:
             raise ValueError(f"layer must be in [0, {self.n_layers}), got {layer}")
         return streams[layer]
+
+    def _streams(self, request_ids: Sequence[str], layer: int) -> list[Stream]:
+        """A batch's streams in one layer. A decode step calls ``append_batch`` and ``attend`` with
+        the same requests in every layer: each layer's last batch is kept (``free`` forgets them)."""
+        self._raise_errors()
+        key = tuple(request_ids)
+        held = self._batches.get(layer)
+        if held is not None and held[0] == key:
+            return held[1]
+        streams = [self._stream(r, layer) for r in request_ids]
+        self._batches[layer] = (key, streams)
+        return streams
 
     def _check_kv(self, k: torch.Tensor, v: torch.Tensor) -> None:
         want = (self.n_kv_heads, self.head_dim)
@@ -318,7 +333,7 @@ class CacheManager:
                 f"append_batch needs one row of k/v per request, each request once: got {k.shape[0]} rows "
                 f"for requests {list(request_ids)}"
             )
-        streams = [self._stream(r, layer) for r in request_ids]
+        streams = self._streams(request_ids, layer)
         rows = [s.window_row() if self._batch_rows else None for s in streams]
         for b, d in enumerate(rows):
             if d is None:  # sinks to fill, tokens leaving the window: the general path
@@ -375,6 +390,8 @@ class CacheManager:
                 self._cond.notify_all()
         self._layer_tables.clear()  # they reference the freed request's segments
         self._dense.clear()  # and its dense buffers
+        self._joined.clear()
+        self._batches.clear()  # and its streams
         self._evict_prefixes()
 
     def _evict_prefixes(self) -> None:
@@ -398,7 +415,7 @@ class CacheManager:
         otherwise (or for caches that attend every block) ``mosaickv.ops.DecodePlan`` runs the
         core reference over the snapshot's rows.
         """
-        streams = [self._stream(r, layer) for r in request_ids]
+        streams = self._streams(request_ids, layer)
         snaps = [s.acquire() for s in streams]
         try:
             methods = [s.method for s in streams]
@@ -433,7 +450,11 @@ class CacheManager:
             self._layer_tables[layer] = held
         batch = dense_batch([s.dense for s in snaps], self._dense.get(layer))
         self._dense[layer] = batch
-        return with_dense(held[1], snaps, batch), held[2]
+        joined = self._joined.get(layer)
+        if batch is None or joined is None or joined[0] is not held[1] or joined[1] is not batch:
+            joined = (held[1], batch, with_dense(held[1], snaps, batch))  # a table read in place is
+            self._joined[layer] = joined  # the same object while its batch is: the layout too
+        return joined[2], held[2]
 
     @contextmanager
     def view(self, request_id: str, layer: int) -> Iterator[KVCache]:

@@ -1,0 +1,138 @@
+"""The decode thread's own host time per layer call, on any CPU: what ``CacheManager.append_batch``
+and ``attend`` cost in Python on the CUDA path, between their kernel launches.
+
+The manager is built on the CPU and switched to its CUDA code path, with the launches replaced by
+no-ops (``append_dense_rows`` and ``run_decode``: their device time is the GPU's, timed with
+everything else by bench_manager_step.py on the H200). Steps where no token leaves the window only
+(the evictions take the torch path on a CPU, which is not what a GPU runs): the steady state of
+a decode step, ``batch`` sequences forked from one prompt, one layer.
+
+    python3 bench/decode/bench_host_path.py --out bench/results/host-path-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import datetime
+import io
+import json
+import os
+import platform
+import pstats
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+import mosaickv.cache.dense_batch as dense_batch_module
+import mosaickv.cache.manager as manager_module
+import torch
+from mosaickv.cache import CacheConfig, CacheManager
+from mosaickv.core import make_method
+
+H_KV, H_Q, D = 8, 32, 128  # Llama-3.1-8B attention shapes
+METHOD = {"keep_ratio": 0.25, "segment_len": 1024, "window": 64, "n_sink": 4, "summary": "compact",
+              "summary_channels": 16, "token_ratio": 0.1}  # fmt: skip
+EVICT_TOKENS = 256  # the vLLM backend's: no eviction within the warm-up and timed steps
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(
+                line.split(":", 1)[1].strip()
+                for line in f
+                if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def host_path() -> None:
+    """Replace the two launches of the steady-state path by no-ops."""
+    dense_batch_module.append_dense_rows = lambda *args: None  # type: ignore[assignment]
+    manager_module.run_decode = lambda layout, ws, q, out, scale: out  # type: ignore[assignment]
+
+
+def run(batch: int, prompt: int, steps: int, profile: bool) -> dict:
+    method = make_method("mosaic", **METHOD)
+    config = CacheConfig(page_bytes=4096, evict_tokens=EVICT_TOKENS, n_threads=1)
+    mgr = CacheManager(method, 1, H_KV, D, torch.bfloat16, "cpu", config)
+    rids = [f"seq{b}" for b in range(batch)]
+    try:
+        mgr.add_request(rids[0])
+        k = torch.randn(prompt, H_KV, D).bfloat16()
+        mgr.prefill(rids[0], 0, k, k)
+        for rid in rids[1:]:
+            mgr.fork(rids[0], rid)
+        mgr._batch_rows = True  # the CUDA path (what a GPU with the kernels built runs)
+        mgr._plan_device = types.SimpleNamespace(type="cuda")
+        new = torch.randn(batch, H_KV, D).bfloat16()
+        q = torch.randn(batch, H_Q, D).bfloat16()
+
+        def step() -> None:
+            mgr.append_batch(rids, 0, new, new)
+            mgr.attend(rids, 0, q)
+
+        for _ in range(16):
+            step()
+        times = []
+        for _ in range(steps):
+            began = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - began) * 1e6)
+        row = {"batch": batch, "prompt": prompt, "steps": steps, "us_per_layer_median": statistics.median(times),
+               "us_per_layer_mean": statistics.fmean(times)}  # fmt: skip
+        if profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(50):
+                step()
+            prof.disable()
+            text = io.StringIO()
+            pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(20)
+            row["profile"] = text.getvalue()
+        if mgr.stats()["cache_backlog_peak"]:
+            raise RuntimeError("a token left the window: lower --steps")
+        return row
+    finally:
+        mgr.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument(
+        "--prompt", type=int, default=4096, help="prompt tokens (segments of 1024)"
+    )
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument(
+        "--profile", action="store_true", help="add cProfile's top functions"
+    )
+    args = parser.parse_args()
+    if 16 + args.steps + 50 * args.profile >= EVICT_TOKENS:
+        parser.error(f"--steps must be below {EVICT_TOKENS - 66}: no step may evict")
+    host_path()
+    rows = []
+    with torch.inference_mode():
+        for b in args.batches:
+            row = run(b, args.prompt, args.steps, args.profile)
+            print(
+                json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True
+            )
+            if "profile" in row:
+                print(row["profile"], flush=True)
+            rows.append(row)
+    doc = {"date": datetime.date.today().isoformat(), "command": "python3 " + " ".join(sys.argv),
+           "cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__, "rows": rows}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1))
+
+
+if __name__ == "__main__":
+    main()
