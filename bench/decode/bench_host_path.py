@@ -53,7 +53,8 @@ def cpu_name() -> str:
 
 
 def host_path() -> None:
-    """Replace the two launches of the steady-state path by no-ops."""
+    """Replace the two launches of the steady-state path by no-ops (on the CPU, append_dense_rows
+    would run its Python reference)."""
     dense_batch_module.append_dense_rows = lambda *args: None  # type: ignore[assignment]
     manager_module.run_decode = lambda layout, ws, q, out, scale: out  # type: ignore[assignment]
 
@@ -71,8 +72,7 @@ def run(batch: int, prompt: int, steps: int, profile: bool) -> tuple[float, str 
         mgr.prefill(rids[0], 0, k, k)
         for rid in rids[1:]:
             mgr.fork(rids[0], rid)
-        mgr._batch_rows = True  # the CUDA path (what a GPU with the kernels built runs)
-        mgr._plan_device = types.SimpleNamespace(type="cuda")
+        mgr._plan_device = types.SimpleNamespace(type="cuda")  # attention's CUDA path
         new = torch.randn(batch, H_KV, D).bfloat16()
         q = torch.randn(batch, H_Q, D).bfloat16()
 

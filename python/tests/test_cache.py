@@ -160,8 +160,7 @@ def test_evicting_a_block_at_a_time_equals_a_synchronous_encode_fed_in_blocks(na
 def test_a_batched_append_equals_a_synchronous_encode_per_request() -> None:
     """append_batch (one row of k/v per request) holds for each request what the core holds fed its
     tokens one at a time: through sinks (a 2-token prompt), window growth and evictions. Bad
-    batches are refused before anything is written. On the CPU every row goes through ``append``;
-    the one-launch path of CUDA is compared with it in test_cache_gpu.py."""
+    batches are refused before anything is written."""
     params = SCENARIOS["fixed_len"]
     prompts = {"a": 100, "b": 2, "c": 57}
     data = {rid: tokens(300, seed=20 + i) for i, rid in enumerate(prompts)}
@@ -184,6 +183,44 @@ def test_a_batched_append_equals_a_synchronous_encode_per_request() -> None:
             assert_same_segments(mgr, rid, synchronous(params, k[: n + 160], v[: n + 160], n_prompt=n))
     finally:
         mgr.close()
+
+
+def test_a_batched_append_through_the_dense_batch_writes_what_appends_write() -> None:
+    """With evictions of 8 tokens most rows only grow a window: append_batch writes them through
+    the layer's DenseBatch (on the CPU the reference of the append_dense_rows kernel: the same
+    addresses, skip marks and device counts; test_cache_gpu.py runs the kernel), evictions and sinks
+    through ``append``. The requests then hold exactly what one ``append`` per request leaves:
+    segments, sinks and window."""
+    params = SCENARIOS["fixed_len"]
+    prompts = {"a": 100, "b": 2, "c": 57}
+    data = {rid: tokens(300, seed=30 + i) for i, rid in enumerate(prompts)}
+    batched, single = (manager(params, n_threads=2, evict_tokens=8) for _ in range(2))
+    try:
+        for mgr in (batched, single):
+            for rid, n in prompts.items():
+                mgr.add_request(rid)
+                mgr.prefill(rid, 0, data[rid][0][:n], data[rid][1][:n])
+        through_batch = 0
+        for t in range(160):
+            rows = [(data[rid][0][n + t], data[rid][1][n + t]) for rid, n in prompts.items()]
+            through_batch += sum(batched._stream(rid, 0).window_row() is not None for rid in prompts)
+            batched.append_batch(list(prompts), 0, *(torch.stack(x) for x in zip(*rows, strict=True)))
+            for rid, (k, v) in zip(prompts, rows, strict=True):
+                single.append(rid, 0, k[None], v[None])
+        assert through_batch > 160 * len(prompts) // 2
+        batched.drain()
+        single.drain()
+        for rid in prompts:
+            with batched.view(rid, 0) as got, single.view(rid, 0) as want:
+                assert [s.length for s in got.segments] == [s.length for s in want.segments]
+                for a, b in zip(got.segments, want.segments, strict=True):
+                    for x, y in ((a.k, b.k), (a.v, b.v)):
+                        assert all(torch.equal(p, q) for p, q in zip(x.values, y.values, strict=True))
+                for x, y in ((got.sink_k, want.sink_k), (got.tail_k, want.tail_k), (got.tail_v, want.tail_v)):
+                    assert torch.equal(x, y)
+    finally:
+        batched.close()
+        single.close()
 
 
 def test_the_layers_of_a_request_evict_on_different_steps() -> None:

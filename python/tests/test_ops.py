@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from append_scenarios import AppendCase, append_all, appended_rows, make_inputs, whole_segment
+from dense_rows_case import check_dense_rows_case
 from paged_read import stripe_rotation, stripe_side, stripe_summary
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -297,3 +298,9 @@ def test_append_encode_fake_impl_and_argument_checks() -> None:
         append_encode_(xk.float(), xv.float(), rows, *tables, pools.block_sum, 0, 16, 64, 64, 8, status)
     with pytest.raises(ValueError, match="runs on CUDA"):
         append_encode_(xk, xv, rows, *tables, pools.block_sum, 0, 16, 64, 64, 8, status)
+
+
+def test_append_dense_rows_reference_appends_one_row_per_sequence_and_advances_its_count() -> None:
+    """The CPU reference of the kernel (the cache manager's CPU path of append_batch) on the case
+    test_ops_gpu.py runs the kernel on: the same addresses, skip marks and counts."""
+    check_dense_rows_case("cpu")

@@ -160,7 +160,8 @@ class CacheManager:
         self._joined: dict[int, tuple[DecodeLayout, DenseBatch | None, DecodeLayout]] = {}
         self._batches: dict[int, tuple[tuple[str, ...], list[Stream]]] = {}
         row_bytes = head_dim * torch.empty(0, dtype=dtype).element_size()
-        self._batch_rows = kernels and row_bytes % 16 == 0  # append_batch's one-launch row writes
+        # append_batch's one-launch row writes: the kernel, or on the CPU its reference
+        self._batch_rows = row_bytes % 16 == 0 and (kernels or self.device.type == "cpu")
         self.n_threads = self.config.n_threads or default_threads()
         self._threads = [
             threading.Thread(target=self._worker, name=f"mosaickv-reencode-{i}", daemon=True)

@@ -11,6 +11,8 @@ workspaces, so the memory behind the pages must outlive the launch (the layouts 
 On CPU, decode through ``mosaickv.ops.DecodePlan``, which calls ``KVCache.attend`` of the core reference.
 """
 
+import ctypes
+
 import torch
 
 from mosaickv.core import bitmap_words, block_summaries, pack_topk
@@ -562,7 +564,25 @@ def append_dense_rows(
     """Append k[b], v[b] ([B, H_kv, D] contiguous, rows a multiple of 16 bytes) as row ``lengths[b]``
     of sequence b's dense K rows at address ``rows[0, b]`` and V rows at ``rows[1, b]`` (each
     [H_kv, cap, D]), then advance ``lengths[b]``, in one launch on the current stream; a sequence with
-    ``skip[b]`` set is left alone and the mark cleared. rows [2, B] int64, lengths and skip [B] int32,
-    all on the device (``mosaickv.cache.dense_batch.DenseBatch``); the buffers must stay allocated
-    until the launch has run."""
-    _ext.require().append_dense_rows(k, v, rows, lengths, skip, cap)
+    ``skip[b]`` set is left alone and the mark cleared; a full buffer is never written past. rows
+    [2, B] int64, lengths and skip [B] int32, all on k's device (``mosaickv.cache.dense_batch``);
+    the buffers must stay allocated until the launch has run. On CPU tensors the same writes, by
+    the same addresses, in Python (the reference the CPU tests run)."""
+    if k.is_cuda:
+        _ext.require().append_dense_rows(k, v, rows, lengths, skip, cap)
+        return
+    batch, n_heads, d = k.shape
+    if rows.shape != (2, batch) or lengths.numel() != batch or skip.numel() != batch:
+        raise ValueError(f"rows must be [2, {batch}] and lengths, skip [{batch}]: one entry per sequence")
+    row_bytes = d * k.element_size()
+    k, v = k.contiguous(), v.contiguous()
+    for b in range(batch):
+        row = int(lengths[b])
+        if int(skip[b]) or row >= cap:
+            skip[b] = 0
+            continue
+        for side, x in enumerate((k, v)):
+            base = int(rows[side, b])
+            for h in range(n_heads):
+                ctypes.memmove(base + (h * cap + row) * row_bytes, x[b, h].data_ptr(), row_bytes)
+        lengths[b] = row + 1
