@@ -324,10 +324,11 @@ class CacheManager:
     def append_batch(self, request_ids: Sequence[str], layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """One decode token per request for one layer: k, v [B, H_kv, D], row b for
         ``request_ids[b]``; the same as ``append(request_ids[b], layer, k[b : b + 1], v[b : b + 1])``
-        for each b. With the CUDA kernels, the rows that only grow their window are written in one
-        launch through the layer's ``DenseBatch``, which attention then reads (no upload while the
-        batch and its buffers stay the same; ``append`` per request costs two copies each, and at
-        batch 8 eight times the Python); evictions and sinks go through ``append``."""
+        for each b. The rows that only grow their window are written in one launch through the
+        layer's ``DenseBatch``, which attention then reads (no upload while the batch and its
+        buffers stay the same; ``append`` per request costs two copies each, and at batch 8 eight
+        times the Python; on the CPU the launch is its reference); evictions and sinks go through
+        ``append``."""
         self._check_kv(k, v)
         if k.shape[0] != len(request_ids) or len(set(request_ids)) != len(request_ids):
             raise ValueError(
