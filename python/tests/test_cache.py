@@ -8,11 +8,13 @@ Synchronisation is by events and ``drain``/``pause``, never by sleeping.
 import gc
 import itertools
 import threading
+import types
 
 import pytest
 import torch
 from paged_read import COL, dense_rows, stripe_rotation, stripe_side, stripe_summary
 
+import mosaickv.cache.manager as manager_module
 from mosaickv.cache import (
     CacheConfig,
     CacheFull,
@@ -939,6 +941,48 @@ def test_page_tables_address_every_row_summary_and_rotation(name: str, storage: 
             assert int(lay.dense_len[b]) == dense.shape[0]
         assert lay.dense_rows is not None, "a batch's dense rows are read in place, not stacked"
         assert s == lay.stripes.shape[0]
+    finally:
+        mgr.close()
+
+
+def test_the_kernels_get_each_steps_dense_rows_and_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layout ``attend`` hands the decode kernel, step after step of ``append_batch`` + ``attend``
+    (tables and joined layouts reused while nothing changed, rebuilt at evictions and sinks): every
+    sequence's dense rows, read through their addresses, and counts are its snapshot's, and its
+    stripes its segments'. The kernel cannot run here: a stand-in takes the layout instead."""
+    params = SCENARIOS["fixed_len"] | {"token_ratio": 0.5}
+    mgr = manager(params, dtype=torch.bfloat16, evict_tokens=8)
+    layouts: list[object] = []
+
+    def kernel(layout: object, ws: object, q: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor:
+        layouts.append(layout)
+        return out
+
+    monkeypatch.setattr(manager_module, "run_decode", kernel)
+    monkeypatch.setattr(mgr, "_plan_device", types.SimpleNamespace(type="cuda"))  # the kernels' path
+    prompts = {"a": 120, "b": 2, "c": 70}
+    data = {rid: tokens(200, seed=40 + i, dtype=torch.bfloat16) for i, rid in enumerate(prompts)}
+    q = torch.zeros(len(prompts), H_Q, D, dtype=torch.bfloat16)
+    try:
+        for rid, n in prompts.items():
+            mgr.add_request(rid)
+            mgr.prefill(rid, 0, data[rid][0][:n], data[rid][1][:n])
+        for t in range(60):
+            k, v = (torch.stack([data[rid][i][n + t] for rid, n in prompts.items()]) for i in (0, 1))
+            mgr.append_batch(list(prompts), 0, k, v)
+            mgr.attend(list(prompts), 0, q)
+            lay = layouts[-1]
+            for b, rid in enumerate(prompts):
+                snap = mgr._stream(rid, 0).snapshot
+                n = snap.dense.n
+                assert int(lay.dense_len[b]) == n, f"step {t}, {rid}"
+                for side in ("k", "v"):
+                    want = snap.dense.buf[0 if side == "k" else 1, :, :n]
+                    assert torch.equal(dense_rows(lay, b, side)[:, :n], want), f"step {t}, {rid}, {side}"
+                stripes = int(lay.stripe_ptr[b * H_KV + 1] - lay.stripe_ptr[b * H_KV])
+                assert stripes == len(snap.segments) + bool(snap.temp is not None and snap.temp.length)
+        reused = sum(a is b for a, b in itertools.pairwise(layouts))
+        assert 0 < reused < len(layouts) - 1  # reused while nothing changed, rebuilt when a sequence did
     finally:
         mgr.close()
 
