@@ -19,8 +19,6 @@ import cProfile
 import datetime
 import io
 import json
-import os
-import platform
 import pstats
 import statistics
 import sys
@@ -34,22 +32,13 @@ import torch
 from mosaickv.cache import CacheConfig, CacheManager
 from mosaickv.core import make_method
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))  # timing.py
+from timing import host_cpu
+
 H_KV, H_Q, D = 8, 32, 128  # Llama-3.1-8B attention shapes
 METHOD = {"keep_ratio": 0.25, "segment_len": 1024, "window": 64, "n_sink": 4, "summary": "compact",
               "summary_channels": 16, "token_ratio": 0.1}  # fmt: skip
 EVICT_TOKENS = 256  # the vLLM backend's: no eviction within the warm-up and timed steps
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(
-                line.split(":", 1)[1].strip()
-                for line in f
-                if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def host_path() -> None:
@@ -143,7 +132,7 @@ def main() -> None:
                 row["profile"] = runs[0][1]
             rows.append(row)
     doc = {"date": datetime.date.today().isoformat(), "command": "python3 " + " ".join(sys.argv),
-           "cpu": cpu_name(), "cores": len(os.sched_getaffinity(0)), "torch": torch.__version__, "rows": rows}  # fmt: skip
+           **host_cpu(), "torch": torch.__version__, "rows": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
 

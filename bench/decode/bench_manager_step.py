@@ -58,7 +58,10 @@ from mosaickv.cache.tables import snapshot_layout
 from mosaickv.core import make_method
 from mosaickv.engines.vllm.config import MosaicSettings
 from mosaickv.ops import DecodePlan, cuda_available, run_decode
-from timing import wall_times_ms  # bench/kernels, on the path from bench_decode
+from timing import (  # bench/kernels, on the path from bench_decode
+    host_cpu,
+    wall_times_ms,
+)
 
 
 class PiecewiseStep:
@@ -391,7 +394,7 @@ def main() -> None:
         if "profile" in row:
             print(row["profile"], flush=True)
     doc = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
-           "device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), "torch": torch.__version__,
+           "device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), **host_cpu(), "torch": torch.__version__,
            "shape": vars(shape), "method": method, "evict_tokens": args.evict_tokens,
            "switch_interval_s": sys.getswitchinterval(), "gc_frozen": True, "rows": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,8 @@
 """The timing helpers of bench/: CUDA-graph replay timed with CUDA events (the device's time), and
 synchronised wall time (what a caller waits for, host work included)."""
 
+import os
+import platform
 import time
 from collections.abc import Callable
 
@@ -78,3 +80,22 @@ def copy_bandwidth_gbs(n_bytes: int = 4 << 30, repeats: int = 20) -> dict[str, f
         "kernel": moved / (kernel_ms * 1e-3) / 1e9,
         "memcpy": moved / (memcpy_ms * 1e-3) / 1e9,
     }
+
+
+def host_cpu() -> dict[str, object]:
+    """The host's CPU model and the cores this process may use (the decode thread's speed, which
+    sets a host-bound step's pace, differs between machines of one kind)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(
+                (
+                    line.split(":", 1)[1].strip()
+                    for line in f
+                    if line.startswith("model name")
+                ),
+                model,
+            )
+    except OSError:
+        pass
+    return {"cpu": model, "cores": len(os.sched_getaffinity(0))}
