@@ -47,9 +47,15 @@ class DenseBatch:
     def append(self, k: torch.Tensor, v: torch.Tensor, written: Sequence[bool]) -> None:
         """Write k[b], v[b] ([B, H_kv, D]) as the next row of every sequence not marked skip, in one
         launch; ``written`` says which those are (the marks the table was built with, or none)."""
-        k, v = (x if x.is_contiguous() and x.data_ptr() % 16 == 0 else x.clone() for x in (k, v))
-        append_dense_rows(k, v, self.rows, self.lengths, self.skip, self.cap)
+        append_dense_rows(_launchable(k), _launchable(v), self.rows, self.lengths, self.skip, self.cap)
         self.host_lengths = [n + w for n, w in zip(self.host_lengths, written, strict=True)]
+
+
+def _launchable(x: torch.Tensor) -> torch.Tensor:
+    """x itself if contiguous and 16-byte aligned (what the kernel reads), else such a copy."""
+    if x.is_contiguous() and x.data_ptr() % 16 == 0:
+        return x
+    return x.clone(memory_format=torch.contiguous_format)
 
 
 def dense_batch(
