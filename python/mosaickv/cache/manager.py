@@ -442,16 +442,18 @@ class CacheManager:
         self, layer: int, snaps: list[Snapshot], methods: list[CompressionMethod], group: int
     ) -> tuple[DecodeLayout, DecodeWorkspace]:
         """The layer's kernel tables and workspace for these snapshots: rebuilt only when a segment
-        swapped in or tokens left a window since the layer's last call (the dense part is fresh)."""
+        swapped in or tokens left a window since the layer's last call; the dense part through the
+        layer's ``DenseBatch`` (the one ``append_batch`` advanced, when it still describes them)."""
+        batch = dense_batch([s.dense for s in snaps], self._dense.get(layer))
+        self._dense[layer] = batch
         key = table_key(snaps)
         held = self._layer_tables.get(layer)
         stale = held is None or len(held[0]) != len(key) or held[2].qrot.shape[1] != group
         if stale or any(a is not b for a, b in zip(held[0], key, strict=True)):
             reuse = None if held is None else held[2]
-            held = (key, *snapshot_layout(snaps, methods, self.pool, group, reuse))
+            held = (key, *snapshot_layout(snaps, methods, self.pool, group, reuse, batch))
             self._layer_tables[layer] = held
-        batch = dense_batch([s.dense for s in snaps], self._dense.get(layer))
-        self._dense[layer] = batch
+            self._joined[layer] = (held[1], batch, held[1])  # already joined with this batch
         joined = self._joined.get(layer)
         if batch is None or joined is None or joined[0] is not held[1] or joined[1] is not batch:
             joined = (held[1], batch, with_dense(held[1], snaps, batch))  # a table read in place is

@@ -131,11 +131,13 @@ def snapshot_layout(
     pool: PagePool,
     gqa_group: int,
     reuse: DecodeWorkspace | None = None,
+    dense: DenseBatch | None = None,
 ) -> tuple[DecodeLayout, DecodeWorkspace]:
     """One layer's DecodeLayout over a batch of snapshots (same H_kv, D, dtype, block size and
     summary kind), reading the pool's pages in place, and its workspace for ``gqa_group`` query
-    heads per KV head (``reuse`` when it fits, ``DecodeWorkspace.sized``). Host work and two small
-    copies to the device: it never waits for the device."""
+    heads per KV head (``reuse`` when it fits, ``DecodeWorkspace.sized``); the dense rows through
+    ``dense`` (the caller's table of these snapshots' rows) or one made here (``dense_batch``). Host
+    work and two small copies to the device: it never waits for the device."""
     m0 = methods[0]
     _, n_kv, _, d = snaps[0].dense.buf.shape
     if not pages_readable(m0, d, snaps[0].dense.buf.dtype, pool):
@@ -201,7 +203,7 @@ def snapshot_layout(
         vdense=torch.empty(0, d, dtype=snaps[0].dense.buf.dtype, device=device),
         owner=tuple(keep),
     )
-    layout = with_dense(layout, snaps, dense_batch([s.dense for s in snaps]))
+    layout = with_dense(layout, snaps, dense if dense is not None else dense_batch([s.dense for s in snaps]))
     per_head = stripes_per_head.tolist()
     return layout, DecodeWorkspace.sized(layout, gqa_group, n_sel.tolist(), per_head, n_blocks, reuse=reuse)
 
