@@ -12,8 +12,11 @@ graphs, attention eager; CUDA only):
            ``--evict-tokens`` tokens into the temporary segment by the append kernel, host copies,
            CPU re-encoder jobs; ``--per-request-appends``: one ``append`` per sequence, as the
            results before append_batch ran), then ``attend``;
-  kernels  the same model and kernels over the same caches, frozen: each layer's tables built once
-           from the manager's snapshots (``snapshot_layout``), ``run_decode`` only.
+  kernels  the same model and kernels over the same caches, frozen after the warm-up: each layer's
+           tables built once from the manager's snapshots (``snapshot_layout``), ``run_decode`` only.
+The two alternate step by step (``"alternating": true`` in the JSON; runs before the eighth
+session timed all manager steps, then all kernel steps): the host's speed, which sets a host-bound
+step's pace, drifts within a run and differs between machines.
 overhead = manager - kernels (means), per step and as a fraction of the kernels' step in the same
 mode and of the whole step captured in one CUDA graph (``kernels_graph_ms``: no launch cost at all).
 ``*_host_ms_mean``: the host's time per step, until the step's last launch returned (below the
@@ -54,6 +57,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import LLAMA_8B, METHOD, SMOKE, Model, Shape, time_ms
 from mosaickv.cache import CacheConfig, CacheManager
+from mosaickv.cache.segments import Snapshot
 from mosaickv.cache.tables import snapshot_layout
 from mosaickv.core import make_method
 from mosaickv.engines.vllm.config import MosaicSettings
@@ -193,21 +197,67 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
         ] = {"eager": lambda attend: model.step(tok, attend)}
         if cuda:
             modes["piecewise"] = PiecewiseStep(model, tok).step
-        manager, manager_host, collections, top = {}, {}, {}, None
+
+        def frozen_kernels() -> Callable[[int, torch.Tensor], torch.Tensor]:
+            """The same kernels over the manager's caches as they are now, frozen: each layer's
+            tables built once from its snapshots (held: no re-encode frees what they read)."""
+            held = [
+                [mgr._stream(r, layer).acquire() for r in rids]
+                for layer in range(shape.layers)
+            ]
+            readers.append(held)
+            if not cuda:  # --smoke: the core reference over the same snapshots
+                plans = [
+                    DecodePlan([x.to_kvcache(mgr.method) for x in s], device)
+                    for s in held
+                ]
+                return lambda layer, q: plans[layer].run(q)
+            frozen = [
+                snapshot_layout(s, [mgr.method] * batch, mgr.pool, shape.group)
+                for s in held
+            ]
+            outs = [
+                torch.empty(batch, shape.heads, shape.dim, device=device, dtype=dtype)
+                for _ in frozen
+            ]
+
+            def kernels_only(layer: int, q: torch.Tensor) -> torch.Tensor:
+                lay, ws = frozen[layer]
+                return run_decode(lay, ws, q.contiguous(), outs[layer], shape.dim**-0.5)
+
+            return kernels_only
+
+        manager: dict[
+            str, list[float]
+        ] = {}  # per mode, ms per step (and the host's part)
+        manager_host: dict[str, list[float]] = {}
+        kernels: dict[str, list[float]] = {}
+        kernels_host: dict[str, list[float]] = {}
+        collections: dict[str, list[tuple[int, float]]] = {}
+        readers: list[list[list[Snapshot]]] = []
+        top = None
         # --pause-reencoders: the decode thread alone; jobs queue up (the backlog bound still holds)
         if paused:
             mgr.pause()
         for mode, step in modes.items():
             warm_up = 16  # the layers' evictions are staggered: every step is alike after these
             wall_times_ms(lambda step=step: step(through_manager), warm_up, cuda)
-            manager_host[mode] = []
+            kernels_only = frozen_kernels()
+            wall_times_ms(lambda step=step, k=kernels_only: step(k), 4, cuda)
+            timed = (
+                (through_manager, manager, manager_host),
+                (kernels_only, kernels, kernels_host),
+            )
+            for _, times, host in timed:
+                times[mode], host[mode] = [], []
+            # the two alternate step by step: the host's speed drifts within a run, and between
+            # lease machines by 2x (bench/decode/README.md); both see the same drift
             with gc_pauses() as collections[mode]:
-                manager[mode] = wall_times_ms(
-                    lambda step=step: step(through_manager),
-                    steps,
-                    cuda,
-                    manager_host[mode],
-                )
+                for _ in range(steps):
+                    for attend, times, host in timed:
+                        times[mode] += wall_times_ms(
+                            lambda step=step, a=attend: step(a), 1, cuda, host[mode]
+                        )
         if paused:
             mgr.resume()
         # the profile: the decode thread alone (cProfile sees every thread), re-encoders
@@ -229,42 +279,13 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
                 + text.getvalue()
             )
         stats = mgr.stats()
-
-        snaps = [
-            [mgr._stream(r, layer).snapshot for r in rids]
-            for layer in range(shape.layers)
-        ]
-        if cuda:
-            frozen = [
-                snapshot_layout(s, [mgr.method] * batch, mgr.pool, shape.group)
-                for s in snaps
-            ]
-            outs = [
-                torch.empty(batch, shape.heads, shape.dim, device=device, dtype=dtype)
-                for _ in frozen
-            ]
-
-            def kernels_only(layer: int, q: torch.Tensor) -> torch.Tensor:
-                lay, ws = frozen[layer]
-                return run_decode(lay, ws, q.contiguous(), outs[layer], shape.dim**-0.5)
-        else:  # --smoke: the core reference over the same snapshots
-            plans = [
-                DecodePlan([x.to_kvcache(mgr.method) for x in s], device) for s in snaps
-            ]
-
-            def kernels_only(layer: int, q: torch.Tensor) -> torch.Tensor:
-                return plans[layer].run(q)
-
-        kernels, kernels_host = {}, {}
-        for mode, step in modes.items():
-            wall_times_ms(lambda step=step: step(kernels_only), 4, cuda)
-            kernels_host[mode] = []
-            kernels[mode] = wall_times_ms(
-                lambda step=step: step(kernels_only), steps, cuda, kernels_host[mode]
-            )
         kernels_graph = (
             time_ms(lambda: model.step(tok, kernels_only), cuda, 20) if cuda else None
         )
+        for held in readers:  # the frozen kernels' snapshots
+            for layer, snaps in enumerate(held):
+                for rid, snap in zip(rids, snaps, strict=True):
+                    mgr._stream(rid, layer).release(snap)
     finally:
         mgr.close()
     row = {
@@ -396,7 +417,7 @@ def main() -> None:
     doc = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
            "device": "cpu (smoke)" if args.smoke else torch.cuda.get_device_name(), **host_cpu(), "torch": torch.__version__,
            "shape": vars(shape), "method": method, "evict_tokens": args.evict_tokens,
-           "switch_interval_s": sys.getswitchinterval(), "gc_frozen": True, "rows": rows}  # fmt: skip
+           "switch_interval_s": sys.getswitchinterval(), "gc_frozen": True, "alternating": True, "rows": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1))
 
