@@ -202,14 +202,21 @@ def test_a_batched_append_through_the_dense_batch_writes_what_appends_write() ->
             for rid, n in prompts.items():
                 mgr.add_request(rid)
                 mgr.prefill(rid, 0, data[rid][0][:n], data[rid][1][:n])
-        through_batch = 0
+        through_batch = kept = all_through = 0
         for t in range(160):
             rows = [(data[rid][0][n + t], data[rid][1][n + t]) for rid, n in prompts.items()]
-            through_batch += sum(batched._stream(rid, 0).window_row() is not None for rid in prompts)
+            window_rows = [batched._stream(rid, 0).window_row() is not None for rid in prompts]
+            through_batch += sum(window_rows)
+            all_through += all(window_rows)
+            held = batched._dense.get(0)
             batched.append_batch(list(prompts), 0, *(torch.stack(x) for x in zip(*rows, strict=True)))
+            kept += held is not None and batched._dense[0] is held
             for rid, (k, v) in zip(prompts, rows, strict=True):
                 single.append(rid, 0, k[None], v[None])
         assert through_batch > 160 * len(prompts) // 2
+        # the table made at a step with evictions or sinks (the first: b fills its sinks) serves every
+        # step after it until the next such step: those steps upload nothing
+        assert kept == all_through
         batched.drain()
         single.drain()
         for rid in prompts:

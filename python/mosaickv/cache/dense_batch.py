@@ -32,6 +32,7 @@ class DenseBatch:
         small = table[2 * b :].view(np.int32)
         small[:b] = self.host_lengths = [d.n for d in dense]
         small[b:] = list(skip) or 0
+        self._skip = list(skip) or [False] * b  # the device's marks, mirrored: the next append only
         dev = to_device(table, first.device)
         self.rows = dev[: 2 * b].view(2, b)
         self.lengths = dev[2 * b :].view(torch.int32)[:b]
@@ -44,11 +45,12 @@ class DenseBatch:
             d.buf is x and d.n == n for d, x, n in zip(dense, self.bufs, self.host_lengths, strict=True)
         )
 
-    def append(self, k: torch.Tensor, v: torch.Tensor, written: Sequence[bool]) -> None:
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write k[b], v[b] ([B, H_kv, D]) as the next row of every sequence not marked skip, in one
-        launch; ``written`` says which those are (the marks the table was built with, or none)."""
+        launch that clears the marks (they hold for the first append after the table was built)."""
         append_dense_rows(_launchable(k), _launchable(v), self.rows, self.lengths, self.skip, self.cap)
-        self.host_lengths = [n + w for n, w in zip(self.host_lengths, written, strict=True)]
+        self.host_lengths = [n + (not s) for n, s in zip(self.host_lengths, self._skip, strict=True)]
+        self._skip = [False] * len(self._skip)
 
 
 def _launchable(x: torch.Tensor) -> torch.Tensor:

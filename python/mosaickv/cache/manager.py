@@ -349,7 +349,7 @@ class CacheManager:
                 if d is not None:
                     self.append(request_ids[b], layer, k[b : b + 1], v[b : b + 1])
             return
-        batch.append(k, v, [d is not None for d in rows])
+        batch.append(k, v)
         self._dense[layer] = batch  # attention reads it as it is, unless a sequence changed since
         for stream, d in zip(streams, rows, strict=True):
             if d is not None:

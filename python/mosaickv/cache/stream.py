@@ -51,7 +51,7 @@ class Stream:
         self.evict_at = config.evict_tokens - evict_phase % config.evict_tokens
         self.lock = threading.Lock()
         # sinks + the longest window a one-token append leaves: every dense buffer of a batch has
-        # this size, so attention stacks them in one copy (``tables.with_dense``)
+        # this size, so one table describes them all (``dense_batch.DenseBatch``)
         self.dense_cap = method.n_sink + method.window + config.evict_tokens
         empty = DenseRows.empty(n_heads, dim, dtype, pool.device, self.dense_cap)
         self.snapshot = Snapshot(0, empty, (), None)
@@ -128,8 +128,8 @@ class Stream:
 
     def window_row(self) -> DenseRows | None:
         """The dense rows whose row ``n`` a one-token append would only write (no sink to fill,
-        nothing leaving the window, room in the buffer), for a batched writer
-        (``segments.write_next_rows``), which then calls ``add_row``; None: ``append`` it."""
+        nothing leaving the window, room in the buffer), for ``CacheManager.append_batch``, which
+        writes it through the layer's ``DenseBatch`` and then calls ``add_row``; None: ``append`` it."""
         snap = self.snapshot
         d = snap.dense
         filling_sinks = d.n_sink < self.method.n_sink and snap.length == d.n_sink  # length: a sum, rarely
