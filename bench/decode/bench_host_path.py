@@ -7,7 +7,9 @@ everything else by bench_manager_step.py on the H200). Steps where no token leav
 (the evictions take the torch path on a CPU, which is not what a GPU runs): the steady state of
 a decode step, ``batch`` sequences forked from one prompt, one layer. Timings on a shared machine
 vary by 2x from run to run: each batch size is timed on ``--repeats`` fresh managers and the
-least disturbed median is reported (``us_per_layer``), with every median.
+least disturbed median is reported (``us_per_layer``), with every median. Also timed: what an
+eviction step adds on the host for the layer, the rebuild of its kernel tables for the batch
+(``snapshot_layout``; ``rebuild_us``, the same way).
 
     python3 bench/decode/bench_host_path.py --out bench/results/host-path-cpu.json
 """
@@ -30,6 +32,7 @@ import mosaickv.cache.dense_batch as dense_batch_module
 import mosaickv.cache.manager as manager_module
 import torch
 from mosaickv.cache import CacheConfig, CacheManager
+from mosaickv.cache.tables import snapshot_layout
 from mosaickv.core import make_method
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "kernels"))  # timing.py
@@ -48,9 +51,12 @@ def host_path() -> None:
     manager_module.run_decode = lambda layout, ws, q, out, scale: out  # type: ignore[assignment]
 
 
-def run(batch: int, prompt: int, steps: int, profile: bool) -> tuple[float, str | None]:
+def run(
+    batch: int, prompt: int, steps: int, profile: bool
+) -> tuple[float, float, str | None]:
     """A fresh manager holding ``batch`` sequences: the median microseconds of ``steps`` layer calls
-    (``append_batch`` + ``attend``), and cProfile's top functions over 50 more if ``profile``."""
+    (``append_batch`` + ``attend``) and of 20 table rebuilds, and cProfile's top functions over 50
+    more layer calls if ``profile``."""
     method = make_method("mosaic", **METHOD)
     config = CacheConfig(page_bytes=4096, evict_tokens=EVICT_TOKENS, n_threads=1)
     mgr = CacheManager(method, 1, H_KV, D, torch.bfloat16, "cpu", config)
@@ -88,7 +94,13 @@ def run(batch: int, prompt: int, steps: int, profile: bool) -> tuple[float, str 
             top = text.getvalue()
         if mgr.stats()["cache_backlog_peak"]:
             raise RuntimeError("a token left the window: lower --steps")
-        return statistics.median(times), top
+        snaps = [mgr._stream(r, 0).snapshot for r in rids]
+        rebuilds = []
+        for _ in range(20):
+            began = time.perf_counter()
+            snapshot_layout(snaps, [method] * batch, mgr.pool, H_Q // H_KV)
+            rebuilds.append((time.perf_counter() - began) * 1e6)
+        return statistics.median(times), statistics.median(rebuilds), top
     finally:
         mgr.close()
 
@@ -123,13 +135,15 @@ def main() -> None:
                 run(b, args.prompt, args.steps, args.profile and r == 0)
                 for r in range(args.repeats)
             ]
-            medians = [us for us, _ in runs]
+            medians = [us for us, _, _ in runs]
+            rebuilds = [us for _, us, _ in runs]
             row = {"batch": b, "prompt": args.prompt, "steps": args.steps,
-                   "us_per_layer": min(medians), "us_per_layer_medians": medians}  # fmt: skip
+                   "us_per_layer": min(medians), "us_per_layer_medians": medians,
+                   "rebuild_us": min(rebuilds), "rebuild_us_medians": rebuilds}  # fmt: skip
             print(json.dumps(row), flush=True)
-            if runs[0][1] is not None:
-                print(runs[0][1], flush=True)
-                row["profile"] = runs[0][1]
+            if runs[0][2] is not None:
+                print(runs[0][2], flush=True)
+                row["profile"] = runs[0][2]
             rows.append(row)
     doc = {"date": datetime.date.today().isoformat(), "command": "python3 " + " ".join(sys.argv),
            **host_cpu(), "torch": torch.__version__, "rows": rows}  # fmt: skip
