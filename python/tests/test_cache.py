@@ -977,6 +977,8 @@ def test_the_kernels_get_each_steps_dense_rows_and_tables(monkeypatch: pytest.Mo
         for t in range(60):
             k, v = (torch.stack([data[rid][i][n + t] for rid, n in prompts.items()]) for i in (0, 1))
             mgr.append_batch(list(prompts), 0, k, v)
+            mgr.drain()  # swaps happen between steps, not between attend and the checks below
+            mgr.pause()
             mgr.attend(list(prompts), 0, q)
             lay = layouts[-1]
             for b, rid in enumerate(prompts):
@@ -988,6 +990,7 @@ def test_the_kernels_get_each_steps_dense_rows_and_tables(monkeypatch: pytest.Mo
                     assert torch.equal(dense_rows(lay, b, side)[:, :n], want), f"step {t}, {rid}, {side}"
                 stripes = int(lay.stripe_ptr[b * H_KV + 1] - lay.stripe_ptr[b * H_KV])
                 assert stripes == len(snap.segments) + bool(snap.temp is not None and snap.temp.length)
+            mgr.resume()
         reused = sum(a is b for a, b in itertools.pairwise(layouts))
         assert 0 < reused < len(layouts) - 1  # reused while nothing changed, rebuilt when a sequence did
     finally:
