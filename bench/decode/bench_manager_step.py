@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 # bench_decode (beside this file): the model, the method and the timing helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import queued_probe
 from bench_decode import LLAMA_8B, METHOD, SMOKE, Model, Shape, time_ms
 from mosaickv.cache import CacheConfig, CacheManager
 from mosaickv.cache.segments import Snapshot
@@ -151,7 +152,8 @@ def gc_pauses() -> Iterator[list[tuple[int, float]]]:
 
 
 def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
-        paused: bool, profile: bool, per_request: bool, device: torch.device, method: dict) -> dict:  # fmt: skip
+        paused: bool, profile: bool, per_request: bool, device: torch.device, method: dict,
+        probe_steps: int = 0) -> dict:  # fmt: skip
     cuda = device.type == "cuda"
     dtype = torch.bfloat16
     # as vLLM after start-up (freeze_gc_heap): the process's objects so far are never walked again
@@ -260,6 +262,16 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
                         )
         if paused:
             mgr.resume()
+        probed = None
+        if (
+            probe_steps and cuda
+        ):  # the piecewise step (the last mode), device and host apart
+            attends = {"manager": through_manager, "kernels": kernels_only}
+            probed = queued_probe.probe(step, attends, probe_steps, sleep_ms=60.0)
+            probed["kernels_by_device_time"] = {
+                name: queued_probe.kernels_by_device_time(step, a, 2)
+                for name, a in attends.items()
+            }
         # the profile: the decode thread alone (cProfile sees every thread), re-encoders
         # drained, then paused; few enough steps that the backlog bound never stalls them
         if profile:
@@ -319,6 +331,8 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
             )
     if top is not None:
         row["profile"] = top
+    if probed is not None:
+        row["probe"] = probed
     return row
 
 
@@ -369,6 +383,15 @@ def main() -> None:
     )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
+        "--probe",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="STEPS more piecewise steps of each kind issued behind a sleep kernel: the step's "
+        "device time apart from the host's, the calls that waited for the device, and the "
+        "kernels by device time (queued_probe.py)",
+    )
+    parser.add_argument(
         "--per-request-appends",
         action="store_true",
         help="one CacheManager.append per sequence and layer instead of append_batch",
@@ -409,6 +432,7 @@ def main() -> None:
                 args.per_request_appends,
                 device,
                 method,
+                args.probe,
             )
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
