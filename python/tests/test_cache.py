@@ -192,7 +192,8 @@ def test_a_batched_append_through_the_dense_batch_writes_what_appends_write() ->
     the layer's DenseBatch (on the CPU the reference of the append_dense_rows kernel: the same
     addresses, skip marks and device counts; test_cache_gpu.py runs the kernel), evictions and sinks
     through ``append``. The requests then hold exactly what one ``append`` per request leaves:
-    segments, sinks and window."""
+    segments, sinks and window. Nothing reads the batched manager's streams between steps, so its
+    steady steps leave their rows unpublished until the end."""
     params = SCENARIOS["fixed_len"]
     prompts = {"a": 100, "b": 2, "c": 57}
     data = {rid: tokens(300, seed=30 + i) for i, rid in enumerate(prompts)}
@@ -202,25 +203,25 @@ def test_a_batched_append_through_the_dense_batch_writes_what_appends_write() ->
             for rid, n in prompts.items():
                 mgr.add_request(rid)
                 mgr.prefill(rid, 0, data[rid][0][:n], data[rid][1][:n])
-        through_batch = kept = all_through = 0
+        through_batch = all_through = 0
         for t in range(160):
             rows = [(data[rid][0][n + t], data[rid][1][n + t]) for rid, n in prompts.items()]
-            window_rows = [batched._stream(rid, 0).window_row() is not None for rid in prompts]
+            # what each request's append does, read from the manager given one append per request
+            window_rows = [single._stream(rid, 0).window_row() is not None for rid in prompts]
             through_batch += sum(window_rows)
             all_through += all(window_rows)
-            held = batched._dense.get(0)
             batched.append_batch(list(prompts), 0, *(torch.stack(x) for x in zip(*rows, strict=True)))
-            kept += held is not None and batched._dense[0] is held
             for rid, (k, v) in zip(prompts, rows, strict=True):
                 single.append(rid, 0, k[None], v[None])
         assert through_batch > 160 * len(prompts) // 2
-        # the table made at a step with evictions or sinks (the first: b fills its sinks) serves every
-        # step after it until the next such step: those steps upload nothing
-        assert kept == all_through
+        # every step where no request evicts or fills its sinks (b fills them first) is a steady step:
+        # one launch, no per-request work
+        assert batched.stats()["cache_steady_appends"] == all_through > 0
         batched.drain()
         single.drain()
         for rid in prompts:
             with batched.view(rid, 0) as got, single.view(rid, 0) as want:
+                assert got.length == want.length == prompts[rid] + 160
                 assert [s.length for s in got.segments] == [s.length for s in want.segments]
                 for a, b in zip(got.segments, want.segments, strict=True):
                     for x, y in ((a.k, b.k), (a.v, b.v)):
@@ -954,11 +955,13 @@ def test_page_tables_address_every_row_summary_and_rotation(name: str, storage: 
 
 def test_the_kernels_get_each_steps_dense_rows_and_tables(monkeypatch: pytest.MonkeyPatch) -> None:
     """The layout ``attend`` hands the decode kernel, step after step of ``append_batch`` + ``attend``
-    (tables and joined layouts reused while nothing changed, rebuilt at evictions and sinks): every
-    sequence's dense rows, read through their addresses, and counts are its snapshot's, and its
-    stripes its segments'. The kernel cannot run here: a stand-in takes the layout instead."""
+    (steady steps: the held layout, the rows unpublished; rebuilt at evictions, sinks and swaps):
+    every sequence's dense rows, read through their addresses, and counts equal those of a manager
+    given one ``append`` per request, and its stripes that manager's segments. Nothing reads the
+    batched manager's streams during the steps. The kernel cannot run here: a stand-in takes the
+    layout instead."""
     params = SCENARIOS["fixed_len"] | {"token_ratio": 0.5}
-    mgr = manager(params, dtype=torch.bfloat16, evict_tokens=8)
+    mgr, ref = (manager(params, dtype=torch.bfloat16, evict_tokens=8) for _ in range(2))
     layouts: list[object] = []
 
     def kernel(layout: object, ws: object, q: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor:
@@ -971,18 +974,22 @@ def test_the_kernels_get_each_steps_dense_rows_and_tables(monkeypatch: pytest.Mo
     data = {rid: tokens(200, seed=40 + i, dtype=torch.bfloat16) for i, rid in enumerate(prompts)}
     q = torch.zeros(len(prompts), H_Q, D, dtype=torch.bfloat16)
     try:
-        for rid, n in prompts.items():
-            mgr.add_request(rid)
-            mgr.prefill(rid, 0, data[rid][0][:n], data[rid][1][:n])
+        for m in (mgr, ref):
+            for rid, n in prompts.items():
+                m.add_request(rid)
+                m.prefill(rid, 0, data[rid][0][:n], data[rid][1][:n])
         for t in range(60):
             k, v = (torch.stack([data[rid][i][n + t] for rid, n in prompts.items()]) for i in (0, 1))
             mgr.append_batch(list(prompts), 0, k, v)
-            mgr.drain()  # swaps happen between steps, not between attend and the checks below
-            mgr.pause()
+            for b, rid in enumerate(prompts):
+                ref.append(rid, 0, k[b : b + 1], v[b : b + 1])
+            for m in (mgr, ref):  # a segment closes in both or neither before attention and the checks
+                m.drain()
+                m.pause()
             mgr.attend(list(prompts), 0, q)
             lay = layouts[-1]
             for b, rid in enumerate(prompts):
-                snap = mgr._stream(rid, 0).snapshot
+                snap = ref._stream(rid, 0).snapshot
                 n = snap.dense.n
                 assert int(lay.dense_len[b]) == n, f"step {t}, {rid}"
                 for side in ("k", "v"):
@@ -990,9 +997,96 @@ def test_the_kernels_get_each_steps_dense_rows_and_tables(monkeypatch: pytest.Mo
                     assert torch.equal(dense_rows(lay, b, side)[:, :n], want), f"step {t}, {rid}, {side}"
                 stripes = int(lay.stripe_ptr[b * H_KV + 1] - lay.stripe_ptr[b * H_KV])
                 assert stripes == len(snap.segments) + bool(snap.temp is not None and snap.temp.length)
-            mgr.resume()
+            for m in (mgr, ref):
+                m.resume()
         reused = sum(a is b for a, b in itertools.pairwise(layouts))
         assert 0 < reused < len(layouts) - 1  # reused while nothing changed, rebuilt when a sequence did
+        assert mgr.stats()["cache_steady_attends"] == reused
+    finally:
+        mgr.close()
+        ref.close()
+
+
+def test_steady_steps_keep_every_row_through_a_free_and_a_changed_batch() -> None:
+    """Rows written by steady steps (unpublished) survive what ends the steady batch: a request of
+    the batch freed, the batch changing, a prefill of another request. Afterwards every request
+    holds exactly what one ``append`` per request leaves."""
+    params = SCENARIOS["fixed_len"]
+    prompts = {"a": 100, "b": 60, "c": 57}
+    data = {rid: tokens(200, seed=50 + i) for i, rid in enumerate(prompts)}
+    batched, single = (manager(params, n_threads=2, evict_tokens=8) for _ in range(2))
+
+    def step(rids: list[str], t: int) -> None:
+        k, v = (torch.stack([data[rid][i][prompts[rid] + t] for rid in rids]) for i in (0, 1))
+        batched.append_batch(rids, 0, k, v)
+        for b, rid in enumerate(rids):
+            single.append(rid, 0, k[b : b + 1], v[b : b + 1])
+
+    try:
+        for mgr in (batched, single):
+            for rid, n in prompts.items():
+                mgr.add_request(rid)
+                mgr.prefill(rid, 0, data[rid][0][:n], data[rid][1][:n])
+        for t in range(20):
+            step(["a", "b", "c"], t)
+        steady = batched.stats()["cache_steady_appends"]
+        assert steady > 0
+        for mgr in (batched, single):
+            mgr.free("b")
+        for t in range(20, 40):
+            step(["a", "c"], t)
+        assert batched.stats()["cache_steady_appends"] > steady  # the new batch went steady too
+        for mgr in (batched, single):
+            mgr.add_request("d")
+            mgr.prefill("d", 0, data["b"][0][:30], data["b"][1][:30])
+        for t in range(40, 50):
+            step(["c", "a"], t)
+        batched.drain()
+        single.drain()
+        for rid in ("a", "c", "d"):
+            with batched.view(rid, 0) as got, single.view(rid, 0) as want:
+                assert got.length == want.length
+                for x, y in ((got.sink_k, want.sink_k), (got.tail_k, want.tail_k), (got.tail_v, want.tail_v)):
+                    assert torch.equal(x, y), rid
+                assert [s.length for s in got.segments] == [s.length for s in want.segments]
+        assert batched.tokens("a") == prompts["a"] + 50
+    finally:
+        batched.close()
+        single.close()
+
+
+def test_a_steady_layout_keeps_the_pages_it_reads_until_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A swap while attention's held layout still shows the old temporary segment: its pages stay
+    allocated (the layout may be launched once more before the next step sees the swap) and go back
+    when the next ``attend`` rebuilds the layout."""
+    params = SCENARIOS["fixed_len"] | {"token_ratio": 0.5}
+    mgr = manager(params, dtype=torch.bfloat16, evict_tokens=8, n_threads=1)
+    monkeypatch.setattr(manager_module, "run_decode", lambda layout, ws, q, out, scale: out)
+    monkeypatch.setattr(mgr, "_plan_device", types.SimpleNamespace(type="cuda"))  # the kernels' path
+    k, v = tokens(300, seed=60, dtype=torch.bfloat16)
+    q = torch.zeros(1, H_Q, D, dtype=torch.bfloat16)
+    try:
+        mgr.add_request("r")
+        mgr.prefill("r", 0, k[:100], v[:100])
+        mgr.pause()
+        stream = mgr._stream("r", 0)
+        t = 100
+        while sum(n for n, _ in stream.jobs) < params["segment_len"]:  # queued: at least one close
+            mgr.append_batch(["r"], 0, k[t : t + 1], v[t : t + 1])
+            mgr.attend(["r"], 0, q)
+            t += 1
+        mgr.append_batch(["r"], 0, k[t : t + 1], v[t : t + 1])  # a steady step after the eviction
+        mgr.attend(["r"], 0, q)  # builds and holds the layout over the temporary segment
+        assert mgr.stats()["cache_steady_appends"] > 0
+        temp = stream.snapshot.temp
+        assert temp is not None and temp.length
+        temp_pages = sorted({p for st in temp.temp.paged() for p in st.pages})
+        mgr.resume()
+        mgr.drain()  # the close swaps in and retires the temporary segment
+        assert stream.snapshot.generation > 0
+        assert (mgr.pool.owners(temp_pages) > 0).all()
+        mgr.attend(["r"], 0, q)  # sees the swap: a new layout; the old snapshot is released
+        assert (mgr.pool.owners(temp_pages) == 0).all()
     finally:
         mgr.close()
 

@@ -22,6 +22,7 @@ from mosaickv.cache.dense_batch import DenseBatch, dense_batch
 from mosaickv.cache.host import SPARE_CHUNKS, HostChunks
 from mosaickv.cache.pages import Paged, PagePool, page_ids
 from mosaickv.cache.segments import PagedSegment, Snapshot
+from mosaickv.cache.steady import SteadyBatch
 from mosaickv.cache.stream import Stream
 from mosaickv.cache.tables import pages_readable, snapshot_layout, table_key, with_dense
 from mosaickv.core import CompressionMethod, KVCache, Segment, make_method
@@ -159,6 +160,9 @@ class CacheManager:
         self._dense: dict[int, DenseBatch | None] = {}
         self._joined: dict[int, tuple[DecodeLayout, DenseBatch | None, DecodeLayout]] = {}
         self._batches: dict[int, tuple[tuple[str, ...], list[Stream]]] = {}
+        # per layer: the batch whose steady steps skip the per-sequence work (``SteadyBatch``)
+        self._steady: dict[int, SteadyBatch] = {}
+        self._steady_appends = self._steady_attends = 0
         row_bytes = head_dim * torch.empty(0, dtype=dtype).element_size()
         # append_batch's one-launch row writes: the kernel, or on the CPU its reference
         self._batch_rows = row_bytes % 16 == 0 and (kernels or self.device.type == "cpu")
@@ -219,18 +223,36 @@ class CacheManager:
             ]
 
     def _stream(self, request_id: str, layer: int) -> Stream:
+        """A request's stream in one layer, its snapshot showing every row appended so far."""
         self._raise_errors()
         streams = self._requests.get(request_id)
         if streams is None:
             raise ValueError(f"no cache for request {request_id!r}; call add_request first")
         if not 0 <= layer < self.n_layers:
             raise ValueError(f"layer must be in [0, {self.n_layers}), got {layer}")
+        self._publish(layer)
         return streams[layer]
+
+    def _publish(self, layer: int) -> None:
+        """Give the snapshots of the layer's steady batch the rows its steady appends wrote."""
+        steady = self._steady.get(layer)
+        if steady is not None:
+            steady.publish()
+
+    def _drop_steady(self, layer: int | None = None) -> None:
+        """Forget a layer's steady batch (every layer's if None), its rows published first: its
+        streams' dense rows are about to change some other way."""
+        for key in list(self._steady) if layer is None else [layer]:
+            steady = self._steady.pop(key, None)
+            if steady is not None:
+                steady.publish()
+                steady.release()
 
     def _streams(self, request_ids: Sequence[str], layer: int) -> list[Stream]:
         """A batch's streams in one layer. A decode step calls ``append_batch`` and ``attend`` with
         the same requests in every layer: each layer's last batch is kept (``free`` forgets them)."""
         self._raise_errors()
+        self._publish(layer)
         key = tuple(request_ids)
         held = self._batches.get(layer)
         if held is not None and held[0] == key:
@@ -267,6 +289,7 @@ class CacheManager:
         """
         self._check_kv(k, v)
         stream = self._stream(request_id, layer)
+        self._drop_steady(layer)
         if token_ids is not None and len(token_ids) != k.shape[0]:
             raise ValueError(f"token_ids has {len(token_ids)} ids for {k.shape[0]} tokens of K/V")
         if token_ids is None:
@@ -295,6 +318,7 @@ class CacheManager:
         at ``max_backlog_tokens``, then waits for the re-encoders (counted as a stall in stats)."""
         self._check_kv(k, v)
         stream = self._stream(request_id, layer)
+        self._drop_steady(layer)  # this stream's rows change here, not through the batch's table
         dense = stream.snapshot.dense
         need = stream.evicted(dense.n - dense.n_sink + k.shape[0])
         if not need:  # most steps: nothing leaves the window, so no job and no backlog to reserve
@@ -328,14 +352,21 @@ class CacheManager:
         layer's ``DenseBatch``, which attention then reads (no upload while the batch and its
         buffers stay the same; ``append`` per request costs two copies each, and at batch 8 eight
         times the Python; on the CPU the launch is its reference); evictions and sinks go through
-        ``append``."""
+        ``append``. Until one of those, the layer's ``SteadyBatch`` makes the launch alone."""
         self._check_kv(k, v)
+        steady = self._steady.get(layer)
+        if steady is not None and k.shape[0] == len(steady.request_ids) and steady.serves(request_ids):
+            self._raise_errors()
+            if steady.append(k, v):
+                self._steady_appends += 1
+                return
         if k.shape[0] != len(request_ids) or len(set(request_ids)) != len(request_ids):
             raise ValueError(
                 f"append_batch needs one row of k/v per request, each request once: got {k.shape[0]} rows "
                 f"for requests {list(request_ids)}"
             )
         streams = self._streams(request_ids, layer)
+        self._drop_steady(layer)
         rows = [s.window_row() if self._batch_rows else None for s in streams]
         for b, d in enumerate(rows):
             if d is None:  # sinks to fill, tokens leaving the window: the general path
@@ -353,7 +384,8 @@ class CacheManager:
         self._dense[layer] = batch  # attention reads it as it is, unless a sequence changed since
         for stream, d in zip(streams, rows, strict=True):
             if d is not None:
-                stream.add_row(d)
+                stream.set_rows(d.buf, d.n + 1)
+        self._steady[layer] = SteadyBatch(request_ids, streams, batch)
 
     def _schedule(self, stream: Stream) -> None:
         with stream.lock:
@@ -380,6 +412,7 @@ class CacheManager:
 
     def free(self, request_id: str) -> None:
         """Release a request's cache: every page returns to the pool (after any live reader)."""
+        self._drop_steady()  # the other requests of its batches keep their rows
         with self._lock:
             streams = self._requests.pop(request_id, None)
         if streams is None:
@@ -417,19 +450,31 @@ class CacheManager:
         otherwise (or for caches that attend every block) ``mosaickv.ops.DecodePlan`` runs the
         core reference over the snapshot's rows.
         """
+        group = q.shape[1] // self.n_kv_heads
+        sc = self.head_dim**-0.5 if scale is None else float(scale)
+        steady = self._steady.get(layer)
+        held = steady.layout(group) if steady is not None and steady.serves(request_ids) else None
+        if held is not None:  # nothing swapped in or left a window since it was built
+            self._raise_errors()
+            self._steady_attends += 1
+            return run_decode(*held, q.contiguous(), torch.empty_like(q), sc)
         streams = self._streams(request_ids, layer)
         snaps = [s.acquire() for s in streams]
+        kept = False
         try:
             methods = [s.method for s in streams]
             if self._plan_device.type == "cuda" and all(self._pages_readable(m) for m in methods):
-                layout, ws = self._tables(layer, snaps, methods, q.shape[1] // self.n_kv_heads)
-                sc = self.head_dim**-0.5 if scale is None else float(scale)
+                layout, ws = self._tables(layer, snaps, methods, group)
+                steady = self._steady.get(layer)
+                if steady is not None and steady.serves(request_ids):
+                    kept = steady.hold(snaps, layout, ws, group)  # the snapshots go with the layout
                 return run_decode(layout, ws, q.contiguous(), torch.empty_like(q), sc)
             caches = [snap.to_kvcache(s.method) for s, snap in zip(streams, snaps, strict=True)]
             return DecodePlan(caches, self._plan_device).run(q, scale)
         finally:
-            for s, snap in zip(streams, snaps, strict=True):
-                s.release(snap)
+            if not kept:
+                for s, snap in zip(streams, snaps, strict=True):
+                    s.release(snap)
 
     def _pages_readable(self, m: CompressionMethod) -> bool:
         """``tables.pages_readable`` for this manager's pages, once per method object."""
@@ -593,6 +638,8 @@ class CacheManager:
             "cache_errors": errors,
             "cache_prefix_segments": prefix_segments,
             "cache_prefix_hits": prefix_hits,
+            "cache_steady_appends": self._steady_appends,
+            "cache_steady_attends": self._steady_attends,
         }
 
 

@@ -129,20 +129,30 @@ class Stream:
     def window_row(self) -> DenseRows | None:
         """The dense rows whose row ``n`` a one-token append would only write (no sink to fill,
         nothing leaving the window, room in the buffer), for ``CacheManager.append_batch``, which
-        writes it through the layer's ``DenseBatch`` and then calls ``add_row``; None: ``append`` it."""
+        writes it through the layer's ``DenseBatch`` and then calls ``set_rows``; None: ``append`` it."""
+        return self.snapshot.dense if self.window_room() else None
+
+    def window_room(self) -> int:
+        """How many one-token appends in a row, from now, only write the next row of the dense buffer
+        (``window_row``): none while sinks fill; else until the window would evict or the buffer is full."""
         snap = self.snapshot
         d = snap.dense
-        filling_sinks = d.n_sink < self.method.n_sink and snap.length == d.n_sink  # length: a sum, rarely
-        if d.n >= d.cap or self.evicted(d.n - d.n_sink + 1) or filling_sinks:
-            return None
-        return d
+        if d.n_sink < self.method.n_sink and snap.length == d.n_sink:  # length: a sum, rarely
+            return 0
+        # row n leaves a window of n + 1 - n_sink rows, which evicts once its excess over
+        # method.window reaches evict_at (``evicted``; evict_at >= 1)
+        last = min(d.cap, self.evict_at + self.method.window + d.n_sink - 1)
+        return max(0, last - d.n)
 
-    def add_row(self, dense: DenseRows) -> None:
-        """Publish the row written at ``dense.n`` of ``window_row``'s rows (swaps keep the dense
-        rows, and only the decode thread appends, so they are still the snapshot's)."""
+    def set_rows(self, buf: torch.Tensor, n: int) -> None:
+        """Publish rows [0, n) of the dense buffer, written past the snapshot's rows by the layer's
+        ``DenseBatch`` (swaps keep the dense rows, and only the decode thread appends, so ``buf`` is
+        still the snapshot's)."""
         with self.lock:
             snap = self.snapshot
-            grown = DenseRows(dense.buf, dense.n_sink, dense.n + 1)
+            if snap.dense.buf is not buf:
+                raise RuntimeError("the dense rows were replaced under a batch that wrote them")
+            grown = DenseRows(buf, snap.dense.n_sink, n)
             self.snapshot = Snapshot(snap.generation, grown, snap.segments, snap.temp)
 
     def evicted(self, window_len: int) -> int:
