@@ -371,20 +371,23 @@ class CacheManager:
         for b, d in enumerate(rows):
             if d is None:  # sinks to fill, tokens leaving the window: the general path
                 self.append(request_ids[b], layer, k[b : b + 1], v[b : b + 1])
-        if all(d is None for d in rows):
-            return
+        through = [d is not None for d in rows]
         dense = [d if d is not None else s.snapshot.dense for s, d in zip(streams, rows, strict=True)]
-        batch = dense_batch(dense, self._dense.get(layer), [d is None for d in rows], single=True)
+        # rows written by ``append`` are marked to skip; if that was all of them, no launch: the table
+        # (of the rows as they are now) serves the steps after this one
+        skip = [not x for x in through] if any(through) else []
+        batch = dense_batch(dense, self._dense.get(layer), skip, single=True)
         if batch is None:  # buffers of several sizes (one outgrew its cap): an append each
             for b, d in enumerate(rows):
                 if d is not None:
                     self.append(request_ids[b], layer, k[b : b + 1], v[b : b + 1])
             return
-        batch.append(k, v)
+        if any(through):
+            batch.append(k, v)
+            for stream, d in zip(streams, rows, strict=True):
+                if d is not None:
+                    stream.set_rows(d.buf, d.n + 1)
         self._dense[layer] = batch  # attention reads it as it is, unless a sequence changed since
-        for stream, d in zip(streams, rows, strict=True):
-            if d is not None:
-                stream.set_rows(d.buf, d.n + 1)
         self._steady[layer] = SteadyBatch(request_ids, streams, batch)
 
     def _schedule(self, stream: Stream) -> None:
