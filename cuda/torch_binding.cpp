@@ -99,7 +99,8 @@ void encode(const at::Tensor& x, int64_t token0, const at::Tensor& stripe_ids, c
 // row against its stripe's capacity by the kernel (status bit kBadAppendRow).
 void append_encode(const at::Tensor& x_k, const at::Tensor& x_v, const at::Tensor& rows, const at::Tensor& stripes,
                    const at::Tensor& pages, const std::optional<at::Tensor>& block_sum, int64_t summary_kind,
-                   int64_t summary_width, int64_t head_dim, int64_t n_channels, int64_t block, at::Tensor& status) {
+                   int64_t summary_width, int64_t head_dim, int64_t n_channels, int64_t block, at::Tensor& status,
+                   int64_t max_tokens) {
   TORCH_CHECK(x_k.is_cuda(), "x_k must be a CUDA tensor (CPU tensors take the torch reference path)");
   const DType dt = storage_dtype(x_k, "x_k");
   const int64_t d = head_dim;
@@ -137,6 +138,8 @@ void append_encode(const at::Tensor& x_k, const at::Tensor& x_v, const at::Tenso
   p.summary_kind = (int)summary_kind;
   p.n_channels = (int)n_channels;
   p.block = (int)block;
+  TORCH_CHECK(max_tokens >= 0, "max_tokens must be >= 0 (0: rows are not split), got ", max_tokens);
+  p.max_tokens = max_tokens;
   p.status = status.data_ptr<int32_t>();
   const c10::cuda::CUDAGuard guard(x_k.device());
   launch_ok(mosaickv::append_encode(dt, (int)d, p, at::cuda::getCurrentCUDAStream()), "append_encode");

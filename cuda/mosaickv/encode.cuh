@@ -204,12 +204,24 @@ cudaError_t launch_encode(const EncodeParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-// Append encode: a CTA per (row, side). 8 warps split the D rows of R (each lane holds its share as
-// float4 registers, all loads in flight at once: one memory round trip per CTA); a row's dot
+// Append encode: a CTA per (row, side, part). 8 warps split the D rows of R (each lane holds its share
+// as float4 registers, all loads in flight at once: one memory round trip per CTA); a row's dot
 // products are reduced over the D / 4 lanes holding it. New tokens go through in chunks of
-// kAppendChunk (a decode step appends one per stripe; a deferred flush a few).
+// kAppendChunk (a decode step appends one per stripe; a deferred flush a few). A long row (an
+// eviction of hundreds of tokens) is split over gridDim.z parts (append_parts): part 0 takes the
+// partial blocks at both ends, whose running summary continues from and into block_sum, and parts
+// 1.. the whole blocks between them, kAppendSpan tokens (rounded up to whole blocks) each, so that no
+// two CTAs touch one block's summary or block_sum. One part: the whole row in one CTA.
 constexpr int kAppendWarps = 8;
 constexpr int kAppendChunk = 8;
+constexpr int kAppendSpan = 16;
+
+// CTAs per row along z for rows of at most max_tokens tokens (0: unknown, one CTA per row).
+inline int append_parts(int64_t max_tokens, int block) {
+  const int64_t span = (kAppendSpan + block - 1) / block * block;
+  const int64_t parts = max_tokens > span ? 1 + (max_tokens + span - 1) / span : 1;
+  return parts < 1024 ? (int)parts : 1024;
+}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kAppendWarps * 32, 2) append_encode_kernel(AppendParams p) {
@@ -258,7 +270,7 @@ __global__ void __launch_bounds__(kAppendWarps * 32, 2) append_encode_kernel(App
   const int m = p.summary_kind == kSummaryMean ? p.summary_width : p.summary_width / 2;
   const int c = threadIdx.x;
   float run_lo = 0.f, run_hi = 0.f;
-  if (summarise && c < m && pos % p.block != 0) {
+  if (summarise && c < m && pos % p.block != 0 && blockIdx.z == 0) {  // the head's block continues
     if (p.summary_kind == kSummaryMean) {
       run_lo = p.block_sum[stripe * p.summary_width + c];
     } else {
@@ -268,55 +280,78 @@ __global__ void __launch_bounds__(kAppendWarps * 32, 2) append_encode_kernel(App
     }
   }
 
-  const T* x = static_cast<const T*>(side == 0 ? p.xk : p.xv) + x_off + 4 * col4;
-  for (int64_t c0 = 0; c0 < n; c0 += kAppendChunk) {
-    const int nc = (int)min((int64_t)kAppendChunk, n - c0);
-    for (int tau = 0; tau < nc; ++tau) {
-      const uint2 u2 = *reinterpret_cast<const uint2*>(x + (c0 + tau) * x_stride);  // x[4 col4 .. 4 col4 + 3]
-      float2 x01, x23;
-      unpack2<T>(u2.x, x01);
-      unpack2<T>(u2.y, x23);
-#pragma unroll
-      for (int u = 0; u < kLoads; ++u) {
-        float acc = r[u].x * x01.x + r[u].y * x01.y + r[u].z * x23.x + r[u].w * x23.y;
-#pragma unroll
-        for (int o = kLanesPerRow / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-        if (col4 == 0) xr[tau * D + warp * kRowsPerWarp + u * kRowsPerLoad + sub] = acc;
-      }
+  // This part's token ranges [a, b) (positions in the stripe): everything with one part; else part 0
+  // the head [pos, head) and the tail [tail, end) (partial blocks), part z >= 1 its span of the whole
+  // blocks in [head, tail) (the last part also whatever the grid did not cover).
+  const int64_t head = min(end, (pos + p.block - 1) / p.block * p.block);
+  const int64_t tail = max(head, end / p.block * p.block);
+  const int64_t span = (kAppendSpan + p.block - 1) / p.block * p.block;
+  const int z = blockIdx.z;
+  int64_t ranges[2][2] = {{pos, end}, {end, end}};
+  if (gridDim.z > 1) {
+    if (z == 0) {
+      ranges[0][1] = head;
+      ranges[1][0] = tail;
+    } else {
+      ranges[0][0] = min(tail, head + (z - 1) * span);
+      ranges[0][1] = z == (int)gridDim.z - 1 ? tail : min(tail, ranges[0][0] + span);
     }
-    __syncthreads();
-    pack_rotated_tokens<T, D>(xr, nc, energy, kept, s, p.n_channels, pos + c0, p.pages);
-    if (summarise && c < m) {
+  }
+  const T* x = static_cast<const T*>(side == 0 ? p.xk : p.xv) + x_off + 4 * col4;  // token pos's vector
+  for (const auto& range : ranges) {
+    for (int64_t c0 = range[0]; c0 < range[1]; c0 += kAppendChunk) {  // c0: the chunk's first position
+      const int nc = (int)min((int64_t)kAppendChunk, range[1] - c0);
       for (int tau = 0; tau < nc; ++tau) {
-        const int64_t t = pos + c0 + tau;
-        const int i = (int)(t % p.block);
-        const float v = xr[tau * D + c];
-        if (p.summary_kind == kSummaryMean) {
-          run_lo = (i == 0 ? 0.f : run_lo) + v;
-        } else {
-          run_lo = i == 0 ? v : fminf(run_lo, v);
-          run_hi = i == 0 ? v : fmaxf(run_hi, v);
+        const uint2 u2 = *reinterpret_cast<const uint2*>(x + (c0 - pos + tau) * x_stride);  // x[4 col4 .. +3]
+        float2 x01, x23;
+        unpack2<T>(u2.x, x01);
+        unpack2<T>(u2.y, x23);
+#pragma unroll
+        for (int u = 0; u < kLoads; ++u) {
+          float acc = r[u].x * x01.x + r[u].y * x01.y + r[u].z * x23.x + r[u].w * x23.y;
+#pragma unroll
+          for (int o = kLanesPerRow / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+          if (col4 == 0) xr[tau * D + warp * kRowsPerWarp + u * kRowsPerLoad + sub] = acc;
         }
-        if (i == p.block - 1 || t == end - 1) {  // the block is complete, or this is its state after the append
-          T* row = summary_row<T>(p.pages, meta, t / p.block, p.summary_width);
+      }
+      __syncthreads();
+      pack_rotated_tokens<T, D>(xr, nc, energy, kept, s, p.n_channels, c0, p.pages);
+      if (summarise && c < m) {
+        for (int tau = 0; tau < nc; ++tau) {
+          const int64_t t = c0 + tau;
+          const int i = (int)(t % p.block);
+          const float v = xr[tau * D + c];
           if (p.summary_kind == kSummaryMean) {
-            row[c] = Conv<T>::from(run_lo / (float)(i + 1));
+            run_lo = (i == 0 ? 0.f : run_lo) + v;
           } else {
-            row[c] = Conv<T>::from(run_lo);
-            row[m + c] = Conv<T>::from(run_hi);
+            run_lo = i == 0 ? v : fminf(run_lo, v);
+            run_hi = i == 0 ? v : fmaxf(run_hi, v);
+          }
+          if (i == p.block - 1 || t == end - 1) {  // the block is complete, or this is its state after the append
+            T* row = summary_row<T>(p.pages, meta, t / p.block, p.summary_width);
+            if (p.summary_kind == kSummaryMean) {
+              row[c] = Conv<T>::from(run_lo / (float)(i + 1));
+            } else {
+              row[c] = Conv<T>::from(run_lo);
+              row[m + c] = Conv<T>::from(run_hi);
+            }
           }
         }
       }
+      __syncthreads();  // xr is overwritten by the next chunk
     }
-    __syncthreads();  // xr is overwritten by the next chunk
   }
-  if (summarise && c < m && p.summary_kind == kSummaryMean) p.block_sum[stripe * p.summary_width + c] = run_lo;
+  // the open block's sum for the next append (read only when that starts mid-block, i.e. when this
+  // one ended mid-block: then part 0 took the tail)
+  if (z == 0 && summarise && c < m && p.summary_kind == kSummaryMean)
+    p.block_sum[stripe * p.summary_width + c] = run_lo;
 }
 
 template <typename T, int D>
 cudaError_t launch_append_encode(const AppendParams& p, cudaStream_t stream) {
   if (p.n_rows <= 0) return cudaSuccess;
-  append_encode_kernel<T, D><<<dim3(p.n_rows, 2), kAppendWarps * 32, 0, stream>>>(p);
+  const dim3 grid(p.n_rows, 2, append_parts(p.max_tokens, p.block));
+  append_encode_kernel<T, D><<<grid, kAppendWarps * 32, 0, stream>>>(p);
   return cudaGetLastError();
 }
 

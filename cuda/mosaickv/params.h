@@ -101,6 +101,7 @@ struct AppendParams {
   float* block_sum;            // [n_stripes, summary_width] f32 open-block sums (kSummaryMean), else nullptr
   int n_channels;              // as in EncodeParams
   int block;                   // token block size B
+  int64_t max_tokens;          // the most tokens a row appends (sizes the split of long rows; 0: unknown)
   int* status;
 };
 

@@ -27,6 +27,7 @@ class AppendCase:
     m: int
     channels: int | None = None
     block: int = 8
+    split: bool = False  # tell the kernel each call's row length: long rows go over several CTAs
 
     @property
     def width(self) -> int:
@@ -68,7 +69,7 @@ def append_all(
         xk = x_k[:, pos : pos + t].contiguous().to(device)  # [n, t, D]: stripe i's tokens at i * t * D
         xv = x_v[:, pos : pos + t].contiguous().to(device)
         rows = torch.tensor([[i, i * t * d, d, t, pos] for i in reversed(range(n))], device=device)
-        append_to_pools(pools, xk, xv, rows, status)
+        append_to_pools(pools, xk, xv, rows, status, t if case.split else 0)
         pos += t
     return pools, int(status.item())
 

@@ -225,6 +225,9 @@ APPEND_CPU_CASES = {
                                                  summary_kind=1, m=16),
     "full_minmax_truncated_chunked": AppendCase(64, (16, 8), (32, 16), (2, 4), (1, 2), (19, 2),
                                                 summary_kind=1, m=64, channels=48),
+    # evictions of many tokens, blocks of 16, from mid-block (the GPU test splits such rows over CTAs)
+    "long_steps_block16_mean": AppendCase(64, (16, 8), (16, 16), (1, 2), (1, 1), (9, 100, 7, 48),
+                                          summary_kind=0, m=16, block=16),
 }  # fmt: skip
 
 

@@ -90,6 +90,18 @@ APPEND_CASES = {
     "chunked_flush_g4_truncated": AppendCase(
         128, (32, 16), (32, 32), (4, 4), (1, 2), (21, 3), 1, 128, channels=96
     ),
+    # evictions of hundreds of tokens, each row split over several CTAs (part 0: the partial blocks at
+    # both ends, carrying the open block's running mean in block_sum; parts 1..: whole blocks)
+    "evictions_split_mean": AppendCase(
+        128, (32, 32, 16, 48), (32, 16, 32, 32), (1, 2, 1, 4), (1, 1, 2, 1), (5, 256, 3, 130, 64, 1), 0, 16,
+        split=True,
+    ),
+    "evictions_split_minmax_block16": AppendCase(
+        128, (32, 16), (32, 32), (1, 2), (1, 1), (9, 200, 7, 48), 1, 128, block=16, split=True
+    ),
+    "evictions_split_d64_mean": AppendCase(
+        64, (16,) * 3, (16,) * 3, (1,) * 3, (1,) * 3, (256, 17, 100), 0, 64, split=True
+    ),
 }  # fmt: skip
 
 

@@ -149,6 +149,7 @@ class TempSegment:
             self.strategy.channels or d,
             m.block_size,
             self._status,
+            t,  # every row appends t tokens: an eviction's rows are split over several CTAs each
         )
 
     def _append_torch(self, k: torch.Tensor, v: torch.Tensor) -> None:

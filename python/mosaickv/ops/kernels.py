@@ -206,6 +206,7 @@ def append_encode(
     n_channels: int,
     block: int,
     status: torch.Tensor,
+    max_tokens: int = 0,
 ) -> None:
     """Encode new tokens of many stripes, K and V, into their pages in place (one CUDA launch).
 
@@ -228,6 +229,9 @@ def append_encode(
         summary_kind: 0 mean/compact (width m), 1 minmax (width 2m); summary_width 0: no summaries;
         head_dim: D; n_channels: truncation c (D for none); block: token block size B; status: [1]
             int32, Status bits are ORed in (bad rows are skipped, the others still encoded).
+        max_tokens: the most tokens any row appends, if known: rows longer than 16 tokens are then
+            split over several CTAs (an eviction of 256 tokens: 17 instead of one, each with whole
+            blocks); 0 (or too small a bound): one CTA per row for all of it, which is exact too.
     CPU tensors: use ``append_to_pools``, whose CPU path is the torch reference.
     """
     _check_append_args(x_k, x_v, rows, stripes, pages, block_sum)
@@ -250,6 +254,7 @@ def append_encode(
         n_channels,
         block,
         status,
+        max_tokens,
     )
 
 
@@ -265,10 +270,15 @@ def _(*args: object) -> None:  # mutates its block sums and status only: nothing
 
 
 def append_to_pools(
-    pools: AppendPools, x_k: torch.Tensor, x_v: torch.Tensor, rows: torch.Tensor, status: torch.Tensor
+    pools: AppendPools,
+    x_k: torch.Tensor,
+    x_v: torch.Tensor,
+    rows: torch.Tensor,
+    status: torch.Tensor,
+    max_tokens: int = 0,
 ) -> None:
     """Append-encode into ``pools`` (rows: [n_rows, 5] int64, APPEND_COLS; status: [1] int32):
-    ``append_encode`` on CUDA, ``append_encode_reference`` on CPU."""
+    ``append_encode`` on CUDA (``max_tokens`` as there), ``append_encode_reference`` on CPU."""
     p = pools
     width = 0 if p.summary is None else p.summary.shape[1]
     d = p.rot.shape[-1]
@@ -286,6 +296,7 @@ def append_to_pools(
             p.channels,
             p.block,
             status,
+            max_tokens,
         )
     else:
         _check_append_args(x_k, x_v, rows, p.stripes, p.pages, p.block_sum)
