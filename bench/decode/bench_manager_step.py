@@ -184,13 +184,18 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
                 for layer in range(shape.layers):
                     mgr.append(rid, layer, new[b], new[b])
 
+        layer_us: list[float] = []  # the current step's host time per layer call
+
         def through_manager(layer: int, q: torch.Tensor) -> torch.Tensor:
+            began = time.perf_counter()
             if per_request:
                 for b, rid in enumerate(rids):
                     mgr.append(rid, layer, new[b], new[b])
             else:
                 mgr.append_batch(rids, layer, new[:, 0], new[:, 0])
-            return mgr.attend(rids, layer, q)
+            out = mgr.attend(rids, layer, q)
+            layer_us.append((time.perf_counter() - began) * 1e6)
+            return out
 
         model = Model(shape, device, dtype)
         tok = torch.randint(0, shape.vocab, (batch,), device=device)
@@ -236,6 +241,8 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
         kernels: dict[str, list[float]] = {}
         kernels_host: dict[str, list[float]] = {}
         collections: dict[str, list[tuple[int, float]]] = {}
+        backlog: dict[str, list[int]] = {mode: [] for mode in modes}  # after each step
+        slowest: dict[str, list[list[float]]] = {mode: [] for mode in modes}
         readers: list[list[list[Snapshot]]] = []
         top = None
         # --pause-reencoders: the decode thread alone; jobs queue up (the backlog bound still holds)
@@ -254,12 +261,18 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
                 times[mode], host[mode] = [], []
             # the two alternate step by step: the host's speed drifts within a run, and between
             # lease machines by 2x (bench/decode/README.md); both see the same drift
+            layer_us.clear()  # the warm-up's
             with gc_pauses() as collections[mode]:
                 for _ in range(steps):
                     for attend, times, host in timed:
                         times[mode] += wall_times_ms(
                             lambda step=step, a=attend: step(a), 1, cuda, host[mode]
                         )
+                    backlog[mode].append(mgr.backlog_tokens)
+                    # the step's slowest layer call, and which layer: the GPU waits on a slow
+                    # call in an early layer, while the host is not yet far ahead of it
+                    slowest[mode].append([max(layer_us), layer_us.index(max(layer_us))])
+                    layer_us.clear()
         if paused:
             mgr.resume()
         probed = None
@@ -308,6 +321,7 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
         "backlog_peak": stats["cache_backlog_peak"], "backlog_limit": stats["cache_backlog_limit"],
         "stalls": stats["cache_backlog_stalls"],
         "reencodes": stats["cache_reencodes"],
+        "steady_appends": stats["cache_steady_appends"], "steady_attends": stats["cache_steady_attends"],
     }  # fmt: skip
     for mode in modes:
         m, k = manager[mode], kernels[mode]
@@ -316,6 +330,9 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
             "manager_ms_max": max(m),
             "manager_ms_steps": m,
             "manager_host_ms_mean": statistics.fmean(manager_host[mode]),
+            "manager_host_ms_steps": manager_host[mode],
+            "backlog_tokens_steps": backlog[mode],
+            "slowest_layer_call_steps": slowest[mode],  # [us, layer] per step
             "kernels_host_ms_mean": statistics.fmean(kernels_host[mode]),
             "kernels_ms_mean": statistics.fmean(k), "kernels_ms_median": statistics.median(k),
             "overhead_ms": statistics.fmean(m) - statistics.fmean(k),

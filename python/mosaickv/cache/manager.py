@@ -519,6 +519,11 @@ class CacheManager:
         finally:
             stream.release(snap)
 
+    @property
+    def backlog_tokens(self) -> int:
+        """Tokens queued for the re-encoders now (``stats`` has it too, with everything else)."""
+        return self._backlog
+
     def tokens(self, request_id: str, layer: int = 0) -> int:
         """Tokens held for the request in one layer."""
         return self._stream(request_id, layer).snapshot.length
