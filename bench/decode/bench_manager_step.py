@@ -153,7 +153,7 @@ def gc_pauses() -> Iterator[list[tuple[int, float]]]:
 
 def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
         paused: bool, profile: bool, per_request: bool, device: torch.device, method: dict,
-        probe_steps: int = 0) -> dict:  # fmt: skip
+        probe_steps: int = 0, warm_up: int = 16, only: str | None = None) -> dict:  # fmt: skip
     cuda = device.type == "cuda"
     dtype = torch.bfloat16
     # as vLLM after start-up (freeze_gc_heap): the process's objects so far are never walked again
@@ -204,6 +204,8 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
         ] = {"eager": lambda attend: model.step(tok, attend)}
         if cuda:
             modes["piecewise"] = PiecewiseStep(model, tok).step
+        if only is not None:
+            modes = {only: modes[only]}
 
         def frozen_kernels() -> Callable[[int, torch.Tensor], torch.Tensor]:
             """The same kernels over the manager's caches as they are now, frozen: each layer's
@@ -249,7 +251,8 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
         if paused:
             mgr.pause()
         for mode, step in modes.items():
-            warm_up = 16  # the layers' evictions are staggered: every step is alike after these
+            # the layers' evictions are staggered over evict_tokens steps; a stream's first eviction
+            # also makes its first host chunk: --warm-up evict_tokens times only steady ones
             wall_times_ms(lambda step=step: step(through_manager), warm_up, cuda)
             kernels_only = frozen_kernels()
             wall_times_ms(lambda step=step, k=kernels_only: step(k), 4, cuda)
@@ -304,9 +307,12 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
                 + text.getvalue()
             )
         stats = mgr.stats()
+        mgr.drain()  # a re-encoder's copies must not land in the capture below
+        mgr.pause()
         kernels_graph = (
             time_ms(lambda: model.step(tok, kernels_only), cuda, 20) if cuda else None
         )
+        mgr.resume()
         for held in readers:  # the frozen kernels' snapshots
             for layer, snaps in enumerate(held):
                 for rid, snap in zip(rids, snaps, strict=True):
@@ -314,7 +320,8 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
     finally:
         mgr.close()
     row = {
-        "context": context, "batch": batch, "steps": steps, "threads": stats["cache_threads"],
+        "context": context, "batch": batch, "steps": steps, "warm_up": warm_up,
+        "threads": stats["cache_threads"],
         "host_spare_chunks": config.host_spare_chunks,
         "reencoders_paused": paused, "appends": "per-request" if per_request else "batch",
         "prefill_s": prefill_s, "kernels_graph_ms": kernels_graph,
@@ -400,6 +407,19 @@ def main() -> None:
     )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
+        "--warm-up",
+        type=int,
+        default=16,
+        help="manager steps before each mode's timed steps (--evict-tokens or more: every stream "
+        "of every layer has evicted once; time --evict-tokens steps then for a whole eviction cycle)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["eager", "piecewise"],
+        default=None,
+        help="time one mode only",
+    )
+    parser.add_argument(
         "--probe",
         type=int,
         default=0,
@@ -450,6 +470,8 @@ def main() -> None:
                 device,
                 method,
                 args.probe,
+                args.warm_up,
+                args.mode,
             )
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)

@@ -205,6 +205,7 @@ class TempSegment:
         twin.length, twin.summary = self.length, self.summary.clone()
         if self.kernel:
             twin._block_sum = None if self._block_sum is None else self._block_sum.clone()
+            twin._tables = TempTables(twin)  # of its pages and summary now: not by its first eviction
         else:
             twin._open = self._open
         return twin
