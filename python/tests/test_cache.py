@@ -30,7 +30,7 @@ from mosaickv.cache.host import SPARE_CHUNKS
 from mosaickv.cache.segments import DenseRows
 from mosaickv.cache.tables import pages_readable, snapshot_layout
 from mosaickv.core import KVCache, make_method, pack_topk
-from mosaickv.ops import DecodeWorkspace
+from mosaickv.ops import STRIPE_COLS, DecodeWorkspace
 
 H_KV, H_Q, D = 2, 4, 32
 
@@ -733,6 +733,40 @@ def test_kernel_tables_of_a_grown_temporary_segment_address_all_its_pages() -> N
                 assert tables.pages[at : at + len(addr)].tolist() == addr
                 values = tables.pages[at + tables.per : at + tables.per + len(addr)].tolist()
                 assert values == [a + stripe.values_offset for a in addr]
+    finally:
+        mgr.close()
+
+
+def test_kernel_tables_follow_a_temporary_segment_as_it_grows() -> None:
+    """Tables built first, then kept current append after append (new pages, the summary tensor
+    regrown, the regions doubled): every page's entries, entry 0 the summary tensor now, and each
+    head's summary rows at h * capacity of the [H_kv, capacity, width] tensor."""
+    mgr = manager(SCENARIOS["fixed_len"] | {"summary": "compact"}, page_bytes=512, n_threads=1)
+    col = {name: i for i, name in enumerate(STRIPE_COLS)}
+    try:
+        mgr.add_request("r")
+        mgr.prefill("r", 0, *tokens(100, 0))
+        temp = mgr._stream("r", 0).temp
+        assert temp is not None
+        with torch.inference_mode():
+            tables = temp.tables  # built while the segment is empty
+            first_summary, first_per = temp.summary.data_ptr(), tables.per
+            for i in range(8):
+                temp.append(*tokens(40, 10 + i))  # the CPU path: pages added, tables not told
+                tables.update()
+                cap = temp.summary.shape[1]
+                assert tables.pages[0].item() == temp.summary.data_ptr(), f"append {i}"
+                for h in range(H_KV):
+                    assert tables.rows[h, col["sum_first"]] == h * cap, f"append {i}"
+                    assert tables.rows[h, col["sum_rows"]] == H_KV * cap, f"append {i}"
+                    for side, stripe in enumerate((temp.k[h], temp.v[h])):
+                        addr = stripe.pool.addresses(stripe.pages).tolist()
+                        at = tables._region(h, side)
+                        assert tables.pages[at : at + len(addr)].tolist() == addr, f"append {i}"
+                        values = tables.pages[at + tables.per : at + tables.per + len(addr)].tolist()
+                        assert values == [a + stripe.values_offset for a in addr], f"append {i}"
+                assert torch.equal(tables.stripes.cpu(), torch.from_numpy(tables.rows))
+        assert temp.summary.data_ptr() != first_summary and tables.per > first_per  # both grew
     finally:
         mgr.close()
 

@@ -335,10 +335,11 @@ class PagedStripe:
     def grow(self, n: int) -> None:
         """Room for n more rows, written by a kernel through the page table (``cache.temp``): pages
         are allocated and the length grows now; the rows must be written before anything reads them."""
-        need = -(-(self.length + n) // self.rows_per_page)
-        new = self.pool.allocate_many(need - len(self.pages))  # one call for them all (decode path)
-        self.pages.frombytes(new.tobytes())
-        self.length += n
+        grow_stripes([self], n)
+
+    def pages_to_grow(self, n: int) -> int:
+        """Pages that n more rows need beyond those held."""
+        return -(-(self.length + n) // self.rows_per_page) - len(self.pages)
 
     def read(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The first n rows (all when None) gathered in order: values [n, keep], bitmap [n, W] uint32.
@@ -415,3 +416,15 @@ class PagedBlob:
 
 Paged = PagedStripe | PagedBlob
 """Anything that owns pages of a pool."""
+
+
+def grow_stripes(stripes: Sequence[PagedStripe], n: int) -> None:
+    """``PagedStripe.grow(n)`` for stripes of one pool, with one allocation for all their new pages
+    (a temporary segment's heads and sides, on the decode path)."""
+    need = [s.pages_to_grow(n) for s in stripes]
+    new = stripes[0].pool.allocate_many(sum(need)) if stripes else None
+    at = 0
+    for s, k in zip(stripes, need, strict=True):
+        s.pages.frombytes(new[at : at + k].tobytes())
+        s.length += n
+        at += k

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mosaickv.cache.pages import Paged, PagedStripe, PagePool
+from mosaickv.cache.pages import Paged, PagedStripe, PagePool, grow_stripes, page_ids
 from mosaickv.cache.segments import PagedSegment, side_of
 from mosaickv.cache.upload import to_device
 from mosaickv.core import CompressionMethod, Segment, block_summaries, pack_topk
@@ -129,8 +129,7 @@ class TempSegment:
 
     def _append_kernel(self, k: torch.Tensor, v: torch.Tensor) -> None:
         t, n_heads, d = k.shape
-        for s in self.k + self.v:
-            s.grow(t)
+        grow_stripes(self.k + self.v, t)
         self.tables.update()
         rows = torch.tensor(
             [[h, h * d, n_heads * d, t, self.length] for h in range(n_heads)], dtype=torch.int64
@@ -241,10 +240,24 @@ class TempTables:
         while max(len(s.pages) for s in self._stripes) > self.per:  # a fresh table of stripes that
             self.per *= 2  # already grew (a temporary segment re-packed after a close) or outgrew one
         t, dev = self.temp, self.temp.summary.device
-        st, n_heads, d = t.strategy, len(t.k), t.strategy.rot_k.shape[-1]
-        cap = t.summary.shape[1]
-        pages = np.zeros(3 + 4 * n_heads * self.per, dtype=np.int64)
+        st = t.strategy
+        pages = np.zeros(3 + 4 * len(t.k) * self.per, dtype=np.int64)
         pages[:3] = [t.summary.data_ptr(), st.rot_k.data_ptr(), st.rot_v.data_ptr()]
+        for i, s in enumerate(self._stripes):
+            addr = s.pool.addresses(s.pages)
+            at = self._region(i // 2, i % 2)
+            pages[at : at + len(addr)] = addr
+            pages[at + self.per : at + self.per + len(addr)] = addr + s.values_offset
+            self._known[i] = len(addr)
+        self.pages = to_device(pages, dev)
+        self._summary_ptr = t.summary.data_ptr()
+        self._set_rows()
+
+    def _set_rows(self) -> None:
+        """The stripe rows (host ``rows`` and device ``stripes``): their summary offsets follow the
+        summary tensor's capacity, their token capacity ``per``."""
+        t = self.temp
+        n_heads, d, cap = len(t.k), t.strategy.rot_k.shape[-1], t.summary.shape[1]
         rows = np.zeros((n_heads, len(STRIPE_COLS)), dtype=np.int64)
         for h, (sk, sv) in enumerate(zip(t.k, t.v, strict=True)):
             kb, vb = self._region(h, 0), self._region(h, 1)
@@ -254,16 +267,9 @@ class TempTables:
             sums, rots = (0, h * cap, n_heads * cap), (1, h * d, n_heads * d + h * d, n_heads * d)
             keep, group = (sk.keep, sv.keep), (sk.group, sv.group)
             rows[h] = stripe_row(0, h, tokens, keep, group, k_pages, v_pages, sums, rots)
-            for side, s in enumerate((sk, sv)):
-                addr = s.pool.addresses(s.pages)
-                at = self._region(h, side)
-                pages[at : at + len(addr)] = addr
-                pages[at + self.per : at + self.per + len(addr)] = addr + s.values_offset
-                self._known[2 * h + side] = len(addr)
         self.rows = rows
-        self.pages = to_device(pages, dev)
-        self.stripes = to_device(rows, dev)
-        self._summary_ptr, self._summary_cap = t.summary.data_ptr(), cap
+        self.stripes = to_device(rows, t.summary.device)
+        self._summary_cap = cap
 
     def update(self) -> None:
         """Write the entries of pages added since the last call (and a moved summary tensor): before
@@ -276,25 +282,29 @@ class TempTables:
     @torch.inference_mode()  # the tables are inference tensors (the manager makes everything in it)
     def _write(self, counts: list[int]) -> None:
         t, stripes = self.temp, self._stripes
-        if max(counts) > self.per or t.summary.shape[1] != self._summary_cap:
+        if max(counts) > self.per:  # a region is full: new, doubled tables
             self._build()
             return
+        grown = [i for i, s in enumerate(stripes) if counts[i] > self._known[i]]
         index, value = [], []
-        for i, s in enumerate(stripes):
-            new = s.pages[self._known[i] :]
-            if new:
+        if grown:  # one address lookup for every new page
+            new = [page_ids(stripes[i].pages)[self._known[i] :] for i in grown]
+            ends = np.cumsum([len(x) for x in new])[:-1]
+            addr = np.split(stripes[0].pool.addresses(np.concatenate(new)), ends)
+            for i, a in zip(grown, addr, strict=True):
                 at = self._region(i // 2, i % 2) + self._known[i]
-                addr = s.pool.addresses(new)
-                index += list(range(at, at + len(new))) + list(range(at + self.per, at + self.per + len(new)))
-                value += list(addr) + list(addr + s.values_offset)
-                self._known[i] = len(s.pages)
-        if t.summary.data_ptr() != self._summary_ptr:
-            index.append(0)
-            value.append(t.summary.data_ptr())
+                index += [np.arange(at, at + len(a)), np.arange(at + self.per, at + self.per + len(a))]
+                value += [a, a + stripes[i].values_offset]
+                self._known[i] = counts[i]
+        if t.summary.data_ptr() != self._summary_ptr:  # grown into a new tensor (``_reserve_blocks``)
+            index.append(np.zeros(1, dtype=np.int64))
+            value.append(np.array([t.summary.data_ptr()], dtype=np.int64))
             self._summary_ptr = t.summary.data_ptr()
+            if t.summary.shape[1] != self._summary_cap:
+                self._set_rows()
         if index:
             dev = self.pages.device
-            upload = to_device(np.array([index, value], dtype=np.int64), dev)
+            upload = to_device(np.stack([np.concatenate(index), np.concatenate(value)]), dev)
             self.pages.index_copy_(0, upload[0], upload[1])
 
 
