@@ -28,9 +28,14 @@ without ``"gc_frozen": true`` in their JSON ran without).
 (cProfile, the CPU re-encoders paused meanwhile). Everything runs in ``torch.inference_mode``, as
 vLLM's model runner decodes (results without an ``appends`` field in their JSON ran outside it).
 
+Each step's slowest layer call and its layer are recorded (``slowest_layer_call_steps``): an
+eviction's host time delays the step only in the first layers, before the host has run ahead of
+the GPU, so a fair average covers a whole eviction cycle at steady state (``--warm-up`` and
+``--steps`` of evict_tokens or more, below).
+
     python3 -m mosaickv.ops.compile
-    python3 bench/decode/bench_manager_step.py --batches 1 --steps 256 \
-        --out bench/results/manager-step-h200-b1-e256.json
+    python3 bench/decode/bench_manager_step.py --batches 8 --steps 256 --warm-up 272 \
+        --mode piecewise --out bench/results/manager-step-h200-b8-cycle.json
     python3 bench/decode/bench_manager_step.py --smoke --out /tmp/manager-step.json   # CPU check
 """
 
