@@ -93,6 +93,18 @@ def feed(
         mgr.append(rid, layer, k[i : i + 1], v[i : i + 1])
 
 
+def open_requests(
+    managers: tuple[CacheManager, ...],
+    prompts: dict[str, int],
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """Each request of ``prompts`` in every manager, prefilled with its first ``prompts[rid]`` tokens."""
+    for mgr in managers:
+        for rid, n in prompts.items():
+            mgr.add_request(rid)
+            mgr.prefill(rid, 0, data[rid][0][:n], data[rid][1][:n])
+
+
 def assert_same_segments(mgr: CacheManager, rid: str, ref: KVCache, layer: int = 0) -> None:
     snap = mgr._stream(rid, layer).snapshot
     assert [(s.start, s.length) for s in snap.segments] == [(s.start, s.length) for s in ref.segments]
@@ -199,10 +211,7 @@ def test_a_batched_append_through_the_dense_batch_writes_what_appends_write(prom
     data = {rid: tokens(300, seed=30 + i) for i, rid in enumerate(prompts)}
     batched, single = (manager(params, n_threads=2, evict_tokens=8) for _ in range(2))
     try:
-        for mgr in (batched, single):
-            for rid, n in prompts.items():
-                mgr.add_request(rid)
-                mgr.prefill(rid, 0, data[rid][0][:n], data[rid][1][:n])
+        open_requests((batched, single), prompts, data)
         through_batch = steady = 0
         for t in range(160):
             rows = [(data[rid][0][n + t], data[rid][1][n + t]) for rid, n in prompts.items()]
@@ -1008,10 +1017,7 @@ def test_the_kernels_get_each_steps_dense_rows_and_tables(monkeypatch: pytest.Mo
     data = {rid: tokens(200, seed=40 + i, dtype=torch.bfloat16) for i, rid in enumerate(prompts)}
     q = torch.zeros(len(prompts), H_Q, D, dtype=torch.bfloat16)
     try:
-        for m in (mgr, ref):
-            for rid, n in prompts.items():
-                m.add_request(rid)
-                m.prefill(rid, 0, data[rid][0][:n], data[rid][1][:n])
+        open_requests((mgr, ref), prompts, data)
         for t in range(60):
             k, v = (torch.stack([data[rid][i][n + t] for rid, n in prompts.items()]) for i in (0, 1))
             mgr.append_batch(list(prompts), 0, k, v)
@@ -1057,10 +1063,7 @@ def test_steady_steps_keep_every_row_through_a_free_and_a_changed_batch() -> Non
             single.append(rid, 0, k[b : b + 1], v[b : b + 1])
 
     try:
-        for mgr in (batched, single):
-            for rid, n in prompts.items():
-                mgr.add_request(rid)
-                mgr.prefill(rid, 0, data[rid][0][:n], data[rid][1][:n])
+        open_requests((batched, single), prompts, data)
         for t in range(20):
             step(["a", "b", "c"], t)
         steady = batched.stats()["cache_steady_appends"]
