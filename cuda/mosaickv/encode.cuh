@@ -216,9 +216,12 @@ constexpr int kAppendWarps = 8;
 constexpr int kAppendChunk = 8;
 constexpr int kAppendSpan = 16;
 
+// Tokens of whole blocks that one part z >= 1 of a split row encodes.
+__host__ __device__ inline int64_t append_span(int block) { return (kAppendSpan + block - 1) / block * block; }
+
 // CTAs per row along z for rows of at most max_tokens tokens (0: unknown, one CTA per row).
 inline int append_parts(int64_t max_tokens, int block) {
-  const int64_t span = (kAppendSpan + block - 1) / block * block;
+  const int64_t span = append_span(block);
   const int64_t parts = max_tokens > span ? 1 + (max_tokens + span - 1) / span : 1;
   return parts < 1024 ? (int)parts : 1024;
 }
@@ -270,7 +273,8 @@ __global__ void __launch_bounds__(kAppendWarps * 32, 2) append_encode_kernel(App
   const int m = p.summary_kind == kSummaryMean ? p.summary_width : p.summary_width / 2;
   const int c = threadIdx.x;
   float run_lo = 0.f, run_hi = 0.f;
-  if (summarise && c < m && pos % p.block != 0 && blockIdx.z == 0) {  // the head's block continues
+  const int z = blockIdx.z;  // the part of a split row (append_parts)
+  if (summarise && c < m && pos % p.block != 0 && z == 0) {  // the head's block continues
     if (p.summary_kind == kSummaryMean) {
       run_lo = p.block_sum[stripe * p.summary_width + c];
     } else {
@@ -285,8 +289,7 @@ __global__ void __launch_bounds__(kAppendWarps * 32, 2) append_encode_kernel(App
   // blocks in [head, tail) (the last part also whatever the grid did not cover).
   const int64_t head = min(end, (pos + p.block - 1) / p.block * p.block);
   const int64_t tail = max(head, end / p.block * p.block);
-  const int64_t span = (kAppendSpan + p.block - 1) / p.block * p.block;
-  const int z = blockIdx.z;
+  const int64_t span = append_span(p.block);
   int64_t ranges[2][2] = {{pos, end}, {end, end}};
   if (gridDim.z > 1) {
     if (z == 0) {

@@ -155,11 +155,8 @@ class CacheManager:
         self._readable: weakref.WeakKeyDictionary[CompressionMethod, bool] = weakref.WeakKeyDictionary()
         # per layer: (table_key of the last call's snapshots, their layout, its workspace)
         self._layer_tables: dict[int, tuple[tuple[object, ...], DecodeLayout, DecodeWorkspace]] = {}
-        # per layer: the dense rows of its last batch, on the device (``append_batch``, ``attend``),
-        # the layout joined with them, and the batch's streams (``_streams``)
+        # per layer: the dense rows of its last batch, on the device (``append_batch``, ``attend``)
         self._dense: dict[int, DenseBatch | None] = {}
-        self._joined: dict[int, tuple[DecodeLayout, DenseBatch | None, DecodeLayout]] = {}
-        self._batches: dict[int, tuple[tuple[str, ...], list[Stream]]] = {}
         # per layer: the batch whose steady steps skip the per-sequence work (``SteadyBatch``)
         self._steady: dict[int, SteadyBatch] = {}
         self._steady_appends = self._steady_attends = 0
@@ -249,17 +246,8 @@ class CacheManager:
                 steady.release()
 
     def _streams(self, request_ids: Sequence[str], layer: int) -> list[Stream]:
-        """A batch's streams in one layer. A decode step calls ``append_batch`` and ``attend`` with
-        the same requests in every layer: each layer's last batch is kept (``free`` forgets them)."""
-        self._raise_errors()
-        self._publish(layer)
-        key = tuple(request_ids)
-        held = self._batches.get(layer)
-        if held is not None and held[0] == key:
-            return held[1]
-        streams = [self._stream(r, layer) for r in request_ids]
-        self._batches[layer] = (key, streams)
-        return streams
+        """A batch's streams in one layer (the general paths; steady steps keep theirs)."""
+        return [self._stream(r, layer) for r in request_ids]
 
     def _check_kv(self, k: torch.Tensor, v: torch.Tensor) -> None:
         want = (self.n_kv_heads, self.head_dim)
@@ -428,8 +416,6 @@ class CacheManager:
                 self._cond.notify_all()
         self._layer_tables.clear()  # they reference the freed request's segments
         self._dense.clear()  # and its dense buffers
-        self._joined.clear()
-        self._batches.clear()  # and its streams
         self._evict_prefixes()
 
     def _evict_prefixes(self) -> None:
@@ -501,12 +487,8 @@ class CacheManager:
             reuse = None if held is None else held[2]
             held = (key, *snapshot_layout(snaps, methods, self.pool, group, reuse, batch))
             self._layer_tables[layer] = held
-            self._joined[layer] = (held[1], batch, held[1])  # already joined with this batch
-        joined = self._joined.get(layer)
-        if batch is None or joined is None or joined[0] is not held[1] or joined[1] is not batch:
-            joined = (held[1], batch, with_dense(held[1], snaps, batch))  # a table read in place is
-            self._joined[layer] = joined  # the same object while its batch is: the layout too
-        return joined[2], held[2]
+            return held[1], held[2]  # joined with this batch already
+        return with_dense(held[1], snaps, batch), held[2]
 
     @contextmanager
     def view(self, request_id: str, layer: int) -> Iterator[KVCache]:

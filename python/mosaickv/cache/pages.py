@@ -421,8 +421,10 @@ Paged = PagedStripe | PagedBlob
 def grow_stripes(stripes: Sequence[PagedStripe], n: int) -> None:
     """``PagedStripe.grow(n)`` for stripes of one pool, with one allocation for all their new pages
     (a temporary segment's heads and sides, on the decode path)."""
+    if not stripes:
+        return
     need = [s.pages_to_grow(n) for s in stripes]
-    new = stripes[0].pool.allocate_many(sum(need)) if stripes else None
+    new = stripes[0].pool.allocate_many(sum(need))
     at = 0
     for s, k in zip(stripes, need, strict=True):
         s.pages.frombytes(new[at : at + k].tobytes())

@@ -229,8 +229,6 @@ class TempTables:
         self.temp = temp
         self.per = 16
         self._stripes = [s for pair in zip(temp.k, temp.v, strict=True) for s in pair]  # K0, V0, K1, ...
-        self._known = [0] * len(self._stripes)  # pages of each stripe already in the table
-        self._summary_ptr = 0
         self._build()
 
     def _region(self, h: int, side: int) -> int:
@@ -243,12 +241,9 @@ class TempTables:
         st = t.strategy
         pages = np.zeros(3 + 4 * len(t.k) * self.per, dtype=np.int64)
         pages[:3] = [t.summary.data_ptr(), st.rot_k.data_ptr(), st.rot_v.data_ptr()]
-        for i, s in enumerate(self._stripes):
-            addr = s.pool.addresses(s.pages)
-            at = self._region(i // 2, i % 2)
-            pages[at : at + len(addr)] = addr
-            pages[at + self.per : at + self.per + len(addr)] = addr + s.values_offset
-            self._known[i] = len(addr)
+        self._known = [0] * len(self._stripes)  # pages of each stripe already in the table
+        index, value = self._new_entries([len(s.pages) for s in self._stripes])
+        pages[index] = value
         self.pages = to_device(pages, dev)
         self._summary_ptr = t.summary.data_ptr()
         self._set_rows()
@@ -281,31 +276,37 @@ class TempTables:
 
     @torch.inference_mode()  # the tables are inference tensors (the manager makes everything in it)
     def _write(self, counts: list[int]) -> None:
-        t, stripes = self.temp, self._stripes
+        t = self.temp
         if max(counts) > self.per:  # a region is full: new, doubled tables
             self._build()
             return
-        grown = [i for i, s in enumerate(stripes) if counts[i] > self._known[i]]
-        index, value = [], []
-        if grown:  # one address lookup for every new page
-            new = [page_ids(stripes[i].pages)[self._known[i] :] for i in grown]
-            ends = np.cumsum([len(x) for x in new])[:-1]
-            addr = np.split(stripes[0].pool.addresses(np.concatenate(new)), ends)
-            for i, a in zip(grown, addr, strict=True):
-                at = self._region(i // 2, i % 2) + self._known[i]
-                index += [np.arange(at, at + len(a)), np.arange(at + self.per, at + self.per + len(a))]
-                value += [a, a + stripes[i].values_offset]
-                self._known[i] = counts[i]
+        index, value = self._new_entries(counts)
         if t.summary.data_ptr() != self._summary_ptr:  # grown into a new tensor (``_reserve_blocks``)
-            index.append(np.zeros(1, dtype=np.int64))
-            value.append(np.array([t.summary.data_ptr()], dtype=np.int64))
+            index, value = np.append(index, 0), np.append(value, t.summary.data_ptr())
             self._summary_ptr = t.summary.data_ptr()
             if t.summary.shape[1] != self._summary_cap:
                 self._set_rows()
-        if index:
-            dev = self.pages.device
-            upload = to_device(np.stack([np.concatenate(index), np.concatenate(value)]), dev)
+        if len(index):
+            upload = to_device(np.stack([index, value]), self.pages.device)
             self.pages.index_copy_(0, upload[0], upload[1])
+
+    def _new_entries(self, counts: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(entry, address) of every page past the known ones of each stripe (``counts`` pages now),
+        bitmap and values entries, from one address lookup; they become known."""
+        stripes = self._stripes
+        grown = [i for i, n in enumerate(counts) if n > self._known[i]]
+        if not grown:
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        new = [page_ids(stripes[i].pages)[self._known[i] : counts[i]] for i in grown]
+        ends = np.cumsum([len(x) for x in new])[:-1]
+        addrs = np.split(stripes[0].pool.addresses(np.concatenate(new)), ends)
+        index, value = [], []
+        for i, addr in zip(grown, addrs, strict=True):
+            at = self._region(i // 2, i % 2) + self._known[i]
+            index += [np.arange(at, at + len(addr)), np.arange(at + self.per, at + self.per + len(addr))]
+            value += [addr, addr + stripes[i].values_offset]
+            self._known[i] = counts[i]
+        return np.concatenate(index), np.concatenate(value)
 
 
 def _heads_by_strategy(
