@@ -60,6 +60,7 @@ import torch.nn.functional as F
 
 # bench_decode (beside this file): the model, the method and the timing helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import phases
 import queued_probe
 from bench_decode import LLAMA_8B, METHOD, SMOKE, Model, Shape, time_ms
 from mosaickv.cache import CacheConfig, CacheManager
@@ -158,7 +159,8 @@ def gc_pauses() -> Iterator[list[tuple[int, float]]]:
 
 def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
         paused: bool, profile: bool, per_request: bool, device: torch.device, method: dict,
-        probe_steps: int = 0, warm_up: int = 16, only: str | None = None) -> dict:  # fmt: skip
+        probe_steps: int = 0, warm_up: int = 16, only: str | None = None,
+        phase_steps: int = 0) -> dict:  # fmt: skip
     cuda = device.type == "cuda"
     dtype = torch.bfloat16
     # as vLLM after start-up (freeze_gc_heap): the process's objects so far are never walked again
@@ -293,6 +295,11 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
                 name: queued_probe.kernels_by_device_time(step, a, 2)
                 for name, a in attends.items()
             }
+        phased = None
+        if phase_steps:  # the last mode's steps, re-encoders running, functions timed
+            with phases.timing_phases() as totals:
+                wall_times_ms(lambda: step(through_manager), phase_steps, cuda)
+            phased = phases.report(totals, int(totals[phases.TARGETS[0][2]][0]))
         # the profile: the decode thread alone (cProfile sees every thread), re-encoders
         # drained, then paused; few enough steps that the backlog bound never stalls them
         if profile:
@@ -300,7 +307,7 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
             mgr.pause()
             prof = cProfile.Profile()
             prof.enable()
-            wall_times_ms(lambda: step(through_manager), max(4, 16 // batch), cuda)
+            wall_times_ms(lambda: step(through_manager), 16, cuda)
             prof.disable()
             mgr.resume()
             text = io.StringIO()
@@ -334,6 +341,7 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
         "stalls": stats["cache_backlog_stalls"],
         "reencodes": stats["cache_reencodes"],
         "steady_appends": stats["cache_steady_appends"], "steady_attends": stats["cache_steady_attends"],
+        "defer_evictions": config.defer_evictions, "deferred_evictions": stats["cache_deferred_evictions"],
     }  # fmt: skip
     for mode in modes:
         m, k = manager[mode], kernels[mode]
@@ -362,6 +370,8 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
         row["profile"] = top
     if probed is not None:
         row["probe"] = probed
+    if phased is not None:
+        row["phases"] = phased
     return row
 
 
@@ -434,6 +444,20 @@ def main() -> None:
         "kernels by device time (queued_probe.py)",
     )
     parser.add_argument(
+        "--phases",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="STEPS more steps with the functions of an eviction call timed (phases.py): "
+        "microseconds per eviction by function",
+    )
+    parser.add_argument(
+        "--no-defer",
+        action="store_true",
+        help="CacheConfig.defer_evictions=False: each eviction runs in the layer call that makes "
+        "it due (the ninth session's manager), for an A/B in one lease",
+    )
+    parser.add_argument(
         "--per-request-appends",
         action="store_true",
         help="one CacheManager.append per sequence and layer instead of append_batch",
@@ -468,6 +492,7 @@ def main() -> None:
                     n_threads=args.threads,
                     max_backlog_tokens=args.max_backlog_tokens,
                     host_spare_chunks=args.host_spare_chunks,
+                    defer_evictions=not args.no_defer,
                 ),
                 args.pause_reencoders,
                 args.profile,
@@ -477,9 +502,20 @@ def main() -> None:
                 args.probe,
                 args.warm_up,
                 args.mode,
+                args.phases,
             )
         rows.append(row)
-        print(json.dumps({k: v for k, v in row.items() if k != "profile"}), flush=True)
+        print(
+            json.dumps(
+                {k: v for k, v in row.items() if k not in ("profile", "phases")}
+            ),
+            flush=True,
+        )
+        for p in row.get("phases", []):
+            print(
+                f"{p['phase']:<48} {p['calls']:>6} calls {p['us_per_eviction']:>9.1f} us/eviction",
+                flush=True,
+            )
         if "profile" in row:
             print(row["profile"], flush=True)
     doc = {"date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),

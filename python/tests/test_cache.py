@@ -30,7 +30,7 @@ from mosaickv.cache.host import SPARE_CHUNKS
 from mosaickv.cache.segments import DenseRows
 from mosaickv.cache.tables import pages_readable, snapshot_layout
 from mosaickv.core import KVCache, make_method, pack_topk
-from mosaickv.ops import STRIPE_COLS, DecodeWorkspace
+from mosaickv.ops import STRIPE_COLS, DecodeLayout, DecodeWorkspace
 
 H_KV, H_Q, D = 2, 4, 32
 
@@ -203,28 +203,35 @@ def test_a_batched_append_equals_a_synchronous_encode_per_request() -> None:
 def test_a_batched_append_through_the_dense_batch_writes_what_appends_write(prompts: dict[str, int]) -> None:
     """With evictions of 8 tokens most rows only grow a window: append_batch writes them through
     the layer's DenseBatch (on the CPU the reference of the append_dense_rows kernel: the same
-    addresses, skip marks and device counts; test_cache_gpu.py runs the kernel), evictions and sinks
-    through ``append``. The requests then hold exactly what one ``append`` per request leaves:
-    segments, sinks and window. Nothing reads the batched manager's streams between steps, so its
-    steady steps leave their rows unpublished until the end."""
+    addresses, skip marks and device counts; test_cache_gpu.py runs the kernel), sinks through
+    ``append``; an eviction's row too, the eviction itself deferred (no attention here runs it at the
+    last layer, so the next step's general path does). The requests then hold exactly what one
+    ``append`` per request leaves: segments, sinks and window. Nothing reads the batched manager's
+    streams between steps, so its steady steps leave their rows unpublished until the end."""
     params = SCENARIOS["fixed_len"]
     data = {rid: tokens(300, seed=30 + i) for i, rid in enumerate(prompts)}
     batched, single = (manager(params, n_threads=2, evict_tokens=8) for _ in range(2))
     try:
         open_requests((batched, single), prompts, data)
         through_batch = steady = 0
+        evicted = False  # whether a request of the manager given one append per request evicted
         for t in range(160):
             rows = [(data[rid][0][n + t], data[rid][1][n + t]) for rid, n in prompts.items()]
             # what each request's append does, read from the manager given one append per request
             window_rows = [single._stream(rid, 0).window_row() is not None for rid in prompts]
             through_batch += sum(window_rows)
-            steady += t > 0 and all(window_rows)  # after the first step, which makes the batch
+            # after the first step, which makes the batch, and after one that made an eviction due
+            steady += t > 0 and all(window_rows) and not evicted
             batched.append_batch(list(prompts), 0, *(torch.stack(x) for x in zip(*rows, strict=True)))
+            before = [single._stream(rid, 0).snapshot.dense.n for rid in prompts]
             for rid, (k, v) in zip(prompts, rows, strict=True):
                 single.append(rid, 0, k[None], v[None])
+            evicted = any(
+                single._stream(rid, 0).snapshot.dense.n <= n for rid, n in zip(prompts, before, strict=True)
+            )
         assert through_batch > 160 * len(prompts) // 2
-        # every step where no request evicts or fills its sinks (b fills them first) is a steady step:
-        # one launch, no per-request work; the step after an eviction too
+        # every step where no request fills its sinks (b fills them first) and none evicted the step
+        # before is a steady step: one launch, no per-request work
         assert batched.stats()["cache_steady_appends"] == steady > 0
         batched.drain()
         single.drain()
@@ -1001,8 +1008,9 @@ def test_the_kernels_get_each_steps_dense_rows_and_tables(monkeypatch: pytest.Mo
     (steady steps: the held layout, the rows unpublished; rebuilt at evictions, sinks and swaps):
     every sequence's dense rows, read through their addresses, and counts equal those of a manager
     given one ``append`` per request, and its stripes that manager's segments. Nothing reads the
-    batched manager's streams during the steps. The kernel cannot run here: a stand-in takes the
-    layout instead."""
+    batched manager's streams during the steps; the ``drain`` before each attention runs the
+    evictions ``append_batch`` deferred, and builds the layout of the next attention. The kernel
+    cannot run here: a stand-in takes the layout instead."""
     params = SCENARIOS["fixed_len"] | {"token_ratio": 0.5}
     mgr, ref = (manager(params, dtype=torch.bfloat16, evict_tokens=8) for _ in range(2))
     layouts: list[object] = []
@@ -1011,7 +1019,18 @@ def test_the_kernels_get_each_steps_dense_rows_and_tables(monkeypatch: pytest.Mo
         layouts.append(layout)
         return out
 
+    built_by_drain: list[object] = []  # layouts built with a deferred eviction, for the next attend
+    draining = False
+    build = manager_module.snapshot_layout
+
+    def spy(*args: object, **kwargs: object) -> object:
+        built = build(*args, **kwargs)
+        if draining:
+            built_by_drain.append(built[0])
+        return built
+
     monkeypatch.setattr(manager_module, "run_decode", kernel)
+    monkeypatch.setattr(manager_module, "snapshot_layout", spy)
     monkeypatch.setattr(mgr, "_plan_device", types.SimpleNamespace(type="cuda"))  # the kernels' path
     prompts = {"a": 120, "b": 2, "c": 70}
     data = {rid: tokens(200, seed=40 + i, dtype=torch.bfloat16) for i, rid in enumerate(prompts)}
@@ -1023,9 +1042,11 @@ def test_the_kernels_get_each_steps_dense_rows_and_tables(monkeypatch: pytest.Mo
             mgr.append_batch(list(prompts), 0, k, v)
             for b, rid in enumerate(prompts):
                 ref.append(rid, 0, k[b : b + 1], v[b : b + 1])
+            draining = True
             for m in (mgr, ref):  # a segment closes in both or neither before attention and the checks
                 m.drain()
                 m.pause()
+            draining = False
             mgr.attend(list(prompts), 0, q)
             lay = layouts[-1]
             for b, rid in enumerate(prompts):
@@ -1041,7 +1062,99 @@ def test_the_kernels_get_each_steps_dense_rows_and_tables(monkeypatch: pytest.Mo
                 m.resume()
         reused = sum(a is b for a, b in itertools.pairwise(layouts))
         assert 0 < reused < len(layouts) - 1  # reused while nothing changed, rebuilt when a sequence did
-        assert mgr.stats()["cache_steady_attends"] == reused
+        firsts = [b for a, b in itertools.pairwise(layouts) if a is not b]
+        prepared = sum(any(lay is x for x in built_by_drain) for lay in firsts)
+        assert prepared > 0  # the steps after an eviction attend through the layout built with it
+        assert mgr.stats()["cache_steady_attends"] == reused + prepared
+    finally:
+        mgr.close()
+        ref.close()
+
+
+def test_evictions_wait_for_the_last_layers_attention(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``append_batch`` writes the row that makes an eviction due like any window row; the eviction
+    runs after the last layer's attention, which also builds the next tables of the evicting layer.
+    So every attention reads the raw tokens (sinks, then the latest ones) in its dense rows, the
+    evicted ones until the step ends; no layer but the last rebuilds its tables in its own call after
+    the first step; and after each step every cache holds what one ``append`` per request leaves.
+    Re-encoders paused: no swap rebuilds tables. The kernel cannot run here: a stand-in takes the
+    layout instead."""
+    params = SCENARIOS["fixed_len"] | {"token_ratio": 0.5}
+    layers, n_sink = 2, params["n_sink"]
+    mgr, ref = (manager(params, layers, torch.bfloat16, evict_tokens=8) for _ in range(2))
+    # each attention's dense rows as the kernel would read them at its launch (K, V) per sequence:
+    # after it, the eviction may free the buffer they were in (the device reads it first, in order)
+    seen: list[list[tuple[torch.Tensor, ...]]] = []
+    rebuilt_in: list[tuple[int, int]] = []  # (step, layer) of each attention call that built tables
+    where = (0, 0)
+    build = manager_module.snapshot_layout
+
+    def spy(*args: object, **kwargs: object) -> object:
+        rebuilt_in.append(where)
+        return build(*args, **kwargs)
+
+    def kernel(
+        lay: DecodeLayout, ws: object, q: torch.Tensor, out: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        rows = [int(n) for n in lay.dense_len]
+        seen.append(
+            [
+                tuple(dense_rows(lay, b, side)[:, :n].transpose(0, 1).clone() for side in "kv")
+                for b, n in enumerate(rows)
+            ]
+        )
+        return out
+
+    monkeypatch.setattr(manager_module, "run_decode", kernel)
+    monkeypatch.setattr(manager_module, "snapshot_layout", spy)
+    monkeypatch.setattr(mgr, "_plan_device", types.SimpleNamespace(type="cuda"))  # the kernels' path
+    prompts = {"a": 120, "b": 2, "c": 70}
+    data = {rid: tokens(200, seed=70 + i, dtype=torch.bfloat16) for i, rid in enumerate(prompts)}
+    q = torch.zeros(len(prompts), H_Q, D, dtype=torch.bfloat16)
+    longer = 0  # attentions that read a window longer than the other manager's: an eviction waiting
+    try:
+        for m in (mgr, ref):
+            m.pause()
+            for rid, n in prompts.items():
+                m.add_request(rid)
+                for layer in range(layers):
+                    m.prefill(rid, layer, data[rid][0][:n], data[rid][1][:n])
+        for t in range(60):
+            k, v = (torch.stack([data[rid][i][n + t] for rid, n in prompts.items()]) for i in (0, 1))
+            for layer in range(layers):
+                where = (t, layer)
+                mgr.append_batch(list(prompts), layer, k, v)
+                for b, rid in enumerate(prompts):
+                    ref.append(rid, layer, k[b : b + 1], v[b : b + 1])
+                mgr.attend(list(prompts), layer, q)
+                for (rid, n), got in zip(prompts.items(), seen[-1], strict=True):
+                    rows, total = got[0].shape[0], n + t + 1
+                    window = rows - min(n_sink, total)
+                    for x, y in zip(got, data[rid], strict=True):
+                        assert torch.equal(x[:n_sink], y[: min(n_sink, total)]), f"step {t}, {rid}"
+                        assert torch.equal(x[rows - window :], y[total - window : total]), f"step {t}, {rid}"
+                    want = ref._stream(rid, layer).snapshot.dense.n
+                    assert rows >= want, f"step {t}, {rid}"
+                    longer += rows > want
+            for layer in range(layers):  # the step is over: both managers hold the same caches
+                for rid in prompts:
+                    a, b = mgr._stream(rid, layer).snapshot, ref._stream(rid, layer).snapshot
+                    assert a.dense.n == b.dense.n and torch.equal(
+                        a.dense.buf[:, :, : a.dense.n], b.dense.buf[:, :, : b.dense.n]
+                    )
+                    assert (a.temp.length if a.temp else 0) == (b.temp.length if b.temp else 0)
+        assert longer > 0 and mgr.stats()["cache_deferred_evictions"] > 0
+        assert all(step == 0 or layer == layers - 1 for step, layer in rebuilt_in), rebuilt_in
+        mgr.resume()
+        ref.resume()
+        mgr.drain()
+        ref.drain()
+        for rid in prompts:
+            for layer in range(layers):
+                with mgr.view(rid, layer) as got, ref.view(rid, layer) as want:
+                    assert [s.length for s in got.segments] == [s.length for s in want.segments]
+                    for x, y in ((got.tail_k, want.tail_k), (got.tail_v, want.tail_v)):
+                        assert torch.equal(x, y)
     finally:
         mgr.close()
         ref.close()

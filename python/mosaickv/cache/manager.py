@@ -69,7 +69,10 @@ class CacheConfig:
     cost (bench/decode/README.md). append_kernel: on a GPU with the kernels built, encode the
     tokens that leave the window with one ``append_encode`` launch into the pages (False: the
     torch path, for A/B runs). host_spare_chunks: pinned host chunks (one eviction's raw K/V each) kept
-    allocated ahead of need, topped up by the re-encoders (``HostChunks``).
+    allocated ahead of need, topped up by the re-encoders (``HostChunks``). defer_evictions: an
+    eviction that ``append_batch`` makes due runs after the attention launch of the step's last
+    layer, where the host is furthest ahead of the device, and prepares that layer's next step
+    (docs/CACHE.md, "Deferred evictions"); False: in the call that makes it due.
     """
 
     page_bytes: int | None = None
@@ -81,6 +84,7 @@ class CacheConfig:
     evict_tokens: int = 1
     append_kernel: bool = True
     host_spare_chunks: int = SPARE_CHUNKS
+    defer_evictions: bool = True
 
     def __post_init__(self) -> None:
         if self.n_threads is not None and self.n_threads < 1:
@@ -160,6 +164,9 @@ class CacheManager:
         # per layer: the batch whose steady steps skip the per-sequence work (``SteadyBatch``)
         self._steady: dict[int, SteadyBatch] = {}
         self._steady_appends = self._steady_attends = 0
+        # per layer: the streams of a batch in which ``append_batch`` made an eviction due
+        self._due: dict[int, list[Stream]] = {}
+        self._deferred = 0
         row_bytes = head_dim * torch.empty(0, dtype=dtype).element_size()
         # append_batch's one-launch row writes: the kernel, or on the CPU its reference
         self._batch_rows = row_bytes % 16 == 0 and (kernels or self.device.type == "cpu")
@@ -307,11 +314,26 @@ class CacheManager:
         self._check_kv(k, v)
         stream = self._stream(request_id, layer)
         self._drop_steady(layer)  # this stream's rows change here, not through the batch's table
+        self._evict(stream)  # one ``append_batch`` deferred (its buffer has no room past that row)
         dense = stream.snapshot.dense
         need = stream.evicted(dense.n - dense.n_sink + k.shape[0])
         if not need:  # most steps: nothing leaves the window, so no job and no backlog to reserve
             stream.append(k, v)
             return
+        self._moving_out(stream, need, lambda: stream.append(k, v))
+
+    def _evict(self, stream: Stream) -> bool:
+        """Run the stream's due eviction, if any (``Stream.evict``); whether there was one."""
+        if stream.freed or not stream.eviction_due():
+            return False
+        d = stream.snapshot.dense
+        self._moving_out(stream, stream.evicted(d.n - d.n_sink), stream.evict)
+        return True
+
+    def _moving_out(self, stream: Stream, need: int, move: Callable[[], int]) -> None:
+        """Run ``move``, an append or eviction of ``stream`` that makes at most ``need`` tokens
+        pending, with the backlog reserved first: at ``max_backlog_tokens`` it waits for the
+        re-encoders (counted as a stall in stats). Queues the CPU job."""
         with self._cond:
             if self._backlog and self._backlog + need > self.config.max_backlog_tokens:
                 self._stalls += 1
@@ -326,7 +348,7 @@ class CacheManager:
                 self._stall_s += time.perf_counter() - began
             self._backlog += need  # reserved before the job exists, so the bound always holds
             self._backlog_peak = max(self._backlog_peak, self._backlog)
-        out = stream.append(k, v)
+        out = move()
         with self._cond:
             self._backlog -= need - out  # the reservation is an upper bound (sinks take the first tokens)
         if out:
@@ -339,7 +361,9 @@ class CacheManager:
         for each b. The rows that only grow their window are written in one launch through the
         layer's ``DenseBatch``, which attention then reads (no upload while the batch and its
         buffers stay the same; ``append`` per request costs two copies each, and at batch 8 eight
-        times the Python; on the CPU the launch is its reference); evictions and sinks go through
+        times the Python; on the CPU the launch is its reference); sinks go through ``append``.
+        With ``config.defer_evictions`` a row that makes an eviction due is written the same way and
+        the eviction waits for the step's last layer (``_run_due``); else it goes through
         ``append``. Until one of those, the layer's ``SteadyBatch`` makes the launch alone."""
         self._check_kv(k, v)
         steady = self._steady.get(layer)
@@ -347,6 +371,8 @@ class CacheManager:
             self._raise_errors()
             if steady.append(k, v):
                 self._steady_appends += 1
+                if not steady.room and self.config.defer_evictions:  # its last row made one due
+                    self._due[layer] = steady.streams
                 return
         if k.shape[0] != len(request_ids) or len(set(request_ids)) != len(request_ids):
             raise ValueError(
@@ -377,6 +403,44 @@ class CacheManager:
                     stream.set_rows(d.buf, d.n + 1)
         self._dense[layer] = batch  # attention reads it as it is, unless a sequence changed since
         self._steady[layer] = SteadyBatch(request_ids, streams, batch)
+        if self.config.defer_evictions and any(s.eviction_due() for s in streams):
+            self._due[layer] = streams
+
+    @_inference
+    def _run_due(self) -> None:
+        """Run the evictions ``append_batch`` deferred, and give each of their layers the dense
+        table and kernel tables of its next step, held by a new ``SteadyBatch``: at the last layer,
+        after its attention launch, the host is furthest ahead of the device, so neither the
+        eviction (an append kernel, a host copy, a new dense buffer) nor the rebuilt tables delay
+        the device at the early layers they belong to."""
+        due, self._due = self._due, {}
+        for layer, streams in due.items():
+            steady = self._steady.get(layer)
+            group = steady.held_group if steady is not None and steady.streams is streams else 0
+            self._drop_steady(layer)
+            self._deferred += sum(self._evict(s) for s in streams)
+            if steady is not None and steady.streams is streams and not any(s.freed for s in streams):
+                self._prepare(layer, steady.request_ids, streams, group)
+
+    def _prepare(self, layer: int, request_ids: Sequence[str], streams: list[Stream], group: int) -> None:
+        """Make the layer's steady batch of these streams as they are now, with the kernel tables
+        for ``group`` query heads per KV head (none: 0, or attention without the kernels)."""
+        batch = dense_batch([s.snapshot.dense for s in streams], self._dense.get(layer), single=True)
+        if batch is None:
+            return
+        self._dense[layer] = batch
+        steady = self._steady[layer] = SteadyBatch(request_ids, streams, batch)
+        methods = [s.method for s in streams]
+        if not group or self._plan_device.type != "cuda" or not all(self._pages_readable(m) for m in methods):
+            return
+        snaps = [s.acquire() for s in streams]
+        kept = False
+        try:
+            kept = steady.hold(snaps, *self._tables(layer, snaps, methods, group), group)
+        finally:
+            if not kept:
+                for s, snap in zip(streams, snaps, strict=True):
+                    s.release(snap)
 
     def _schedule(self, stream: Stream) -> None:
         with stream.lock:
@@ -389,6 +453,7 @@ class CacheManager:
     def fork(self, src_id: str, dst_id: str) -> None:
         """Start request dst as a copy of src (parallel sampling, beam search): closed segments are
         shared page for page, the rest copied. Waits for src's queued re-encodes first."""
+        self._run_due()
         src = [self._stream(src_id, layer) for layer in range(self.n_layers)]
         with self._cond:
             self._cond.wait_for(lambda: self._errors or all(not s.jobs and not s.scheduled for s in src))
@@ -439,6 +504,14 @@ class CacheManager:
         otherwise (or for caches that attend every block) ``mosaickv.ops.DecodePlan`` runs the
         core reference over the snapshot's rows.
         """
+        out = self._attend(request_ids, layer, q, scale)
+        if layer == self.n_layers - 1 and self._due:  # its launch is queued: the host is furthest ahead
+            self._run_due()
+        return out
+
+    def _attend(
+        self, request_ids: list[str], layer: int, q: torch.Tensor, scale: float | None
+    ) -> torch.Tensor:
         group = q.shape[1] // self.n_kv_heads
         sc = self.head_dim**-0.5 if scale is None else float(scale)
         steady = self._steady.get(layer)
@@ -493,7 +566,9 @@ class CacheManager:
     @contextmanager
     def view(self, request_id: str, layer: int) -> Iterator[KVCache]:
         """One (request, layer) cache as a core KVCache of one snapshot, exactly what ``attend``
-        reads (telemetry, tests); no re-encode frees its pages until the block ends."""
+        reads (telemetry, tests); no re-encode frees its pages until the block ends. Deferred
+        evictions run first."""
+        self._run_due()
         stream = self._stream(request_id, layer)
         snap = stream.acquire()
         try:
@@ -548,7 +623,9 @@ class CacheManager:
             self._cond.notify_all()
 
     def drain(self, timeout: float | None = None) -> None:
-        """Wait until every queued re-encode has been swapped in; raises if one failed."""
+        """Run the deferred evictions, then wait until every queued re-encode has been swapped in;
+        raises if one failed."""
+        self._run_due()
         with self._cond:
             if not self._cond.wait_for(
                 lambda: (
@@ -630,6 +707,7 @@ class CacheManager:
             "cache_prefix_hits": prefix_hits,
             "cache_steady_appends": self._steady_appends,
             "cache_steady_attends": self._steady_attends,
+            "cache_deferred_evictions": self._deferred,
         }
 
 

@@ -69,6 +69,11 @@ class SteadyBatch:
             return None
         return self._layout
 
+    @property
+    def held_group(self) -> int:
+        """Query heads per KV head of the held layout (0: none held)."""
+        return self._group if self._layout is not None else 0
+
     def hold(self, snaps: list[Snapshot], layout: DecodeLayout, ws: DecodeWorkspace, group: int) -> bool:
         """Keep these acquired snapshots (one per stream) and the layout built from them, releasing
         the ones held before; False (nothing kept) if the layout does not read this batch's counts."""

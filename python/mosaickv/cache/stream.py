@@ -107,24 +107,43 @@ class Stream:
                 if n_s > 0:  # nothing is pending yet: the first pending token comes right after the sinks
                     self.host.reset(snap.dense.n_sink + n_s)
             dense = snap.dense.appended(k, v, n_s, self.dense_cap)
-            out = self.evicted(dense.n - dense.n_sink)
-            temp_view = snap.temp
-            if out:
-                self.evict_at = self.config.evict_tokens
-                old_k, old_v = dense.oldest(out)
-                if self.temp is None:
-                    self.temp = self._new_temp(self.host.end)
-                self.temp.append(old_k, old_v)
-                temp_view = self.temp.view()
-                self.host.push(old_k, old_v)
-                event = None
-                if self.pool.device.type == "cuda":
-                    event = torch.cuda.Event()
-                    event.record()
-                self.jobs.append((out, event))
-                dense = dense.without_oldest(out, self.dense_cap)
-            self.snapshot = Snapshot(snap.generation, dense, snap.segments, temp_view)
-            return out
+            self.snapshot = Snapshot(snap.generation, dense, snap.segments, snap.temp)
+            return self._evict()
+
+    def evict(self) -> int:
+        """Move out the tokens an eviction is due for (``eviction_due``; appends through the layer's
+        ``DenseBatch`` write the row that makes it due and leave it to the manager); returns how
+        many became pending (a CPU job)."""
+        with self.lock:
+            return self._evict()
+
+    def eviction_due(self) -> bool:
+        d = self.snapshot.dense
+        return self.evicted(d.n - d.n_sink) > 0
+
+    def _evict(self) -> int:
+        """The eviction ``evicted`` asks for, if any: the oldest window rows go to the temporary
+        segment (encoded on the device) and to the host copy (for the CPU job), the rest of the dense
+        rows to a new buffer (caller holds the lock)."""
+        snap = self.snapshot
+        dense = snap.dense
+        out = self.evicted(dense.n - dense.n_sink)
+        if not out:
+            return 0
+        self.evict_at = self.config.evict_tokens
+        old_k, old_v = dense.oldest(out)
+        if self.temp is None:
+            self.temp = self._new_temp(self.host.end)
+        self.temp.append(old_k, old_v)
+        self.host.push(old_k, old_v)
+        event = None
+        if self.pool.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self.jobs.append((out, event))
+        rest = dense.without_oldest(out, self.dense_cap)
+        self.snapshot = Snapshot(snap.generation, rest, snap.segments, self.temp.view())
+        return out
 
     def window_row(self) -> DenseRows | None:
         """The dense rows whose row ``n`` a one-token append would only write (no sink to fill,
@@ -134,15 +153,18 @@ class Stream:
 
     def window_room(self) -> int:
         """How many one-token appends in a row, from now, only write the next row of the dense buffer
-        (``window_row``): none while sinks fill; else until the window would evict or the buffer is full."""
+        (``window_row``): none while sinks fill or an eviction is due; else until the window would
+        evict (with ``config.defer_evictions``: up to the row that makes the eviction due) or the
+        buffer is full."""
         snap = self.snapshot
         d = snap.dense
         if d.n_sink < self.method.n_sink and snap.length == d.n_sink:  # length: a sum, rarely
             return 0
         # row n leaves a window of n + 1 - n_sink rows, which evicts once its excess over
-        # method.window reaches evict_at (``evicted``; evict_at >= 1)
-        last = min(d.cap, self.evict_at + self.method.window + d.n_sink - 1)
-        return max(0, last - d.n)
+        # method.window reaches evict_at (``evicted``; evict_at >= 1, and dense_cap leaves room
+        # for the row that makes it due)
+        last = self.evict_at + self.method.window + d.n_sink - (0 if self.config.defer_evictions else 1)
+        return max(0, min(d.cap, last) - d.n)
 
     def set_rows(self, buf: torch.Tensor, n: int) -> None:
         """Publish rows [0, n) of the dense buffer, written past the snapshot's rows by the layer's
