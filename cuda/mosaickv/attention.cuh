@@ -326,11 +326,13 @@ __device__ __forceinline__ void split2(float x, float& hi, float& lo) {
   lo = x - hi;
 }
 
-// A fragments of Q for every k-step (16 rotated positions): row r < 8 holds the hi part of head r % G,
-// row r + 8 the lo part of the same head; scaled by scale * log2(e) so that the logits come out in
-// log2 units. q(g, d) reads head g's element d (any source type).
+// A fragments of Q for every k-step (16 rotated positions), written to shared memory for the whole
+// CTA (dst[s * 32 + lane]: lane's fragment of k-step s; call from one warp): row r < 8 holds the hi part
+// of head r % G, row r + 8 the lo part of the same head; scaled by scale * log2(e) so that the logits
+// come out in log2 units. q(g, d) reads head g's element d (any source type). Kept in shared memory,
+// not registers: 32 registers fewer per thread lets 4 CTAs share an SM instead of 3.
 template <typename T, int D, int G, typename QOf>
-__device__ __forceinline__ void q_fragments(QOf q, float scale, uint32_t (&qa)[D / 16][4]) {
+__device__ __forceinline__ void q_fragments(QOf q, float scale, uint4* dst) {
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   const int g = gid % G;
 #pragma unroll
@@ -340,10 +342,10 @@ __device__ __forceinline__ void q_fragments(QOf q, float scale, uint32_t (&qa)[D
     const float v[4] = {q(g, d0) * scale, q(g, d0 + 1) * scale, q(g, d0 + 8) * scale, q(g, d0 + 9) * scale};
 #pragma unroll
     for (int i = 0; i < 4; ++i) split2<T>(v[i], hi[i], lo[i]);
-    qa[s][0] = pack2<T>(hi[0], hi[1]);  // row gid,     cols 2 tig, 2 tig + 1
-    qa[s][1] = pack2<T>(lo[0], lo[1]);  // row gid + 8
-    qa[s][2] = pack2<T>(hi[2], hi[3]);  // row gid,     cols + 8
-    qa[s][3] = pack2<T>(lo[2], lo[3]);  // row gid + 8, cols + 8
+    dst[s * 32 + lane] = make_uint4(pack2<T>(hi[0], hi[1]),   // row gid,     cols 2 tig, 2 tig + 1
+                                    pack2<T>(lo[0], lo[1]),   // row gid + 8
+                                    pack2<T>(hi[2], hi[3]),   // row gid,     cols + 8
+                                    pack2<T>(lo[2], lo[3]));  // row gid + 8, cols + 8
   }
 }
 
@@ -357,10 +359,11 @@ struct WarpFlash {
 };
 
 // Attends one chunk of 16 tokens whose K and V rows are in the warp's tiles (row = token, stride
-// pa_stride<D>()); valid: bit t set if token t of the chunk exists.
+// pa_stride<D>()); valid: bit t set if token t of the chunk exists; qa: this lane's Q fragments in
+// shared memory (``q_fragments``' dst + lane).
 template <typename T, int D, int G>
-__device__ __forceinline__ void flash_chunk(const T* ktile, const T* vtile, uint32_t valid,
-                                            const uint32_t (&qa)[D / 16][4], WarpFlash<D>& st) {
+__device__ __forceinline__ void flash_chunk(const T* ktile, const T* vtile, uint32_t valid, const uint4* qa,
+                                            WarpFlash<D>& st) {
   constexpr int kStride = pa_stride<D>();
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   // ldmatrix.x4: lanes 8m .. 8m + 7 address the rows of matrix m = (tokens 8 (m >> 1) + r, columns
@@ -374,8 +377,10 @@ __device__ __forceinline__ void flash_chunk(const T* ktile, const T* vtile, uint
   for (int s = 0; s < D / 16; ++s) {
     uint32_t kb[4];
     ldmatrix_x4(kb, kaddr + s * 32);
-    Mma<T>::run(c0, qa[s], kb[0], kb[1]);  // tokens 0-7
-    Mma<T>::run(c1, qa[s], kb[2], kb[3]);  // tokens 8-15
+    const uint4 qv = qa[s * 32];
+    const uint32_t a[4] = {qv.x, qv.y, qv.z, qv.w};
+    Mma<T>::run(c0, a, kb[0], kb[1]);  // tokens 0-7
+    Mma<T>::run(c1, a, kb[2], kb[3]);  // tokens 8-15
   }
   // This lane's logits: head gid % G, tokens 2 tig, 2 tig + 1, 8 + 2 tig, 9 + 2 tig (hi + lo rows).
   float sv[4] = {c0[0] + c0[2], c0[1] + c0[3], c1[0] + c1[2], c1[1] + c1[3]};
@@ -529,10 +534,11 @@ __device__ __forceinline__ void zero_row(T* dst) {
 }
 
 template <typename T, int D, int G>
-__global__ void __launch_bounds__(kPaThreads, 3) packed_attention_kernel(DecodeParams p) {
+__global__ void __launch_bounds__(kPaThreads, 4) packed_attention_kernel(DecodeParams p) {
   constexpr int kStride = pa_stride<D>();
   __shared__ __align__(16) T s_tile[kPaWarps][2][kChunk * kStride];  // per warp: K rows, V rows
   __shared__ float s_m[kPaWarps][G], s_l[kPaWarps][G];
+  __shared__ uint4 s_qa[D / 16 * 32];  // Q fragments (``q_fragments``)
   __shared__ int s_sel[64];
   __shared__ const char* s_kbits[64];  // first row of each selected block, per array
   __shared__ const char* s_kvals[64];
@@ -561,12 +567,12 @@ __global__ void __launch_bounds__(kPaThreads, 3) packed_attention_kernel(DecodeP
     for (int j = 0; j < 4; ++j) st.acc[mt][j] = 0.f;
   st.m = -INFINITY;
   st.l = 0.f;
-  uint32_t qa[D / 16][4];
 
   if (x == p.max_pieces) {
     // Sinks + recent window: dense, unrotated rows copied into the tiles.
     const T* q = static_cast<const T*>(p.q) + ((int64_t)b * p.n_kv_heads * G + (int64_t)h * G) * D;
-    q_fragments<T, D, G>([&](int g, int d) { return Conv<T>::to(q[g * D + d]); }, qscale, qa);
+    if (warp == 0) q_fragments<T, D, G>([&](int g, int d) { return Conv<T>::to(q[g * D + d]); }, qscale, s_qa);
+    __syncthreads();
     const int n_tok = p.dense_len[b];
     const int n_chunks = (n_tok + kChunk - 1) / kChunk;
     const T* rows = dense_rows_of<T, D>(p, b, h, is_v);
@@ -587,7 +593,7 @@ __global__ void __launch_bounds__(kPaThreads, 3) packed_attention_kernel(DecodeP
       }
       const uint32_t valid = __ballot_sync(0xffffffffu, t < n_tok) & 0xffffu;
       __syncwarp();
-      flash_chunk<T, D, G>(ktile, vtile, valid, qa, st);
+      flash_chunk<T, D, G>(ktile, vtile, valid, s_qa + lane, st);
       __syncwarp();
     }
   } else {
@@ -614,7 +620,7 @@ __global__ void __launch_bounds__(kPaThreads, 3) packed_attention_kernel(DecodeP
       }
     }
     const float* qr = p.qrot + (int64_t)stripe * G * D;
-    q_fragments<T, D, G>([&](int g, int d) { return qr[g * D + d]; }, qscale, qa);
+    if (warp == 0) q_fragments<T, D, G>([&](int g, int d) { return qr[g * D + d]; }, qscale, s_qa);
     // This lane's side (K or V) of the stripe.
     const int keep = (int)meta[is_v ? kColKeepV : kColKeepK];
     const int grp = (int)meta[is_v ? kColGroupV : kColGroupK];
@@ -624,7 +630,7 @@ __global__ void __launch_bounds__(kPaThreads, 3) packed_attention_kernel(DecodeP
     const int n_tok = (last - first) * B;
     const int n_chunks = (n_tok + kChunk - 1) / kChunk;
     const float inv_b = 1.f / (float)B;
-    __syncthreads();  // s_sel and the block rows
+    __syncthreads();  // s_sel, the block rows and the Q fragments
     // Piece token t -> (its block in the piece, row within the block), or blk = -1 (past the piece,
     // or past a partial last block). t / B through a float reciprocal: exact for t < 2^12 (piece
     // tokens <= 64 blocks x 64).
@@ -652,7 +658,7 @@ __global__ void __launch_bounds__(kPaThreads, 3) packed_attention_kernel(DecodeP
       if (rc.blk >= 0) cur.expand(vals_of(rc), keep, grp, my_row);
       const uint32_t valid = __ballot_sync(0xffffffffu, rc.blk >= 0) & 0xffffu;  // lanes 0-15 = tokens 0-15
       __syncwarp();
-      flash_chunk<T, D, G>(ktile, vtile, valid, qa, st);
+      flash_chunk<T, D, G>(ktile, vtile, valid, s_qa + lane, st);
       __syncwarp();
       cur = nxt;
       rc = rn;
