@@ -1003,6 +1003,27 @@ def test_page_tables_address_every_row_summary_and_rotation(name: str, storage: 
         mgr.close()
 
 
+def on_the_kernels_path(
+    monkeypatch: pytest.MonkeyPatch, mgr: CacheManager, kernel: object, layout: object = None
+) -> None:
+    """Send ``mgr``'s attention down the kernels' path on the CPU: ``kernel`` stands in for the decode
+    launch (the kernel cannot run here), ``layout`` (if given) wraps ``snapshot_layout``."""
+    monkeypatch.setattr(manager_module, "run_decode", kernel)
+    if layout is not None:
+        monkeypatch.setattr(manager_module, "snapshot_layout", layout)
+    monkeypatch.setattr(mgr, "_plan_device", types.SimpleNamespace(type="cuda"))
+
+
+def three_requests(
+    seed: int,
+) -> tuple[dict[str, int], dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor]:
+    """Prompt lengths of three requests (one of 2 tokens: its sinks fill while decoding), 200 bf16
+    tokens of K/V each, and a zero query for the batch."""
+    prompts = {"a": 120, "b": 2, "c": 70}
+    data = {rid: tokens(200, seed=seed + i, dtype=torch.bfloat16) for i, rid in enumerate(prompts)}
+    return prompts, data, torch.zeros(len(prompts), H_Q, D, dtype=torch.bfloat16)
+
+
 def test_the_kernels_get_each_steps_dense_rows_and_tables(monkeypatch: pytest.MonkeyPatch) -> None:
     """The layout ``attend`` hands the decode kernel, step after step of ``append_batch`` + ``attend``
     (steady steps: the held layout, the rows unpublished; rebuilt at evictions, sinks and swaps):
@@ -1029,12 +1050,8 @@ def test_the_kernels_get_each_steps_dense_rows_and_tables(monkeypatch: pytest.Mo
             built_by_drain.append(built[0])
         return built
 
-    monkeypatch.setattr(manager_module, "run_decode", kernel)
-    monkeypatch.setattr(manager_module, "snapshot_layout", spy)
-    monkeypatch.setattr(mgr, "_plan_device", types.SimpleNamespace(type="cuda"))  # the kernels' path
-    prompts = {"a": 120, "b": 2, "c": 70}
-    data = {rid: tokens(200, seed=40 + i, dtype=torch.bfloat16) for i, rid in enumerate(prompts)}
-    q = torch.zeros(len(prompts), H_Q, D, dtype=torch.bfloat16)
+    on_the_kernels_path(monkeypatch, mgr, kernel, spy)
+    prompts, data, q = three_requests(seed=40)
     try:
         open_requests((mgr, ref), prompts, data)
         for t in range(60):
@@ -1105,12 +1122,8 @@ def test_evictions_wait_for_the_last_layers_attention(monkeypatch: pytest.Monkey
         )
         return out
 
-    monkeypatch.setattr(manager_module, "run_decode", kernel)
-    monkeypatch.setattr(manager_module, "snapshot_layout", spy)
-    monkeypatch.setattr(mgr, "_plan_device", types.SimpleNamespace(type="cuda"))  # the kernels' path
-    prompts = {"a": 120, "b": 2, "c": 70}
-    data = {rid: tokens(200, seed=70 + i, dtype=torch.bfloat16) for i, rid in enumerate(prompts)}
-    q = torch.zeros(len(prompts), H_Q, D, dtype=torch.bfloat16)
+    on_the_kernels_path(monkeypatch, mgr, kernel, spy)
+    prompts, data, q = three_requests(seed=70)
     longer = 0  # attentions that read a window longer than the other manager's: an eviction waiting
     try:
         for m in (mgr, ref):
