@@ -1173,6 +1173,57 @@ def test_evictions_wait_for_the_last_layers_attention(monkeypatch: pytest.Monkey
         ref.close()
 
 
+def test_a_due_eviction_runs_before_a_fork_and_goes_with_a_freed_request() -> None:
+    """An eviction ``append_batch`` made due, before any attention ran it: ``fork`` runs it first (the
+    twin holds what the request holds), and one of a request freed meanwhile is dropped with it (the
+    next run of the due evictions skips it). Every request then holds what one ``append`` per request
+    leaves."""
+    params = SCENARIOS["fixed_len"]
+    prompts = {"a": 100, "b": 60, "c": 57}
+    data = {rid: tokens(200, seed=80 + i) for i, rid in enumerate(prompts)}
+    batched, single = (manager(params, n_threads=2, evict_tokens=8) for _ in range(2))
+    t = 0
+
+    def step_until_due(rids: list[str]) -> list[str]:
+        """Steps of ``rids`` until one has an eviction due in the batched manager; those that have."""
+        nonlocal t
+        while True:
+            k, v = (torch.stack([data[rid][i][prompts[rid] + t] for rid in rids]) for i in (0, 1))
+            batched.append_batch(rids, 0, k, v)
+            for b, rid in enumerate(rids):
+                single.append(rid, 0, k[b : b + 1], v[b : b + 1])
+            t += 1
+            due = [rid for rid in rids if batched._stream(rid, 0).eviction_due()]
+            if due:
+                return due
+
+    try:
+        open_requests((batched, single), prompts, data)
+        due = step_until_due(["a", "b", "c"])
+        ran = batched.stats()["cache_deferred_evictions"]
+        for mgr in (batched, single):
+            mgr.fork(due[0], "twin")
+        assert batched.stats()["cache_deferred_evictions"] == ran + len(due)  # the fork ran them
+        gone = step_until_due(["a", "b", "c"])[0]
+        for mgr in (batched, single):
+            mgr.free(gone)
+        batched.drain(timeout=60)  # runs what is still due: nothing of the freed request (whose job
+        single.drain(timeout=60)  # no re-encoder would ever take: drain would wait for it)
+        left = [rid for rid in ("a", "b", "c", "twin") if rid != gone]
+        for rid in left:
+            with batched.view(rid, 0) as got, single.view(rid, 0) as want:
+                assert got.length == want.length, rid
+                for x, y in ((got.sink_k, want.sink_k), (got.tail_k, want.tail_k), (got.tail_v, want.tail_v)):
+                    assert torch.equal(x, y), rid
+                assert [s.length for s in got.segments] == [s.length for s in want.segments]
+        for rid in left:
+            batched.free(rid)
+        assert batched.pool.used_pages == 0  # nothing was evicted into a freed request's pages
+    finally:
+        batched.close()
+        single.close()
+
+
 def test_steady_steps_keep_every_row_through_a_free_and_a_changed_batch() -> None:
     """Rows written by steady steps (unpublished) survive what ends the steady batch: a request of
     the batch freed, the batch changing, a prefill of another request. Afterwards every request
