@@ -416,10 +416,12 @@ class CacheManager:
         due, self._due = self._due, {}
         for layer, streams in due.items():
             steady = self._steady.get(layer)
-            group = steady.held_group if steady is not None and steady.streams is streams else 0
+            if steady is not None and steady.streams is not streams:
+                steady = None  # the layer's batch changed since: nothing to prepare
+            group = steady.held_group if steady is not None else 0  # before the drop releases it
             self._drop_steady(layer)
             self._deferred += sum(self._evict(s) for s in streams)
-            if steady is not None and steady.streams is streams and not any(s.freed for s in streams):
+            if steady is not None and not any(s.freed for s in streams):
                 self._prepare(layer, steady.request_ids, streams, group)
 
     def _prepare(self, layer: int, request_ids: Sequence[str], streams: list[Stream], group: int) -> None:
