@@ -31,7 +31,9 @@ vLLM's model runner decodes (results without an ``appends`` field in their JSON 
 Each step's slowest layer call and its layer are recorded (``slowest_layer_call_steps``): an
 eviction's host time delays the step only in the first layers, before the host has run ahead of
 the GPU, so a fair average covers a whole eviction cycle at steady state (``--warm-up`` and
-``--steps`` of evict_tokens or more, below).
+``--steps`` of evict_tokens or more, below). ``reencode_ms_in_layers_0_7_steps``: per step, the
+milliseconds of re-encoder jobs (after their copies landed) that ran while the decode thread was in
+layers 0-7, where a host delay still reaches the GPU (summarize_step.py sets those steps apart).
 
     python3 -m mosaickv.ops.compile
     python3 bench/decode/bench_manager_step.py --batches 8 --steps 256 --warm-up 272 \
@@ -54,12 +56,14 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 # bench_decode (beside this file): the model, the method and the timing helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import mosaickv.cache.stream as stream_module
 import phases
 import queued_probe
 from bench_decode import LLAMA_8B, METHOD, SMOKE, Model, Shape, time_ms
@@ -157,6 +161,34 @@ def gc_pauses() -> Iterator[list[tuple[int, float]]]:
         gc.callbacks.remove(note)
 
 
+@contextmanager
+def reencode_jobs() -> Iterator[list[tuple[float, float]]]:
+    """(start, end) host times of the re-encoders' jobs (``Stream.process``) while the block runs,
+    from after the job's device-to-host copy has landed (its wait holds no lock and no GIL)."""
+    spans: list[tuple[float, float]] = []
+    process = stream_module.Stream.process
+
+    def timed(stream: stream_module.Stream, n: int, event: Any) -> None:
+        if event is not None:
+            event.synchronize()
+        began = time.perf_counter()
+        try:
+            process(stream, n, event)
+        finally:
+            spans.append((began, time.perf_counter()))
+
+    stream_module.Stream.process = timed
+    try:
+        yield spans
+    finally:
+        stream_module.Stream.process = process
+
+
+def overlap_ms(spans: list[tuple[float, float]], a: float, b: float) -> float:
+    """Milliseconds of [a, b] that the spans cover (summed: spans on several threads count each)."""
+    return sum(max(0.0, min(b, e) - max(a, s)) for s, e in spans) * 1e3
+
+
 def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
         paused: bool, profile: bool, per_request: bool, device: torch.device, method: dict,
         probe_steps: int = 0, warm_up: int = 16, only: str | None = None,
@@ -192,9 +224,11 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
                     mgr.append(rid, layer, new[b], new[b])
 
         layer_us: list[float] = []  # the current step's host time per layer call
+        layer_at: list[float] = []  # and when each began
 
         def through_manager(layer: int, q: torch.Tensor) -> torch.Tensor:
             began = time.perf_counter()
+            layer_at.append(began)
             if per_request:
                 for b, rid in enumerate(rids):
                     mgr.append(rid, layer, new[b], new[b])
@@ -252,6 +286,7 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
         collections: dict[str, list[tuple[int, float]]] = {}
         backlog: dict[str, list[int]] = {mode: [] for mode in modes}  # after each step
         slowest: dict[str, list[list[float]]] = {mode: [] for mode in modes}
+        early: dict[str, list[float]] = {mode: [] for mode in modes}
         readers: list[list[list[Snapshot]]] = []
         top = None
         # --pause-reencoders: the decode thread alone; jobs queue up (the backlog bound still holds)
@@ -272,7 +307,8 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
             # the two alternate step by step: the host's speed drifts within a run, and between
             # lease machines by 2x (bench/decode/README.md); both see the same drift
             layer_us.clear()  # the warm-up's
-            with gc_pauses() as collections[mode]:
+            layer_at.clear()
+            with gc_pauses() as collections[mode], reencode_jobs() as spans:
                 for _ in range(steps):
                     for attend, times, host in timed:
                         times[mode] += wall_times_ms(
@@ -282,7 +318,14 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
                     # the step's slowest layer call, and which layer: the GPU waits on a slow
                     # call in an early layer, while the host is not yet far ahead of it
                     slowest[mode].append([max(layer_us), layer_us.index(max(layer_us))])
+                    # re-encoder work while the host had no lead on the GPU yet: layers 0-7
+                    early[mode].append(
+                        overlap_ms(
+                            spans, layer_at[0], layer_at[min(8, len(layer_at) - 1)]
+                        )
+                    )
                     layer_us.clear()
+                    layer_at.clear()
         if paused:
             mgr.resume()
         probed = None
@@ -353,6 +396,7 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
             "manager_host_ms_steps": manager_host[mode],
             "backlog_tokens_steps": backlog[mode],
             "slowest_layer_call_steps": slowest[mode],  # [us, layer] per step
+            "reencode_ms_in_layers_0_7_steps": early[mode],
             "kernels_host_ms_mean": statistics.fmean(kernels_host[mode]),
             "kernels_ms_mean": statistics.fmean(k), "kernels_ms_median": statistics.median(k),
             "overhead_ms": statistics.fmean(m) - statistics.fmean(k),

@@ -1,4 +1,4 @@
-"""One line per bench_manager_step.py JSON (its first row, piecewise mode): manager vs kernels
+"""One line per bench_manager_step.py JSON (its first row, piecewise mode, else eager): manager vs kernels
 per step, the overhead, host time, evictions deferred, steady calls and the slowest layer calls;
 then the --phases table if the run had one.
 
@@ -16,7 +16,7 @@ from pathlib import Path
 def main(paths: list[str]) -> None:
     for path in paths:
         row = json.loads(Path(path).read_text())["rows"][0]
-        p = row["piecewise"]
+        p = row["piecewise" if "piecewise" in row else "eager"]  # eager: --smoke, CPU
         slow = p["slowest_layer_call_steps"]
         print(
             f"{path.split('/')[-1]}: batch {row['batch']}, defer {row.get('defer_evictions')}; "
@@ -27,6 +27,21 @@ def main(paths: list[str]) -> None:
             f"steady appends/attends {row['steady_appends']}/{row['steady_attends']}; "
             f"slowest layer call: median {statistics.median(us for us, _ in slow):.0f} us"
         )
+        early = p.get("reencode_ms_in_layers_0_7_steps")
+        if (
+            early
+        ):  # steps whose layers 0-7 overlapped a re-encoder job, against the others
+            busy = [
+                m for m, e in zip(p["manager_ms_steps"], early, strict=True) if e > 0
+            ]
+            idle = [
+                m for m, e in zip(p["manager_ms_steps"], early, strict=True) if e == 0
+            ]
+            print(
+                f"    re-encoder work in layers 0-7: {len(busy)} steps, mean "
+                f"{statistics.fmean(busy) if busy else float('nan'):.2f} ms; the other {len(idle)}: "
+                f"{statistics.fmean(idle) if idle else float('nan'):.2f} ms"
+            )
         for phase in row.get("phases", []):
             print(
                 f"    {phase['phase']:<48} {phase['calls']:>6} calls {phase['us_per_eviction']:>9.1f} us/eviction"
