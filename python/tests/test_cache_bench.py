@@ -54,11 +54,12 @@ def test_decode_bench_smoke(tmp_path: Path) -> None:
 
 def test_manager_step_bench_smoke(tmp_path: Path) -> None:
     """bench/decode/bench_manager_step.py --smoke: whole steps through the manager against the core
-    reference over the same snapshots, two batches, the decode thread's profile."""
+    reference over the same snapshots, two batches, the decode thread's profile, the timed phases of
+    the evictions (``--phases``) and the re-encoder time in each step's first layers."""
     out = tmp_path / "step.json"
     script = ROOT / "bench" / "decode" / "bench_manager_step.py"
     cmd = [sys.executable, str(script), "--smoke", "--out", str(out), "--batches", "1", "2", "--profile"]
-    cmd += ["--evict-tokens", "8"]  # its 20 steps then evict (the default 256 would not)
+    cmd += ["--evict-tokens", "8", "--phases", "8"]  # its steps then evict (the default 256 would not)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
@@ -69,6 +70,10 @@ def test_manager_step_bench_smoke(tmp_path: Path) -> None:
         assert eager["kernels_ms_mean"] > 0 and "piecewise" not in r  # CUDA graphs only on a GPU
         assert "the decode thread" in r["profile"] and "attend" in r["profile"]
         assert r["backlog_peak"] > 0 and r["stalls"] == 0
+        assert len(eager["reencode_ms_in_layers_0_7_steps"]) == r["steps"]
+        phases = {p["phase"].strip(): p for p in r["phases"]}
+        assert phases["manager._moving_out (one eviction)"]["calls"] > 0  # 8 steps hold evictions
+        assert r["deferred_evictions"] > 0
 
 
 def test_paging_bench_smoke(tmp_path: Path) -> None:
