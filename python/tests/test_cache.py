@@ -1193,7 +1193,7 @@ def test_a_due_eviction_runs_before_a_fork_and_goes_with_a_freed_request() -> No
             for b, rid in enumerate(rids):
                 single.append(rid, 0, k[b : b + 1], v[b : b + 1])
             t += 1
-            due = [rid for rid in rids if batched._stream(rid, 0).eviction_due()]
+            due = [rid for rid in rids if batched._stream(rid, 0).due_tokens()]
             if due:
                 return due
 

@@ -324,11 +324,10 @@ class CacheManager:
 
     def _evict(self, stream: Stream) -> bool:
         """Run the stream's due eviction, if any (``Stream.evict``); whether there was one."""
-        if stream.freed or not stream.eviction_due():
-            return False
-        d = stream.snapshot.dense
-        self._moving_out(stream, stream.evicted(d.n - d.n_sink), stream.evict)
-        return True
+        need = 0 if stream.freed else stream.due_tokens()
+        if need:
+            self._moving_out(stream, need, stream.evict)
+        return need > 0
 
     def _moving_out(self, stream: Stream, need: int, move: Callable[[], int]) -> None:
         """Run ``move``, an append or eviction of ``stream`` that makes at most ``need`` tokens
@@ -403,7 +402,7 @@ class CacheManager:
                     stream.set_rows(d.buf, d.n + 1)
         self._dense[layer] = batch  # attention reads it as it is, unless a sequence changed since
         self._steady[layer] = SteadyBatch(request_ids, streams, batch)
-        if self.config.defer_evictions and any(s.eviction_due() for s in streams):
+        if self.config.defer_evictions and any(s.due_tokens() for s in streams):
             self._due[layer] = streams
 
     @_inference

@@ -111,23 +111,23 @@ class Stream:
             return self._evict()
 
     def evict(self) -> int:
-        """Move out the tokens an eviction is due for (``eviction_due``; appends through the layer's
-        ``DenseBatch`` write the row that makes it due and leave it to the manager); returns how
-        many became pending (a CPU job)."""
+        """Move out the ``due_tokens`` (appends through the layer's ``DenseBatch`` write the row that
+        makes an eviction due and leave it to the manager); returns how many became pending (a CPU job)."""
         with self.lock:
             return self._evict()
 
-    def eviction_due(self) -> bool:
+    def due_tokens(self) -> int:
+        """Tokens an eviction is due for now (``evicted`` of the window as it is): 0 for none."""
         d = self.snapshot.dense
-        return self.evicted(d.n - d.n_sink) > 0
+        return self.evicted(d.n - d.n_sink)
 
     def _evict(self) -> int:
-        """The eviction ``evicted`` asks for, if any: the oldest window rows go to the temporary
-        segment (encoded on the device) and to the host copy (for the CPU job), the rest of the dense
-        rows to a new buffer (caller holds the lock)."""
+        """The eviction of ``due_tokens``, if any: the oldest window rows go to the temporary segment
+        (encoded on the device) and to the host copy (for the CPU job), the rest of the dense rows to
+        a new buffer (caller holds the lock)."""
         snap = self.snapshot
         dense = snap.dense
-        out = self.evicted(dense.n - dense.n_sink)
+        out = self.due_tokens()
         if not out:
             return 0
         self.evict_at = self.config.evict_tokens
