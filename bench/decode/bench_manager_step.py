@@ -31,7 +31,7 @@ vLLM's model runner decodes (results without an ``appends`` field in their JSON 
 Each step's slowest layer call and its layer are recorded (``slowest_layer_call_steps``): an
 eviction's host time delays the step only in the first layers, before the host has run ahead of
 the GPU, so a fair average covers a whole eviction cycle at steady state (``--warm-up`` and
-``--steps`` of evict_tokens or more, below). ``reencode_ms_in_layers_0_7_steps``: per step, the
+``--steps`` of evict_tokens or more, below). ``reencode_ms_in_layers_0_7_steps`` (phases.reencode_jobs): per step, the
 milliseconds of re-encoder jobs (after their copies landed) that ran while the decode thread was in
 layers 0-7, where a host delay still reaches the GPU (summarize_step.py sets those steps apart).
 
@@ -56,14 +56,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 # bench_decode (beside this file): the model, the method and the timing helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import mosaickv.cache.stream as stream_module
 import phases
 import queued_probe
 from bench_decode import LLAMA_8B, METHOD, SMOKE, Model, Shape, time_ms
@@ -159,34 +157,6 @@ def gc_pauses() -> Iterator[list[tuple[int, float]]]:
         yield seen
     finally:
         gc.callbacks.remove(note)
-
-
-@contextmanager
-def reencode_jobs() -> Iterator[list[tuple[float, float]]]:
-    """(start, end) host times of the re-encoders' jobs (``Stream.process``) while the block runs,
-    from after the job's device-to-host copy has landed (its wait holds no lock and no GIL)."""
-    spans: list[tuple[float, float]] = []
-    process = stream_module.Stream.process
-
-    def timed(stream: stream_module.Stream, n: int, event: Any) -> None:
-        if event is not None:
-            event.synchronize()
-        began = time.perf_counter()
-        try:
-            process(stream, n, event)
-        finally:
-            spans.append((began, time.perf_counter()))
-
-    stream_module.Stream.process = timed
-    try:
-        yield spans
-    finally:
-        stream_module.Stream.process = process
-
-
-def overlap_ms(spans: list[tuple[float, float]], a: float, b: float) -> float:
-    """Milliseconds of [a, b] that the spans cover (summed: spans on several threads count each)."""
-    return sum(max(0.0, min(b, e) - max(a, s)) for s, e in spans) * 1e3
 
 
 def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
@@ -308,7 +278,7 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
             # lease machines by 2x (bench/decode/README.md); both see the same drift
             layer_us.clear()  # the warm-up's
             layer_at.clear()
-            with gc_pauses() as collections[mode], reencode_jobs() as spans:
+            with gc_pauses() as collections[mode], phases.reencode_jobs() as spans:
                 for _ in range(steps):
                     for attend, times, host in timed:
                         times[mode] += wall_times_ms(
@@ -320,7 +290,7 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
                     slowest[mode].append([max(layer_us), layer_us.index(max(layer_us))])
                     # re-encoder work while the host had no lead on the GPU yet: layers 0-7
                     early[mode].append(
-                        overlap_ms(
+                        phases.overlap_ms(
                             spans, layer_at[0], layer_at[min(8, len(layer_at) - 1)]
                         )
                     )
@@ -342,7 +312,7 @@ def run(shape: Shape, context: int, batch: int, steps: int, config: CacheConfig,
         if phase_steps:  # the last mode's steps, re-encoders running, functions timed
             with phases.timing_phases() as totals:
                 wall_times_ms(lambda: step(through_manager), phase_steps, cuda)
-            phased = phases.report(totals, int(totals[phases.TARGETS[0][2]][0]))
+            phased = phases.report(totals)
         # the profile: the decode thread alone (cProfile sees every thread), re-encoders
         # drained, then paused; few enough steps that the backlog bound never stalls them
         if profile:

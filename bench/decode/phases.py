@@ -1,8 +1,9 @@
-"""Where the decode thread's host time goes inside the manager's calls: named functions wrapped with
-a timer for a few steps (``bench_manager_step.py --phases``). Unlike cProfile, only the functions
-named are wrapped, so the rest of the step runs at full speed and the re-encoder threads keep
-running; each figure is inclusive (a phase that calls another counts it too) and counts only the
-calls of the thread that started the timers.
+"""Where the host time goes around the manager's calls, for bench_manager_step.py:
+- ``timing_phases`` (``--phases``): named functions wrapped with a timer for a few steps. Unlike
+  cProfile, only the functions named are wrapped, so the rest of the step runs at full speed and the
+  re-encoder threads keep running; each figure is inclusive (a phase that calls another counts it
+  too) and counts only the calls of the thread that started the timers.
+- ``reencode_jobs``: when the re-encoders' jobs ran, to set against the decode thread's layers.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ from mosaickv.cache.segments import DenseRows
 from mosaickv.cache.steady import SteadyBatch
 from mosaickv.ops import DecodeWorkspace
 
+EVICTION = (
+    "manager._moving_out (one eviction)"  # every eviction passes through it, once
+)
+
 # (owner, attribute, label): what an eviction call does on the decode thread, and around it
 TARGETS: list[tuple[Any, str, str]] = [
-    (manager_module.CacheManager, "_moving_out", "manager._moving_out (one eviction)"),
+    (manager_module.CacheManager, "_moving_out", EVICTION),
     (
         manager_module.CacheManager,
         "_run_due",
@@ -109,11 +114,9 @@ def _timed(fn: Any, total: list[float], thread: int) -> Any:
     return call
 
 
-def report(
-    totals: dict[str, list[float]], evictions: int
-) -> list[dict[str, float | str]]:
-    """Rows of label, calls, total ms and microseconds per eviction (per ``evictions`` calls)."""
-    per = max(evictions, 1)
+def report(totals: dict[str, list[float]]) -> list[dict[str, float | str]]:
+    """Rows of label, calls, total ms and microseconds per eviction (the ``EVICTION`` calls)."""
+    per = max(int(totals[EVICTION][0]), 1)
     return [
         {
             "phase": label,
@@ -123,3 +126,31 @@ def report(
         }
         for label, (n, s) in totals.items()
     ]
+
+
+@contextmanager
+def reencode_jobs() -> Iterator[list[tuple[float, float]]]:
+    """(start, end) host times of the re-encoders' jobs (``Stream.process``) while the block runs,
+    from after the job's device-to-host copy has landed (its wait holds no lock and no GIL)."""
+    spans: list[tuple[float, float]] = []
+    process = stream_module.Stream.process
+
+    def timed(stream: stream_module.Stream, n: int, event: Any) -> None:
+        if event is not None:
+            event.synchronize()
+        began = time.perf_counter()
+        try:
+            process(stream, n, event)
+        finally:
+            spans.append((began, time.perf_counter()))
+
+    stream_module.Stream.process = timed
+    try:
+        yield spans
+    finally:
+        stream_module.Stream.process = process
+
+
+def overlap_ms(spans: list[tuple[float, float]], a: float, b: float) -> float:
+    """Milliseconds of [a, b] that the spans cover (summed: spans on several threads count each)."""
+    return sum(max(0.0, min(b, e) - max(a, s)) for s, e in spans) * 1e3
