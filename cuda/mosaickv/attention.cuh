@@ -439,6 +439,45 @@ __device__ __forceinline__ void flash_chunk(const T* ktile, const T* vtile, uint
   }
 }
 
+// One walk over a row's kept positions (g = 1) for the fast expansion: kUp visits them lowest first,
+// otherwise highest first. q0..q3 is the queue of bitmap words still to visit (bit-reversed when
+// kUp, so that bfind, which finds the highest set bit, yields the lowest position); addr is the
+// shared-memory byte address that bit 0 of the current word maps to (kUp: bit b of the reversed
+// word is position 31 - b, at addr - 2 b). put() stores one value at the next position. Callers
+// keep to the fast path's bitmaps: the non-empty words come first, so only the downward walk can
+// meet an empty word, at the top, which ``from`` skips.
+template <bool kUp>
+struct Walk {
+  uint32_t q0, q1, q2, q3, addr;
+
+  static __device__ __forceinline__ Walk from(const uint32_t (&w)[4], uint32_t row) {
+    if constexpr (kUp) {
+      return Walk{__brev(w[0]), __brev(w[1]), __brev(w[2]), __brev(w[3]), row + 62};
+    } else {
+      Walk x{w[3], w[2], w[1], w[0], row + 3 * 64};
+#pragma unroll
+      for (int i = 0; i < 3; ++i) x.next_if(x.q0 == 0u);
+      return x;
+    }
+  }
+
+  __device__ __forceinline__ void next_if(bool z) {
+    q0 = z ? q1 : q0;
+    q1 = z ? q2 : q1;
+    q2 = z ? q3 : q2;
+    addr = z ? (kUp ? addr + 64 : addr - 64) : addr;
+  }
+
+  __device__ __forceinline__ void put(uint32_t v) {
+    uint32_t b;
+    asm("bfind.u32 %0, %1;" : "=r"(b) : "r"(q0));
+    asm volatile("st.shared.b16 [%0], %1;" ::"r"(kUp ? addr - 2 * b : addr + 2 * b), "h"((unsigned short)v)
+                 : "memory");
+    q0 ^= 1u << b;
+    next_if(q0 == 0u);
+  }
+};
+
 // One packed row in registers: bitmap words (W <= 4) and the first 4 value chunks (keep <= 32), all
 // loaded before any is used; values past the first 32 are read from global memory during the walk.
 template <typename T>
@@ -454,30 +493,38 @@ struct PackedRow {
       if (c * 8 < keep) pre[c] = reinterpret_cast<const uint4*>(vrow)[c];
   }
 
-  // Fast path (g = 1, keep a multiple of 8, no empty bitmap word before the last non-empty one): per
-  // kept value one bfind on the bit-reversed current word (its lowest position), one 16-bit shared
-  // store, one bit clear, and a predicated shift to the next word when the current one runs out.
+  // Fast path (g = 1, keep a multiple of 8, no empty bitmap word before the last non-empty one): one
+  // walk per row, lowest position first (``Walk``).
   __device__ __forceinline__ void scatter_fast(const T* vrow, int keep, uint32_t dst) const {
-    uint32_t cur = __brev(w[0]), n1 = __brev(w[1]), n2 = __brev(w[2]), n3 = __brev(w[3]);
-    uint32_t rb = dst + 62;  // position 32 k + 31 - b for bit b of reversed word k: address rb - 2 b
-    auto put = [&](uint32_t v) {
-      uint32_t b;
-      asm("bfind.u32 %0, %1;" : "=r"(b) : "r"(cur));
-      asm volatile("st.shared.b16 [%0], %1;" ::"r"(rb - 2 * b), "h"((unsigned short)v) : "memory");
-      cur ^= 1u << b;
-      const bool z = cur == 0u;
-      cur = z ? n1 : cur;
-      n1 = z ? n2 : n1;
-      n2 = z ? n3 : n2;
-      rb = z ? rb + 64 : rb;
-    };
+    Walk<true> up = Walk<true>::from(w, dst);
     auto chunk = [&](const uint4& u) {
-      put(u.x), put(u.x >> 16), put(u.y), put(u.y >> 16), put(u.z), put(u.z >> 16), put(u.w), put(u.w >> 16);
+      up.put(u.x), up.put(u.x >> 16), up.put(u.y), up.put(u.y >> 16);
+      up.put(u.z), up.put(u.z >> 16), up.put(u.w), up.put(u.w >> 16);
     };
 #pragma unroll
     for (int c = 0; c < 4; ++c)
       if (c * 8 < keep) chunk(pre[c]);
     for (int j0 = 32; j0 < keep; j0 += 8) chunk(reinterpret_cast<const uint4*>(vrow)[j0 / 8]);
+  }
+
+  // Fast path for keep 16 or 32 (the values all in registers): two independent walks, the lowest
+  // keep / 2 kept positions upwards and the highest keep / 2 downwards, interleaved, so each lane's
+  // serial chain (bfind, clear, next word) is half as long as one walk's.
+  __device__ __forceinline__ void scatter_two_walks(int keep, uint32_t dst) const {
+    Walk<true> up = Walk<true>::from(w, dst);
+    Walk<false> down = Walk<false>::from(w, dst);
+    auto pair = [&](const uint4& lo, const uint4& hi) {  // values 0-7 of lo upwards, 7-0 of hi downwards
+      up.put(lo.x), down.put(hi.w >> 16), up.put(lo.x >> 16), down.put(hi.w);
+      up.put(lo.y), down.put(hi.z >> 16), up.put(lo.y >> 16), down.put(hi.z);
+      up.put(lo.z), down.put(hi.y >> 16), up.put(lo.z >> 16), down.put(hi.y);
+      up.put(lo.w), down.put(hi.x >> 16), up.put(lo.w >> 16), down.put(hi.x);
+    };
+    if (keep == 32) {
+      pair(pre[0], pre[3]);
+      pair(pre[1], pre[2]);
+    } else {
+      pair(pre[0], pre[1]);
+    }
   }
 
   // General path: any g, any keep. Writes every kept value to dst[position]. kG: elements per bitmap
@@ -515,7 +562,9 @@ struct PackedRow {
   // dst: a zeroed row of D elements in shared memory.
   __device__ __forceinline__ void expand(const T* vrow, int keep, int g, T* dst) const {
     const uint32_t nz = (w[0] != 0u) | (w[1] != 0u) << 1 | (w[2] != 0u) << 2 | (w[3] != 0u) << 3;
-    if (g == 1 && (keep & 7) == 0 && (nz & (nz + 1)) == 0) {
+    if (g == 1 && (keep == 32 || keep == 16) && (nz & (nz + 1)) == 0) {
+      scatter_two_walks(keep, smem_u32(dst));
+    } else if (g == 1 && (keep & 7) == 0 && (nz & (nz + 1)) == 0) {
       scatter_fast(vrow, keep, smem_u32(dst));
     } else if (g == 1) {
       scatter<1, false>(vrow, keep, dst);

@@ -54,12 +54,60 @@ __global__ void __launch_bounds__(256) rotate_q_kernel(DecodeParams p) {
     }
 }
 
+// GQA scores of one block summary: acc[g] = q'_g . summary (kind 0), or the upper bound
+// sum_c max(q'_g[c] lo[c], q'_g[c] hi[c]) (kind 1). q: the stripe's rotated queries [G][D], 16-byte
+// aligned; read 4 floats at a time (shared memory when the caller passes it).
+template <typename T, int D, int G>
+__device__ __forceinline__ void block_scores(const float* q, const uint4* row, uint4 pre0, uint4 pre1, int kind,
+                                             int width, float (&acc)[G]) {
+  auto q8 = [&](int g, int c0, float (&x)[8]) {
+    const float4 a = *reinterpret_cast<const float4*>(q + g * D + c0);
+    const float4 b = *reinterpret_cast<const float4*>(q + g * D + c0 + 4);
+    x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
+  };
+  if (kind == kSummaryMean) {
+    for (int c0 = 0; c0 < width; c0 += 8) {
+      uint4 u;  // a value, not a conditional lvalue: that would put pre0 and pre1 in local memory
+      if (c0 == 0) {
+        u = pre0;
+      } else if (c0 == 8) {
+        u = pre1;
+      } else {
+        u = row[c0 / 8];
+      }
+      float v[8];
+      unpack8<T>(u, v);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float x[8];
+        q8(g, c0, x);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g] = fmaf(x[e], v[e], acc[g]);
+      }
+    }
+  } else {
+    const int m = width / 2;  // [min | max] over the first m rotated channels (m = D: Quest)
+    for (int c0 = 0; c0 < m; c0 += 8) {
+      float lo[8], hi[8];
+      unpack8<T>(row[c0 / 8], lo);
+      unpack8<T>(row[(m + c0) / 8], hi);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        float x[8];
+        q8(g, c0, x);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g] += fmaxf(x[e] * lo[e], x[e] * hi[e]);
+      }
+    }
+  }
+}
+
 // One thread per block summary; writes an order-preserving key of the GQA-max score.
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(256) score_kernel(DecodeParams p) {
   // Blocks are sorted by stripe, so a CTA's blocks nearly always share its first block's stripe:
   // that stripe's rotated query sits in shared memory (broadcast reads); others read global memory.
-  __shared__ float qsh[G * D];
+  __shared__ __align__(16) float qsh[G * D];
   const int first = blockIdx.x * blockDim.x;
   const int blk = first + threadIdx.x;
   const bool valid = blk < p.n_blocks;
@@ -77,33 +125,15 @@ __global__ void __launch_bounds__(256) score_kernel(DecodeParams p) {
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) qsh[i] = p.qrot[(int64_t)s0 * G * D + i];
   __syncthreads();
   if (!valid) return;
-  const float* q = st == s0 ? qsh : p.qrot + (int64_t)st * G * D;
   float acc[G];
 #pragma unroll
   for (int g = 0; g < G; ++g) acc[g] = 0.f;
-  if (p.summary_kind == kSummaryMean) {
-    for (int c0 = 0; c0 < p.summary_width; c0 += 8) {
-      float v[8];
-      unpack8<T>(c0 == 0 ? pre0 : (c0 == 8 ? pre1 : row[c0 / 8]), v);
-#pragma unroll
-      for (int g = 0; g < G; ++g)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) acc[g] = fmaf(q[g * D + c0 + e], v[e], acc[g]);
-    }
+  // Two calls rather than one through a pointer that may be either: the first reads shared memory
+  // with shared loads, not generic ones.
+  if (st == s0) {
+    block_scores<T, D, G>(qsh, row, pre0, pre1, p.summary_kind, p.summary_width, acc);
   } else {
-    const int m = p.summary_width / 2;  // [min | max] over the first m rotated channels (m = D: Quest)
-    for (int c0 = 0; c0 < m; c0 += 8) {
-      float lo[8], hi[8];
-      unpack8<T>(row[c0 / 8], lo);
-      unpack8<T>(row[(m + c0) / 8], hi);
-#pragma unroll
-      for (int g = 0; g < G; ++g)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const float qq = q[g * D + c0 + e];
-          acc[g] += fmaxf(qq * lo[e], qq * hi[e]);
-        }
-    }
+    block_scores<T, D, G>(p.qrot + (int64_t)st * G * D, row, pre0, pre1, p.summary_kind, p.summary_width, acc);
   }
   float best = acc[0];
 #pragma unroll
@@ -140,11 +170,28 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* scratch, int* to
 
 constexpr int kSelectThreads = 1024;  // block_exclusive_scan and the 2-bins-per-thread digit search need 1024
 constexpr int kSelectBins = 2048;     // 11-bit digits: passes over bits 31..21, 20..10, 9..0
-constexpr int kSelectCluster = 8;     // most CTAs per (b, h) on sm_90 (portable cluster size); 1 before sm_90
+constexpr int kSelectCluster = 8;     // most CTAs per (b, h) on sm_90 (the portable cluster size); 1 before
 
 __device__ __forceinline__ int digit_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
 __device__ __forceinline__ uint32_t digit_mask_above(int pass) {  // bits fixed by earlier passes
   return pass == 0 ? 0u : (pass == 1 ? 0xffe00000u : 0xfffffc00u);
+}
+
+// Calls f(i, keys[i]) for i = first, first + step, ... < end, in that order, with kKeyLoads loads in
+// flight at a time: the keys were just written by the score kernel and sit in L2, so one load at a
+// time would pay a round trip to L2 per key (the select's passes are latency-bound).
+constexpr int kKeyLoads = 8;
+template <typename F>
+__device__ __forceinline__ void for_keys(const uint32_t* keys, int first, int end, int step, F f) {
+  for (int j0 = first; j0 < end; j0 += kKeyLoads * step) {
+    uint32_t kv[kKeyLoads];
+#pragma unroll
+    for (int u = 0; u < kKeyLoads; ++u)
+      if (j0 + u * step < end) kv[u] = keys[j0 + u * step];
+#pragma unroll
+    for (int u = 0; u < kKeyLoads; ++u)
+      if (j0 + u * step < end) f(j0 + u * step, kv[u]);
+  }
 }
 
 // The CTAs of one (b, h) form a thread-block cluster on sm_90: histograms and counts are exchanged
@@ -221,10 +268,9 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
       const uint32_t mask = digit_mask_above(pass);
       for (int i = tid; i < bins; i += blockDim.x) hl[i] = 0;
       __syncthreads();
-      for (int i = c0 + tid; i < c1; i += blockDim.x) {
-        const uint32_t key = keys[i];
+      for_keys(keys, c0 + tid, c1, blockDim.x, [&](int, uint32_t key) {
         if ((key & mask) == thresh) atomicAdd(&hl[(key >> shift) & (uint32_t)(bins - 1)], 1);
-      }
+      });
       SelectCluster::sync();
       // Thread i owns digits d0 = bins-1-2i and d0-1: a scan in descending digit order finds the digit
       // where the count of larger keys crosses `remaining`. The remote reads are unrolled over the
@@ -256,11 +302,10 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
   const int per = (c1 - c0 + (int)blockDim.x - 1) / (int)blockDim.x;
   const int i0 = c0 + tid * per, i1 = min(c1, i0 + per);
   int gt = 0, eq = 0;
-  for (int i = i0; i < i1; ++i) {
-    const uint32_t key = keys[i];
+  for_keys(keys, i0, i1, 1, [&](int, uint32_t key) {
     gt += all || key > thresh;
     eq += !all && key == thresh;
-  }
+  });
   int tot_gt, tot_eq;
   int gt_before = block_exclusive_scan(gt, scratch, &tot_gt);
   int eq_before = block_exclusive_scan(eq, scratch, &tot_eq);
@@ -277,8 +322,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
   for (int r = 0; r < kSelectCluster; ++r) gt_before += cg[r], eq_before += ce[r];
   int32_t* sel = p.sel + (int64_t)bh * p.max_select;
   if (k > 0) {
-    for (int i = i0; i < i1; ++i) {
-      const uint32_t key = keys[i];
+    for_keys(keys, i0, i1, 1, [&](int i, uint32_t key) {
       if (all || key > thresh) {
         sel[gt_before + min(eq_before, remaining)] = b0 + i;
         ++gt_before;
@@ -286,7 +330,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
         if (eq_before < remaining) sel[gt_before + eq_before] = b0 + i;
         ++eq_before;
       }
-    }
+    });
   }
   __threadfence();
   SelectCluster::sync();  // the whole list is written (and no CTA reads another's shared memory after this)
@@ -349,17 +393,63 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
   }
 }
 
-// Launches select_kernel with one cluster of up to kSelectCluster CTAs per (b, h) on sm_90 and newer,
-// one CTA per (b, h) before (the kernel's cluster helpers then act on the CTA alone).
+// How many clusters of select_kernel CTAs device `dev` (sm_90 or newer) runs at once, for cluster
+// sizes 1, 2, 4 and 8. A cluster's CTAs share a GPC, so this can be fewer than SMs / size. Asked
+// once per device (the answer depends on the device and the kernel only; the launch sits on every
+// decode call's host path); nullptr when not asked yet and may_ask is false (inside a graph
+// capture, where no device queries are made).
+constexpr int kClusterSizes = 4;  // 1, 2, 4, 8
+constexpr int kMaxDevices = 64;
+
+inline const int* select_cluster_fit(int dev, bool may_ask) {
+  static int fit[kMaxDevices][kClusterSizes];
+  static bool asked[kMaxDevices] = {};  // every caller computes the same answer, so a race is benign
+  if (!asked[dev]) {
+    if (!may_ask) return nullptr;
+    for (int i = 0; i < kClusterSizes; ++i) {
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeClusterDimension;
+      attr[0].val.clusterDim.x = 1u << i;
+      attr[0].val.clusterDim.y = 1;
+      attr[0].val.clusterDim.z = 1;
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(1u << i, 1);
+      cfg.blockDim = dim3(kSelectThreads);
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      if (cudaOccupancyMaxActiveClusters(&fit[dev][i], select_kernel<>, &cfg) != cudaSuccess) fit[dev][i] = 0;
+    }
+    (void)cudaGetLastError();  // a refused query is an answer here, not an error for the next launch
+    asked[dev] = true;
+  }
+  return fit[dev];
+}
+
+// Launches select_kernel with one cluster of CTAs per (b, h) on sm_90 and newer, one CTA per (b, h)
+// before (the kernel's cluster helpers then act on the CTA alone). The cluster is the largest for
+// which all B*H clusters run at once: a second wave would pay every pass's latency again, while a
+// larger cluster shrinks each CTA's share of the keys.
 inline cudaError_t launch_select(const DecodeParams& p, int bh, cudaStream_t stream) {
-  int dev = 0, major = 0, n_sm = 0;
+  static_assert(kSelectCluster == 1 << (kClusterSizes - 1), "cluster sizes 1 .. kSelectCluster");
+  int dev = 0, major = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
   if (err != cudaSuccess) return err;
-  // Enough CTAs to fill the GPU once (two 1024-thread CTAs per SM), no more: with many (b, h) a
-  // smaller cluster per (b, h) avoids running the whole select in several waves.
-  const int csize = major >= 9 ? std::max(1, std::min(kSelectCluster, 2 * n_sm / std::max(bh, 1))) : 1;
+  int csize = 1;
+  if (major >= 9 && dev < kMaxDevices) {
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    err = cudaStreamIsCapturing(stream, &capture);
+    if (err != cudaSuccess) return err;
+    if (const int* fit = select_cluster_fit(dev, capture == cudaStreamCaptureStatusNone)) {
+      for (int i = kClusterSizes - 1; i > 0 && csize == 1; --i)
+        if (fit[i] >= bh) csize = 1 << i;
+    } else {  // first launch inside a graph capture: one CTA per SM; any size selects the same blocks
+      int n_sm = 0;
+      err = cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
+      if (err != cudaSuccess) return err;
+      csize = std::max(1, std::min(kSelectCluster, n_sm / std::max(bh, 1)));
+    }
+  }
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = (unsigned)csize;
