@@ -122,7 +122,12 @@ __global__ void __launch_bounds__(256) score_kernel(DecodeParams p) {
     if (p.summary_width > 8) pre1 = row[1];
   }
   const int s0 = p.block_stripe[first];
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) qsh[i] = p.qrot[(int64_t)s0 * G * D + i];
+  // Only the channels the summaries cover (16 of 128 for compact-16): the copy is paid by every CTA.
+  const int used = p.summary_kind == kSummaryMean ? p.summary_width : p.summary_width / 2;
+  for (int i = threadIdx.x; i < G * used; i += blockDim.x) {
+    const int at = (i / used) * D + i % used;
+    qsh[at] = p.qrot[(int64_t)s0 * G * D + at];
+  }
   __syncthreads();
   if (!valid) return;
   float acc[G];
