@@ -60,14 +60,18 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
     "no_expand": [
         (
             EXPAND,
-            "if (rc.blk >= 0 && (cur.w[0] ^ cur.w[3] ^ cur.pre[0].x ^ cur.pre[3].w) == 0x9e3779b9u)"
-            " my_row[0] = T{};",
+            (
+                "if (rc.blk >= 0 && (cur.w[0] ^ cur.w[3] ^ cur.pre[0].x ^ cur.pre[3].w) == 0x9e3779b9u)"
+                " my_row[0] = T{};"
+            ),
         )
     ],
     "no_flash": [
         (
-            "      __syncwarp();\n      flash_chunk<T, D, G>(ktile, vtile, valid, s_qa + lane, st);\n"
-            "      __syncwarp();\n      cur = nxt;",
+            (
+                "      __syncwarp();\n      flash_chunk<T, D, G>(ktile, vtile, valid, s_qa + lane, st);\n"
+                "      __syncwarp();\n      cur = nxt;"
+            ),
             "      __syncwarp();\n      (void)valid;\n      cur = nxt;",
         )
     ],
@@ -115,7 +119,17 @@ def time_variant(label: str, out: Path, repeats: int) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_kernels import BLOCK, H_Q, KEEP, D, G, layers_for, runner, synth_mosaic, time_cycle
+    from bench_kernels import (
+        BLOCK,
+        H_Q,
+        KEEP,
+        D,
+        G,
+        layers_for,
+        runner,
+        synth_mosaic,
+        time_cycle,
+    )
     from mosaickv.ops import STAGE_ALL, DecodeWorkspace, run_decode
 
     torch.manual_seed(0)
@@ -128,11 +142,17 @@ def time_variant(label: str, out: Path, repeats: int) -> None:
         wss = [DecodeWorkspace.plan(lay, G, piece_blocks=64) for lay in lays]
         q = torch.randn(batch, H_Q, D, device="cuda", dtype=torch.bfloat16)
         out_t = torch.empty_like(q)
-        for lay, ws in zip(lays, wss, strict=True):  # the selection the attend-only calls read
+        for lay, ws in zip(
+            lays, wss, strict=True
+        ):  # the selection the attend-only calls read
             run_decode(lay, ws, q, out_t, D**-0.5, STAGE_ALL)
         pairs = list(zip(lays, wss, strict=True))
-        attend = time_cycle([runner(lay, ws, q, out_t, 8) for lay, ws in pairs], repeats)
-        whole = time_cycle([runner(lay, ws, q, out_t, STAGE_ALL) for lay, ws in pairs], repeats)
+        attend = time_cycle(
+            [runner(lay, ws, q, out_t, 8) for lay, ws in pairs], repeats
+        )
+        whole = time_cycle(
+            [runner(lay, ws, q, out_t, STAGE_ALL) for lay, ws in pairs], repeats
+        )
         rows.append(
             {
                 "context": ctx,

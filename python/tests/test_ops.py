@@ -307,3 +307,26 @@ def test_append_dense_rows_reference_appends_one_row_per_sequence_and_advances_i
     """The CPU reference of the kernel (the cache manager's CPU path of append_batch) on the case
     test_ops_gpu.py runs the kernel on: the same addresses, skip marks and counts."""
     check_dense_rows_case("cpu")
+
+
+def test_attend_ablation_variants_still_apply_to_the_kernel(tmp_path) -> None:
+    """bench/kernels/attend_ablation.py edits attention.cuh by exact text: a kernel change that moves
+    that text must fail here, not on the next GPU lease."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = root / "bench/kernels/attend_ablation.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "make", str(tmp_path)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    source = (root / "cuda/mosaickv/attention.cuh").read_text()
+    variants = sorted(p.name for p in tmp_path.iterdir())
+    assert variants == sorted(["full", "one_walk", "no_zero", "no_expand", "no_flash", "no_load"])
+    for name in variants:
+        text = (tmp_path / name / "cuda/mosaickv/attention.cuh").read_text()
+        assert (text == source) == (name == "full"), name
+        assert (tmp_path / name / "python/mosaickv/ops/compile.py").is_file()
+        assert not (tmp_path / name / "python/mosaickv/ops/build").exists()
