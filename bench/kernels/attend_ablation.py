@@ -119,45 +119,21 @@ def time_variant(label: str, out: Path, repeats: int) -> None:
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_kernels import (
-        BLOCK,
-        H_Q,
-        KEEP,
-        D,
-        G,
-        layers_for,
-        runner,
-        synth_mosaic,
-        time_cycle,
-    )
-    from mosaickv.ops import STAGE_ALL, DecodeWorkspace, run_decode
+    from attend_probe import selected_layers
+    from bench_kernels import time_cycle
+    from mosaickv.ops import STAGE_ALL
 
     torch.manual_seed(0)
     rows = []
     for ctx, batch in CASES:
-        first = synth_mosaic(batch, ctx, 0, 16)
-        tokens = int(first.n_select.sum()) * BLOCK
-        n = layers_for(tokens * 2 * (KEEP * 2 + 16))
-        lays = [first] + [synth_mosaic(batch, ctx, 0, 16) for _ in range(n - 1)]
-        wss = [DecodeWorkspace.plan(lay, G, piece_blocks=64) for lay in lays]
-        q = torch.randn(batch, H_Q, D, device="cuda", dtype=torch.bfloat16)
-        out_t = torch.empty_like(q)
-        for lay, ws in zip(
-            lays, wss, strict=True
-        ):  # the selection the attend-only calls read
-            run_decode(lay, ws, q, out_t, D**-0.5, STAGE_ALL)
-        pairs = list(zip(lays, wss, strict=True))
-        attend = time_cycle(
-            [runner(lay, ws, q, out_t, 8) for lay, ws in pairs], repeats
-        )
-        whole = time_cycle(
-            [runner(lay, ws, q, out_t, STAGE_ALL) for lay, ws in pairs], repeats
-        )
+        sel = selected_layers(batch, ctx)
+        attend = time_cycle(sel.calls(8), repeats)
+        whole = time_cycle(sel.calls(STAGE_ALL), repeats)
         rows.append(
             {
                 "context": ctx,
                 "batch": batch,
-                "tokens": tokens,
+                "tokens": sel.tokens,
                 "attend_us": attend * 1e3,
                 "whole_us": whole * 1e3,
             }
@@ -166,7 +142,7 @@ def time_variant(label: str, out: Path, repeats: int) -> None:
             f"{label:>10} {ctx:>8} b{batch}: attend {attend * 1e3:8.1f} us, whole call {whole * 1e3:8.1f} us",
             flush=True,
         )
-        del lays, wss
+        del sel
         torch.cuda.empty_cache()
     doc = {"variant": label, "gpu": torch.cuda.get_device_name(), "cases": rows}
     out.write_text(json.dumps(doc, indent=1))

@@ -8,6 +8,7 @@ is bound by its own instructions and dependency chains.
 
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -23,7 +24,38 @@ from bench_kernels import (
     synth_mosaic,
     time_cycle,
 )
-from mosaickv.ops import STAGE_ALL, DecodeWorkspace, run_decode
+from mosaickv.ops import STAGE_ALL, DecodeLayout, DecodeWorkspace, run_decode
+
+
+class SelectedLayers(NamedTuple):
+    """Compact-16 layers with their selection made, for attend-only (stage 8) calls."""
+
+    layouts: list[DecodeLayout]
+    workspaces: list[DecodeWorkspace]
+    q: torch.Tensor
+    out: torch.Tensor
+    tokens: int  # selected tokens of one layer
+    bytes_read: int  # packed K and V bytes one attend call reads
+
+    def calls(self, stages: int, layers: int | None = None) -> list:
+        pairs = list(zip(self.layouts, self.workspaces, strict=True))[:layers]
+        return [runner(lay, ws, self.q, self.out, stages) for lay, ws in pairs]
+
+
+def selected_layers(batch: int, ctx: int, min_layers: int = 1) -> SelectedLayers:
+    """Enough layers at (batch, ctx) that cycling through them reads 4x the L2 (at least
+    min_layers), each decoded once in full so that its selection and pieces are in place."""
+    first = synth_mosaic(batch, ctx, 0, 16)
+    tokens = int(first.n_select.sum()) * BLOCK
+    nbytes = tokens * 2 * (KEEP * 2 + 16)
+    n = max(min_layers, layers_for(nbytes))
+    lays = [first] + [synth_mosaic(batch, ctx, 0, 16) for _ in range(n - 1)]
+    wss = [DecodeWorkspace.plan(lay, G, piece_blocks=64) for lay in lays]
+    q = torch.randn(batch, H_Q, D, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    for lay, ws in zip(lays, wss, strict=True):
+        run_decode(lay, ws, q, out, D**-0.5, STAGE_ALL)
+    return SelectedLayers(lays, wss, q, out, tokens, nbytes)
 
 
 def main() -> None:
@@ -32,27 +64,15 @@ def main() -> None:
         "context batch  selected_tokens  MB_read  attend_L2_us  attend_DRAM_us  (DRAM: layers)"
     )
     for ctx, batch in ((32768, 4), (32768, 8), (131072, 2), (1048576, 1)):
-        lays = [synth_mosaic(batch, ctx, 0, 16)]
-        tokens = int(lays[0].n_select.sum()) * BLOCK
-        nbytes = tokens * 2 * (KEEP * 2 + 16)
-        n = max(2, layers_for(nbytes))
-        lays += [synth_mosaic(batch, ctx, 0, 16) for _ in range(n - 1)]
-        wss = [DecodeWorkspace.plan(lay, G, piece_blocks=64) for lay in lays]
-        q = torch.randn(batch, H_Q, D, device="cuda", dtype=torch.bfloat16)
-        out = torch.empty_like(q)
-        for lay, ws in zip(
-            lays, wss, strict=True
-        ):  # selection and pieces for the attend-only calls
-            run_decode(lay, ws, q, out, D**-0.5, STAGE_ALL)
-        l2 = time_cycle([runner(lays[0], wss[0], q, out, 8)], 50)
-        dram = time_cycle(
-            [runner(lay, ws, q, out, 8) for lay, ws in zip(lays, wss, strict=True)], 30
-        )
+        sel = selected_layers(batch, ctx, min_layers=2)
+        l2 = time_cycle(sel.calls(8, layers=1), 50)
+        dram = time_cycle(sel.calls(8), 30)
         print(
-            f"{ctx:>8} {batch:>4} {tokens:>14} {nbytes / 1e6:9.1f} {l2 * 1e3:12.1f} {dram * 1e3:14.1f}  ({n})",
+            f"{ctx:>8} {batch:>4} {sel.tokens:>14} {sel.bytes_read / 1e6:9.1f} {l2 * 1e3:12.1f}"
+            f" {dram * 1e3:14.1f}  ({len(sel.layouts)})",
             flush=True,
         )
-        del lays, wss
+        del sel
         torch.cuda.empty_cache()
 
 
