@@ -9,6 +9,8 @@
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <atomic>
+#include <mutex>
 
 #include "common.cuh"
 
@@ -408,24 +410,28 @@ constexpr int kMaxDevices = 64;
 
 inline const int* select_cluster_fit(int dev, bool may_ask) {
   static int fit[kMaxDevices][kClusterSizes];
-  static bool asked[kMaxDevices] = {};  // every caller computes the same answer, so a race is benign
-  if (!asked[dev]) {
+  static std::atomic<bool> asked[kMaxDevices] = {};  // fit[dev] is written once, before asked[dev]
+  static std::mutex asking;
+  if (!asked[dev].load(std::memory_order_acquire)) {
     if (!may_ask) return nullptr;
-    for (int i = 0; i < kClusterSizes; ++i) {
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = 1u << i;
-      attr[0].val.clusterDim.y = 1;
-      attr[0].val.clusterDim.z = 1;
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(1u << i, 1);
-      cfg.blockDim = dim3(kSelectThreads);
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      if (cudaOccupancyMaxActiveClusters(&fit[dev][i], select_kernel<>, &cfg) != cudaSuccess) fit[dev][i] = 0;
+    const std::lock_guard<std::mutex> lock(asking);
+    if (!asked[dev].load(std::memory_order_relaxed)) {
+      for (int i = 0; i < kClusterSizes; ++i) {
+        cudaLaunchAttribute attr[1];
+        attr[0].id = cudaLaunchAttributeClusterDimension;
+        attr[0].val.clusterDim.x = 1u << i;
+        attr[0].val.clusterDim.y = 1;
+        attr[0].val.clusterDim.z = 1;
+        cudaLaunchConfig_t cfg = {};
+        cfg.gridDim = dim3(1u << i, 1);
+        cfg.blockDim = dim3(kSelectThreads);
+        cfg.attrs = attr;
+        cfg.numAttrs = 1;
+        if (cudaOccupancyMaxActiveClusters(&fit[dev][i], select_kernel<>, &cfg) != cudaSuccess) fit[dev][i] = 0;
+      }
+      (void)cudaGetLastError();  // a refused query is an answer here, not an error for the next launch
+      asked[dev].store(true, std::memory_order_release);
     }
-    (void)cudaGetLastError();  // a refused query is an answer here, not an error for the next launch
-    asked[dev] = true;
   }
   return fit[dev];
 }
