@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(kAppendWarps * 32, 2) append_encode_kernel(App
 
   // Running summary of the open block, one channel per thread: the mean's fp32 sum (carried between
   // steps in block_sum) or [min, max] (the stored rounded row: min/max commute with rounding).
-  const int m = p.summary_kind == kSummaryMean ? p.summary_width : p.summary_width / 2;
+  const int m = summary_channels(p.summary_kind, p.summary_width);
   const int c = threadIdx.x;
   float run_lo = 0.f, run_hi = 0.f;
   const int z = blockIdx.z;  // the part of a split row (append_parts)

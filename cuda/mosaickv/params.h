@@ -59,6 +59,9 @@ enum Stage : int { kStageRotate = 1, kStageScore = 2, kStageSelect = 4, kStageAt
 
 constexpr int round_up8(int k) { return (k + 7) & ~7; }
 
+// Rotated channels a summary of this kind and width covers (m above).
+constexpr int summary_channels(int kind, int width) { return kind == kSummaryMean ? width : width / 2; }
+
 // Storage-typed pointers are void* so that one struct serves bf16 and fp16 and the torch binding
 // needs no device headers; kernels cast them to the storage type T.
 struct EncodeParams {

@@ -88,7 +88,7 @@ __device__ __forceinline__ void block_scores(const float* q, const uint4* row, u
       }
     }
   } else {
-    const int m = width / 2;  // [min | max] over the first m rotated channels (m = D: Quest)
+    const int m = summary_channels(kind, width);  // [min | max] over the first m channels (m = D: Quest)
     for (int c0 = 0; c0 < m; c0 += 8) {
       float lo[8], hi[8];
       unpack8<T>(row[c0 / 8], lo);
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(256) score_kernel(DecodeParams p) {
   }
   const int s0 = p.block_stripe[first];
   // Only the channels the summaries cover (16 of 128 for compact-16): the copy is paid by every CTA.
-  const int used = p.summary_kind == kSummaryMean ? p.summary_width : p.summary_width / 2;
+  const int used = summary_channels(p.summary_kind, p.summary_width);
   for (int i = threadIdx.x; i < G * used; i += blockDim.x) {
     const int at = (i / used) * D + i % used;
     qsh[at] = p.qrot[(int64_t)s0 * G * D + at];
@@ -400,6 +400,23 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
   }
 }
 
+// The launch of select_kernel over a grid (csize, bh), as clusters of csize CTAs when `clustered`
+// (sm_90 and newer); attr is the storage the configuration points to.
+inline cudaLaunchConfig_t select_config(int csize, int bh, cudaStream_t stream, bool clustered,
+                                        cudaLaunchAttribute& attr) {
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = (unsigned)csize;
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((unsigned)csize, (unsigned)bh);
+  cfg.blockDim = dim3(kSelectThreads);
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = clustered ? 1 : 0;
+  return cfg;
+}
+
 // How many clusters of select_kernel CTAs device `dev` (sm_90 or newer) runs at once, for cluster
 // sizes 1, 2, 4 and 8. A cluster's CTAs share a GPC, so this can be fewer than SMs / size. Asked
 // once per device (the answer depends on the device and the kernel only; the launch sits on every
@@ -417,16 +434,8 @@ inline const int* select_cluster_fit(int dev, bool may_ask) {
     const std::lock_guard<std::mutex> lock(asking);
     if (!asked[dev].load(std::memory_order_relaxed)) {
       for (int i = 0; i < kClusterSizes; ++i) {
-        cudaLaunchAttribute attr[1];
-        attr[0].id = cudaLaunchAttributeClusterDimension;
-        attr[0].val.clusterDim.x = 1u << i;
-        attr[0].val.clusterDim.y = 1;
-        attr[0].val.clusterDim.z = 1;
-        cudaLaunchConfig_t cfg = {};
-        cfg.gridDim = dim3(1u << i, 1);
-        cfg.blockDim = dim3(kSelectThreads);
-        cfg.attrs = attr;
-        cfg.numAttrs = 1;
+        cudaLaunchAttribute attr;
+        const cudaLaunchConfig_t cfg = select_config(1 << i, 1, nullptr, true, attr);
         if (cudaOccupancyMaxActiveClusters(&fit[dev][i], select_kernel<>, &cfg) != cudaSuccess) fit[dev][i] = 0;
       }
       (void)cudaGetLastError();  // a refused query is an answer here, not an error for the next launch
@@ -461,18 +470,8 @@ inline cudaError_t launch_select(const DecodeParams& p, int bh, cudaStream_t str
       csize = std::max(1, std::min(kSelectCluster, n_sm / std::max(bh, 1)));
     }
   }
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = (unsigned)csize;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3((unsigned)csize, (unsigned)bh);
-  cfg.blockDim = dim3(kSelectThreads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = major >= 9 ? 1 : 0;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = select_config(csize, bh, stream, major >= 9, attr);
   return cudaLaunchKernelEx(&cfg, select_kernel<>, p);
 }
 
