@@ -37,10 +37,12 @@ def main(paths: list[str]) -> None:
             idle = [
                 m for m, e in zip(p["manager_ms_steps"], early, strict=True) if e == 0
             ]
+            def mean(ms: list[float]) -> str:
+                return f"mean {statistics.fmean(ms):.2f} ms" if ms else "none"
+
             print(
-                f"    re-encoder work in layers 0-7: {len(busy)} steps, mean "
-                f"{statistics.fmean(busy) if busy else float('nan'):.2f} ms; the other {len(idle)}: "
-                f"{statistics.fmean(idle) if idle else float('nan'):.2f} ms"
+                f"    re-encoder work in layers 0-7: {len(busy)} steps, {mean(busy)}; "
+                f"the other {len(idle)}: {mean(idle)}"
             )
         for phase in row.get("phases", []):
             print(
