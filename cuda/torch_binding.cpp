@@ -152,7 +152,8 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
             const at::Tensor& vdense, int64_t summary_kind, int64_t summary_width, int64_t block, const at::Tensor& n_select, const at::Tensor& dense_k,
             const at::Tensor& dense_v, const at::Tensor& dense_len, const std::optional<at::Tensor>& dense_rows,
             at::Tensor& qrot, at::Tensor& keys,
-            at::Tensor& sel, at::Tensor& pieces, at::Tensor& n_pieces, int64_t piece_blocks, at::Tensor& part_o,
+            at::Tensor& sel, at::Tensor& pieces, at::Tensor& n_pieces, at::Tensor& stripe_first, int64_t piece_blocks,
+            at::Tensor& part_o,
             at::Tensor& part_ml, at::Tensor& stripe_out, at::Tensor& status) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.is_contiguous(), "q must be a contiguous CUDA tensor [B, H_q, D]");
   const DType dt = storage_dtype(q, "q");
@@ -172,7 +173,8 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{stripe_ptr, "stripe_ptr"}, {block_ptr, "block_ptr"},
                                 {block_stripe, "block_stripe"}, {n_select, "n_select"}, {dense_len, "dense_len"},
                                 {sel, "sel"}, {pieces, "pieces"},
-                                {n_pieces, "n_pieces"}, {status, "status"}, {keys, "keys"}}) {
+                                {n_pieces, "n_pieces"}, {stripe_first, "stripe_first"}, {status, "status"},
+                                {keys, "keys"}}) {
     check_cuda(t, name, q);
     check_type(t, name, at::kInt);
   }
@@ -191,6 +193,7 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
   TORCH_CHECK(pieces.dim() == 3 && pieces.size(0) == bh && pieces.size(2) == 3, "pieces must be [B*H_kv, max_pieces, 3]");
   TORCH_CHECK(part_o.dim() == 4 && part_o.size(1) == pieces.size(1) + 1, "part_o must be [B*H_kv, max_pieces + 1, G, D]");
   TORCH_CHECK(stripe_out.dim() == 4 && stripe_out.size(0) == bh, "stripe_out must be [B*H_kv, max_stripes + 1, G, D]");
+  TORCH_CHECK(stripe_first.numel() >= stripes.size(0), "stripe_first must have an entry per stripe");
   TORCH_CHECK(piece_blocks >= 1 && piece_blocks <= 64, "piece_blocks must be in [1, 64], got ", piece_blocks);
   mosaickv::DecodeParams p{};
   p.batch = (int)batch;
@@ -229,6 +232,7 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
   p.max_select = (int)sel.size(1);
   p.pieces = pieces.data_ptr<int32_t>();
   p.n_pieces = n_pieces.data_ptr<int32_t>();
+  p.stripe_first = stripe_first.data_ptr<int32_t>();
   p.max_pieces = (int)pieces.size(1);
   p.piece_blocks = (int)piece_blocks;
   p.part_o = part_o.data_ptr<float>();

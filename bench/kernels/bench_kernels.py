@@ -126,7 +126,7 @@ def synth_dense_select(k: torch.Tensor, v: torch.Tensor) -> DecodeLayout:
 
 
 def mosaic_layers(
-    batch: int, t: int, kind: int, width: int
+    batch: int, t: int, kind: int, width: int, piece_blocks: int = 64
 ) -> tuple[list[DecodeLayout], list[DecodeWorkspace], int]:
     """Enough distinct synthetic MosaicKV layers that one timed cycle reads > 4x the L2 cache, their
     workspaces, and the bytes one layer call must read."""
@@ -135,7 +135,11 @@ def mosaic_layers(
     lays = [probe] + [
         synth_mosaic(batch, t, kind, width) for _ in range(layers_for(rb) - 1)
     ]
-    return lays, [DecodeWorkspace.plan(lay, G, piece_blocks=64) for lay in lays], rb
+    return (
+        lays,
+        [DecodeWorkspace.plan(lay, G, piece_blocks=piece_blocks) for lay in lays],
+        rb,
+    )
 
 
 def runner(
@@ -180,6 +184,26 @@ def time_cycle(calls: list, repeats: int) -> float:
 
 def layers_for(read_bytes: int) -> int:
     return max(1, min(16, math.ceil(4 * L2_BYTES / max(read_bytes, 1))))
+
+
+STAGES = (("rotate_q", 1), ("score", 2), ("select", 4), ("attend", 8), ("merge", 16))
+
+
+def stage_times(
+    lays: list[DecodeLayout],
+    wss: list[DecodeWorkspace],
+    q: torch.Tensor,
+    out: torch.Tensor,
+    repeats: int,
+) -> dict[str, float]:
+    """Milliseconds per layer call of each stage alone (the others not run), cycling the layers."""
+    return {
+        label: time_cycle(
+            [runner(lay, w, q, out, mask) for lay, w in zip(lays, wss, strict=True)],
+            repeats,
+        )
+        for label, mask in STAGES
+    }
 
 
 def bench_decode(
@@ -255,19 +279,7 @@ def bench_decode(
                     rb,
                 )
                 if name == "mosaic_compact16":
-                    stage = {}
-                    for label, mask in (
-                        ("rotate_q", 1),
-                        ("score", 2),
-                        ("select", 4),
-                        ("attend", 8),
-                        ("merge", 16),
-                    ):
-                        calls = [
-                            runner(lay, w, q, out, mask)
-                            for lay, w in zip(lays, wss, strict=True)
-                        ]
-                        stage[label] = time_cycle(calls, repeats)
+                    stage = stage_times(lays, wss, q, out, repeats)
                     stage["dense_select_attend_merge"] = dense_attend
                     stages_rows.append({"context": t, "batch": batch, "ms": stage})
                     assert int(wss[0].status.item()) == 0, "kernel status set"
@@ -338,7 +350,9 @@ def bench_encode(repeats: int) -> dict:
         vals = torch.empty(H_KV * SEG_LEN * KEEP, dtype=DT, device=DEV)
         vb, vv = torch.empty_like(bits), torch.empty_like(vals)
         summ = torch.empty(H_KV * SEG_LEN // BLOCK, 16, dtype=DT, device=DEV)
-        stripes, pages = paged_tables(FlatPools(torch.tensor(rows), rot, bits, vb, vals, vv, summ))
+        stripes, pages = paged_tables(
+            FlatPools(torch.tensor(rows), rot, bits, vb, vals, vv, summ)
+        )
         status = torch.zeros(1, dtype=torch.int32, device=DEV)
         k = torch.randn(n_tok, H_KV, D, device=DEV, dtype=DT)
         v = torch.randn(n_tok, H_KV, D, device=DEV, dtype=DT)

@@ -188,6 +188,17 @@ __device__ __forceinline__ void dense_tokens(const T* k, const T* v, int n_tok, 
 
 __host__ __device__ constexpr int round_up4(int n) { return (n + 3) & ~3; }
 
+// Start of an attention CTA (x, bh): false if its slot is unused (the merge reads only the first
+// n_pieces). A piece CTA waits for the select (its pieces) here; the dense CTA (x == max_pieces)
+// needs nothing of it, so it does its work while the select finishes and waits only before it exits,
+// to keep the chain of stages (wait_for_prior_stage) when no piece CTA runs.
+__device__ __forceinline__ bool enter_attention_piece(const DecodeParams& p, int bh, int x) {
+  allow_next_stage();
+  if (x == p.max_pieces) return true;
+  wait_for_prior_stage();
+  return x < p.n_pieces[bh];
+}
+
 // Dense token-selection baseline: grid (max_pieces + 1, B*H) x kAttnThreads. CTA x < n_pieces[bh]
 // handles one piece of selected dense rows, CTA x == max_pieces the dense sinks + window; both with
 // dense_tokens (CUDA cores). Output as the packed kernel's: unnormalised o + (max, sum) per head.
@@ -206,8 +217,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(DecodeParams p)
   const int x = blockIdx.x;
   float* out_o = p.part_o + ((int64_t)bh * (p.max_pieces + 1) + x) * G * D;
   float* out_ml = p.part_ml + ((int64_t)bh * (p.max_pieces + 1) + x) * G * 2;
-  const int np = p.n_pieces[bh];
-  if (x < p.max_pieces && x >= np) return;  // unused slot: the merge reads only the first n_pieces
+  if (!enter_attention_piece(p, bh, x)) return;
 
   if (x == p.max_pieces) {
     // Sinks + recent window: dense, unrotated.
@@ -236,6 +246,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(DecodeParams p)
                           qs, p.scale, logits, ml, scratch, region, out_o);
   }
   if (threadIdx.x < 2 * G) out_ml[threadIdx.x] = ml[threadIdx.x];
+  if (x == p.max_pieces) wait_for_prior_stage();  // see enter_attention_piece
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -327,7 +338,8 @@ __device__ __forceinline__ void split2(float x, float& hi, float& lo) {
 }
 
 // A fragments of Q for every k-step (16 rotated positions), written to shared memory for the whole
-// CTA (dst[s * 32 + lane]: lane's fragment of k-step s; call from one warp): row r < 8 holds the hi part
+// CTA (dst[s * 32 + lane]: lane's fragment of k-step s; call from every warp, warp w writes k-steps
+// w, w + kPaWarps, ..., so the CTA's start waits for two of them, not eight): row r < 8 holds the hi part
 // of head r % G, row r + 8 the lo part of the same head; scaled by scale * log2(e) so that the logits
 // come out in log2 units. q(g, d) reads head g's element d (any source type). Kept in shared memory,
 // not registers: 32 registers fewer per thread lets 4 CTAs share an SM instead of 3.
@@ -336,7 +348,7 @@ __device__ __forceinline__ void q_fragments(QOf q, float scale, uint4* dst) {
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   const int g = gid % G;
 #pragma unroll
-  for (int s = 0; s < D / 16; ++s) {
+  for (int s = threadIdx.x >> 5; s < D / 16; s += kPaWarps) {
     const int d0 = 16 * s + 2 * tig;
     float hi[4], lo[4];
     const float v[4] = {q(g, d0) * scale, q(g, d0 + 1) * scale, q(g, d0 + 8) * scale, q(g, d0 + 9) * scale};
@@ -597,8 +609,7 @@ __global__ void __launch_bounds__(kPaThreads, 4) packed_attention_kernel(DecodeP
 
   const int bh = blockIdx.y, b = bh / p.n_kv_heads, h = bh % p.n_kv_heads;
   const int x = blockIdx.x;
-  const int np = p.n_pieces[bh];
-  if (x < p.max_pieces && x >= np) return;  // unused slot: the merge reads only the first n_pieces
+  if (!enter_attention_piece(p, bh, x)) return;
   float* out_o = p.part_o + ((int64_t)bh * (p.max_pieces + 1) + x) * G * D;
   float* out_ml = p.part_ml + ((int64_t)bh * (p.max_pieces + 1) + x) * G * 2;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, gid = lane >> 2, tig = lane & 3;
@@ -620,7 +631,7 @@ __global__ void __launch_bounds__(kPaThreads, 4) packed_attention_kernel(DecodeP
   if (x == p.max_pieces) {
     // Sinks + recent window: dense, unrotated rows copied into the tiles.
     const T* q = static_cast<const T*>(p.q) + ((int64_t)b * p.n_kv_heads * G + (int64_t)h * G) * D;
-    if (warp == 0) q_fragments<T, D, G>([&](int g, int d) { return Conv<T>::to(q[g * D + d]); }, qscale, s_qa);
+    q_fragments<T, D, G>([&](int g, int d) { return Conv<T>::to(q[g * D + d]); }, qscale, s_qa);
     __syncthreads();
     const int n_tok = p.dense_len[b];
     const int n_chunks = (n_tok + kChunk - 1) / kChunk;
@@ -669,7 +680,7 @@ __global__ void __launch_bounds__(kPaThreads, 4) packed_attention_kernel(DecodeP
       }
     }
     const float* qr = p.qrot + (int64_t)stripe * G * D;
-    if (warp == 0) q_fragments<T, D, G>([&](int g, int d) { return qr[g * D + d]; }, qscale, s_qa);
+    q_fragments<T, D, G>([&](int g, int d) { return qr[g * D + d]; }, qscale, s_qa);
     // This lane's side (K or V) of the stripe.
     const int keep = (int)meta[is_v ? kColKeepV : kColKeepK];
     const int grp = (int)meta[is_v ? kColGroupV : kColGroupK];
@@ -766,6 +777,7 @@ __global__ void __launch_bounds__(kPaThreads, 4) packed_attention_kernel(DecodeP
     out_ml[2 * g] = mx * 0.6931471805599453f;  // back to natural-log units (the merge's); -inf stays -inf
     out_ml[2 * g + 1] = l;
   }
+  if (x == p.max_pieces) wait_for_prior_stage();  // see enter_attention_piece
 }
 
 // Merge, stage 1: grid (max_stripes + 1, B*H) x kMergeThreads. CTA x < n_stripes(bh) combines the
@@ -786,17 +798,19 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(DecodeParams p) {
   __shared__ float wred[kWarps][G];
   __shared__ float gm[G], gl[G];
   __shared__ int range[2];
+  allow_next_stage();
   const int bh = blockIdx.y, x = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  float* dst = p.stripe_out + ((int64_t)bh * (p.max_stripes + 1) + x) * G * D;
+  const int s0 = p.stripe_ptr[bh], ns = p.stripe_ptr[bh + 1] - s0, stripe = s0 + x;
+  if (x != p.max_stripes && x >= ns) {  // the attention does not read stripe_out: no wait
+    for (int i = tid; i < G * D; i += blockDim.x) dst[i] = 0.f;
+    return;
+  }
+  wait_for_prior_stage();  // the pieces and their partial outputs
   const int np = p.n_pieces[bh];
   const float* ml = p.part_ml + (int64_t)bh * (p.max_pieces + 1) * G * 2;
   const float* po = p.part_o + (int64_t)bh * (p.max_pieces + 1) * G * D;
   auto slot_of = [&](int i) { return i < np ? i : p.max_pieces; };  // i == np: the dense piece
-  float* dst = p.stripe_out + ((int64_t)bh * (p.max_stripes + 1) + x) * G * D;
-  const int s0 = p.stripe_ptr[bh], ns = p.stripe_ptr[bh + 1] - s0;
-  if (x != p.max_stripes && x >= ns) {
-    for (int i = tid; i < G * D; i += blockDim.x) dst[i] = 0.f;
-    return;
-  }
   // Global max, then sum, per head over the pieces and the dense piece (all heads in one pass).
   float m[G];
 #pragma unroll
@@ -831,7 +845,6 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(DecodeParams p) {
     if (lane == 0) wred[warp][g] = l[g];
   }
   // This stripe's pieces: sorted by stripe, so one contiguous range [lo, hi).
-  const int stripe = s0 + x;
   if (tid == 0) range[0] = range[1] = np;
   __syncthreads();
   if (tid < G) {
@@ -898,6 +911,8 @@ __global__ void __launch_bounds__(kMergeThreads) merge_kernel(DecodeParams p) {
 // Merge, stage 2: out[b, h*G + g, :] = sum over stripes (and the dense piece).
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(256) final_kernel(DecodeParams p) {
+  allow_next_stage();
+  wait_for_prior_stage();  // the stripes' outputs
   const int bh = blockIdx.x;
   const float* src = p.stripe_out + (int64_t)bh * (p.max_stripes + 1) * G * D;
   T* out = static_cast<T*>(p.out) + (int64_t)bh * G * D;  // [b][h*G + g][d] == bh * G * D + g * D + d
@@ -921,33 +936,61 @@ inline size_t packed_attention_smem_bytes(int D, int G) {
   return (size_t)kPaWarps * 2 * kChunk * (D + 8) * 2 + sizeof(float) * 2 * kPaWarps * G + sizeof(int) * 64;
 }
 
-// Runs the stages selected in p.stages on `stream`. No host synchronisation, no allocation.
+// Launches one decode stage, `after_stage`: as a programmatic dependent launch behind the stage
+// launched just before it (wait_for_prior_stage). The first stage of a call is launched plainly, so
+// it starts only when everything before the call (the writes of q, of the cache) has completed.
+inline cudaError_t launch_stage(void (*kernel)(DecodeParams), dim3 grid, int threads, size_t smem,
+                                cudaStream_t stream, bool after_stage, const DecodeParams& p) {
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3((unsigned)threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = &attr;
+  cfg.numAttrs = after_stage ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, p);
+}
+
+// Runs the stages selected in p.stages on `stream`. No host synchronisation, no allocation. On sm_90
+// and newer each stage after the first overlaps the end of the one before (launch_stage).
 template <typename T, int D, int G, bool kPacked>
 cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   const int bh = p.batch * p.n_kv_heads;
-  if ((p.stages & kStageRotate) && p.n_stripes > 0) rotate_q_kernel<T, D, G><<<dim3(p.n_stripes, D / kRotRows), 256, 0, stream>>>(p);
-  if ((p.stages & kStageScore) && p.n_blocks > 0) score_kernel<T, D, G><<<(p.n_blocks + 255) / 256, 256, 0, stream>>>(p);
-  if (p.stages & kStageSelect) {
-    const cudaError_t err = launch_select(p, bh, stream);
-    if (err != cudaSuccess) return err;
+  int dev = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  bool launched = false;  // a stage of this call is already in the stream
+  auto stage = [&](void (*kernel)(DecodeParams), dim3 grid, int threads, size_t smem) {
+    if (err == cudaSuccess) err = launch_stage(kernel, grid, threads, smem, stream, launched && major >= 9, p);
+    launched = true;
+  };
+  if ((p.stages & kStageRotate) && p.n_stripes > 0)
+    stage(rotate_q_kernel<T, D, G>, dim3(p.n_stripes, D / kRotRows), 256, 0);
+  if ((p.stages & kStageScore) && p.n_blocks > 0)
+    stage(score_kernel<T, D, G>, dim3((p.n_blocks + kScoreTile - 1) / kScoreTile), kScoreThreads, 0);
+  if ((p.stages & kStageSelect) && err == cudaSuccess) {
+    err = launch_select(p, bh, stream, dev, major, launched && major >= 9);
+    launched = true;
   }
   if (p.stages & kStageAttend) {
     if constexpr (kPacked) {
-      packed_attention_kernel<T, D, G><<<dim3(p.max_pieces + 1, bh), kPaThreads, 0, stream>>>(p);
+      stage(packed_attention_kernel<T, D, G>, dim3(p.max_pieces + 1, bh), kPaThreads, 0);
     } else {
       const int piece_tokens = max(p.piece_blocks * p.block, p.dense_cap);
       const size_t smem = attention_smem_bytes(D, G, piece_tokens);
-      cudaError_t err =
-          cudaFuncSetAttribute(attention_kernel<T, D, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-      if (err != cudaSuccess) return err;
-      attention_kernel<T, D, G><<<dim3(p.max_pieces + 1, bh), kAttnThreads, smem, stream>>>(p);
+      if (err == cudaSuccess)
+        err = cudaFuncSetAttribute(attention_kernel<T, D, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+      stage(attention_kernel<T, D, G>, dim3(p.max_pieces + 1, bh), kAttnThreads, smem);
     }
   }
   if (p.stages & kStageMerge) {
-    merge_kernel<T, D, G><<<dim3(p.max_stripes + 1, bh), kMergeThreads, 0, stream>>>(p);
-    final_kernel<T, D, G><<<bh, 256, 0, stream>>>(p);
+    stage(merge_kernel<T, D, G>, dim3(p.max_stripes + 1, bh), kMergeThreads, 0);
+    stage(final_kernel<T, D, G>, dim3(bh), 256, 0);
   }
-  return cudaGetLastError();
+  return err != cudaSuccess ? err : cudaGetLastError();
 }
 
 }  // namespace mosaickv

@@ -11,6 +11,27 @@
 
 namespace mosaickv {
 
+// Programmatic dependent launch (sm_90 and newer). The stages of a decode call after the first are
+// launched with programmatic stream serialization (``launch_stage``): a stage's CTAs may start while
+// the stage before it finishes, do work that needs nothing of it (addresses, data written before the
+// call), and call wait_for_prior_stage() before they touch what it writes. That wait returns once the
+// previous stage has completed with its writes visible; since every stage makes it (in at least one
+// CTA), the previous stage completed only after the one before it did, and so on. A stage calls
+// allow_next_stage() at its start, so that the next stage's CTAs are placed as soon as this one's
+// last CTAs are (the select later: see there). Without the launch attribute, or before sm_90, both
+// are no-ops.
+__device__ __forceinline__ void wait_for_prior_stage() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void allow_next_stage() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Row r of a paged array (StripeCol in params.h): entry `first` of the page table holds rows
 // [0, per_page), the next one [per_page, 2 per_page), ... Indices fit 32 bits (unsigned division).
 __host__ __device__ __forceinline__ char* paged_row(const int64_t* pages, int64_t entry, int64_t per_page,

@@ -142,6 +142,7 @@ struct DecodeParams {
   int max_select;
   int32_t* pieces;               // [B*H, max_pieces, 3]: first sel index, end sel index, stripe
   int32_t* n_pieces;             // [B*H]
+  int32_t* stripe_first;         // [n_stripes] the select's scratch: selected blocks before each stripe's first
   int max_pieces, piece_blocks;
   float* part_o;                 // [B*H, max_pieces + 1, G, D] unnormalised, rotated V space
   float* part_ml;                // [B*H, max_pieces + 1, G, 2] running max, sum of exp

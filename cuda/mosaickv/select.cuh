@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <climits>
 #include <mutex>
 
 #include "common.cuh"
@@ -23,6 +24,8 @@ constexpr int kRotRows = 16;  // rows of R per CTA of rotate_q (grid.y = D / kRo
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(256) rotate_q_kernel(DecodeParams p) {
   __shared__ float qs[G][D];
+  allow_next_stage();
+  wait_for_prior_stage();  // the first stage of a call: launched plainly, so this returns at once
   const int s = blockIdx.x;
   const int64_t* meta = p.stripes + (int64_t)s * kStripeCols;
   const int b = (int)meta[kColSeq], h = (int)meta[kColHead];
@@ -104,26 +107,47 @@ __device__ __forceinline__ void block_scores(const float* q, const uint4* row, u
   }
 }
 
-// One thread per block summary; writes an order-preserving key of the GQA-max score.
+// Score: kScoreBlocks block summaries per thread (block first + threadIdx.x + u * kScoreThreads), each
+// written as an order-preserving key of its GQA-max score. Reaching a summary is a chain of dependent
+// loads (owning stripe, stripe table, page table, row); a thread runs the chains of its blocks side by
+// side, so a CTA pays one chain for 1024 blocks instead of 256 and the grid runs in a quarter of the
+// waves.
+constexpr int kScoreThreads = 256;
+constexpr int kScoreBlocks = 4;
+constexpr int kScoreTile = kScoreThreads * kScoreBlocks;  // blocks per CTA
+
 template <typename T, int D, int G>
-__global__ void __launch_bounds__(256) score_kernel(DecodeParams p) {
+__global__ void __launch_bounds__(kScoreThreads) score_kernel(DecodeParams p) {
   // Blocks are sorted by stripe, so a CTA's blocks nearly always share its first block's stripe:
   // that stripe's rotated query sits in shared memory (broadcast reads); others read global memory.
   __shared__ __align__(16) float qsh[G * D];
-  const int first = blockIdx.x * blockDim.x;
-  const int blk = first + threadIdx.x;
-  const bool valid = blk < p.n_blocks;
-  const int st = valid ? p.block_stripe[blk] : 0;
-  const int64_t* meta = p.stripes + (int64_t)st * kStripeCols;
-  const uint4* row =
-      valid ? reinterpret_cast<const uint4*>(summary_row<T>(p.pages, meta, blk - meta[kColBlockOff], p.summary_width))
-            : nullptr;
-  uint4 pre0 = make_uint4(0u, 0u, 0u, 0u), pre1 = pre0;  // first 16 summary values, in flight early
-  if (valid && p.summary_kind == kSummaryMean) {
-    pre0 = row[0];
-    if (p.summary_width > 8) pre1 = row[1];
+  allow_next_stage();
+  const int first = blockIdx.x * kScoreTile;
+  int blk[kScoreBlocks], st[kScoreBlocks];
+  const uint4* row[kScoreBlocks];
+  uint4 pre0[kScoreBlocks], pre1[kScoreBlocks];  // first 16 summary values, in flight early
+#pragma unroll
+  for (int u = 0; u < kScoreBlocks; ++u) {
+    blk[u] = first + threadIdx.x + u * kScoreThreads;
+    st[u] = blk[u] < p.n_blocks ? p.block_stripe[blk[u]] : -1;
+  }
+#pragma unroll
+  for (int u = 0; u < kScoreBlocks; ++u) {
+    const int64_t* meta = p.stripes + (int64_t)max(st[u], 0) * kStripeCols;
+    row[u] = st[u] >= 0 ? reinterpret_cast<const uint4*>(
+                              summary_row<T>(p.pages, meta, blk[u] - meta[kColBlockOff], p.summary_width))
+                        : nullptr;
+  }
+#pragma unroll
+  for (int u = 0; u < kScoreBlocks; ++u) {
+    pre0[u] = pre1[u] = make_uint4(0u, 0u, 0u, 0u);
+    if (row[u] != nullptr && p.summary_kind == kSummaryMean) {
+      pre0[u] = row[u][0];
+      if (p.summary_width > 8) pre1[u] = row[u][1];
+    }
   }
   const int s0 = p.block_stripe[first];
+  wait_for_prior_stage();  // the rotated queries (the summaries above were written before the call)
   // Only the channels the summaries cover (16 of 128 for compact-16): the copy is paid by every CTA.
   const int used = summary_channels(p.summary_kind, p.summary_width);
   for (int i = threadIdx.x; i < G * used; i += blockDim.x) {
@@ -131,21 +155,25 @@ __global__ void __launch_bounds__(256) score_kernel(DecodeParams p) {
     qsh[at] = p.qrot[(int64_t)s0 * G * D + at];
   }
   __syncthreads();
-  if (!valid) return;
-  float acc[G];
 #pragma unroll
-  for (int g = 0; g < G; ++g) acc[g] = 0.f;
-  // Two calls rather than one through a pointer that may be either: the first reads shared memory
-  // with shared loads, not generic ones.
-  if (st == s0) {
-    block_scores<T, D, G>(qsh, row, pre0, pre1, p.summary_kind, p.summary_width, acc);
-  } else {
-    block_scores<T, D, G>(p.qrot + (int64_t)st * G * D, row, pre0, pre1, p.summary_kind, p.summary_width, acc);
+  for (int u = 0; u < kScoreBlocks; ++u) {
+    if (row[u] == nullptr) continue;
+    float acc[G];
+#pragma unroll
+    for (int g = 0; g < G; ++g) acc[g] = 0.f;
+    // Two calls rather than one through a pointer that may be either: the first reads shared memory
+    // with shared loads, not generic ones.
+    if (st[u] == s0) {
+      block_scores<T, D, G>(qsh, row[u], pre0[u], pre1[u], p.summary_kind, p.summary_width, acc);
+    } else {
+      block_scores<T, D, G>(p.qrot + (int64_t)st[u] * G * D, row[u], pre0[u], pre1[u], p.summary_kind,
+                            p.summary_width, acc);
+    }
+    float best = acc[0];
+#pragma unroll
+    for (int g = 1; g < G; ++g) best = fmaxf(best, acc[g]);
+    p.keys[blk[u]] = float_to_ordered(best);
   }
-  float best = acc[0];
-#pragma unroll
-  for (int g = 1; g < G; ++g) best = fmaxf(best, acc[g]);
-  p.keys[blk] = float_to_ordered(best);
 }
 
 // Exclusive block scan of one int per thread (blockDim.x a multiple of 32); returns the prefix, sets *total.
@@ -184,21 +212,38 @@ __device__ __forceinline__ uint32_t digit_mask_above(int pass) {  // bits fixed 
   return pass == 0 ? 0u : (pass == 1 ? 0xffe00000u : 0xfffffc00u);
 }
 
-// Calls f(i, keys[i]) for i = first, first + step, ... < end, in that order, with kKeyLoads loads in
-// flight at a time: the keys were just written by the score kernel and sit in L2, so one load at a
-// time would pay a round trip to L2 per key (the select's passes are latency-bound).
+// Calls f(i, key_at(i)) for i = first, first + step, ... < end, in that order, with kKeyLoads reads
+// in flight at a time: the keys were just written by the score kernel and sit in L2, so one load at
+// a time would pay a round trip to L2 per key (the select's passes are latency-bound).
 constexpr int kKeyLoads = 8;
-template <typename F>
-__device__ __forceinline__ void for_keys(const uint32_t* keys, int first, int end, int step, F f) {
+template <typename KeyAt, typename F>
+__device__ __forceinline__ void for_keys(KeyAt key_at, int first, int end, int step, F f) {
   for (int j0 = first; j0 < end; j0 += kKeyLoads * step) {
     uint32_t kv[kKeyLoads];
 #pragma unroll
     for (int u = 0; u < kKeyLoads; ++u)
-      if (j0 + u * step < end) kv[u] = keys[j0 + u * step];
+      if (j0 + u * step < end) kv[u] = key_at(j0 + u * step);
 #pragma unroll
     for (int u = 0; u < kKeyLoads; ++u)
       if (j0 + u * step < end) f(j0 + u * step, kv[u]);
   }
+}
+
+// The select keeps its CTA's slice of keys in dynamic shared memory (read once from L2, then by
+// every pass and the gather). Key j of the slice sits at word key_slot(j): one spare word per 32
+// keys keeps the gather's per-thread runs of consecutive keys on distinct banks.
+constexpr int kMaxDevices = 64;  // devices whose launch facts (cache allowance, cluster fit) are kept
+constexpr int kSelectCacheKeys = 40960;  // 169 KB with the spare words; 1 CTA per SM either way
+__host__ __device__ constexpr int key_slot(int j) { return j + (j >> 5); }
+__host__ __device__ constexpr size_t select_cache_bytes(int keys) {
+  return keys > 0 ? sizeof(uint32_t) * (size_t)(key_slot(keys - 1) + 1) : 0;
+}
+
+// Keys the launch gave the cache room for.
+__device__ __forceinline__ int key_cache_capacity() {
+  uint32_t bytes;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
+  return (int)((uint64_t)(bytes / sizeof(uint32_t)) * 32 / 33);
 }
 
 // The CTAs of one (b, h) form a thread-block cluster on sm_90: histograms and counts are exchanged
@@ -240,30 +285,58 @@ struct SelectCluster {
 
 // Exact top-k per (b, h) over the whole sequence, then the order-preserving gather and the pieces,
 // in one launch. Grid (cluster size, B*H), kSelectThreads threads; CTA r of the cluster owns the r-th
-// contiguous slice of the (b, h)'s block keys. Three radix passes (11/11/10-bit digits) find the k-th
-// largest key (threshold) and how many keys equal to it to take; every CTA sums the cluster's
-// histograms itself (no broadcast step). Selected = key > threshold, plus the first `remaining` keys
-// == threshold in index order; each thread owns consecutive keys, so a scan of counts gives every
-// selected block its slot and the list comes out sorted by block id, hence grouped by stripe. Rank 0
-// then cuts the list into attention pieces of <= piece_blocks blocks that never cross a stripe.
+// contiguous slice of the (b, h)'s block keys, read once into shared memory. Three radix passes
+// (11/11/10-bit digits) find the k-th largest key (threshold) and how many keys equal to it to take;
+// every CTA sums the cluster's histograms itself (no broadcast step). Selected = key > threshold, plus
+// the first `remaining` keys == threshold in index order; each thread owns consecutive keys, so a scan
+// of counts gives every selected block its slot and the list comes out sorted by block id, hence
+// grouped by stripe. While writing it, the thread that owns a stripe's first block records how many
+// blocks are selected before it (stripe_first); rank 0 then cuts each stripe's run of the list into
+// attention pieces of <= piece_blocks blocks.
 template <int kUnused = 0>  // a template: the header is included by several .cu files
 __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) {
-  __shared__ int hist[2][kSelectBins];  // double buffered: pass p+2 reuses pass p's buffer (see below)
+  extern __shared__ uint32_t s_keys[];           // the slice's keys at key_slot(j)
+  __shared__ __align__(8) int hist[2][kSelectBins];  // double buffered: pass p+2 reuses pass p's (see below)
   __shared__ int scratch[32];
   __shared__ int found[2];   // digit, remaining after this pass
   __shared__ int counts[2];  // this CTA's keys above / equal to the threshold
   const int tid = threadIdx.x, rank = SelectCluster::rank(), csize = SelectCluster::size();
   const int bh = blockIdx.y;
   const int b0 = p.block_ptr[bh], n = p.block_ptr[bh + 1] - b0;
+  const int s0 = p.stripe_ptr[bh], ns = p.stripe_ptr[bh + 1] - s0;
   const int slice = (n + csize - 1) / csize;
   const int c0 = min(n, rank * slice), c1 = min(n, c0 + slice);
-  const uint32_t* keys = p.keys + b0;
   int k = min(p.n_select[bh], n);
   if (k > p.max_select) {
     if (rank == 0 && tid == 0) atomicOr(p.status, kBadSelection);
     k = p.max_select;
   }
   const bool all = k >= n;
+  // This thread's keys in the gather, [i0, i1) (indices within the (b, h)), and the first stripe that
+  // starts at or after i0: its number q_next among the (b, h)'s stripes and its first block. Read
+  // before waiting for the keys (the tables were written before the call).
+  const int per = (c1 - c0 + (int)blockDim.x - 1) / (int)blockDim.x;
+  const int i0 = c0 + tid * per, i1 = min(c1, i0 + per);
+  auto start_of = [&](int q) { return (int)(p.stripes[(int64_t)(s0 + q) * kStripeCols + kColBlockOff] - b0); };
+  int q_next = ns, next_start = INT_MAX;
+  if (i0 < i1) {
+    const int q = p.block_stripe[b0 + i0] - s0;  // the stripe of this thread's first block
+    if (start_of(q) == i0) {
+      q_next = q;
+      while (q_next > 0 && start_of(q_next - 1) == i0) --q_next;  // stripes without blocks start here too
+      next_start = i0;
+    } else {
+      q_next = q + 1;
+      next_start = q_next < ns ? start_of(q_next) : INT_MAX;
+    }
+  }
+  wait_for_prior_stage();  // the keys
+  const uint32_t* keys = p.keys + b0;
+  const int cached = min(c1 - c0, key_cache_capacity());
+  for_keys([&](int j) { return keys[c0 + j]; }, tid, cached, blockDim.x,
+           [&](int j, uint32_t key) { s_keys[key_slot(j)] = key; });
+  __syncthreads();
+  auto key_at = [&](int i) { return i - c0 < cached ? s_keys[key_slot(i - c0)] : keys[i]; };
   uint32_t thresh = 0u;
   int remaining = k;
   if (!all && k > 0) {
@@ -275,24 +348,23 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
       const uint32_t mask = digit_mask_above(pass);
       for (int i = tid; i < bins; i += blockDim.x) hl[i] = 0;
       __syncthreads();
-      for_keys(keys, c0 + tid, c1, blockDim.x, [&](int, uint32_t key) {
+      for_keys(key_at, c0 + tid, c1, blockDim.x, [&](int, uint32_t key) {
         if ((key & mask) == thresh) atomicAdd(&hl[(key >> shift) & (uint32_t)(bins - 1)], 1);
       });
       SelectCluster::sync();
-      // Thread i owns digits d0 = bins-1-2i and d0-1: a scan in descending digit order finds the digit
-      // where the count of larger keys crosses `remaining`. The remote reads are unrolled over the
-      // cluster so that all of them are in flight at once (each is a round trip to another SM).
+      // Thread i owns digits d0 = bins-1-2i and d1 = d0-1: a scan in descending digit order finds the
+      // digit where the count of larger keys crosses `remaining`. Both bins come in one 8-byte read per
+      // CTA of the cluster, all of them in flight at once (each is a round trip to another SM).
       const int d0 = bins - 1 - 2 * tid, d1 = d0 - 1;
-      int r0[kSelectCluster], r1[kSelectCluster];
+      int2 rd[kSelectCluster];
 #pragma unroll
       for (int r = 0; r < kSelectCluster; ++r) {
         const int* hr = SelectCluster::map(hl, r < csize ? r : 0);
-        r0[r] = r < csize && d0 >= 0 ? hr[d0] : 0;
-        r1[r] = r < csize && d1 >= 0 ? hr[d1] : 0;
+        rd[r] = r < csize && d1 >= 0 ? *reinterpret_cast<const int2*>(hr + d1) : make_int2(0, 0);
       }
       int h0 = 0, h1 = 0;
 #pragma unroll
-      for (int r = 0; r < kSelectCluster; ++r) h0 += r0[r], h1 += r1[r];
+      for (int r = 0; r < kSelectCluster; ++r) h0 += rd[r].y, h1 += rd[r].x;
       int total;
       const int above = block_exclusive_scan(h0 + h1, scratch, &total);
       if (above < remaining && above + h0 + h1 >= remaining) {
@@ -306,12 +378,12 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
     }
   }
   // Gather: count, exchange the per-CTA counts, then write in index order.
-  const int per = (c1 - c0 + (int)blockDim.x - 1) / (int)blockDim.x;
-  const int i0 = c0 + tid * per, i1 = min(c1, i0 + per);
+  auto taken = [&](uint32_t key) { return all || (k > 0 && key > thresh); };  // above the threshold
+  auto tied = [&](uint32_t key) { return !all && k > 0 && key == thresh; };   // taken while `remaining` lasts
   int gt = 0, eq = 0;
-  for_keys(keys, i0, i1, 1, [&](int, uint32_t key) {
-    gt += all || key > thresh;
-    eq += !all && key == thresh;
+  for_keys(key_at, i0, i1, 1, [&](int, uint32_t key) {
+    gt += taken(key);
+    eq += tied(key);
   });
   int tot_gt, tot_eq;
   int gt_before = block_exclusive_scan(gt, scratch, &tot_gt);
@@ -328,71 +400,48 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
 #pragma unroll
   for (int r = 0; r < kSelectCluster; ++r) gt_before += cg[r], eq_before += ce[r];
   int32_t* sel = p.sel + (int64_t)bh * p.max_select;
-  if (k > 0) {
-    for_keys(keys, i0, i1, 1, [&](int i, uint32_t key) {
-      if (all || key > thresh) {
-        sel[gt_before + min(eq_before, remaining)] = b0 + i;
-        ++gt_before;
-      } else if (key == thresh) {
-        if (eq_before < remaining) sel[gt_before + eq_before] = b0 + i;
-        ++eq_before;
-      }
-    });
-  }
+  for_keys(key_at, i0, i1, 1, [&](int i, uint32_t key) {
+    while (i == next_start) {  // stripe q_next begins here: the blocks selected before it
+      p.stripe_first[s0 + q_next] = gt_before + min(eq_before, remaining);
+      ++q_next;
+      next_start = q_next < ns ? start_of(q_next) : INT_MAX;
+    }
+    if (taken(key)) {
+      sel[gt_before + min(eq_before, remaining)] = b0 + i;
+      ++gt_before;
+    } else if (tied(key)) {
+      if (eq_before < remaining) sel[gt_before + eq_before] = b0 + i;
+      ++eq_before;
+    }
+  });
   __threadfence();
-  SelectCluster::sync();  // the whole list is written (and no CTA reads another's shared memory after this)
+  SelectCluster::sync();  // the list and stripe_first are written (no CTA reads another's shared memory after this)
+  // Only now, not at the start: the attention's CTAs are placed once every select CTA has passed this,
+  // and placed earlier they would crowd onto the SMs the select leaves free (at small batch the
+  // attention is less than a wave, and would run on half the SMs).
+  allow_next_stage();
   if (rank != 0) return;
-  // Pieces. A (b, h)'s stripes cover consecutive block ranges in segment order, so stripe q's selected
-  // range is [first_q, first_{q+1}) with first_q = number of selected ids below its first block (the
-  // end is the (b, h)'s last block + 1). Rather than binary searches in global memory (chains of
-  // dependent loads), each thread reads its share of the list once, with several loads in flight,
-  // and marks in shared memory where each stripe of the tile begins: i begins every stripe whose
-  // first block lies in (sel[i-1], sel[i]].
-  __shared__ int s_lo[kSelectThreads + 1];     // first block of the tile's stripes, then the end
-  __shared__ int s_first[kSelectThreads + 1];  // their first selected index (k: none selected)
-  constexpr int kLoads = 4;
-  const int s0 = p.stripe_ptr[bh], ns = p.stripe_ptr[bh + 1] - s0;
+  // Pieces: stripe q's run of the list is [first_q, first_{q+1}) (the last one ends at k); a stripe
+  // whose first block lies past the (b, h)'s blocks (no blocks at the end) has no block of any slice
+  // to mark it, and starts at k.
+  auto first_of = [&](int q) { return q >= ns || start_of(q) >= n ? k : p.stripe_first[s0 + q]; };
   int32_t* pc = p.pieces + (int64_t)bh * p.max_pieces * 3;
   int piece_run = 0;
   for (int t0 = 0; t0 < ns; t0 += blockDim.x) {
-    const int nt = min((int)blockDim.x, ns - t0);
-    if (tid <= nt)
-      s_lo[tid] = t0 + tid < ns ? (int)p.stripes[(int64_t)(s0 + t0 + tid) * kStripeCols + kColBlockOff]
-                                : p.block_ptr[bh + 1];
-    if (tid <= nt) s_first[tid] = k;
-    __syncthreads();
-    for (int i0 = tid; i0 < k; i0 += kLoads * blockDim.x) {
-      int v[kLoads], u[kLoads];
-#pragma unroll
-      for (int m = 0; m < kLoads; ++m) {
-        const int i = i0 + m * blockDim.x;
-        v[m] = i < k ? sel[i] : 0;
-        u[m] = i > 0 && i < k ? sel[i - 1] : -1;
-      }
-#pragma unroll
-      for (int m = 0; m < kLoads; ++m) {
-        const int i = i0 + m * blockDim.x;
-        if (i >= k) continue;
-        int lo = 0, hi = nt + 1;  // first tile entry with s_lo > u[m]
-        while (lo < hi) { const int mid = (lo + hi) >> 1; if (s_lo[mid] <= u[m]) lo = mid + 1; else hi = mid; }
-        for (int q = lo; q <= nt && s_lo[q] <= v[m]; ++q) s_first[q] = i;
-      }
-    }
-    __syncthreads();
-    const int first = tid < nt ? s_first[tid] : 0, last = tid < nt ? s_first[tid + 1] : 0;
+    const int q = t0 + tid;
+    const int first = q < ns ? first_of(q) : 0, last = q < ns ? first_of(q + 1) : 0;
     const int np = (last - first + p.piece_blocks - 1) / p.piece_blocks;
     int tot;
     const int before = piece_run + block_exclusive_scan(np, scratch, &tot);
-    for (int q = 0; q < np; ++q) {
-      const int slot = before + q;
+    for (int j = 0; j < np; ++j) {
+      const int slot = before + j;
       if (slot < p.max_pieces) {
-        pc[slot * 3 + 0] = first + q * p.piece_blocks;
-        pc[slot * 3 + 1] = min(last, first + (q + 1) * p.piece_blocks);
-        pc[slot * 3 + 2] = s0 + t0 + tid;
+        pc[slot * 3 + 0] = first + j * p.piece_blocks;
+        pc[slot * 3 + 1] = min(last, first + (j + 1) * p.piece_blocks);
+        pc[slot * 3 + 2] = s0 + q;
       }
     }
     piece_run += tot;
-    __syncthreads();  // the next tile rewrites s_lo / s_first
   }
   if (tid == 0) {
     if (piece_run > p.max_pieces) atomicOr(p.status, kBadPieces);
@@ -401,20 +450,40 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
 }
 
 // The launch of select_kernel over a grid (csize, bh), as clusters of csize CTAs when `clustered`
-// (sm_90 and newer); attr is the storage the configuration points to.
-inline cudaLaunchConfig_t select_config(int csize, int bh, cudaStream_t stream, bool clustered,
-                                        cudaLaunchAttribute& attr) {
-  attr.id = cudaLaunchAttributeClusterDimension;
-  attr.val.clusterDim.x = (unsigned)csize;
-  attr.val.clusterDim.y = 1;
-  attr.val.clusterDim.z = 1;
+// (sm_90 and newer) and as a programmatic dependent launch when `after_stage` (launch_stage in
+// attention.cuh); attrs is the storage the configuration points to.
+inline cudaLaunchConfig_t select_config(int csize, int bh, size_t cache_bytes, cudaStream_t stream, bool clustered,
+                                        bool after_stage, cudaLaunchAttribute (&attrs)[2]) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3((unsigned)csize, (unsigned)bh);
   cfg.blockDim = dim3(kSelectThreads);
+  cfg.dynamicSmemBytes = cache_bytes;
   cfg.stream = stream;
-  cfg.attrs = &attr;
-  cfg.numAttrs = clustered ? 1 : 0;
+  cfg.attrs = attrs;
+  if (clustered) {
+    cudaLaunchAttribute& a = attrs[cfg.numAttrs++];
+    a.id = cudaLaunchAttributeClusterDimension;
+    a.val.clusterDim.x = (unsigned)csize;
+    a.val.clusterDim.y = 1;
+    a.val.clusterDim.z = 1;
+  }
+  if (after_stage) {
+    cudaLaunchAttribute& a = attrs[cfg.numAttrs++];
+    a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    a.val.programmaticStreamSerializationAllowed = 1;
+  }
   return cfg;
+}
+
+// Lets select_kernel take the largest key cache on device `dev` (above the default 48 KB of dynamic
+// shared memory); once per device, not per launch (each call costs host time on the decode path).
+inline cudaError_t select_allow_cache(int dev) {
+  static std::atomic<bool> allowed[kMaxDevices] = {};
+  if (dev < kMaxDevices && allowed[dev].load(std::memory_order_acquire)) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(select_kernel<>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               (int)select_cache_bytes(kSelectCacheKeys));
+  if (err == cudaSuccess && dev < kMaxDevices) allowed[dev].store(true, std::memory_order_release);
+  return err;
 }
 
 // How many clusters of select_kernel CTAs device `dev` (sm_90 or newer) runs at once, for cluster
@@ -423,7 +492,6 @@ inline cudaLaunchConfig_t select_config(int csize, int bh, cudaStream_t stream, 
 // decode call's host path); nullptr when not asked yet and may_ask is false (inside a graph
 // capture, where no device queries are made).
 constexpr int kClusterSizes = 4;  // 1, 2, 4, 8
-constexpr int kMaxDevices = 64;
 
 inline const int* select_cluster_fit(int dev, bool may_ask) {
   static int fit[kMaxDevices][kClusterSizes];
@@ -434,8 +502,9 @@ inline const int* select_cluster_fit(int dev, bool may_ask) {
     const std::lock_guard<std::mutex> lock(asking);
     if (!asked[dev].load(std::memory_order_relaxed)) {
       for (int i = 0; i < kClusterSizes; ++i) {
-        cudaLaunchAttribute attr;
-        const cudaLaunchConfig_t cfg = select_config(1 << i, 1, nullptr, true, attr);
+        cudaLaunchAttribute attrs[2];
+        const cudaLaunchConfig_t cfg =
+            select_config(1 << i, 1, select_cache_bytes(kSelectCacheKeys), nullptr, true, false, attrs);
         if (cudaOccupancyMaxActiveClusters(&fit[dev][i], select_kernel<>, &cfg) != cudaSuccess) fit[dev][i] = 0;
       }
       (void)cudaGetLastError();  // a refused query is an answer here, not an error for the next launch
@@ -445,15 +514,14 @@ inline const int* select_cluster_fit(int dev, bool may_ask) {
   return fit[dev];
 }
 
-// Launches select_kernel with one cluster of CTAs per (b, h) on sm_90 and newer, one CTA per (b, h)
-// before (the kernel's cluster helpers then act on the CTA alone). The cluster is the largest for
-// which all B*H clusters run at once: a second wave would pay every pass's latency again, while a
-// larger cluster shrinks each CTA's share of the keys.
-inline cudaError_t launch_select(const DecodeParams& p, int bh, cudaStream_t stream) {
+// Launches select_kernel with one cluster of CTAs per (b, h) on sm_90 and newer (device `dev` of
+// compute capability `major`), one CTA per (b, h) before (the kernel's cluster helpers then act on
+// the CTA alone). The cluster is the largest for which all B*H clusters run at once: a second wave
+// would pay every pass's latency again, while a larger cluster shrinks each CTA's share of the keys.
+inline cudaError_t launch_select(const DecodeParams& p, int bh, cudaStream_t stream, int dev, int major,
+                                 bool after_stage) {
   static_assert(kSelectCluster == 1 << (kClusterSizes - 1), "cluster sizes 1 .. kSelectCluster");
-  int dev = 0, major = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaError_t err = select_allow_cache(dev);
   if (err != cudaSuccess) return err;
   int csize = 1;
   if (major >= 9 && dev < kMaxDevices) {
@@ -470,8 +538,11 @@ inline cudaError_t launch_select(const DecodeParams& p, int bh, cudaStream_t str
       csize = std::max(1, std::min(kSelectCluster, n_sm / std::max(bh, 1)));
     }
   }
-  cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg = select_config(csize, bh, stream, major >= 9, attr);
+  // A CTA's slice is at most ceil(n_blocks / csize) keys (all blocks in one (b, h)).
+  const int slice = (p.n_blocks + csize - 1) / csize;
+  cudaLaunchAttribute attrs[2];
+  const cudaLaunchConfig_t cfg = select_config(csize, bh, select_cache_bytes(std::min(slice, kSelectCacheKeys)),
+                                               stream, major >= 9, after_stage, attrs);
   return cudaLaunchKernelEx(&cfg, select_kernel<>, p);
 }
 

@@ -965,7 +965,10 @@ def test_page_tables_address_every_row_summary_and_rotation(name: str, storage: 
         snaps = [mgr._stream(r, 0).snapshot for r in ("a", "b")]
         lay, ws = snapshot_layout(snaps, [mgr.method] * 2, mgr.pool, gqa_group=4)
         planned = DecodeWorkspace.plan(lay, gqa_group=4)  # sized from the tables read back
-        for name in ("qrot", "keys", "sel", "pieces", "n_pieces", "part_o", "part_ml", "stripe_out"):
+        for name in (
+            *("qrot", "keys", "sel", "pieces", "n_pieces", "stripe_first"),
+            *("part_o", "part_ml", "stripe_out"),
+        ):
             assert getattr(ws, name).shape == getattr(planned, name).shape, name
         s = 0
         for b, snap in enumerate(snaps):

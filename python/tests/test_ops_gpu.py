@@ -3,6 +3,7 @@ bench/kernels/gpu_session.sh). Every test here needs a CUDA GPU and the built ex
 without them each is reported as skipped with that reason."""
 
 import math
+from bisect import bisect_left
 from dataclasses import replace
 
 import pytest
@@ -276,6 +277,56 @@ def test_append_dense_rows_appends_one_row_per_sequence_and_advances_its_count()
     check_dense_rows_case("cuda")
 
 
+def compact16_layout(
+    batch: int, heads: int, head_dim: int, tokens: int, *, keep: int, token_ratio: float, segment_len: int
+) -> DecodeLayout:
+    """A synthetic bf16 layout on the GPU: blocks of 8, 4 sinks, a 64-token window, compact-16 summaries."""
+    return DecodeLayout.synthetic(
+        batch,
+        heads,
+        head_dim,
+        tokens,
+        keep=keep,
+        block=8,
+        token_ratio=token_ratio,
+        n_sink=4,
+        window=64,
+        segment_len=segment_len,
+        summary_kind=0,
+        summary_width=16,
+        dtype=torch.bfloat16,
+        device="cuda",
+    )
+
+
+def test_select_cuts_pieces_over_many_short_stripes() -> None:
+    """Stripes of 3 blocks, so a select thread's run of keys crosses stripe starts and one (b, h) has
+    more stripes (4166) than the select CTA has threads: every stripe's run of the selected list is cut
+    into pieces of <= piece_blocks blocks in order, each naming its stripe, exactly as a host-side walk
+    over the sorted selection cuts it."""
+    torch.manual_seed(11)
+    lay = compact16_layout(1, 2, 64, 100_000, keep=16, token_ratio=0.3, segment_len=24)
+    ws = DecodeWorkspace.plan(lay, gqa_group=4, piece_blocks=2)
+    q = torch.randn(1, 8, 64, device="cuda").to(torch.bfloat16)
+    ws.pieces.fill_(-1)
+    run_decode(lay, ws, q, torch.empty_like(q), 64**-0.5, stages=1 | 2 | 4)
+    torch.cuda.synchronize()
+    assert int(ws.status.item()) == 0
+    sel, pieces, n_pieces = ws.sel.cpu().tolist(), ws.pieces.cpu().tolist(), ws.n_pieces.cpu().tolist()
+    stripes, sptr = lay.stripes.cpu(), lay.stripe_ptr.cpu().tolist()
+    off, tok = STRIPE_COLS.index("block_off"), STRIPE_COLS.index("tokens")
+    for bh in range(2):
+        chosen = sel[bh][: int(lay.n_select[bh])]
+        assert chosen == sorted(chosen)
+        want = []
+        for s in range(sptr[bh], sptr[bh + 1]):
+            lo = int(stripes[s, off])
+            first, end = bisect_left(chosen, lo), bisect_left(chosen, lo + -(-int(stripes[s, tok]) // 8))
+            want += [[j, min(j + 2, end), s] for j in range(first, end, 2)]
+        assert sptr[bh + 1] - sptr[bh] > 1024 and n_pieces[bh] == len(want)
+        assert pieces[bh][: len(want)] == want, f"pieces differ for bh={bh}"
+
+
 @pytest.mark.parametrize("ties", ["distinct", "all_tied"])
 def test_select_matches_a_stable_sort_at_scale(ties: str) -> None:
     """The one-launch cluster select on long sequences (37K blocks per (b, h), spread over the 8 CTAs
@@ -283,22 +334,7 @@ def test_select_matches_a_stable_sort_at_scale(ties: str) -> None:
     block id first) and the pieces tile each stripe's selection. all_tied: every block of a stripe
     has the same summary, so each stripe's scores are one value and the tie rule decides."""
     torch.manual_seed(5)
-    lay = DecodeLayout.synthetic(
-        2,
-        8,
-        128,
-        300_000,
-        keep=32,
-        block=8,
-        token_ratio=0.1,
-        n_sink=4,
-        window=64,
-        segment_len=65536,
-        summary_kind=0,
-        summary_width=16,
-        dtype=torch.bfloat16,
-        device="cuda",
-    )
+    lay = compact16_layout(2, 8, 128, 300_000, keep=32, token_ratio=0.1, segment_len=65536)
     if ties == "all_tied":
         lay.flat.summary[:] = torch.randn(16, device="cuda").to(torch.bfloat16)
     ws = DecodeWorkspace.plan(lay, gqa_group=4, piece_blocks=64)

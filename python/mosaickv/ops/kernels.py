@@ -452,6 +452,7 @@ def _update_open_summaries(
         "sel",
         "pieces",
         "n_pieces",
+        "stripe_first",
         "part_o",
         "part_ml",
         "stripe_out",
@@ -485,6 +486,7 @@ def decode_(
     sel: torch.Tensor,
     pieces: torch.Tensor,
     n_pieces: torch.Tensor,
+    stripe_first: torch.Tensor,
     piece_blocks: int,
     part_o: torch.Tensor,
     part_ml: torch.Tensor,
@@ -525,6 +527,7 @@ def decode_(
         sel,
         pieces,
         n_pieces,
+        stripe_first,
         piece_blocks,
         part_o,
         part_ml,
@@ -546,7 +549,8 @@ def decode_args(
     return (q, out, scale, lay.packed, stages, lay.stripes, lay.stripe_ptr, lay.block_ptr, lay.block_stripe,
             lay.pages, lay.kdense, lay.vdense, lay.summary_kind, lay.summary_width, lay.block, lay.n_select,
             lay.dense_k, lay.dense_v, lay.dense_len, lay.dense_rows, ws.qrot, ws.keys, ws.sel, ws.pieces,
-            ws.n_pieces, ws.piece_blocks, ws.part_o, ws.part_ml, ws.stripe_out, ws.status)  # fmt: skip
+            ws.n_pieces, ws.stripe_first, ws.piece_blocks, ws.part_o, ws.part_ml, ws.stripe_out,
+            ws.status)  # fmt: skip
 
 
 def run_decode(

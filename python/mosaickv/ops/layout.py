@@ -475,7 +475,8 @@ class DecodeWorkspace:
 
     Attributes:
         qrot: [n_stripes, G, D] f32; keys: [n_blocks] int32; sel: [B*H, max_select] int32;
-        pieces: [B*H, max_pieces, 3] int32; n_pieces: [B*H] int32; part_o: [B*H, max_pieces + 1, G, D]
+        pieces: [B*H, max_pieces, 3] int32; n_pieces: [B*H] int32; stripe_first: [n_stripes] int32
+        (the select's scratch); part_o: [B*H, max_pieces + 1, G, D]
         f32; part_ml: [B*H, max_pieces + 1, G, 2] f32; stripe_out: [B*H, max_stripes + 1, G, D] f32;
         status: [1] int32 (kernel status bits, mosaickv/params.h).
     """
@@ -485,6 +486,7 @@ class DecodeWorkspace:
     sel: torch.Tensor
     pieces: torch.Tensor
     n_pieces: torch.Tensor
+    stripe_first: torch.Tensor
     part_o: torch.Tensor
     part_ml: torch.Tensor
     stripe_out: torch.Tensor
@@ -513,9 +515,9 @@ class DecodeWorkspace:
         """The buffers for ``layout`` given its per-(b, h) selected blocks and stripes and its block
         count, as the host built them. ``reuse`` (an earlier layout's workspace, whose launches are
         ordered before this layout's on the stream) is returned when it fits: the kernels size
-        their grids by sel, pieces and stripe_out, which must match, and only index into qrot and
-        keys, which may be larger (new ones get an eighth more rows, so that a cache growing by a
-        block per head keeps its workspace for a while)."""
+        their grids by sel, pieces and stripe_out, which must match, and only index into qrot,
+        stripe_first and keys, which may be larger (new ones get an eighth more rows, so that a
+        cache growing by a block per head keeps its workspace for a while)."""
         if not 1 <= piece_blocks <= 64:
             raise ValueError(
                 f"piece_blocks must be in [1, 64] (the attention CTA stages 64 block ids), got {piece_blocks}"
@@ -536,16 +538,19 @@ class DecodeWorkspace:
             and reuse.qrot.shape[1:] == (g, d)
             and reuse.piece_blocks == piece_blocks
             and reuse.qrot.shape[0] >= n_stripes
+            and reuse.stripe_first.shape[0] >= n_stripes
             and reuse.keys.numel() >= n_blocks
         ):
             return reuse
         f32, i32 = torch.float32, torch.int32
+        stripe_rows = max(1, n_stripes + n_stripes // 8)
         return cls(
-            qrot=torch.empty(max(1, n_stripes + n_stripes // 8), g, d, dtype=f32, device=dev),
+            qrot=torch.empty(stripe_rows, g, d, dtype=f32, device=dev),
             keys=torch.empty(max(1, n_blocks + n_blocks // 8), dtype=i32, device=dev),
             sel=torch.empty(bh, max_select, dtype=i32, device=dev),
             pieces=torch.empty(bh, max_pieces, 3, dtype=i32, device=dev),
             n_pieces=torch.empty(bh, dtype=i32, device=dev),
+            stripe_first=torch.empty(stripe_rows, dtype=i32, device=dev),
             part_o=torch.empty(bh, max_pieces + 1, g, d, dtype=f32, device=dev),
             part_ml=torch.empty(bh, max_pieces + 1, g, 2, dtype=f32, device=dev),
             stripe_out=torch.empty(bh, max_stripes + 1, g, d, dtype=f32, device=dev),
