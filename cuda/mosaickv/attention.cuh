@@ -918,7 +918,7 @@ __global__ void __launch_bounds__(256) final_kernel(DecodeParams p) {
   T* out = static_cast<T*>(p.out) + (int64_t)bh * G * D;  // [b][h*G + g][d] == bh * G * D + g * D + d
   for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
     float a = 0.f;
-#pragma unroll 4
+#pragma unroll 16  // loads in flight (the sum stays in stripe order)
     for (int x = 0; x <= p.max_stripes; ++x) a += src[(int64_t)x * G * D + i];
     out[i] = Conv<T>::from(a);
   }
