@@ -34,18 +34,16 @@ def main() -> None:
     args = ap.parse_args()
     layers = selected_layers(args.batch, args.context, min_layers=args.calls + 1)
     calls = layers.calls(STAGE_ALL)
-    calls[
-        -1
-    ]()  # warm-up on the last layer, so the first profiled call's data is not in L2
+    # Warm up on the last layer: the first profiled call's data is then not in L2.
+    calls[-1]()
     torch.cuda.synchronize()
     torch.cuda.profiler.start()
     for call in calls[: args.calls]:
         call()
     torch.cuda.synchronize()
     torch.cuda.profiler.stop()
-    print(
-        f"profiled {args.calls} calls: batch {args.batch}, context {args.context}, {layers.tokens} selected tokens"
-    )
+    print(f"profiled {args.calls} calls: batch {args.batch}, context {args.context}")
+    print(f"{layers.tokens} selected tokens per call")
 
 
 if __name__ == "__main__":
