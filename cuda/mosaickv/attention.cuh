@@ -962,9 +962,11 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   int dev = 0, major = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  // Overlap needs sm_90, and a runtime that keeps programmatic dependencies in captured graphs (12.3).
+  const bool can_overlap = major >= 9 && CUDART_VERSION >= 12030;
   bool launched = false;  // a stage of this call is already in the stream
   auto stage = [&](void (*kernel)(DecodeParams), dim3 grid, int threads, size_t smem) {
-    if (err == cudaSuccess) err = launch_stage(kernel, grid, threads, smem, stream, launched && major >= 9, p);
+    if (err == cudaSuccess) err = launch_stage(kernel, grid, threads, smem, stream, launched && can_overlap, p);
     launched = true;
   };
   if ((p.stages & kStageRotate) && p.n_stripes > 0)
@@ -972,7 +974,7 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   if ((p.stages & kStageScore) && p.n_blocks > 0)
     stage(score_kernel<T, D, G>, dim3((p.n_blocks + kScoreTile - 1) / kScoreTile), kScoreThreads, 0);
   if ((p.stages & kStageSelect) && err == cudaSuccess) {
-    err = launch_select(p, bh, stream, dev, major, launched && major >= 9);
+    err = launch_select(p, bh, stream, dev, major, launched && can_overlap);
     launched = true;
   }
   if (p.stages & kStageAttend) {
