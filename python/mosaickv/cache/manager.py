@@ -595,7 +595,8 @@ class CacheManager:
                 return
             with self._cond:
                 self._cond.wait_for(lambda: not self._paused or not self._running)
-            while (job := stream.next_job()) is not None:
+            job = stream.next_job()
+            while job is not None:
                 try:
                     stream.process(*job)
                     self._host.top_up()  # for the decode thread's next evictions, before drain returns
@@ -603,8 +604,12 @@ class CacheManager:
                     with self._cond:
                         self._errors.append(err)
                 finally:
+                    # The next job is taken before this one leaves the backlog: when there is none,
+                    # next_job marks the stream idle and, if it was freed meanwhile, hands its host rows
+                    # back, so a drain that sees the backlog empty also sees those rows returned.
+                    done, job = job, stream.next_job()
                     with self._cond:
-                        self._backlog -= job[0]
+                        self._backlog -= done[0]
                         self._cond.notify_all()
             with self._cond:  # the stream went idle: wake drain/fork waiting for exactly that
                 self._cond.notify_all()
