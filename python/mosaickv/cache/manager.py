@@ -153,6 +153,7 @@ class CacheManager:
         self._paused = False
         self._running = True
         self._reencodes_freed = 0
+        self._freed_busy: list[Stream] = []  # freed while queued for or held by a re-encoder
         self._prefix: dict[bytes, PagedSegment] = {}  # prompt segments by hash of the tokens up to their end
         self._prefix_hits = 0
         self._queue: queue.SimpleQueue[Stream | None] = queue.SimpleQueue()
@@ -479,6 +480,8 @@ class CacheManager:
             with self._cond:
                 self._reencodes_freed += s.reencodes
                 self._backlog -= dropped
+                if s.scheduled:  # its host rows come back when the re-encoder lets go of it (drain waits)
+                    self._freed_busy.append(s)
                 self._cond.notify_all()
         self._layer_tables.clear()  # they reference the freed request's segments
         self._dense.clear()  # and its dense buffers
@@ -595,8 +598,7 @@ class CacheManager:
                 return
             with self._cond:
                 self._cond.wait_for(lambda: not self._paused or not self._running)
-            job = stream.next_job()
-            while job is not None:
+            while (job := stream.next_job()) is not None:
                 try:
                     stream.process(*job)
                     self._host.top_up()  # for the decode thread's next evictions, before drain returns
@@ -604,12 +606,8 @@ class CacheManager:
                     with self._cond:
                         self._errors.append(err)
                 finally:
-                    # The next job is taken before this one leaves the backlog: when there is none,
-                    # next_job marks the stream idle and, if it was freed meanwhile, hands its host rows
-                    # back, so a drain that sees the backlog empty also sees those rows returned.
-                    done, job = job, stream.next_job()
                     with self._cond:
-                        self._backlog -= done[0]
+                        self._backlog -= job[0]
                         self._cond.notify_all()
             with self._cond:  # the stream went idle: wake drain/fork waiting for exactly that
                 self._cond.notify_all()
@@ -629,8 +627,8 @@ class CacheManager:
             self._cond.notify_all()
 
     def drain(self, timeout: float | None = None) -> None:
-        """Run the deferred evictions, then wait until every queued re-encode has been swapped in;
-        raises if one failed."""
+        """Run the deferred evictions, then wait until every queued re-encode has been swapped in and
+        every freed request's host rows are back; raises if one failed."""
         self._run_due()
         with self._cond:
             if not self._cond.wait_for(
@@ -639,11 +637,13 @@ class CacheManager:
                     or (
                         self._backlog == 0
                         and not any(s.scheduled for streams in self._requests.values() for s in streams)
+                        and not any(s.scheduled for s in self._freed_busy)
                     )
                 ),
                 timeout,
             ):
                 raise TimeoutError(f"re-encoders still have {self._backlog} tokens after {timeout} s")
+            self._freed_busy = [s for s in self._freed_busy if s.scheduled]
         self._raise_errors()
 
     def close(self) -> None:

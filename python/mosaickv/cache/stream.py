@@ -232,9 +232,9 @@ class Stream:
         with self.lock:
             if self.jobs and not self.freed:
                 return self.jobs.popleft()
-            self.scheduled = False
-            if self.freed:  # free() left the host rows to the job that was running
+            if self.freed:  # free() left the host rows to the re-encoder (before idle: drain reads that)
                 self.host.reset(self.host.end)
+            self.scheduled = False
             return None
 
     def process(self, n: int, event: Any) -> None:
