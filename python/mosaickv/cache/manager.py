@@ -480,8 +480,9 @@ class CacheManager:
             with self._cond:
                 self._reencodes_freed += s.reencodes
                 self._backlog -= dropped
-                if s.scheduled:  # its host rows come back when the re-encoder lets go of it (drain waits)
-                    self._freed_busy.append(s)
+                # Its host rows come back when the re-encoder lets go of it (drain waits for that);
+                # the list keeps only streams still held, also where nothing calls drain.
+                self._freed_busy = [x for x in self._freed_busy if x.scheduled] + ([s] if s.scheduled else [])
                 self._cond.notify_all()
         self._layer_tables.clear()  # they reference the freed request's segments
         self._dense.clear()  # and its dense buffers
