@@ -941,9 +941,7 @@ inline size_t packed_attention_smem_bytes(int D, int G) {
 // it starts only when everything before the call (the writes of q, of the cache) has completed.
 inline cudaError_t launch_stage(void (*kernel)(DecodeParams), dim3 grid, int threads, size_t smem,
                                 cudaStream_t stream, bool after_stage, const DecodeParams& p) {
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchAttribute attr = after_stage_attribute();
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3((unsigned)threads);

@@ -20,6 +20,14 @@ namespace mosaickv {
 // allow_next_stage() at its start, so that the next stage's CTAs are placed as soon as this one's
 // last CTAs are (the select later: see there). Without the launch attribute, or before sm_90, both
 // are no-ops.
+// The launch attribute that makes a stage a programmatic dependent launch of the one before it.
+inline cudaLaunchAttribute after_stage_attribute() {
+  cudaLaunchAttribute a;
+  a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  a.val.programmaticStreamSerializationAllowed = 1;
+  return a;
+}
+
 __device__ __forceinline__ void wait_for_prior_stage() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");

@@ -467,11 +467,7 @@ inline cudaLaunchConfig_t select_config(int csize, int bh, size_t cache_bytes, c
     a.val.clusterDim.y = 1;
     a.val.clusterDim.z = 1;
   }
-  if (after_stage) {
-    cudaLaunchAttribute& a = attrs[cfg.numAttrs++];
-    a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    a.val.programmaticStreamSerializationAllowed = 1;
-  }
+  if (after_stage) attrs[cfg.numAttrs++] = after_stage_attribute();
   return cfg;
 }
 

@@ -481,7 +481,7 @@ class CacheManager:
                 self._reencodes_freed += s.reencodes
                 self._backlog -= dropped
                 # Its host rows come back when the re-encoder lets go of it (drain waits for that);
-                # the list keeps only streams still held, also where nothing calls drain.
+                # pruned here, the list holds only streams a re-encoder held at the last free.
                 self._freed_busy = [x for x in self._freed_busy if x.scheduled] + ([s] if s.scheduled else [])
                 self._cond.notify_all()
         self._layer_tables.clear()  # they reference the freed request's segments
@@ -644,7 +644,6 @@ class CacheManager:
                 timeout,
             ):
                 raise TimeoutError(f"re-encoders still have {self._backlog} tokens after {timeout} s")
-            self._freed_busy = [s for s in self._freed_busy if s.scheduled]
         self._raise_errors()
 
     def close(self) -> None:
