@@ -11,8 +11,4 @@ cudaError_t decode(DType dtype, int head_dim, int gqa_group, bool packed, const 
                                    : decode_fp16(head_dim, gqa_group, packed, p, stream);
 }
 
-size_t decode_smem_bytes(int head_dim, int gqa_group, int piece_tokens, bool packed) {
-  return packed ? packed_attention_smem_bytes(head_dim, gqa_group) : attention_smem_bytes(head_dim, gqa_group, piece_tokens);
-}
-
 }  // namespace mosaickv

@@ -370,12 +370,24 @@ struct WarpFlash {
   float m, l;
 };
 
+// Byte k of the result's halves from the sign bits of byte k of lo (low half) and of hi (high half):
+// 0xffff where that bit is set, else 0 (prmt's sign-replicating selectors).
+__device__ __forceinline__ uint32_t half_masks(uint32_t lo, uint32_t hi, int k) {
+  uint32_t m;
+  const uint32_t sel = (0x8u | k) * 0x11u | (0xcu | k) * 0x1100u;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(m) : "r"(lo), "r"(hi), "r"(sel));
+  return m;
+}
+
 // Attends one chunk of 16 tokens whose K and V rows are in the warp's tiles (row = token, stride
 // pa_stride<D>()); valid: bit t set if token t of the chunk exists; qa: this lane's Q fragments in
-// shared memory (``q_fragments``' dst + lane).
+// shared memory (``q_fragments``' dst + lane); bits: the rows' g = 1 bitmaps (K rows 0-15, then V rows
+// 0-15; all ones for rows written whole). The tiles are not zeroed between chunks: each mma operand is
+// masked with the bitmap bits of its elements, so a position the row does not keep reads 0 whatever
+// an earlier row left there.
 template <typename T, int D, int G>
 __device__ __forceinline__ void flash_chunk(const T* ktile, const T* vtile, uint32_t valid, const uint4* qa,
-                                            WarpFlash<D>& st) {
+                                            const uint32_t (*bits)[4], WarpFlash<D>& st) {
   constexpr int kStride = pa_stride<D>();
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   // ldmatrix.x4: lanes 8m .. 8m + 7 address the rows of matrix m = (tokens 8 (m >> 1) + r, columns
@@ -385,10 +397,24 @@ __device__ __forceinline__ void flash_chunk(const T* ktile, const T* vtile, uint
   const uint32_t kaddr = smem_u32(ktile + row * kStride + col);
   const uint32_t vaddr = smem_u32(vtile + row * kStride + col);
   float c0[4] = {0.f, 0.f, 0.f, 0.f}, c1[4] = {0.f, 0.f, 0.f, 0.f};
+  // K fragment kb[m]: token 8 (m >> 1) + gid, positions 16 s + 8 (m & 1) + 2 tig (+1): byte
+  // 2 (s & 1) + (m & 1) of bitmap word s / 2, shifted down by 2 tig; x << 7 / x << 6 bring the pair's
+  // two bits to the byte's sign bit.
+  uint32_t ka7 = 0u, ka6 = 0u, kb7 = 0u, kb6 = 0u;
 #pragma unroll
   for (int s = 0; s < D / 16; ++s) {
+    if ((s & 1) == 0) {
+      const uint32_t xa = (bits[gid][s / 2] >> (2 * tig)) & 0x03030303u;
+      const uint32_t xb = (bits[gid + 8][s / 2] >> (2 * tig)) & 0x03030303u;
+      ka7 = xa << 7, ka6 = xa << 6, kb7 = xb << 7, kb6 = xb << 6;
+    }
     uint32_t kb[4];
     ldmatrix_x4(kb, kaddr + s * 32);
+    const int byte = 2 * (s & 1);
+    kb[0] &= half_masks(ka7, ka6, byte);
+    kb[1] &= half_masks(ka7, ka6, byte + 1);
+    kb[2] &= half_masks(kb7, kb6, byte);
+    kb[3] &= half_masks(kb7, kb6, byte + 1);
     const uint4 qv = qa[s * 32];
     const uint32_t a[4] = {qv.x, qv.y, qv.z, qv.w};
     Mma<T>::run(c0, a, kb[0], kb[1]);  // tokens 0-7
@@ -427,6 +453,21 @@ __device__ __forceinline__ void flash_chunk(const T* ktile, const T* vtile, uint
   float hi[4], lo[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) split2<T>(pv[i], hi[i], lo[i]);
+  // V fragment va[m] (.trans): tokens 8 (m >> 1) + 2 tig (low half) and + 1 (high half), position
+  // 16 mt + 8 (m & 1) + gid: byte 2 (mt & 1) + (m & 1) of bitmap word mt / 2, shifted down by gid.
+  uint32_t v07 = 0u, v17 = 0u, v87 = 0u, v97 = 0u;
+  auto v_fragment = [&](uint32_t(&va)[4], int mt) {
+    if ((mt & 1) == 0) {
+      const auto bit7 = [&](int row) { return ((bits[16 + row][mt / 2] >> gid) & 0x01010101u) << 7; };
+      v07 = bit7(2 * tig), v17 = bit7(2 * tig + 1), v87 = bit7(8 + 2 * tig), v97 = bit7(9 + 2 * tig);
+    }
+    ldmatrix_x4_trans(va, vaddr + mt * 32);
+    const int byte = 2 * (mt & 1);
+    va[0] &= half_masks(v07, v17, byte);
+    va[1] &= half_masks(v07, v17, byte + 1);
+    va[2] &= half_masks(v87, v97, byte);
+    va[3] &= half_masks(v87, v97, byte + 1);
+  };
   // B fragment of P^T (16 tokens x 8 columns): b0 = tokens 2 tig, 2 tig + 1, b1 = + 8, column gid.
   if constexpr (G == 8) {  // column = head; hi and lo in two mmas into the same accumulators
     const uint32_t bh0 = pack2<T>(hi[0], hi[1]), bh1 = pack2<T>(hi[2], hi[3]);
@@ -434,7 +475,7 @@ __device__ __forceinline__ void flash_chunk(const T* ktile, const T* vtile, uint
 #pragma unroll
     for (int mt = 0; mt < D / 16; ++mt) {
       uint32_t va[4];
-      ldmatrix_x4_trans(va, vaddr + mt * 32);
+      v_fragment(va, mt);
       Mma<T>::run(st.acc[mt], va, bh0, bh1);
       Mma<T>::run(st.acc[mt], va, bl0, bl1);
     }
@@ -445,7 +486,7 @@ __device__ __forceinline__ void flash_chunk(const T* ktile, const T* vtile, uint
 #pragma unroll
     for (int mt = 0; mt < D / 16; ++mt) {
       uint32_t va[4];
-      ldmatrix_x4_trans(va, vaddr + mt * 32);
+      v_fragment(va, mt);
       Mma<T>::run(st.acc[mt], va, b0, b1);
     }
   }
@@ -497,12 +538,19 @@ struct PackedRow {
   uint32_t w[4];
   uint4 pre[4];
 
+  // Read-only global loads (LDG through the non-coherent path; the rows were written by earlier
+  // launches): the addresses come from shared memory, so plain loads would be generic ones.
   __device__ __forceinline__ void load(const uint32_t* brow, int n_words, const T* vrow, int keep) {
+    if (n_words == 4) {
+      const uint4 b = __ldg(reinterpret_cast<const uint4*>(brow));
+      w[0] = b.x, w[1] = b.y, w[2] = b.z, w[3] = b.w;
+    } else {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) w[i] = i < n_words ? brow[i] : 0u;
+      for (int i = 0; i < 4; ++i) w[i] = i < n_words ? __ldg(brow + i) : 0u;
+    }
 #pragma unroll
     for (int c = 0; c < 4; ++c)
-      if (c * 8 < keep) pre[c] = reinterpret_cast<const uint4*>(vrow)[c];
+      if (c * 8 < keep) pre[c] = __ldg(reinterpret_cast<const uint4*>(vrow) + c);
   }
 
   // Fast path (g = 1, keep a multiple of 8, no empty bitmap word before the last non-empty one): one
@@ -516,7 +564,7 @@ struct PackedRow {
 #pragma unroll
     for (int c = 0; c < 4; ++c)
       if (c * 8 < keep) chunk(pre[c]);
-    for (int j0 = 32; j0 < keep; j0 += 8) chunk(reinterpret_cast<const uint4*>(vrow)[j0 / 8]);
+    for (int j0 = 32; j0 < keep; j0 += 8) chunk(__ldg(reinterpret_cast<const uint4*>(vrow) + j0 / 8));
   }
 
   // Fast path for keep 16 or 32 (the values all in registers): two independent walks, the lowest
@@ -568,7 +616,7 @@ struct PackedRow {
 #pragma unroll
     for (int c = 0; c < 4; ++c)
       if (c * 8 < keep) chunk(pre[c], c * 8);
-    for (int j0 = 32; j0 < keep; j0 += 8) chunk(reinterpret_cast<const uint4*>(vrow)[j0 / 8], j0);
+    for (int j0 = 32; j0 < keep; j0 += 8) chunk(__ldg(reinterpret_cast<const uint4*>(vrow) + j0 / 8), j0);
   }
 
   // dst: a zeroed row of D elements in shared memory.
@@ -600,6 +648,7 @@ __global__ void __launch_bounds__(kPaThreads, 4) packed_attention_kernel(DecodeP
   __shared__ __align__(16) T s_tile[kPaWarps][2][kChunk * kStride];  // per warp: K rows, V rows
   __shared__ float s_m[kPaWarps][G], s_l[kPaWarps][G];
   __shared__ uint4 s_qa[D / 16 * 32];  // Q fragments (``q_fragments``)
+  __shared__ __align__(16) uint32_t s_bits[kPaWarps][32][4];  // per warp: the chunk's bitmaps (flash_chunk)
   __shared__ int s_sel[64];
   __shared__ const char* s_kbits[64];  // first row of each selected block, per array
   __shared__ const char* s_kvals[64];
@@ -619,6 +668,8 @@ __global__ void __launch_bounds__(kPaThreads, 4) packed_attention_kernel(DecodeP
   T* ktile = s_tile[warp][0];
   T* vtile = s_tile[warp][1];
   T* my_row = s_tile[warp][is_v ? 1 : 0] + my * kStride;
+  uint4* my_bits = reinterpret_cast<uint4*>(s_bits[warp][lane]);
+  *my_bits = make_uint4(~0u, ~0u, ~0u, ~0u);  // rows written whole (dense, or zeroed then expanded)
 
   WarpFlash<D> st;
 #pragma unroll
@@ -653,7 +704,7 @@ __global__ void __launch_bounds__(kPaThreads, 4) packed_attention_kernel(DecodeP
       }
       const uint32_t valid = __ballot_sync(0xffffffffu, t < n_tok) & 0xffffu;
       __syncwarp();
-      flash_chunk<T, D, G>(ktile, vtile, valid, s_qa + lane, st);
+      flash_chunk<T, D, G>(ktile, vtile, valid, s_qa + lane, s_bits[warp], st);
       __syncwarp();
     }
   } else {
@@ -685,6 +736,8 @@ __global__ void __launch_bounds__(kPaThreads, 4) packed_attention_kernel(DecodeP
     const int keep = (int)meta[is_v ? kColKeepV : kColKeepK];
     const int grp = (int)meta[is_v ? kColGroupV : kColGroupK];
     const int n_words = (D / grp + 31) / 32, stride = round_up8(keep);
+    // Bitmap bits are positions only for g = 1 on both sides; otherwise the rows are zeroed first.
+    const bool masked = meta[kColGroupK] == 1 && meta[kColGroupV] == 1;
     const char* const* blk_bits = is_v ? s_vbits : s_kbits;
     const char* const* blk_vals = is_v ? s_vvals : s_kvals;
     const int n_tok = (last - first) * B;
@@ -714,11 +767,15 @@ __global__ void __launch_bounds__(kPaThreads, 4) packed_attention_kernel(DecodeP
       const int cn = c + kPaWarps;
       const Row rn = cn < n_chunks ? row_of(cn * kChunk + my) : Row{-1, 0};
       if (rn.blk >= 0) nxt.load(bits_of(rn), n_words, vals_of(rn), keep);
-      zero_row<T, D>(my_row);
+      if (masked) {
+        *my_bits = rc.blk >= 0 ? make_uint4(cur.w[0], cur.w[1], cur.w[2], cur.w[3]) : make_uint4(0u, 0u, 0u, 0u);
+      } else {
+        zero_row<T, D>(my_row);
+      }
       if (rc.blk >= 0) cur.expand(vals_of(rc), keep, grp, my_row);
       const uint32_t valid = __ballot_sync(0xffffffffu, rc.blk >= 0) & 0xffffu;  // lanes 0-15 = tokens 0-15
       __syncwarp();
-      flash_chunk<T, D, G>(ktile, vtile, valid, s_qa + lane, st);
+      flash_chunk<T, D, G>(ktile, vtile, valid, s_qa + lane, s_bits[warp], st);
       __syncwarp();
       cur = nxt;
       rc = rn;
@@ -924,16 +981,11 @@ __global__ void __launch_bounds__(256) final_kernel(DecodeParams p) {
   }
 }
 
-// Dynamic shared memory of the dense baseline's attention kernel (the packed kernel uses static
-// shared memory: packed_attention_smem_bytes).
+// Dynamic shared memory of the dense baseline's attention kernel (the packed kernel's is static).
 inline size_t attention_smem_bytes(int D, int G, int piece_tokens) {
   const size_t head = (size_t)D * G + round_up4(2 * G) + 32 * G + 64 + round_up4(piece_tokens * G);
   const size_t red = (size_t)kAttnWarps * G * D;  // per-warp partials
   return sizeof(float) * (head + red);
-}
-
-inline size_t packed_attention_smem_bytes(int D, int G) {
-  return (size_t)kPaWarps * 2 * kChunk * (D + 8) * 2 + sizeof(float) * 2 * kPaWarps * G + sizeof(int) * 64;
 }
 
 // Launches one decode stage, `after_stage`: as a programmatic dependent launch behind the stage

@@ -166,7 +166,5 @@ cudaError_t decode(DType dtype, int head_dim, int gqa_group, bool packed, const 
 // left alone and skip[b] cleared. All arrays on the device.
 cudaError_t append_dense_rows(const void* k, const void* v, const int64_t* rows, int32_t* lengths, int32_t* skip,
                               int batch, int n_heads, int cap, int row_bytes, cudaStream_t stream);
-// Dynamic shared memory the attention stage needs; callers may check it against the device limit.
-size_t decode_smem_bytes(int head_dim, int gqa_group, int piece_tokens, bool packed);
 
 }  // namespace mosaickv

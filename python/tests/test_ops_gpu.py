@@ -225,6 +225,44 @@ def test_decode_matches_core(case: str, dtype: str) -> None:
     assert err < 2e-2, f"{case}: relative error {err:.2e}"
 
 
+# Bitmaps of 32 set bits over 4 words (D = 128, keep 32) that the fast walks do not meet in random rows:
+# empty words between non-empty ones, all bits in the top word or the bottom one, and a quarter of the
+# values starting in each word.
+EMPTY_WORD_BITMAPS = [
+    [0, 0, 0, 0xFFFFFFFF],
+    [0xAAAAAAAA, 0, 0x55555555, 0],
+    [0, 0x0F0F0F0F, 0, 0xF0F0F0F0],
+    [0xFFFFFFFF, 0, 0, 0],
+    [0x000000FF, 0, 0, 0xFFFFFF00],
+    [0x11111111, 0x22222222, 0x44444444, 0x88888888],
+]
+
+
+def test_decode_walks_bitmaps_with_empty_words() -> None:
+    """The attention's walks over kept positions and its bitmap masks, on rows whose bitmaps have
+    empty words anywhere (random rows almost never have one); the core reference reads the same
+    rewritten bitmaps."""
+    caches = build_caches("mosaic", [1500, 700], 2, 128, torch.bfloat16, seed=11)
+    patterns = torch.tensor(EMPTY_WORD_BITMAPS, dtype=torch.int64)
+    patterns = (patterns - (patterns >= 2**31).long() * 2**32).to(torch.int32)  # uint32 bits as int32
+    for c in caches:
+        for seg in c.segments:
+            for side in (seg.k, seg.v):
+                assert side.bitmaps is not None and side.group == [1, 1], "bitmaps of positions (g = 1)"
+                for h, bm in enumerate(side.bitmaps):
+                    rows = torch.arange(bm.shape[0]) + h  # each head its own rotation of the patterns
+                    bm.view(torch.int32).copy_(patterns[rows % len(EMPTY_WORD_BITMAPS)])
+    gen = torch.Generator().manual_seed(2)
+    q = (torch.randn(2, 8, 128, generator=gen) * 2).to(torch.bfloat16)
+    ref = torch.stack([c.attend(q[b]) for b, c in enumerate(caches)])
+    plan = DecodePlan(caches, "cuda", piece_blocks=4)
+    out = plan.run(q.cuda())
+    torch.cuda.synchronize()
+    assert int(plan.workspace.status.item()) == 0
+    err = rel_err(out.cpu(), ref)
+    assert err < 2e-2, f"relative error {err:.2e}"
+
+
 def test_decode_cuda_graph_replay_matches_eager() -> None:
     caches = build_caches("mosaic", [800, 300], 2, 128, torch.bfloat16, seed=3)
     plan = DecodePlan(caches, "cuda", piece_blocks=8)
