@@ -194,7 +194,8 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
   TORCH_CHECK(part_o.dim() == 4 && part_o.size(1) == pieces.size(1) + 1, "part_o must be [B*H_kv, max_pieces + 1, G, D]");
   TORCH_CHECK(stripe_out.dim() == 4 && stripe_out.size(0) == bh, "stripe_out must be [B*H_kv, max_stripes + 1, G, D]");
   TORCH_CHECK(stripe_first.numel() >= stripes.size(0), "stripe_first must have an entry per stripe");
-  TORCH_CHECK(piece_blocks >= 1 && piece_blocks <= 64, "piece_blocks must be in [1, 64], got ", piece_blocks);
+  TORCH_CHECK(piece_blocks >= 1 && piece_blocks <= mosaickv::kMaxPieceBlocks, "piece_blocks must be in [1, ",
+              mosaickv::kMaxPieceBlocks, "], got ", piece_blocks);
   mosaickv::DecodeParams p{};
   p.batch = (int)batch;
   p.n_kv_heads = (int)h_kv;

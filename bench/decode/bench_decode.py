@@ -284,7 +284,7 @@ def mosaic_backend_cuda(
     per_layer = probe.nbytes()
     n, fits = distinct_layers(per_layer, free, shape)
     lays = [probe] + [layer() for _ in range(n - 1)]
-    wss = [DecodeWorkspace.plan(lay, shape.group, piece_blocks=64) for lay in lays]
+    wss = [DecodeWorkspace.plan(lay, shape.group) for lay in lays]
     outs = [
         torch.empty(batch, shape.heads, shape.dim, device="cuda", dtype=torch.bfloat16)
         for _ in lays

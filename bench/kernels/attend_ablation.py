@@ -12,7 +12,8 @@ the others still run (parts overlap, so the differences need not add up to the w
 Variants (edits of cuda/mosaickv/attention.cuh, each must match once):
     full        the kernel as it is
     one_walk    the expansion with one walk per row (the fast path before two walks)
-    no_zero     the tiles are not zeroed before the expansion
+    no_mask     the mma fragments are not masked with the rows' bitmap bits (the tiles keep what
+                earlier rows left: the thirteenth session's replacement for zeroing them)
     no_expand   the packed rows are loaded but not expanded (a check on them keeps the loads)
     no_flash    no tensor-core attention on the tiles (logits, softmax, P.V)
     no_load     rows made up in registers once per lane instead of loaded (random positions, 32 kept)
@@ -51,10 +52,10 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
             "if (false) {",
         )
     ],
-    "no_zero": [
+    "no_mask": [
         (
-            f"zero_row<T, D>(my_row);\n      {EXPAND}",
-            EXPAND,
+            'asm("prmt.b32 %0, %1, %2, %3;" : "=r"(m) : "r"(lo), "r"(hi), "r"(sel));\n  return m;',
+            "return ~0u;",
         )
     ],
     "no_expand": [
@@ -69,7 +70,7 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
     "no_flash": [
         (
             (
-                "      __syncwarp();\n      flash_chunk<T, D, G>(ktile, vtile, valid, s_qa + lane, st);\n"
+                "      __syncwarp();\n      flash_chunk<T, D, G>(ktile, vtile, valid, s_qa + lane, s_bits[warp], st);\n"
                 "      __syncwarp();\n      cur = nxt;"
             ),
             "      __syncwarp();\n      (void)valid;\n      cur = nxt;",

@@ -50,7 +50,7 @@ def selected_layers(batch: int, ctx: int, min_layers: int = 1) -> SelectedLayers
     nbytes = tokens * 2 * (KEEP * 2 + 16)
     n = max(min_layers, layers_for(nbytes))
     lays = [first] + [synth_mosaic(batch, ctx, 0, 16) for _ in range(n - 1)]
-    wss = [DecodeWorkspace.plan(lay, G, piece_blocks=64) for lay in lays]
+    wss = [DecodeWorkspace.plan(lay, G) for lay in lays]
     q = torch.randn(batch, H_Q, D, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
     for lay, ws in zip(lays, wss, strict=True):

@@ -126,7 +126,7 @@ def synth_dense_select(k: torch.Tensor, v: torch.Tensor) -> DecodeLayout:
 
 
 def mosaic_layers(
-    batch: int, t: int, kind: int, width: int, piece_blocks: int = 64
+    batch: int, t: int, kind: int, width: int, piece_blocks: int | None = None
 ) -> tuple[list[DecodeLayout], list[DecodeWorkspace], int]:
     """Enough distinct synthetic MosaicKV layers that one timed cycle reads > 4x the L2 cache, their
     workspaces, and the bytes one layer call must read."""

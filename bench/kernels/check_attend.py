@@ -223,6 +223,7 @@ def main() -> None:
             48,
             64,
         ),  # keep > 32: values past the first 32 read in the walk
+        (torch.bfloat16, 128, 8, 24000, 32, 128),  # the largest pieces (MAX_PIECE_BLOCKS)
     ]
     for dt, d, g, ctx, keep, pb in cases:
         lay = DecodeLayout.synthetic(

@@ -3,6 +3,8 @@ each stage alone (µs, CUDA-graph replays, layers cycled through DRAM: the metho
 bench_kernels.py without its baselines). Appends one labelled record per run to --out.
 
     python bench/kernels/time_stages.py --label base --out ab.json [--piece-blocks 32]
+
+--piece-blocks defaults to the workspace's own choice (DecodeWorkspace.plan, auto_piece_blocks).
 """
 
 import argparse
@@ -34,7 +36,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--contexts", type=int, nargs="+", default=[131072, 1048576])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
-    ap.add_argument("--piece-blocks", type=int, default=64)
+    ap.add_argument("--piece-blocks", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -60,12 +62,13 @@ def main() -> None:
                 {
                     "context": t,
                     "batch": batch,
+                    "piece_blocks": wss[0].piece_blocks,
                     "whole_us": whole * 1e3,
                     **{k: v * 1e3 for k, v in stages.items()},
                 }
             )
             print(
-                f"{args.label:<12} T={t:>8} B={batch}: whole {whole * 1e3:7.1f} us | "
+                f"{args.label:<12} T={t:>8} B={batch} pieces {wss[0].piece_blocks}: whole {whole * 1e3:7.1f} us | "
                 + " ".join(f"{k} {v * 1e3:6.1f}" for k, v in stages.items()),
                 flush=True,
             )
@@ -75,7 +78,7 @@ def main() -> None:
     runs.append(
         {
             "label": args.label,
-            "piece_blocks": args.piece_blocks,
+            "piece_blocks": args.piece_blocks,  # None: each row's own choice (auto_piece_blocks)
             "device": torch.cuda.get_device_name(),
             "rows": rows,
         }

@@ -209,8 +209,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(DecodeParams p)
   float* qs = smem;                                       // [D][G]
   float* ml = qs + D * G;                                 // [G][2]
   float* scratch = ml + round_up4(2 * G);                 // [32 * G]
-  int* s_sel = reinterpret_cast<int*>(scratch + 32 * G);  // [64] selected blocks of the piece
-  float* logits = reinterpret_cast<float*>(s_sel + 64);   // [piece tokens][G]
+  int* s_sel = reinterpret_cast<int*>(scratch + 32 * G);              // [kMaxPieceBlocks] the piece's blocks
+  float* logits = reinterpret_cast<float*>(s_sel + kMaxPieceBlocks);  // [piece tokens][G]
   float* region = logits + round_up4(piece_tokens * G);   // partial-sum reduction (16B aligned)
 
   const int bh = blockIdx.y, b = bh / p.n_kv_heads, h = bh % p.n_kv_heads;
@@ -252,8 +252,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(DecodeParams p)
 // ---------------------------------------------------------------------------------------------------
 // PackedAttention (MosaicKV): tensor cores over rows expanded on chip.
 //
-// Grid (max_pieces + 1, B*H) x kPaThreads. CTA x < n_pieces[bh] handles one piece (<= 64 selected
-// blocks of one stripe), CTA x == max_pieces the dense sinks + window, both for all G query heads of
+// Grid (max_pieces + 1, B*H) x kPaThreads. CTA x < n_pieces[bh] handles one piece (<= piece_blocks
+// selected blocks of one stripe), CTA x == max_pieces the dense sinks + window, both for all G query heads of
 // the KV head. Each warp runs flash-decoding over its own chunks of 16 tokens (chunks warp, warp + 4,
 // ...) with an online softmax, and the CTA combines its 4 warps at the end. Per chunk:
 //   1. lanes 0-15 expand the K rows of the chunk's 16 tokens, lanes 16-31 the V rows, each into one
@@ -649,11 +649,11 @@ __global__ void __launch_bounds__(kPaThreads, 4) packed_attention_kernel(DecodeP
   __shared__ float s_m[kPaWarps][G], s_l[kPaWarps][G];
   __shared__ uint4 s_qa[D / 16 * 32];  // Q fragments (``q_fragments``)
   __shared__ __align__(16) uint32_t s_bits[kPaWarps][32][4];  // per warp: the chunk's bitmaps (flash_chunk)
-  __shared__ int s_sel[64];
-  __shared__ const char* s_kbits[64];  // first row of each selected block, per array
-  __shared__ const char* s_kvals[64];
-  __shared__ const char* s_vbits[64];
-  __shared__ const char* s_vvals[64];
+  __shared__ int s_sel[kMaxPieceBlocks];
+  __shared__ const char* s_kbits[kMaxPieceBlocks];  // first row of each selected block, per array
+  __shared__ const char* s_kvals[kMaxPieceBlocks];
+  __shared__ const char* s_vbits[kMaxPieceBlocks];
+  __shared__ const char* s_vvals[kMaxPieceBlocks];
   static_assert(sizeof(s_tile) >= sizeof(float) * kPaWarps * G * D, "the warp partials reuse the tiles");
 
   const int bh = blockIdx.y, b = bh / p.n_kv_heads, h = bh % p.n_kv_heads;
@@ -745,8 +745,8 @@ __global__ void __launch_bounds__(kPaThreads, 4) packed_attention_kernel(DecodeP
     const float inv_b = 1.f / (float)B;
     __syncthreads();  // s_sel, the block rows and the Q fragments
     // Piece token t -> (its block in the piece, row within the block), or blk = -1 (past the piece,
-    // or past a partial last block). t / B through a float reciprocal: exact for t < 2^12 (piece
-    // tokens <= 64 blocks x 64).
+    // or past a partial last block). t / B through a float reciprocal: exact while t / B stays
+    // far below 2^22 / B (piece tokens <= 128 blocks x 64).
     struct Row {
       int blk, in;
     };
@@ -983,7 +983,7 @@ __global__ void __launch_bounds__(256) final_kernel(DecodeParams p) {
 
 // Dynamic shared memory of the dense baseline's attention kernel (the packed kernel's is static).
 inline size_t attention_smem_bytes(int D, int G, int piece_tokens) {
-  const size_t head = (size_t)D * G + round_up4(2 * G) + 32 * G + 64 + round_up4(piece_tokens * G);
+  const size_t head = (size_t)D * G + round_up4(2 * G) + 32 * G + kMaxPieceBlocks + round_up4(piece_tokens * G);
   const size_t red = (size_t)kAttnWarps * G * D;  // per-warp partials
   return sizeof(float) * (head + red);
 }

@@ -59,6 +59,10 @@ enum Stage : int { kStageRotate = 1, kStageScore = 2, kStageSelect = 4, kStageAt
 
 constexpr int round_up8(int k) { return (k + 7) & ~7; }
 
+// Most selected blocks in one attention piece (DecodeWorkspace.piece_blocks): the attention CTA stages
+// this many block ids in shared memory.
+constexpr int kMaxPieceBlocks = 128;
+
 // Rotated channels a summary of this kind and width covers (m above).
 constexpr int summary_channels(int kind, int width) { return kind == kSummaryMean ? width : width / 2; }
 

@@ -22,6 +22,7 @@ from mosaickv.ops import (
     DecodeWorkspace,
     append_encode_,
     append_to_pools,
+    auto_piece_blocks,
     decode_,
     decode_args,
     encode_side,
@@ -147,7 +148,19 @@ def test_workspace_plan_sizes_and_limits() -> None:
     assert ws.pieces.shape[1] == max(math.ceil(a / 2) + s for a, s in zip(n_sel, n_str, strict=True))
     assert ws.part_o.shape == (4, ws.pieces.shape[1] + 1, 4, 64)
     with pytest.raises(ValueError, match="piece_blocks"):
-        DecodeWorkspace.plan(lay, gqa_group=4, piece_blocks=65)
+        DecodeWorkspace.plan(lay, gqa_group=4, piece_blocks=129)
+    assert DecodeWorkspace.plan(lay, gqa_group=4).piece_blocks == 64, "no GPU: the default pieces"
+
+
+def test_pieces_grow_only_when_the_attention_runs_many_waves() -> None:
+    """1M tokens, 8 KV heads, 13107 selected blocks and 16 stripes per head, on 132 SMs (4 CTAs
+    each): batch 8 makes 64 x (103 + 16) = 7616 CTAs of 128 blocks, more than 8 waves (4224): pieces
+    of 128. Batch 1 makes 952: pieces of 64. So do the dense baseline and a machine without a GPU."""
+    per_head = ([13107] * 64, [16] * 64)
+    assert auto_piece_blocks(True, *per_head, n_sm=132) == 128
+    assert auto_piece_blocks(True, [13107] * 8, [16] * 8, n_sm=132) == 64
+    assert auto_piece_blocks(False, *per_head, n_sm=132) == 64
+    assert auto_piece_blocks(True, *per_head, n_sm=None) == 64
 
 
 def test_layout_rejects_methods_without_kernels() -> None:
@@ -324,7 +337,7 @@ def test_attend_ablation_variants_still_apply_to_the_kernel(tmp_path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     source = (root / "cuda/mosaickv/attention.cuh").read_text()
     variants = sorted(p.name for p in tmp_path.iterdir())
-    assert variants == sorted(["full", "one_walk", "no_zero", "no_expand", "no_flash", "no_load"])
+    assert variants == sorted(["full", "one_walk", "no_mask", "no_expand", "no_flash", "no_load"])
     for name in variants:
         text = (tmp_path / name / "cuda/mosaickv/attention.cuh").read_text()
         assert (text == source) == (name == "full"), name

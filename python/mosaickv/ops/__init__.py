@@ -35,6 +35,7 @@ from mosaickv.ops.layout import (
     DecodeLayout,
     DecodeWorkspace,
     FlatPools,
+    auto_piece_blocks,
     n_select,
     paged_tables,
     round_up8,
@@ -54,10 +55,13 @@ class DecodePlan:
         device: "cuda" runs the kernels; "cpu" runs the core reference (on the caches' own device).
             Caches that attend every block (token_ratio 1) always run the core reference: the
             kernels' path selects blocks.
-        piece_blocks: selected blocks per attention CTA (flash-decoding split size).
+        piece_blocks: selected blocks per attention CTA (flash-decoding split size); None: chosen
+            from the work (``auto_piece_blocks``).
     """
 
-    def __init__(self, caches: list[KVCache], device: torch.device | str, piece_blocks: int = 64) -> None:
+    def __init__(
+        self, caches: list[KVCache], device: torch.device | str, piece_blocks: int | None = None
+    ) -> None:
         self.caches = caches
         self.device = torch.device(device)
         if self.device.type == "cuda" and self.device.index is None:
@@ -112,6 +116,7 @@ __all__ = [
     "append_encode_",
     "append_encode_reference",
     "append_to_pools",
+    "auto_piece_blocks",
     "built_library",
     "cuda_available",
     "decode_",

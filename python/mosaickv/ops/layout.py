@@ -9,6 +9,7 @@ stripe table describes flat pools (one page per stripe array) and the cache mana
 nothing and never synchronises with the host, so a CUDA graph can capture it.
 """
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,14 @@ SUMMARY_KIND_IDS = {"mean": 0, "compact": 0, "minmax": 1, "compact_minmax": 1}
 # cuda/mosaickv/params.h. The tokens' vectors are x[x_off + j * x_stride : ... + D] for j < tokens
 # (x_k and x_v at the same offsets); they become the stripe's tokens pos .. pos + tokens - 1.
 APPEND_COLS = ("stripe", "x_off", "x_stride", "tokens", "pos")
+# Selected blocks per attention piece (one CTA): kMaxPieceBlocks in cuda/mosaickv/params.h is the most.
+# Pieces of 64 blocks unless there are enough of them to fill the GPU many times over: then each CTA's
+# fixed start and end cost counts more than the last wave's idle SMs, and pieces of 128 are faster
+# (H200, 1M tokens: batch 8 -4 %, batch 1 +1 %, 128K batch 1 +15 %: bench/results/kernels-notes.md,
+# "Thirteenth session").
+MAX_PIECE_BLOCKS = 128
+PIECE_BLOCKS = 64
+LARGE_PIECE_WAVES = 8  # waves of attention CTAs (4 per SM) above which pieces of 128 pay
 
 
 def round_up8(k: int) -> int:
@@ -469,6 +478,25 @@ class DecodeLayout:
         )
 
 
+def auto_piece_blocks(
+    packed: bool, n_select: list[int], stripes_per_head: list[int], n_sm: int | None
+) -> int:
+    """Selected blocks per attention piece for this much work on a GPU of ``n_sm`` SMs (None: no
+    GPU): MAX_PIECE_BLOCKS when the packed attention would still run more than LARGE_PIECE_WAVES
+    waves of CTAs (4 per SM) with pieces that large, else PIECE_BLOCKS. The dense baseline keeps
+    PIECE_BLOCKS (its shared memory grows with the piece)."""
+    if not packed or n_sm is None:
+        return PIECE_BLOCKS
+    ctas = sum(-(-n // MAX_PIECE_BLOCKS) + m for n, m in zip(n_select, stripes_per_head, strict=True))
+    return MAX_PIECE_BLOCKS if ctas > LARGE_PIECE_WAVES * 4 * n_sm else PIECE_BLOCKS
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int | None:
+    """Streaming multiprocessors of a CUDA device; None for any other device."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
+
+
 @dataclass
 class DecodeWorkspace:
     """Buffers of one decode step, sized once by ``plan`` and reused across layers and steps.
@@ -494,9 +522,10 @@ class DecodeWorkspace:
     piece_blocks: int
 
     @classmethod
-    def plan(cls, layout: DecodeLayout, gqa_group: int, piece_blocks: int = 64) -> "DecodeWorkspace":
+    def plan(cls, layout: DecodeLayout, gqa_group: int, piece_blocks: int | None = None) -> "DecodeWorkspace":
         """Size the buffers for ``layout`` (reads its small int tables on the host once: a caller
-        that knows them already uses ``sized``, which never waits for the device)."""
+        that knows them already uses ``sized``, which never waits for the device). ``piece_blocks``:
+        selected blocks per attention CTA, or None for ``auto_piece_blocks``'s choice."""
         n_str = (layout.stripe_ptr[1:] - layout.stripe_ptr[:-1]).tolist()
         n_blocks = layout.block_stripe.numel()
         return cls.sized(layout, gqa_group, layout.n_select.tolist(), n_str, n_blocks, piece_blocks)
@@ -509,7 +538,7 @@ class DecodeWorkspace:
         n_select: list[int],
         stripes_per_head: list[int],
         n_blocks: int,
-        piece_blocks: int = 64,
+        piece_blocks: int | None = None,
         reuse: "DecodeWorkspace | None" = None,
     ) -> "DecodeWorkspace":
         """The buffers for ``layout`` given its per-(b, h) selected blocks and stripes and its block
@@ -518,11 +547,14 @@ class DecodeWorkspace:
         their grids by sel, pieces and stripe_out, which must match, and only index into qrot,
         stripe_first and keys, which may be larger (new ones get an eighth more rows, so that a
         cache growing by a block per head keeps its workspace for a while)."""
-        if not 1 <= piece_blocks <= 64:
-            raise ValueError(
-                f"piece_blocks must be in [1, 64] (the attention CTA stages 64 block ids), got {piece_blocks}"
-            )
         dev = layout.dense_k.device
+        if piece_blocks is None:
+            piece_blocks = auto_piece_blocks(layout.packed, n_select, stripes_per_head, sm_count(dev))
+        if not 1 <= piece_blocks <= MAX_PIECE_BLOCKS:
+            raise ValueError(
+                f"piece_blocks must be in [1, {MAX_PIECE_BLOCKS}] (the attention CTA stages that many "
+                f"block ids), got {piece_blocks}"
+            )
         bh = layout.batch * layout.n_kv_heads
         max_select = max(1, *n_select) if bh else 1
         max_stripes = max(stripes_per_head) if bh else 0
