@@ -379,6 +379,16 @@ __device__ __forceinline__ uint32_t half_masks(uint32_t lo, uint32_t hi, int k) 
   return m;
 }
 
+// An mma fragment's four registers ANDed with their elements' bits: f[0], f[1] with bytes `byte`,
+// `byte + 1` of (lo0, hi0), f[2], f[3] with those of (lo1, hi1) (half_masks).
+__device__ __forceinline__ void mask_fragment(uint32_t (&f)[4], uint32_t lo0, uint32_t hi0, uint32_t lo1, uint32_t hi1,
+                                              int byte) {
+  f[0] &= half_masks(lo0, hi0, byte);
+  f[1] &= half_masks(lo0, hi0, byte + 1);
+  f[2] &= half_masks(lo1, hi1, byte);
+  f[3] &= half_masks(lo1, hi1, byte + 1);
+}
+
 // Attends one chunk of 16 tokens whose K and V rows are in the warp's tiles (row = token, stride
 // pa_stride<D>()); valid: bit t set if token t of the chunk exists; qa: this lane's Q fragments in
 // shared memory (``q_fragments``' dst + lane); bits: the rows' g = 1 bitmaps (K rows 0-15, then V rows
@@ -410,11 +420,7 @@ __device__ __forceinline__ void flash_chunk(const T* ktile, const T* vtile, uint
     }
     uint32_t kb[4];
     ldmatrix_x4(kb, kaddr + s * 32);
-    const int byte = 2 * (s & 1);
-    kb[0] &= half_masks(ka7, ka6, byte);
-    kb[1] &= half_masks(ka7, ka6, byte + 1);
-    kb[2] &= half_masks(kb7, kb6, byte);
-    kb[3] &= half_masks(kb7, kb6, byte + 1);
+    mask_fragment(kb, ka7, ka6, kb7, kb6, 2 * (s & 1));
     const uint4 qv = qa[s * 32];
     const uint32_t a[4] = {qv.x, qv.y, qv.z, qv.w};
     Mma<T>::run(c0, a, kb[0], kb[1]);  // tokens 0-7
@@ -462,11 +468,7 @@ __device__ __forceinline__ void flash_chunk(const T* ktile, const T* vtile, uint
       v07 = bit7(2 * tig), v17 = bit7(2 * tig + 1), v87 = bit7(8 + 2 * tig), v97 = bit7(9 + 2 * tig);
     }
     ldmatrix_x4_trans(va, vaddr + mt * 32);
-    const int byte = 2 * (mt & 1);
-    va[0] &= half_masks(v07, v17, byte);
-    va[1] &= half_masks(v07, v17, byte + 1);
-    va[2] &= half_masks(v87, v97, byte);
-    va[3] &= half_masks(v87, v97, byte + 1);
+    mask_fragment(va, v07, v17, v87, v97, 2 * (mt & 1));
   };
   // B fragment of P^T (16 tokens x 8 columns): b0 = tokens 2 tig, 2 tig + 1, b1 = + 8, column gid.
   if constexpr (G == 8) {  // column = head; hi and lo in two mmas into the same accumulators
