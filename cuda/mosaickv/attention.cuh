@@ -257,8 +257,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(DecodeParams p)
 // the KV head. Each warp runs flash-decoding over its own chunks of 16 tokens (chunks warp, warp + 4,
 // ...) with an online softmax, and the CTA combines its 4 warps at the end. Per chunk:
 //   1. lanes 0-15 expand the K rows of the chunk's 16 tokens, lanes 16-31 the V rows, each into one
-//      zeroed row of the warp's shared tiles (walk the bitmap, store each kept value at its rotated
-//      position); the next chunk's packed rows are already in flight (registers);
+//      row of the warp's shared tiles (walk the bitmap, store each kept value at its rotated
+//      position; the tiles are not zeroed: the mma operands are masked by the bitmaps, flash_chunk);
+//      the next chunk's packed rows are already in flight (registers);
 //   2. logits on tensor cores: S^T[16 x 16] = Q[16 x D] K^T with mma.m16n8k16 (f32 accumulate);
 //      Q's rows hold q' split into hi + lo 16-bit halves (rows r and r + 8), so the logits keep ~16
 //      bits of q' although the operands are 16-bit;
@@ -621,7 +622,7 @@ struct PackedRow {
     for (int j0 = 32; j0 < keep; j0 += 8) chunk(__ldg(reinterpret_cast<const uint4*>(vrow) + j0 / 8), j0);
   }
 
-  // dst: a zeroed row of D elements in shared memory.
+  // dst: a row of D elements in shared memory (positions not kept are zeroed before, or masked after).
   __device__ __forceinline__ void expand(const T* vrow, int keep, int g, T* dst) const {
     const uint32_t nz = (w[0] != 0u) | (w[1] != 0u) << 1 | (w[2] != 0u) << 2 | (w[3] != 0u) << 3;
     if (g == 1 && (keep == 32 || keep == 16) && (nz & (nz + 1)) == 0) {
