@@ -13,6 +13,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mosaickv.core import bitmap_words, block_summaries, make_method, pack_topk
 from mosaickv.ops import (
+    APPEND_COLS,
     FLAT_COLS,
     STAGE_ALL,
     STRIPE_COLS,
@@ -161,6 +162,37 @@ def test_pieces_grow_only_when_the_attention_runs_many_waves() -> None:
     assert auto_piece_blocks(True, [13107] * 8, [16] * 8, n_sm=132) == 64
     assert auto_piece_blocks(False, *per_head, n_sm=132) == 64
     assert auto_piece_blocks(True, *per_head, n_sm=None) == 64
+
+
+def test_host_tables_match_the_kernel_header() -> None:
+    """The Python copies of cuda/mosaickv/params.h's tables and limits: the stripe and append
+    column orders, the summary kinds, the stage mask and the largest piece. A drift here made the
+    binding refuse what the workspace allowed (pieces of 128 against a limit of 64)."""
+    import re
+    from pathlib import Path
+
+    from mosaickv.ops.layout import MAX_PIECE_BLOCKS, SUMMARY_KIND_IDS
+
+    header = (Path(__file__).resolve().parents[2] / "cuda/mosaickv/params.h").read_text()
+
+    def enum_names(name: str, prefix: str) -> list[str]:
+        body = re.search(rf"enum {name} : int \{{(.*?)\}};", header, re.S)
+        assert body is not None, f"enum {name} not found in params.h"
+        names = re.findall(rf"\b{prefix}(\w+)", re.sub(r"//[^\n]*", "", body.group(1)))
+        columns = [n for n in names if not n.endswith("Cols")]  # kAppendCols / kStripeCols: the count
+        return [re.sub(r"(?<!^)(?=[A-Z])", "_", n).lower() for n in columns]
+
+    def constant(name: str) -> int:
+        found = re.search(rf"\b{name}\s*=\s*(\d+)", header)
+        assert found is not None, f"{name} not found in params.h"
+        return int(found.group(1))
+
+    assert enum_names("StripeCol", "kCol") == list(STRIPE_COLS)
+    assert enum_names("AppendCol", "kApp") == list(APPEND_COLS)
+    assert constant("kSummaryMean") == SUMMARY_KIND_IDS["mean"] == SUMMARY_KIND_IDS["compact"]
+    assert constant("kSummaryMinMax") == SUMMARY_KIND_IDS["minmax"] == SUMMARY_KIND_IDS["compact_minmax"]
+    assert constant("kStageAll") == STAGE_ALL
+    assert constant("kMaxPieceBlocks") == MAX_PIECE_BLOCKS
 
 
 def test_layout_rejects_methods_without_kernels() -> None:

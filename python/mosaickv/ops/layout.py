@@ -45,7 +45,8 @@ APPEND_COLS = ("stripe", "x_off", "x_stride", "tokens", "pos")
 # "Thirteenth session").
 MAX_PIECE_BLOCKS = 128
 PIECE_BLOCKS = 64
-LARGE_PIECE_WAVES = 8  # waves of attention CTAs (4 per SM) above which pieces of 128 pay
+LARGE_PIECE_WAVES = 8  # waves of attention CTAs above which pieces of 128 pay
+ATTENTION_CTAS_PER_SM = 4  # the packed attention's occupancy (__launch_bounds__(kPaThreads, 4))
 
 
 def round_up8(k: int) -> int:
@@ -483,12 +484,12 @@ def auto_piece_blocks(
 ) -> int:
     """Selected blocks per attention piece for this much work on a GPU of ``n_sm`` SMs (None: no
     GPU): MAX_PIECE_BLOCKS when the packed attention would still run more than LARGE_PIECE_WAVES
-    waves of CTAs (4 per SM) with pieces that large, else PIECE_BLOCKS. The dense baseline keeps
-    PIECE_BLOCKS (its shared memory grows with the piece)."""
+    waves of CTAs (ATTENTION_CTAS_PER_SM per SM) with pieces that large, else PIECE_BLOCKS. The
+    dense baseline keeps PIECE_BLOCKS (its shared memory grows with the piece)."""
     if not packed or n_sm is None:
         return PIECE_BLOCKS
     ctas = sum(-(-n // MAX_PIECE_BLOCKS) + m for n, m in zip(n_select, stripes_per_head, strict=True))
-    return MAX_PIECE_BLOCKS if ctas > LARGE_PIECE_WAVES * 4 * n_sm else PIECE_BLOCKS
+    return MAX_PIECE_BLOCKS if ctas > LARGE_PIECE_WAVES * ATTENTION_CTAS_PER_SM * n_sm else PIECE_BLOCKS
 
 
 @functools.cache
