@@ -152,9 +152,9 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
             const at::Tensor& vdense, int64_t summary_kind, int64_t summary_width, int64_t block, const at::Tensor& n_select, const at::Tensor& dense_k,
             const at::Tensor& dense_v, const at::Tensor& dense_len, const std::optional<at::Tensor>& dense_rows,
             at::Tensor& qrot, at::Tensor& keys,
-            at::Tensor& sel, at::Tensor& pieces, at::Tensor& n_pieces, at::Tensor& stripe_first, int64_t piece_blocks,
-            at::Tensor& part_o,
-            at::Tensor& part_ml, at::Tensor& stripe_out, at::Tensor& status) {
+            at::Tensor& sel, at::Tensor& pieces, at::Tensor& n_pieces, at::Tensor& stripe_first,
+            at::Tensor& stripe_pieces, at::Tensor& arrivals, int64_t piece_blocks, at::Tensor& part_o,
+            at::Tensor& part_ml, at::Tensor& stripe_out, at::Tensor& stripe_ml, at::Tensor& status) {
   TORCH_CHECK(q.is_cuda() && q.dim() == 3 && q.is_contiguous(), "q must be a contiguous CUDA tensor [B, H_q, D]");
   const DType dt = storage_dtype(q, "q");
   const int64_t d = q.size(2);
@@ -173,13 +173,14 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{stripe_ptr, "stripe_ptr"}, {block_ptr, "block_ptr"},
                                 {block_stripe, "block_stripe"}, {n_select, "n_select"}, {dense_len, "dense_len"},
                                 {sel, "sel"}, {pieces, "pieces"},
-                                {n_pieces, "n_pieces"}, {stripe_first, "stripe_first"}, {status, "status"},
+                                {n_pieces, "n_pieces"}, {stripe_first, "stripe_first"},
+                                {stripe_pieces, "stripe_pieces"}, {arrivals, "arrivals"}, {status, "status"},
                                 {keys, "keys"}}) {
     check_cuda(t, name, q);
     check_type(t, name, at::kInt);
   }
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{qrot, "qrot"}, {part_o, "part_o"},
-                                {part_ml, "part_ml"}, {stripe_out, "stripe_out"}}) {
+                                {part_ml, "part_ml"}, {stripe_out, "stripe_out"}, {stripe_ml, "stripe_ml"}}) {
     check_cuda(t, name, q);
     check_type(t, name, at::kFloat);
   }
@@ -194,6 +195,11 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
   TORCH_CHECK(part_o.dim() == 4 && part_o.size(1) == pieces.size(1) + 1, "part_o must be [B*H_kv, max_pieces + 1, G, D]");
   TORCH_CHECK(stripe_out.dim() == 4 && stripe_out.size(0) == bh, "stripe_out must be [B*H_kv, max_stripes + 1, G, D]");
   TORCH_CHECK(stripe_first.numel() >= stripes.size(0), "stripe_first must have an entry per stripe");
+  TORCH_CHECK(stripe_pieces.numel() >= 2 * stripes.size(0), "stripe_pieces must be [n_stripes, 2] (or more rows)");
+  TORCH_CHECK(arrivals.numel() == bh, "arrivals must have B*H_kv entries");
+  TORCH_CHECK(stripe_ml.dim() == 4 && stripe_ml.size(0) == bh && stripe_ml.size(1) == stripe_out.size(1) &&
+                  stripe_ml.size(3) == 2,
+              "stripe_ml must be [B*H_kv, max_stripes + 1, G, 2]");
   TORCH_CHECK(piece_blocks >= 1 && piece_blocks <= mosaickv::kMaxPieceBlocks, "piece_blocks must be in [1, ",
               mosaickv::kMaxPieceBlocks, "], got ", piece_blocks);
   mosaickv::DecodeParams p{};
@@ -234,11 +240,14 @@ void decode(const at::Tensor& q, at::Tensor& out, double scale, bool packed, int
   p.pieces = pieces.data_ptr<int32_t>();
   p.n_pieces = n_pieces.data_ptr<int32_t>();
   p.stripe_first = stripe_first.data_ptr<int32_t>();
+  p.stripe_pieces = stripe_pieces.data_ptr<int32_t>();
+  p.arrivals = arrivals.data_ptr<int32_t>();
   p.max_pieces = (int)pieces.size(1);
   p.piece_blocks = (int)piece_blocks;
   p.part_o = part_o.data_ptr<float>();
   p.part_ml = part_ml.data_ptr<float>();
   p.stripe_out = stripe_out.data_ptr<float>();
+  p.stripe_ml = stripe_ml.data_ptr<float>();
   p.max_stripes = (int)stripe_out.size(1) - 1;
   p.status = status.data_ptr<int32_t>();
   p.stages = (int)stages;

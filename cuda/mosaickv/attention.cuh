@@ -840,147 +840,180 @@ __global__ void __launch_bounds__(kPaThreads, 4) packed_attention_kernel(DecodeP
   if (x == p.max_pieces) wait_for_prior_stage();  // see enter_attention_piece
 }
 
-// Merge, stage 1: grid (max_stripes + 1, B*H) x kMergeThreads. CTA x < n_stripes(bh) combines the
-// pieces of stripe x (scaled to the global max and normalised by the global sum) and un-rotates:
-// o = R_V^T o'. CTA x == max_stripes does the dense piece. Others write zeros so that stage 2 can sum
-// blindly. Latency-bound at these sizes, so every step keeps many loads in flight: the global max and
-// sum cover all heads in one pass, and the un-rotation splits the D rows of R_V over kMergeThreads / D
-// thread groups (each thread D / groups independent loads, unrolled).
+// ---------------------------------------------------------------------------------------------------
+// Merge: one launch, grid (max_stripes + 1, B*H) x kMergeThreads. CTA x < ns (the (b, h)'s stripes)
+// combines the pieces of stripe x, scaled to their max, and un-rotates them once, o = R_V^T o' (R_V
+// is copied into shared memory, asynchronously, before the CTA waits for the attention: the cache was
+// written before the call); CTA x == max_stripes takes the dense piece. Each writes its stripe's
+// unnormalised output and (max, sum of exp) and counts itself on the (b, h); the CTA that completes
+// the count sums the stripes, scaled to the global max and normalised, into the output. The select
+// zeroes the count each call, and the completing CTA too, so that the merge stage can also be run
+// alone, again and again.
+// ---------------------------------------------------------------------------------------------------
 constexpr int kMergeThreads = 512;
 
+// True in every thread of the CTA whose arrival brings *counter to `total`. The barrier orders the
+// CTA's writes before thread 0's arrival, which releases them; the last CTA's arrival acquires every
+// earlier one's, and it reads their outputs through L2 (__ldcg: L1 is not coherent across SMs).
+__device__ __forceinline__ bool arrive_last(int* counter, int total) {
+  __shared__ int last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int before;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(before) : "l"(counter) : "memory");
+    last = before == total - 1;
+  }
+  __syncthreads();
+  return last;
+}
+
+// v reduced over the CTA's threads of head threadIdx.x % G (lanes l and l + G hold the same head) into
+// res[G]; wred holds >= 32 * G floats.
+template <int G, bool kMax>
+__device__ __forceinline__ void reduce_per_head(float v, float* wred, float* res) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 16; o >= G; o >>= 1) {
+    const float y = __shfl_xor_sync(0xffffffffu, v, o);
+    v = kMax ? fmaxf(v, y) : v + y;
+  }
+  if (lane < G) wred[warp * G + lane] = v;
+  __syncthreads();
+  if (threadIdx.x < G) {
+    float r = wred[threadIdx.x];
+    for (int w = 1; w < kMergeThreads / 32; ++w) r = kMax ? fmaxf(r, wred[w * G + threadIdx.x]) : r + wred[w * G + threadIdx.x];
+    res[threadIdx.x] = r;
+  }
+  __syncthreads();
+}
+
+// Log-sum-exp combine of n partials (ml: [slot][G][2] max and sum of exp, natural log; o: [slot][G][D]
+// unnormalised), partial j at slot slot_of(j): os[G][D] = sum_j exp(m_j - M) o_j, s_m = M and
+// s_l = sum_j exp(m_j - M) l_j per head (shared memory). Every step has its loads side by side (a
+// chain of round trips to L2 per partial would be the whole cost): the max and the sum take partial
+// j in thread (j, g); the output takes kMergeThreads / G partials at a time, their slots and weights
+// first resolved into s_slot / s_w (-1 / 0 for a partial without tokens, whose o is not read), then
+// each thread its float4 of the output over them, kLoads loads in flight.
+template <int D, int G, typename SlotOf>
+__device__ void combine_partials(const float* ml, const float* o, int n, SlotOf slot_of, float* os, float* wred,
+                                 float* s_m, float* s_l, float* s_w, int* s_slot) {
+  constexpr int kLoads = 8, kStep = kMergeThreads / G;
+  static_assert(G * D / 4 <= kMergeThreads, "a float4 of the output per thread");
+  const int g = threadIdx.x % G, i4 = threadIdx.x, gi = 4 * i4 / D;
+  auto m_of = [&](int s) { return __ldcg(ml + (s * G + g) * 2); };
+  float m = -INFINITY;
+  for (int j = threadIdx.x / G; j < n; j += kStep) m = fmaxf(m, m_of(slot_of(j)));
+  reduce_per_head<G, true>(m, wred, s_m);
+  float l = 0.f;
+  for (int j = threadIdx.x / G; j < n; j += kStep) {
+    const int s = slot_of(j);
+    const float mj = m_of(s);
+    if (mj != -INFINITY) l += __expf(mj - s_m[g]) * __ldcg(ml + (s * G + g) * 2 + 1);
+  }
+  reduce_per_head<G, false>(l, wred, s_l);
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int j0 = 0; j0 < n; j0 += kStep) {
+    {
+      const int j = j0 + (int)threadIdx.x / G;
+      const float mj = j < n ? m_of(slot_of(j)) : -INFINITY;
+      s_w[threadIdx.x] = mj == -INFINITY ? 0.f : __expf(mj - s_m[g]);  // [j - j0][g]
+      if (g == 0) s_slot[threadIdx.x / G] = j < n ? slot_of(j) : -1;
+    }
+    __syncthreads();
+    const int nj = min(kStep, n - j0);
+    if (i4 < G * D / 4) {
+      for (int u0 = 0; u0 < nj; u0 += kLoads) {
+        float4 x[kLoads];
+        float w[kLoads];
+#pragma unroll
+        for (int u = 0; u < kLoads; ++u) {
+          w[u] = u0 + u < nj ? s_w[(u0 + u) * G + gi] : 0.f;
+          x[u] = w[u] != 0.f ? __ldcg(reinterpret_cast<const float4*>(o + (int64_t)s_slot[u0 + u] * G * D) + i4)
+                             : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int u = 0; u < kLoads; ++u) {
+          acc.x = fmaf(w[u], x[u].x, acc.x);
+          acc.y = fmaf(w[u], x[u].y, acc.y);
+          acc.z = fmaf(w[u], x[u].z, acc.z);
+          acc.w = fmaf(w[u], x[u].w, acc.w);
+        }
+      }
+    }
+    __syncthreads();  // s_w and s_slot are rewritten for the next partials
+  }
+  if (i4 < G * D / 4) reinterpret_cast<float4*>(os)[i4] = acc;
+  __syncthreads();
+}
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* src) {  // no registers held
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(smem_dst)), "l"(src) : "memory");
+}
+
+// Dynamic shared memory of merge_kernel: the stripe's R_V (rotated stripes only).
+inline size_t merge_smem_bytes(int D, bool rotated) { return rotated ? sizeof(float) * D * D : 0; }
+
 template <typename T, int D, int G>
-__global__ void __launch_bounds__(kMergeThreads) merge_kernel(DecodeParams p) {
+__global__ void __launch_bounds__(kMergeThreads, 2) merge_kernel(DecodeParams p) {
   constexpr int kParts = kMergeThreads / D;  // thread groups of the un-rotation
   constexpr int kRows = D / kParts;          // rows of R_V per group
-  constexpr int kWarps = kMergeThreads / 32;
-  __shared__ float os[G][D];
+  extern __shared__ __align__(16) float s_rv[];  // [D][D] R_V (merge_smem_bytes)
+  __shared__ __align__(16) float os[G * D];
   __shared__ float red[kParts][G][D];
-  __shared__ float wred[kWarps][G];
-  __shared__ float gm[G], gl[G];
-  __shared__ int range[2];
+  __shared__ float wred[32 * G], s_m[G], s_l[G], s_w[kMergeThreads];
+  __shared__ int s_slot[kMergeThreads];
   allow_next_stage();
-  const int bh = blockIdx.y, x = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  float* dst = p.stripe_out + ((int64_t)bh * (p.max_stripes + 1) + x) * G * D;
-  const int s0 = p.stripe_ptr[bh], ns = p.stripe_ptr[bh + 1] - s0, stripe = s0 + x;
-  if (x != p.max_stripes && x >= ns) {  // the attention does not read stripe_out: no wait
-    for (int i = tid; i < G * D; i += blockDim.x) dst[i] = 0.f;
-    return;
-  }
-  wait_for_prior_stage();  // the pieces and their partial outputs
-  const int np = p.n_pieces[bh];
-  const float* ml = p.part_ml + (int64_t)bh * (p.max_pieces + 1) * G * 2;
-  const float* po = p.part_o + (int64_t)bh * (p.max_pieces + 1) * G * D;
-  auto slot_of = [&](int i) { return i < np ? i : p.max_pieces; };  // i == np: the dense piece
-  // Global max, then sum, per head over the pieces and the dense piece (all heads in one pass).
-  float m[G];
-#pragma unroll
-  for (int g = 0; g < G; ++g) m[g] = -INFINITY;
-  for (int i = tid; i <= np; i += blockDim.x)
-#pragma unroll
-    for (int g = 0; g < G; ++g) m[g] = fmaxf(m[g], ml[(slot_of(i) * G + g) * 2]);
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    m[g] = warp_max(m[g]);
-    if (lane == 0) wred[warp][g] = m[g];
-  }
-  __syncthreads();
-  if (tid < G) {
-    float r = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) r = fmaxf(r, wred[w][tid]);
-    gm[tid] = r;
-  }
-  __syncthreads();
-  float l[G];
-#pragma unroll
-  for (int g = 0; g < G; ++g) l[g] = 0.f;
-  for (int i = tid; i <= np; i += blockDim.x)
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      const float mi = ml[(slot_of(i) * G + g) * 2];
-      if (mi != -INFINITY) l[g] += __expf(mi - gm[g]) * ml[(slot_of(i) * G + g) * 2 + 1];
-    }
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    l[g] = warp_sum(l[g]);
-    if (lane == 0) wred[warp][g] = l[g];
-  }
-  // This stripe's pieces: sorted by stripe, so one contiguous range [lo, hi).
-  if (tid == 0) range[0] = range[1] = np;
-  __syncthreads();
-  if (tid < G) {
-    float r = 0.f;
-    for (int w = 0; w < kWarps; ++w) r += wred[w][tid];
-    gl[tid] = r > 0.f ? 1.f / r : 0.f;
-  }
-  if (x == p.max_stripes) {
-    if (tid == 0) range[1] = np + 1;  // the dense piece, slot max_pieces
-  } else {
-    for (int j = tid; j < np; j += blockDim.x) {
-      const int sj = p.pieces[((int64_t)bh * p.max_pieces + j) * 3 + 2];
-      const int prev = j > 0 ? p.pieces[((int64_t)bh * p.max_pieces + j - 1) * 3 + 2] : -1;
-      const int next = j + 1 < np ? p.pieces[((int64_t)bh * p.max_pieces + j + 1) * 3 + 2] : -1;
-      if (sj == stripe && prev != stripe) range[0] = j;
-      if (sj == stripe && next != stripe) range[1] = j + 1;
-    }
-  }
-  __syncthreads();
-  const int lo = range[0], hi = range[1];
-  for (int i = tid; i < G * D; i += blockDim.x) {
-    const int g = i / D;
-    float a = 0.f;
-#pragma unroll 4
-    for (int j = lo; j < hi; ++j) {
-      const int slot = slot_of(j);
-      const float mj = ml[(slot * G + g) * 2];
-      const float v = po[(int64_t)slot * G * D + i];
-      if (mj != -INFINITY) a += __expf(mj - gm[g]) * v;
-    }
-    os[g][i % D] = a * gl[g];
-  }
-  __syncthreads();
-  if (x == p.max_stripes || !p.rotated) {
-    for (int i = tid; i < G * D; i += blockDim.x) dst[i] = os[i / D][i % D];
-    return;
-  }
-  // o[g][d] = sum_j R_V[j][d] o'[g][j]: group `part` takes rows j in [part * kRows, (part + 1) * kRows).
-  {
-    const int64_t* meta = p.stripes + (int64_t)stripe * kStripeCols;
+  const int bh = blockIdx.y, x = blockIdx.x, tid = threadIdx.x;
+  const int s0 = p.stripe_ptr[bh], ns = p.stripe_ptr[bh + 1] - s0;
+  if (x >= ns && x != p.max_stripes) return;
+  const bool rotate = x != p.max_stripes && p.rotated;
+  const int64_t* meta = p.stripes + (int64_t)(s0 + x) * kStripeCols;
+  if (rotate)
+    for (int i = tid; i < D * D / 4; i += kMergeThreads)  // row i / (D/4), floats 4 (i % (D/4)) .. + 3
+      cp_async16(s_rv + 4 * i, rotation_row<D>(p.pages, meta, 1, i / (D / 4)) + 4 * (i % (D / 4)));
+  wait_for_prior_stage();  // the attention's partials (and, before it, the select's pieces)
+  const int first = x == p.max_stripes ? p.max_pieces : p.stripe_pieces[(s0 + x) * 2];
+  const int n = x == p.max_stripes ? 1 : p.stripe_pieces[(s0 + x) * 2 + 1];
+  combine_partials<D, G>(p.part_ml + (int64_t)bh * (p.max_pieces + 1) * G * 2,
+                         p.part_o + (int64_t)bh * (p.max_pieces + 1) * G * D, n, [&](int j) { return first + j; },
+                         os, wred, s_m, s_l, s_w, s_slot);
+  float* stripe_o = p.stripe_out + (int64_t)bh * (p.max_stripes + 1) * G * D;
+  float* stripe_ml = p.stripe_ml + (int64_t)bh * (p.max_stripes + 1) * G * 2;
+  if (rotate) {  // o[g][d] = sum_j R_V[j][d] o'[g][j], group `part` over its kRows rows j
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    __syncthreads();
     const int d = tid % D, part = tid / D;
-    float rv[kRows];
-#pragma unroll
-    for (int u = 0; u < kRows; ++u) rv[u] = rotation_row<D>(p.pages, meta, 1, part * kRows + u)[d];
     float a[G];
 #pragma unroll
     for (int g = 0; g < G; ++g) a[g] = 0.f;
+#pragma unroll 8
+    for (int u = part * kRows; u < (part + 1) * kRows; ++u)
 #pragma unroll
-    for (int u = 0; u < kRows; ++u)
-#pragma unroll
-      for (int g = 0; g < G; ++g) a[g] = fmaf(rv[u], os[g][part * kRows + u], a[g]);
+      for (int g = 0; g < G; ++g) a[g] = fmaf(s_rv[u * D + d], os[g * D + u], a[g]);
 #pragma unroll
     for (int g = 0; g < G; ++g) red[part][g][d] = a[g];
-  }
-  __syncthreads();
-  for (int i = tid; i < G * D; i += blockDim.x) {
-    float a = 0.f;
+    __syncthreads();
+    for (int i = tid; i < G * D; i += kMergeThreads) {
+      float s = 0.f;
 #pragma unroll
-    for (int q = 0; q < kParts; ++q) a += red[q][i / D][i % D];
-    dst[i] = a;
+      for (int q = 0; q < kParts; ++q) s += red[q][i / D][i % D];
+      stripe_o[x * G * D + i] = s;
+    }
+  } else {
+    for (int i = tid; i < G * D; i += kMergeThreads) stripe_o[x * G * D + i] = os[i];
   }
-}
-
-// Merge, stage 2: out[b, h*G + g, :] = sum over stripes (and the dense piece).
-template <typename T, int D, int G>
-__global__ void __launch_bounds__(256) final_kernel(DecodeParams p) {
-  allow_next_stage();
-  wait_for_prior_stage();  // the stripes' outputs
-  const int bh = blockIdx.x;
-  const float* src = p.stripe_out + (int64_t)bh * (p.max_stripes + 1) * G * D;
+  if (tid < G) {
+    stripe_ml[(x * G + tid) * 2] = s_m[tid];
+    stripe_ml[(x * G + tid) * 2 + 1] = s_l[tid];
+  }
+  if (!arrive_last(p.arrivals + bh, ns + 1)) return;
+  if (tid == 0) p.arrivals[bh] = 0;
+  combine_partials<D, G>(stripe_ml, stripe_o, ns + 1, [&](int j) { return j == ns ? p.max_stripes : j; }, os, wred,
+                         s_m, s_l, s_w, s_slot);
   T* out = static_cast<T*>(p.out) + (int64_t)bh * G * D;  // [b][h*G + g][d] == bh * G * D + g * D + d
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-    float a = 0.f;
-#pragma unroll 16  // loads in flight (the sum stays in stripe order)
-    for (int x = 0; x <= p.max_stripes; ++x) a += src[(int64_t)x * G * D + i];
-    out[i] = Conv<T>::from(a);
+  for (int i = tid; i < G * D; i += kMergeThreads) {
+    const float l = s_l[i / D];
+    out[i] = Conv<T>::from(l > 0.f ? os[i] / l : 0.f);
   }
 }
 
@@ -1042,8 +1075,9 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
     }
   }
   if (p.stages & kStageMerge) {
-    stage(merge_kernel<T, D, G>, dim3(p.max_stripes + 1, bh), kMergeThreads, 0);
-    stage(final_kernel<T, D, G>, dim3(bh), 256, 0);
+    const size_t smem = merge_smem_bytes(D, p.rotated);
+    if (err == cudaSuccess) err = allow_dynamic_smem<merge_kernel<T, D, G>>(dev, merge_smem_bytes(D, true));
+    stage(merge_kernel<T, D, G>, dim3(p.max_stripes + 1, bh), kMergeThreads, smem);
   }
   return err != cudaSuccess ? err : cudaGetLastError();
 }

@@ -147,10 +147,14 @@ struct DecodeParams {
   int32_t* pieces;               // [B*H, max_pieces, 3]: first sel index, end sel index, stripe
   int32_t* n_pieces;             // [B*H]
   int32_t* stripe_first;         // [n_stripes] the select's scratch: selected blocks before each stripe's first
+  int32_t* stripe_pieces;        // [n_stripes, 2] each stripe's first piece slot and number of pieces (the select)
+  int32_t* arrivals;             // [B*H] the merge's count of (b, h)'s stripes done (zeroed by the select,
+                                 // and by the merge CTA that completes it)
   int max_pieces, piece_blocks;
   float* part_o;                 // [B*H, max_pieces + 1, G, D] unnormalised, rotated V space
   float* part_ml;                // [B*H, max_pieces + 1, G, 2] running max, sum of exp
-  float* stripe_out;             // [B*H, max_stripes + 1, G, D]
+  float* stripe_out;             // [B*H, max_stripes + 1, G, D] unnormalised (to the stripe's max), un-rotated
+  float* stripe_ml;              // [B*H, max_stripes + 1, G, 2] the stripe's max and sum of exp
   int max_stripes;
   int* status;
   int stages;                    // bit mask of Stage, for timing one stage at a time

@@ -425,6 +425,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
   // whose first block lies past the (b, h)'s blocks (no blocks at the end) has no block of any slice
   // to mark it, and starts at k.
   auto first_of = [&](int q) { return q >= ns || start_of(q) >= n ? k : p.stripe_first[s0 + q]; };
+  // Each stripe's pieces (first slot, count) for the merge, which also counts on arrivals[bh].
   int32_t* pc = p.pieces + (int64_t)bh * p.max_pieces * 3;
   int piece_run = 0;
   for (int t0 = 0; t0 < ns; t0 += blockDim.x) {
@@ -441,11 +442,16 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
         pc[slot * 3 + 2] = s0 + q;
       }
     }
+    if (q < ns) {
+      p.stripe_pieces[(s0 + q) * 2] = before;
+      p.stripe_pieces[(s0 + q) * 2 + 1] = max(0, min(np, p.max_pieces - before));  // past max_pieces: dropped
+    }
     piece_run += tot;
   }
   if (tid == 0) {
     if (piece_run > p.max_pieces) atomicOr(p.status, kBadPieces);
     p.n_pieces[bh] = min(piece_run, p.max_pieces);
+    p.arrivals[bh] = 0;
   }
 }
 
@@ -471,13 +477,13 @@ inline cudaLaunchConfig_t select_config(int csize, int bh, size_t cache_bytes, c
   return cfg;
 }
 
-// Lets select_kernel take the largest key cache on device `dev` (above the default 48 KB of dynamic
-// shared memory); once per device, not per launch (each call costs host time on the decode path).
-inline cudaError_t select_allow_cache(int dev) {
+// Lets kKernel take `bytes` of dynamic shared memory on device `dev` (above the default 48 KB); once
+// per device and kernel, not per launch (each call costs host time on the decode path).
+template <void (*kKernel)(DecodeParams)>
+inline cudaError_t allow_dynamic_smem(int dev, size_t bytes) {
   static std::atomic<bool> allowed[kMaxDevices] = {};
   if (dev < kMaxDevices && allowed[dev].load(std::memory_order_acquire)) return cudaSuccess;
-  const cudaError_t err = cudaFuncSetAttribute(select_kernel<>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               (int)select_cache_bytes(kSelectCacheKeys));
+  const cudaError_t err = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
   if (err == cudaSuccess && dev < kMaxDevices) allowed[dev].store(true, std::memory_order_release);
   return err;
 }
@@ -517,7 +523,8 @@ inline const int* select_cluster_fit(int dev, bool may_ask) {
 inline cudaError_t launch_select(const DecodeParams& p, int bh, cudaStream_t stream, int dev, int major,
                                  bool after_stage) {
   static_assert(kSelectCluster == 1 << (kClusterSizes - 1), "cluster sizes 1 .. kSelectCluster");
-  cudaError_t err = select_allow_cache(dev);
+  // The largest key cache the launcher gives a CTA.
+  cudaError_t err = allow_dynamic_smem<select_kernel<>>(dev, select_cache_bytes(kSelectCacheKeys));
   if (err != cudaSuccess) return err;
   int csize = 1;
   if (major >= 9 && dev < kMaxDevices) {

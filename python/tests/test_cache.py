@@ -966,8 +966,8 @@ def test_page_tables_address_every_row_summary_and_rotation(name: str, storage: 
         lay, ws = snapshot_layout(snaps, [mgr.method] * 2, mgr.pool, gqa_group=4)
         planned = DecodeWorkspace.plan(lay, gqa_group=4)  # sized from the tables read back
         for name in (
-            *("qrot", "keys", "sel", "pieces", "n_pieces", "stripe_first"),
-            *("part_o", "part_ml", "stripe_out"),
+            *("qrot", "keys", "sel", "pieces", "n_pieces", "stripe_first", "stripe_pieces"),
+            *("arrivals", "part_o", "part_ml", "stripe_out", "stripe_ml"),
         ):
             assert getattr(ws, name).shape == getattr(planned, name).shape, name
         s = 0
@@ -1390,7 +1390,7 @@ def test_a_rebuilt_layout_keeps_the_workspace_while_it_fits() -> None:
             n_blocks, n_stripes = lay2.block_stripe.numel(), lay2.stripes.shape[0]
             fits = ws1.keys.numel() >= n_blocks and ws1.qrot.shape[0] >= n_stripes
             assert (ws2 is ws1) == (same_grid and fits)
-            for n in grid + ("part_o", "part_ml", "n_pieces"):
+            for n in grid + ("part_o", "part_ml", "n_pieces", "stripe_ml"):
                 assert getattr(ws2, n).shape == getattr(fresh, n).shape, n
             assert ws2.keys.numel() >= n_blocks and ws2.qrot.shape[0] >= n_stripes
             reused += ws2 is ws1

@@ -285,6 +285,33 @@ def test_decode_cuda_graph_replay_matches_eager() -> None:
 
 
 @pytest.mark.parametrize("method", ["mosaic", "quest"])
+def test_merge_stage_alone_repeats_the_whole_calls_output(method: str) -> None:
+    """The merge's CTAs count themselves on their (b, h) as their stripes are done, and the last one
+    sums the stripes into the output. The select zeroes the count each call and that last CTA does
+    too, so the merge stage run alone (as the stage timings do), again and again, writes the whole
+    call's output every time. Most stripes here have no selected block (their combine is empty), and
+    the third sequence has no stripe at all (one token: only the dense piece)."""
+    caches = build_caches(method, [1500, 700, 1], 2, 128, torch.bfloat16, seed=13)
+    plan = DecodePlan(caches, "cuda", piece_blocks=4)
+    q = (torch.randn(3, 8, 128, device="cuda") * 2).to(torch.bfloat16)
+    whole = plan.run(q).clone()
+    lay, ws = plan.layout, plan.workspace
+    assert lay is not None and ws is not None
+    idle = 0
+    for bh in range(lay.batch * lay.n_kv_heads):
+        s0, s1 = int(lay.stripe_ptr[bh]), int(lay.stripe_ptr[bh + 1])
+        idle += int((ws.stripe_pieces[s0:s1, 1] == 0).sum())
+    assert idle > 0, "some stripes have no selected block"
+    ref = torch.stack([c.attend(q[b].cpu()) for b, c in enumerate(caches)])
+    assert rel_err(whole.cpu(), ref) < 2e-2
+    for _ in range(3):
+        out = plan.run(q, out=torch.full_like(q, math.nan), stages=16)
+        torch.cuda.synchronize()
+        assert torch.equal(out, whole)
+    assert int(ws.status.item()) == 0
+
+
+@pytest.mark.parametrize("method", ["mosaic", "quest"])
 def test_decode_reads_each_sequences_own_dense_rows_through_their_addresses(method: str) -> None:
     """With ``dense_rows`` (the cache manager's per-sequence buffers, no stacked copy) the output is
     exactly the stacked layout's; the stacked tensors given alongside (NaN here) are never read, nor

@@ -453,9 +453,12 @@ def _update_open_summaries(
         "pieces",
         "n_pieces",
         "stripe_first",
+        "stripe_pieces",
+        "arrivals",
         "part_o",
         "part_ml",
         "stripe_out",
+        "stripe_ml",
         "status",
     ),
     device_types="cuda",
@@ -487,10 +490,13 @@ def decode_(
     pieces: torch.Tensor,
     n_pieces: torch.Tensor,
     stripe_first: torch.Tensor,
+    stripe_pieces: torch.Tensor,
+    arrivals: torch.Tensor,
     piece_blocks: int,
     part_o: torch.Tensor,
     part_ml: torch.Tensor,
     stripe_out: torch.Tensor,
+    stripe_ml: torch.Tensor,
     status: torch.Tensor,
 ) -> None:
     """One decode step of one layer for a batch: q [B, H_q, D] -> out [B, H_q, D] (same dtype).
@@ -528,10 +534,13 @@ def decode_(
         pieces,
         n_pieces,
         stripe_first,
+        stripe_pieces,
+        arrivals,
         piece_blocks,
         part_o,
         part_ml,
         stripe_out,
+        stripe_ml,
         status,
     )
 
@@ -549,8 +558,8 @@ def decode_args(
     return (q, out, scale, lay.packed, stages, lay.stripes, lay.stripe_ptr, lay.block_ptr, lay.block_stripe,
             lay.pages, lay.kdense, lay.vdense, lay.summary_kind, lay.summary_width, lay.block, lay.n_select,
             lay.dense_k, lay.dense_v, lay.dense_len, lay.dense_rows, ws.qrot, ws.keys, ws.sel, ws.pieces,
-            ws.n_pieces, ws.stripe_first, ws.piece_blocks, ws.part_o, ws.part_ml, ws.stripe_out,
-            ws.status)  # fmt: skip
+            ws.n_pieces, ws.stripe_first, ws.stripe_pieces, ws.arrivals, ws.piece_blocks, ws.part_o,
+            ws.part_ml, ws.stripe_out, ws.stripe_ml, ws.status)  # fmt: skip
 
 
 def run_decode(

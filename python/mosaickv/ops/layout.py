@@ -505,9 +505,12 @@ class DecodeWorkspace:
     Attributes:
         qrot: [n_stripes, G, D] f32; keys: [n_blocks] int32; sel: [B*H, max_select] int32;
         pieces: [B*H, max_pieces, 3] int32; n_pieces: [B*H] int32; stripe_first: [n_stripes] int32
-        (the select's scratch); part_o: [B*H, max_pieces + 1, G, D]
+        (the select's scratch); stripe_pieces: [n_stripes, 2] int32 (each stripe's first piece and
+        number of pieces); arrivals: [B*H] int32 (the merge's count of each (b, h)'s stripes
+        done); part_o: [B*H, max_pieces + 1, G, D]
         f32; part_ml: [B*H, max_pieces + 1, G, 2] f32; stripe_out: [B*H, max_stripes + 1, G, D] f32;
-        status: [1] int32 (kernel status bits, mosaickv/params.h).
+        stripe_ml: [B*H, max_stripes + 1, G, 2] f32; status: [1] int32 (kernel status bits,
+        mosaickv/params.h).
     """
 
     qrot: torch.Tensor
@@ -516,9 +519,12 @@ class DecodeWorkspace:
     pieces: torch.Tensor
     n_pieces: torch.Tensor
     stripe_first: torch.Tensor
+    stripe_pieces: torch.Tensor
+    arrivals: torch.Tensor
     part_o: torch.Tensor
     part_ml: torch.Tensor
     stripe_out: torch.Tensor
+    stripe_ml: torch.Tensor
     status: torch.Tensor
     piece_blocks: int
 
@@ -546,8 +552,9 @@ class DecodeWorkspace:
         count, as the host built them. ``reuse`` (an earlier layout's workspace, whose launches are
         ordered before this layout's on the stream) is returned when it fits: the kernels size
         their grids by sel, pieces and stripe_out, which must match, and only index into qrot,
-        stripe_first and keys, which may be larger (new ones get an eighth more rows, so that a
-        cache growing by a block per head keeps its workspace for a while)."""
+        stripe_first, stripe_pieces and keys, which may be larger (new ones get an
+        eighth more rows, so that a cache growing by a block per head keeps its workspace for a
+        while)."""
         dev = layout.dense_k.device
         if piece_blocks is None:
             piece_blocks = auto_piece_blocks(layout.packed, n_select, stripes_per_head, sm_count(dev))
@@ -571,7 +578,7 @@ class DecodeWorkspace:
             and reuse.qrot.shape[1:] == (g, d)
             and reuse.piece_blocks == piece_blocks
             and reuse.qrot.shape[0] >= n_stripes
-            and reuse.stripe_first.shape[0] >= n_stripes
+            and reuse.stripe_first.shape[0] >= n_stripes  # and so stripe_pieces (same rows)
             and reuse.keys.numel() >= n_blocks
         ):
             return reuse
@@ -584,9 +591,12 @@ class DecodeWorkspace:
             pieces=torch.empty(bh, max_pieces, 3, dtype=i32, device=dev),
             n_pieces=torch.empty(bh, dtype=i32, device=dev),
             stripe_first=torch.empty(stripe_rows, dtype=i32, device=dev),
+            stripe_pieces=torch.empty(stripe_rows, 2, dtype=i32, device=dev),
+            arrivals=torch.zeros(bh, dtype=i32, device=dev),
             part_o=torch.empty(bh, max_pieces + 1, g, d, dtype=f32, device=dev),
             part_ml=torch.empty(bh, max_pieces + 1, g, 2, dtype=f32, device=dev),
             stripe_out=torch.empty(bh, max_stripes + 1, g, d, dtype=f32, device=dev),
+            stripe_ml=torch.empty(bh, max_stripes + 1, g, 2, dtype=f32, device=dev),
             status=torch.zeros(1, dtype=i32, device=dev),
             piece_blocks=piece_blocks,
         )
