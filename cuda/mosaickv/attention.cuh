@@ -892,8 +892,8 @@ __device__ __forceinline__ void reduce_per_head(float v, float* wred, float* res
 // s_l = sum_j exp(m_j - M) l_j per head (shared memory). Every step has its loads side by side (a
 // chain of round trips to L2 per partial would be the whole cost): the max and the sum take partial
 // j in thread (j, g); the output takes kMergeThreads / G partials at a time, their slots and weights
-// first resolved into s_slot / s_w (-1 / 0 for a partial without tokens, whose o is not read), then
-// each thread its float4 of the output over them, kLoads loads in flight.
+// first resolved into s_slot / s_w (weight 0 for a partial without tokens, whose o is then not read),
+// then each thread its float4 of the output over them, kLoads loads in flight.
 template <int D, int G, typename SlotOf>
 __device__ void combine_partials(const float* ml, const float* o, int n, SlotOf slot_of, float* os, float* wred,
                                  float* s_m, float* s_l, float* s_w, int* s_slot) {
