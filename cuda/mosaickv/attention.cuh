@@ -188,8 +188,8 @@ __device__ __forceinline__ void dense_tokens(const T* k, const T* v, int n_tok, 
 
 __host__ __device__ constexpr int round_up4(int n) { return (n + 3) & ~3; }
 
-// Start of an attention CTA (x, bh): false if its slot is unused (the merge reads only the first
-// n_pieces). A piece CTA waits for the select (its pieces) here; the dense CTA (x == max_pieces)
+// Start of an attention CTA (x, bh): false if its slot is unused (only the first n_pieces are
+// pieces; the merge reads each stripe's range of them, stripe_pieces). A piece CTA waits for the select (its pieces) here; the dense CTA (x == max_pieces)
 // needs nothing of it, so it does its work while the select finishes and waits only before it exits,
 // to keep the chain of stages (wait_for_prior_stage) when no piece CTA runs.
 __device__ __forceinline__ bool enter_attention_piece(const DecodeParams& p, int bh, int x) {
@@ -967,10 +967,11 @@ __global__ void __launch_bounds__(kMergeThreads, 2) merge_kernel(DecodeParams p)
   const int s0 = p.stripe_ptr[bh], ns = p.stripe_ptr[bh + 1] - s0;
   if (x >= ns && x != p.max_stripes) return;
   const bool rotate = x != p.max_stripes && p.rotated;
-  const int64_t* meta = p.stripes + (int64_t)(s0 + x) * kStripeCols;
-  if (rotate)
+  if (rotate) {
+    const int64_t* meta = p.stripes + (int64_t)(s0 + x) * kStripeCols;
     for (int i = tid; i < D * D / 4; i += kMergeThreads)  // row i / (D/4), floats 4 (i % (D/4)) .. + 3
       cp_async16(s_rv + 4 * i, rotation_row<D>(p.pages, meta, 1, i / (D / 4)) + 4 * (i % (D / 4)));
+  }
   wait_for_prior_stage();  // the attention's partials (and, before it, the select's pieces)
   const int first = x == p.max_stripes ? p.max_pieces : p.stripe_pieces[(s0 + x) * 2];
   const int n = x == p.max_stripes ? 1 : p.stripe_pieces[(s0 + x) * 2 + 1];
