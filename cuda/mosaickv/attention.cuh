@@ -891,32 +891,36 @@ __device__ __forceinline__ void reduce_per_head(float v, float* wred, float* res
 // unnormalised), partial j at slot slot_of(j): os[G][D] = sum_j exp(m_j - M) o_j, s_m = M and
 // s_l = sum_j exp(m_j - M) l_j per head (shared memory). Every step has its loads side by side (a
 // chain of round trips to L2 per partial would be the whole cost): the max and the sum take partial
-// j in thread (j, g); the output takes kMergeThreads / G partials at a time, their slots and weights
-// first resolved into s_slot / s_w (weight 0 for a partial without tokens, whose o is then not read),
-// then each thread its float4 of the output over them, kLoads loads in flight.
+// j in thread (j, g), whose (max, sum) is read once, as one 8-byte load, and kept in registers for
+// all three steps while there are no more partials than threads per head (else read again); the
+// output takes kMergeThreads / G partials at a time, their slots and weights first resolved into
+// s_slot / s_w (weight 0 for a partial without tokens, whose o is then not read), then each thread
+// its float4 of the output over them, kLoads loads in flight.
 template <int D, int G, typename SlotOf>
 __device__ void combine_partials(const float* ml, const float* o, int n, SlotOf slot_of, float* os, float* wred,
                                  float* s_m, float* s_l, float* s_w, int* s_slot) {
   constexpr int kLoads = 8, kStep = kMergeThreads / G;
   static_assert(G * D / 4 <= kMergeThreads, "a float4 of the output per thread");
-  const int g = threadIdx.x % G, i4 = threadIdx.x, gi = 4 * i4 / D;
-  auto m_of = [&](int s) { return __ldcg(ml + (s * G + g) * 2); };
-  float m = -INFINITY;
-  for (int j = threadIdx.x / G; j < n; j += kStep) m = fmaxf(m, m_of(slot_of(j)));
+  const int g = threadIdx.x % G, i4 = threadIdx.x, gi = 4 * i4 / D, mine = threadIdx.x / G;
+  auto ml_of = [&](int j) { return __ldcg(reinterpret_cast<const float2*>(ml + (slot_of(j) * G + g) * 2)); };
+  const float2 ml0 = mine < n ? ml_of(mine) : make_float2(-INFINITY, 0.f);  // partial `mine`, read once
+  auto ml_at = [&](int j) { return j == mine ? ml0 : ml_of(j); };
+  float m = ml0.x;
+  for (int j = mine + kStep; j < n; j += kStep) m = fmaxf(m, ml_of(j).x);
   reduce_per_head<G, true>(m, wred, s_m);
+  const float gm = s_m[g];
   float l = 0.f;
-  for (int j = threadIdx.x / G; j < n; j += kStep) {
-    const int s = slot_of(j);
-    const float mj = m_of(s);
-    if (mj != -INFINITY) l += __expf(mj - s_m[g]) * __ldcg(ml + (s * G + g) * 2 + 1);
+  for (int j = mine; j < n; j += kStep) {
+    const float2 x = ml_at(j);
+    if (x.x != -INFINITY) l += __expf(x.x - gm) * x.y;
   }
   reduce_per_head<G, false>(l, wred, s_l);
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int j0 = 0; j0 < n; j0 += kStep) {
     {
-      const int j = j0 + (int)threadIdx.x / G;
-      const float mj = j < n ? m_of(slot_of(j)) : -INFINITY;
-      s_w[threadIdx.x] = mj == -INFINITY ? 0.f : __expf(mj - s_m[g]);  // [j - j0][g]
+      const int j = j0 + mine;
+      const float mj = j < n ? ml_at(j).x : -INFINITY;
+      s_w[threadIdx.x] = mj == -INFINITY ? 0.f : __expf(mj - gm);  // [j - j0][g]
       if (g == 0) s_slot[threadIdx.x / G] = j < n ? slot_of(j) : -1;
     }
     __syncthreads();
