@@ -276,10 +276,6 @@ constexpr int kChunk = 16;  // tokens per warp step (one mma M/N tile)
 template <int D>
 __host__ __device__ constexpr int pa_stride() { return D + 8; }  // elements; ldmatrix rows conflict-free
 
-__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
-}
-
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -950,10 +946,6 @@ __device__ void combine_partials(const float* ml, const float* o, int n, SlotOf 
   __syncthreads();
 }
 
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* src) {  // no registers held
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(smem_dst)), "l"(src) : "memory");
-}
-
 // Dynamic shared memory of merge_kernel: the stripe's R_V (rotated stripes only).
 inline size_t merge_smem_bytes(int D, bool rotated) { return rotated ? sizeof(float) * D * D : 0; }
 
@@ -985,7 +977,7 @@ __global__ void __launch_bounds__(kMergeThreads, 2) merge_kernel(DecodeParams p)
   float* stripe_o = p.stripe_out + (int64_t)bh * (p.max_stripes + 1) * G * D;
   float* stripe_ml = p.stripe_ml + (int64_t)bh * (p.max_stripes + 1) * G * 2;
   if (rotate) {  // o[g][d] = sum_j R_V[j][d] o'[g][j], group `part` over its kRows rows j
-    asm volatile("cp.async.wait_all;" ::: "memory");
+    cp_async_wait_all();
     __syncthreads();
     const int d = tid % D, part = tid / D;
     float a[G];

@@ -40,6 +40,20 @@ __device__ __forceinline__ void allow_next_stage() {
 #endif
 }
 
+__device__ __forceinline__ uint32_t smem_u32(const void* ptr) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(ptr));
+}
+
+// Asynchronous copies global -> shared memory (cp.async): no registers held while they are in flight;
+// cp_async_wait_all() waits for the thread's own, a barrier after it for the CTA's.
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_u32(smem_dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async4(void* smem_dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(smem_u32(smem_dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
 // Row r of a paged array (StripeCol in params.h): entry `first` of the page table holds rows
 // [0, per_page), the next one [per_page, 2 per_page), ... Indices fit 32 bits (unsigned division).
 __host__ __device__ __forceinline__ char* paged_row(const int64_t* pages, int64_t entry, int64_t per_page,

@@ -297,7 +297,10 @@ struct SelectCluster {
 template <int kUnused = 0>  // a template: the header is included by several .cu files
 __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) {
   extern __shared__ uint32_t s_keys[];           // the slice's keys at key_slot(j)
-  __shared__ __align__(8) int hist[2][kSelectBins];  // double buffered: pass p+2 reuses pass p's (see below)
+  // One histogram per pass, zeroed before the keys arrive: other CTAs of the cluster read pass p's
+  // between its cluster barrier and the next, so a buffer shared by two passes would need zeroing,
+  // and a barrier, in between.
+  __shared__ __align__(8) int hist[3][kSelectBins];
   __shared__ int scratch[32];
   __shared__ int found[2];   // digit, remaining after this pass
   __shared__ int counts[2];  // this CTA's keys above / equal to the threshold
@@ -331,11 +334,14 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
       next_start = q_next < ns ? start_of(q_next) : INT_MAX;
     }
   }
+  for (int i = tid; i < 3 * kSelectBins; i += blockDim.x) hist[i / kSelectBins][i % kSelectBins] = 0;
   wait_for_prior_stage();  // the keys
   const uint32_t* keys = p.keys + b0;
   const int cached = min(c1 - c0, key_cache_capacity());
-  for_keys([&](int j) { return keys[c0 + j]; }, tid, cached, blockDim.x,
-           [&](int j, uint32_t key) { s_keys[key_slot(j)] = key; });
+  // All of a thread's cache reads in flight at once (cp.async holds no registers): at 1M tokens a
+  // thread copies 16 keys, which loads through registers took in two round trips to L2.
+  for (int j = tid; j < cached; j += blockDim.x) cp_async4(s_keys + key_slot(j), keys + c0 + j);
+  cp_async_wait_all();
   __syncthreads();
   // The passes below read the slice's keys through for_slice_keys: from shared memory alone when the
   // whole slice fits the cache (the usual case), else key by key from the cache or global memory. One
@@ -353,13 +359,9 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
   int remaining = k;
   if (!all && k > 0) {
     for (int pass = 0; pass < 3; ++pass) {
-      // Other CTAs read this buffer between the cluster barrier of pass p and that of pass p+1; a CTA
-      // zeroes it again at pass p+2, after that second barrier, so no reader can still be using it.
-      int* hl = hist[pass & 1];
+      int* hl = hist[pass];  // zeroed at the start; the barrier after the key cache orders that
       const int shift = digit_shift(pass), bins = pass == 2 ? 1024 : kSelectBins;
       const uint32_t mask = digit_mask_above(pass);
-      for (int i = tid; i < bins; i += blockDim.x) hl[i] = 0;
-      __syncthreads();
       for_slice_keys(c0 + tid, c1, blockDim.x, [&](int, uint32_t key) {
         if ((key & mask) == thresh) atomicAdd(&hl[(key >> shift) & (uint32_t)(bins - 1)], 1);
       });
