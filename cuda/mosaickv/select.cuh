@@ -334,7 +334,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
       next_start = q_next < ns ? start_of(q_next) : INT_MAX;
     }
   }
-  for (int i = tid; i < 3 * kSelectBins; i += blockDim.x) hist[i / kSelectBins][i % kSelectBins] = 0;
+  for (int i = tid; i < 3 * kSelectBins; i += blockDim.x) (&hist[0][0])[i] = 0;
   wait_for_prior_stage();  // the keys
   const uint32_t* keys = p.keys + b0;
   const int cached = min(c1 - c0, key_cache_capacity());
@@ -348,11 +348,12 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
   // loop for both put a branch on every key: 12 % more instructions over the whole select at 1M
   // tokens, batch 1 (7.84 M against 6.99 M), 1.4 µs.
   const bool all_cached = cached == c1 - c0;
+  auto cached_key = [&](int i) { return s_keys[key_slot(i - c0)]; };
   auto for_slice_keys = [&](int first, int end, int step, auto f) {
     if (all_cached) {
-      for_keys([&](int i) { return s_keys[key_slot(i - c0)]; }, first, end, step, f);
+      for_keys(cached_key, first, end, step, f);
     } else {
-      for_keys([&](int i) { return i - c0 < cached ? s_keys[key_slot(i - c0)] : keys[i]; }, first, end, step, f);
+      for_keys([&](int i) { return i - c0 < cached ? cached_key(i) : keys[i]; }, first, end, step, f);
     }
   };
   uint32_t thresh = 0u;
@@ -549,16 +550,19 @@ inline cudaError_t launch_select(const DecodeParams& p, int bh, cudaStream_t str
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     err = cudaStreamIsCapturing(stream, &capture);
     if (err != cudaSuccess) return err;
+    // Clusters wanted for kSelectKeysPerCta keys per CTA, the (b, h)s taken as equal.
+    const int want = (p.n_blocks / std::max(bh, 1) + kSelectKeysPerCta - 1) / kSelectKeysPerCta;
     if (const int* fit = select_cluster_fit(dev, capture == cudaStreamCaptureStatusNone)) {
-      // Clusters wanted for kSelectKeysPerCta keys per CTA, the (b, h)s taken as equal.
-      const int want = (p.n_blocks / std::max(bh, 1) + kSelectKeysPerCta - 1) / kSelectKeysPerCta;
       for (int i = 1; i < kClusterSizes && fit[i] >= bh; ++i)
         if (csize < want) csize = 1 << i;
     } else {  // first launch inside a graph capture: one CTA per SM; any size selects the same blocks
       int n_sm = 0;
       err = cudaDeviceGetAttribute(&n_sm, cudaDevAttrMultiProcessorCount, dev);
       if (err != cudaSuccess) return err;
-      csize = std::max(1, std::min(kSelectCluster, n_sm / std::max(bh, 1)));
+      // The graph keeps this choice for every replay, so it takes the same cap as the rule above.
+      int cap = 1;
+      while (cap < want && cap < kSelectCluster) cap *= 2;
+      csize = std::max(1, std::min({kSelectCluster, cap, n_sm / std::max(bh, 1)}));
     }
   }
   // A CTA's slice is at most ceil(n_blocks / csize) keys (all blocks in one (b, h)).
