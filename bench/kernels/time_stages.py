@@ -2,9 +2,13 @@
 each stage alone (µs, CUDA-graph replays, layers cycled through DRAM: the method of
 bench_kernels.py without its baselines). Appends one labelled record per run to --out.
 
-    python bench/kernels/time_stages.py --label base --out ab.json [--piece-blocks 32]
+    python bench/kernels/time_stages.py --label base --out ab.json [--piece-blocks 32] [--without]
 
 --piece-blocks defaults to the workspace's own choice (DecodeWorkspace.plan, auto_piece_blocks).
+--without also times the whole call with each stage left out ("without_<stage>"): the whole call
+minus that is what the stage adds to the call's critical path, which a stage timed alone overstates
+when it overlaps its neighbours. (Left-out stages leave their outputs from the call before, so the
+stages that run read valid data.)
 """
 
 import argparse
@@ -19,6 +23,7 @@ from bench_kernels import (
     DEV,
     DT,
     H_Q,
+    STAGES,
     D,
     mosaic_layers,
     runner,
@@ -38,6 +43,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--piece-blocks", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument(
+        "--without", action="store_true", help="also time the call without each stage"
+    )
     args = ap.parse_args()
     torch.manual_seed(0)
     rows = []
@@ -54,6 +62,17 @@ def main() -> None:
                 args.repeats,
             )
             stages = stage_times(lays, wss, q, out, args.repeats)
+            if args.without:
+                stages |= {
+                    f"without_{label}": time_cycle(
+                        [
+                            runner(lay, w, q, out, STAGE_ALL & ~mask)
+                            for lay, w in zip(lays, wss, strict=True)
+                        ],
+                        args.repeats,
+                    )
+                    for label, mask in STAGES
+                }
             if int(wss[0].status.item()) != 0:
                 raise SystemExit(
                     f"kernel status {int(wss[0].status.item())} at T={t} B={batch}"

@@ -54,6 +54,18 @@ __device__ __forceinline__ void cp_async4(void* smem_dst, const void* src) {
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
+// A shared-memory word load and atomic add at 32-bit shared-window addresses (smem_u32). Hot loops
+// keep one base address in a register: indexing a shared array in a cluster kernel, the compiler
+// recomputed the CTA's window base (S2R SR_CgaCtaId and three more instructions) at every access.
+__device__ __forceinline__ uint32_t lds_u32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
+__device__ __forceinline__ void red_add_shared(uint32_t addr, uint32_t v) {
+  asm volatile("red.shared.add.u32 [%0], %1;" ::"r"(addr), "r"(v) : "memory");
+}
+
 // Row r of a paged array (StripeCol in params.h): entry `first` of the page table holds rows
 // [0, per_page), the next one [per_page, 2 per_page), ... Indices fit 32 bits (unsigned division).
 __host__ __device__ __forceinline__ char* paged_row(const int64_t* pages, int64_t entry, int64_t per_page,

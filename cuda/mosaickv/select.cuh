@@ -213,38 +213,58 @@ __device__ __forceinline__ uint32_t digit_mask_above(int pass) {  // bits fixed 
   return pass == 0 ? 0u : (pass == 1 ? 0xffe00000u : 0xfffffc00u);
 }
 
-// Calls f(i, key_at(i)) for i = first, first + step, ... < end, in that order, with kKeyLoads reads
-// in flight at a time: the keys were just written by the score kernel and sit in L2, so one load at
-// a time would pay a round trip to L2 per key (the select's passes are latency-bound).
+// Calls f(i, load(i - first)) for i = first .. end - 1, in that order, with kKeyLoads reads in flight
+// at a time: the keys were just written by the score kernel and sit in L2 (or in shared memory), and
+// one load at a time would pay a round trip per key (the select's passes are latency-bound). Whole
+// groups of kKeyLoads carry no bound checks; the rest go one at a time.
 constexpr int kKeyLoads = 8;
+template <typename Load, typename F>
+__device__ __forceinline__ void for_run(Load load, int first, int end, F f) {
+  int j0 = first;
+  for (; j0 + kKeyLoads <= end; j0 += kKeyLoads) {
+    uint32_t kv[kKeyLoads];
+#pragma unroll
+    for (int u = 0; u < kKeyLoads; ++u) kv[u] = load(j0 - first + u);
+#pragma unroll
+    for (int u = 0; u < kKeyLoads; ++u) f(j0 + u, kv[u]);
+  }
+  for (; j0 < end; ++j0) f(j0, load(j0 - first));
+}
+
+// Calls f(key_at(i)) for i = first, first + kSelectThreads, ... < end (a thread's share of a range
+// that the CTA reads coalesced), kKeyLoads reads in flight.
 template <typename KeyAt, typename F>
-__device__ __forceinline__ void for_keys(KeyAt key_at, int first, int end, int step, F f) {
-  for (int j0 = first; j0 < end; j0 += kKeyLoads * step) {
+__device__ __forceinline__ void for_strided(KeyAt key_at, int first, int end, F f) {
+  constexpr int kStep = kSelectThreads;
+  for (int j0 = first; j0 < end; j0 += kKeyLoads * kStep) {
     uint32_t kv[kKeyLoads];
 #pragma unroll
     for (int u = 0; u < kKeyLoads; ++u)
-      if (j0 + u * step < end) kv[u] = key_at(j0 + u * step);
+      if (j0 + u * kStep < end) kv[u] = key_at(j0 + u * kStep);
 #pragma unroll
     for (int u = 0; u < kKeyLoads; ++u)
-      if (j0 + u * step < end) f(j0 + u * step, kv[u]);
+      if (j0 + u * kStep < end) f(kv[u]);
   }
 }
 
-// The select keeps its CTA's slice of keys in dynamic shared memory (read once from L2, then by
-// every pass and the gather). Key j of the slice sits at word key_slot(j): one spare word per 32
-// keys keeps the gather's per-thread runs of consecutive keys on distinct banks.
+// The select keeps its CTA's slice of keys in dynamic shared memory (read once from L2, then by every
+// pass and the gather). Each thread reads only its own run of `per` consecutive keys, in the passes
+// as in the gather, and thread t's run sits at words t * run_words(per) onwards: runs an odd number
+// of words apart put a warp's 32 runs on 32 distinct banks, and a thread walks its run from one base
+// address with immediate offsets. Runs that do not fit are read from L2.
 constexpr int kMaxDevices = 64;  // devices whose launch facts (cache allowance, cluster fit) are kept
-constexpr int kSelectCacheKeys = 40960;  // 169 KB with the spare words; 1 CTA per SM either way
-__host__ __device__ constexpr int key_slot(int j) { return j + (j >> 5); }
-__host__ __device__ constexpr size_t select_cache_bytes(int keys) {
-  return keys > 0 ? sizeof(uint32_t) * (size_t)(key_slot(keys - 1) + 1) : 0;
+constexpr int kSelectCacheKeys = 40960;  // 164 KB in runs of 40 keys (41 words); 1 CTA per SM either way
+__host__ __device__ constexpr int run_words(int per) { return per | 1; }
+__host__ __device__ constexpr int run_keys(int slice) { return (slice + kSelectThreads - 1) / kSelectThreads; }
+__host__ __device__ constexpr size_t select_cache_bytes(int slice) {  // a whole slice of `slice` keys
+  return slice > 0 ? sizeof(uint32_t) * kSelectThreads * (size_t)run_words(run_keys(slice)) : 0;
 }
 
-// Keys the launch gave the cache room for.
-__device__ __forceinline__ int key_cache_capacity() {
+// Words the launch gave the cache.
+__device__ __forceinline__ int key_cache_words() {
   uint32_t bytes;
   asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(bytes));
-  return (int)((uint64_t)(bytes / sizeof(uint32_t)) * 32 / 33);
+  return (int)(bytes / sizeof(uint32_t));
 }
 
 // The CTAs of one (b, h) form a thread-block cluster on sm_90: histograms and counts are exchanged
@@ -286,23 +306,23 @@ struct SelectCluster {
 
 // Exact top-k per (b, h) over the whole sequence, then the order-preserving gather and the pieces,
 // in one launch. Grid (cluster size, B*H), kSelectThreads threads; CTA r of the cluster owns the r-th
-// contiguous slice of the (b, h)'s block keys, read once into shared memory. Three radix passes
-// (11/11/10-bit digits) find the k-th largest key (threshold) and how many keys equal to it to take;
-// every CTA sums the cluster's histograms itself (no broadcast step). Selected = key > threshold, plus
-// the first `remaining` keys == threshold in index order; each thread owns consecutive keys, so a scan
-// of counts gives every selected block its slot and the list comes out sorted by block id, hence
-// grouped by stripe. While writing it, the thread that owns a stripe's first block records how many
+// contiguous slice of the (b, h)'s block keys, read once into shared memory. Up to three radix passes
+// (11/11/10-bit digits; fewer once the threshold's bucket is taken whole) find the k-th largest key
+// (threshold) and how many keys equal to it to take; every CTA sums the cluster's histograms itself
+// (no broadcast step). Selected = key > threshold, plus the first `remaining` keys == threshold in
+// index order; each thread owns a run of consecutive keys, so a scan of counts gives every selected
+// block its slot and the list comes out sorted by block id, hence grouped by stripe. While writing it, the thread that owns a stripe's first block records how many
 // blocks are selected before it (stripe_first); rank 0 then cuts each stripe's run of the list into
 // attention pieces of <= piece_blocks blocks.
 template <int kUnused = 0>  // a template: the header is included by several .cu files
 __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) {
-  extern __shared__ uint32_t s_keys[];           // the slice's keys at key_slot(j)
+  extern __shared__ uint32_t s_keys[];           // the slice's keys, thread t's run at t * run_words(per)
   // One histogram per pass, zeroed before the keys arrive: other CTAs of the cluster read pass p's
   // between its cluster barrier and the next, so a buffer shared by two passes would need zeroing,
   // and a barrier, in between.
   __shared__ __align__(8) int hist[3][kSelectBins];
   __shared__ int scratch[32];
-  __shared__ int found[2];   // digit, remaining after this pass
+  __shared__ int found[3];   // digit, remaining after this pass, keys in the digit's bucket
   __shared__ int counts[2];  // this CTA's keys above / equal to the threshold
   const int tid = threadIdx.x, rank = SelectCluster::rank(), csize = SelectCluster::size();
   const int bh = blockIdx.y;
@@ -316,10 +336,10 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
     k = p.max_select;
   }
   const bool all = k >= n;
-  // This thread's keys in the gather, [i0, i1) (indices within the (b, h)), and the first stripe that
-  // starts at or after i0: its number q_next among the (b, h)'s stripes and its first block. Read
-  // before waiting for the keys (the tables were written before the call).
-  const int per = (c1 - c0 + (int)blockDim.x - 1) / (int)blockDim.x;
+  // This thread's run of keys, [i0, i1) (indices within the (b, h)), and the first stripe that starts
+  // at or after i0: its number q_next among the (b, h)'s stripes and its first block. Read before
+  // waiting for the keys (the tables were written before the call).
+  const int per = run_keys(c1 - c0);
   const int i0 = c0 + tid * per, i1 = min(c1, i0 + per);
   auto start_of = [&](int q) { return (int)(p.stripes[(int64_t)(s0 + q) * kStripeCols + kColBlockOff] - b0); };
   int q_next = ns, next_start = INT_MAX;
@@ -337,34 +357,49 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
   for (int i = tid; i < 3 * kSelectBins; i += blockDim.x) (&hist[0][0])[i] = 0;
   wait_for_prior_stage();  // the keys
   const uint32_t* keys = p.keys + b0;
-  const int cached = min(c1 - c0, key_cache_capacity());
-  // All of a thread's cache reads in flight at once (cp.async holds no registers): at 1M tokens a
-  // thread copies 16 keys, which loads through registers took in two round trips to L2.
-  for (int j = tid; j < cached; j += blockDim.x) cp_async4(s_keys + key_slot(j), keys + c0 + j);
-  cp_async_wait_all();
-  __syncthreads();
-  // The passes below read the slice's keys through for_slice_keys: from shared memory alone when the
-  // whole slice fits the cache (the usual case), else key by key from the cache or global memory. One
-  // loop for both put a branch on every key: 12 % more instructions over the whole select at 1M
-  // tokens, batch 1 (7.84 M against 6.99 M), 1.4 µs.
-  const bool all_cached = cached == c1 - c0;
-  auto cached_key = [&](int i) { return s_keys[key_slot(i - c0)]; };
-  auto for_slice_keys = [&](int first, int end, int step, auto f) {
-    if (all_cached) {
-      for_keys(cached_key, first, end, step, f);
-    } else {
-      for_keys([&](int i) { return i - c0 < cached ? cached_key(i) : keys[i]; }, first, end, step, f);
+  // Runs 0 .. cached_runs - 1 sit in the cache; the keys of the others, [tail, c1), are read from L2.
+  const int stride = run_words(per);
+  const int cached_runs = min(kSelectThreads, key_cache_words() / stride);
+  const int tail = min(c1, c0 + cached_runs * per);
+  const bool mine_cached = tid < cached_runs;
+  {  // Coalesced: key c0 + j goes to word (j / per) * stride + j % per; all in flight at once (cp.async
+     // holds no registers). j / per through a float reciprocal: exact, j < 2^16.
+    const float inv_per = 1.f / (float)max(per, 1);
+    for (int j = tid; j < tail - c0; j += kSelectThreads) {
+      const int t = (int)(((float)j + 0.5f) * inv_per);
+      cp_async4(s_keys + t * stride + (j - t * per), keys + c0 + j);
     }
+    cp_async_wait_all();
+    __syncthreads();
+  }
+  // This thread's keys [i0, i1), in order (the gather): its run in the cache, or L2 when the run does
+  // not fit. The base address is a 32-bit shared one (lds_u32): the cached loop is a load with an
+  // immediate offset per key.
+  const uint32_t run = smem_u32(s_keys + tid * stride);
+  auto for_my_keys = [&](auto f) {
+    if (mine_cached) {
+      for_run([&](int u) { return lds_u32(run + 4u * (uint32_t)u); }, i0, i1, f);
+    } else {
+      for_run([&](int u) { return keys[i0 + u]; }, i0, i1, f);
+    }
+  };
+  // Every key of the slice once, in any order (the passes): this thread's cached run, then its strided
+  // share of the keys past the cached runs (coalesced reads from L2, which runs read one per thread
+  // were not: 1M tokens, batch 8, select 87 -> 121 µs).
+  auto for_slice_keys = [&](auto f) {
+    if (mine_cached) for_my_keys([&](int, uint32_t key) { f(key); });
+    for_strided([&](int i) { return keys[i]; }, tail + tid, c1, f);
   };
   uint32_t thresh = 0u;
   int remaining = k;
   if (!all && k > 0) {
     for (int pass = 0; pass < 3; ++pass) {
       int* hl = hist[pass];  // zeroed at the start; the barrier after the key cache orders that
+      const uint32_t hl_at = smem_u32(hl);
       const int shift = digit_shift(pass), bins = pass == 2 ? 1024 : kSelectBins;
       const uint32_t mask = digit_mask_above(pass);
-      for_slice_keys(c0 + tid, c1, blockDim.x, [&](int, uint32_t key) {
-        if ((key & mask) == thresh) atomicAdd(&hl[(key >> shift) & (uint32_t)(bins - 1)], 1);
+      for_slice_keys([&](uint32_t key) {
+        if ((key & mask) == thresh) red_add_shared(hl_at + 4u * ((key >> shift) & (uint32_t)(bins - 1)), 1u);
       });
       SelectCluster::sync();
       // Thread i owns digits d0 = bins-1-2i and d1 = d0-1: a scan in descending digit order finds the
@@ -386,17 +421,28 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
         const bool first = above + h0 >= remaining;
         found[0] = first ? d0 : d1;
         found[1] = remaining - above - (first ? 0 : h0);
+        found[2] = first ? h0 : h1;
       }
       __syncthreads();
       thresh |= (uint32_t)found[0] << shift;
       remaining = found[1];
+      // The bucket is taken whole (usually after the second pass, whose 22 fixed bits leave about one
+      // key in it): every key from the bucket's lowest up is selected, and the passes left would only
+      // narrow a threshold that no longer matters. Key >= thresh is key > thresh - 1 with no ties taken
+      // (thresh > 0 here: a bucket 0 taken whole would mean k = n). Every CTA of the cluster reads the
+      // same summed histograms, so all leave at the same pass and meet the same cluster barriers.
+      if (remaining == found[2]) {
+        thresh -= 1u;
+        remaining = 0;
+        break;
+      }
     }
   }
   // Gather: count, exchange the per-CTA counts, then write in index order.
   auto taken = [&](uint32_t key) { return all || (k > 0 && key > thresh); };  // above the threshold
   auto tied = [&](uint32_t key) { return !all && k > 0 && key == thresh; };   // taken while `remaining` lasts
   int gt = 0, eq = 0;
-  for_slice_keys(i0, i1, 1, [&](int, uint32_t key) {
+  for_my_keys([&](int, uint32_t key) {
     gt += taken(key);
     eq += tied(key);
   });
@@ -415,7 +461,7 @@ __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) 
 #pragma unroll
   for (int r = 0; r < kSelectCluster; ++r) gt_before += cg[r], eq_before += ce[r];
   int32_t* sel = p.sel + (int64_t)bh * p.max_select;
-  for_slice_keys(i0, i1, 1, [&](int i, uint32_t key) {
+  for_my_keys([&](int i, uint32_t key) {
     while (i == next_start) {  // stripe q_next begins here: the blocks selected before it
       p.stripe_first[s0 + q_next] = gt_before + min(eq_before, remaining);
       ++q_next;

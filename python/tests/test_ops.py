@@ -164,6 +164,19 @@ def test_pieces_grow_only_when_the_attention_runs_many_waves() -> None:
     assert auto_piece_blocks(True, *per_head, n_sm=None) == 64
 
 
+def test_pieces_shrink_while_the_attention_would_leave_sms_idle() -> None:
+    """Batch 1, 8 KV heads, on 132 SMs. 32K tokens (410 selected blocks, one stripe per head):
+    pieces of 64 and 32 make at most 64 and 112 CTAs, fewer than the SMs, so pieces of 16 (216).
+    64K (819 blocks, 2 stripes): 32 (8 x (26 + 2) = 224 CTAs). 128K (1639 blocks, 2 stripes):
+    64 already makes 8 x (26 + 2) = 224. No halving below 16: 8 blocks and 1 stripe per head stay
+    at 16 although they make only 16 CTAs."""
+    assert auto_piece_blocks(True, [410] * 8, [1] * 8, n_sm=132) == 16
+    assert auto_piece_blocks(True, [819] * 8, [2] * 8, n_sm=132) == 32
+    assert auto_piece_blocks(True, [1639] * 8, [2] * 8, n_sm=132) == 64
+    assert auto_piece_blocks(True, [8] * 8, [1] * 8, n_sm=132) == 16
+    assert auto_piece_blocks(False, [410] * 8, [1] * 8, n_sm=132) == 64
+
+
 def test_host_tables_match_the_kernel_header() -> None:
     """The Python copies of cuda/mosaickv/params.h's tables and limits: the stripe and append
     column orders, the summary kinds, the stage mask and the largest piece. A drift here made the

@@ -4,6 +4,7 @@ without them each is reported as skipped with that reason."""
 
 import math
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -392,19 +393,29 @@ def test_select_cuts_pieces_over_many_short_stripes() -> None:
         assert pieces[bh][: len(want)] == want, f"pieces differ for bh={bh}"
 
 
-def select_and_check_against_a_stable_sort(lay: DecodeLayout, gqa_group: int, what: str) -> None:
+def select_and_check_against_a_stable_sort(
+    lay: DecodeLayout, gqa_group: int, what: str, k_of_keys: Callable[[torch.Tensor], int] | None = None
+) -> None:
     """Runs rotate, score and select on ``lay``, then checks every (b, h)'s selected ids against a
     stable descending sort of the score stage's keys (ties: lower block id first) and its piece count
-    against the pieces of 64 that tile each stripe's share of that selection."""
-    ws = DecodeWorkspace.plan(lay, gqa_group=gqa_group, piece_blocks=64)
+    against the pieces of 64 that tile each stripe's share of that selection. ``k_of_keys``: sets each
+    (b, h)'s n_select from its score keys (int64 holding the uint32 keys), from a first rotate + score
+    with the same queries."""
     q = torch.randn(lay.batch, lay.n_kv_heads * gqa_group, lay.head_dim, device="cuda").to(torch.bfloat16)
+    bptr, sptr = lay.block_ptr.cpu().tolist(), lay.stripe_ptr.cpu().tolist()
+    if k_of_keys is not None:
+        ws = DecodeWorkspace.plan(lay, gqa_group=gqa_group, piece_blocks=64)
+        run_decode(lay, ws, q, torch.empty_like(q), lay.head_dim**-0.5, stages=1 | 2)
+        keys = ws.keys.cpu().long() & 0xFFFFFFFF
+        ks = [k_of_keys(keys[bptr[bh] : bptr[bh + 1]]) for bh in range(lay.batch * lay.n_kv_heads)]
+        lay = replace(lay, n_select=torch.tensor(ks, dtype=torch.int32, device="cuda"))
+    ws = DecodeWorkspace.plan(lay, gqa_group=gqa_group, piece_blocks=64)
     ws.sel.fill_(-1)
     ws.n_pieces.fill_(-1)
     run_decode(lay, ws, q, torch.empty_like(q), lay.head_dim**-0.5, stages=1 | 2 | 4)
     torch.cuda.synchronize()
     assert int(ws.status.item()) == 0
     keys = ws.keys.cpu().long() & 0xFFFFFFFF  # order-preserving uint32 score keys from the score stage
-    bptr, sptr = lay.block_ptr.cpu().tolist(), lay.stripe_ptr.cpu().tolist()
     stripes = lay.stripes.cpu()
     for bh in range(lay.batch * lay.n_kv_heads):
         b0, b1, k = bptr[bh], bptr[bh + 1], int(lay.n_select[bh])
@@ -432,11 +443,29 @@ def test_select_matches_a_stable_sort_at_scale(ties: str) -> None:
     select_and_check_against_a_stable_sort(lay, 4, ties)
 
 
+def test_select_stops_when_the_first_digit_bucket_is_taken_whole() -> None:
+    """Each (b, h) selects exactly the keys whose top 11 bits are at least those of its key at rank
+    n/10: the first radix pass's threshold bucket is then taken whole, the select stops after that
+    pass (threshold = the bucket's lowest key - 1, no ties taken), and the selection is still exact
+    (the other select tests reach the stop after the second pass, or all three passes with ties)."""
+    torch.manual_seed(11)
+    lay = compact16_layout(2, 8, 128, 300_000, keep=32, token_ratio=0.1, segment_len=65536)
+
+    def through_the_bucket_at_a_tenth(keys: torch.Tensor) -> int:
+        bucket = int(torch.sort(keys, descending=True).values[len(keys) // 10]) >> 21
+        k = int(((keys >> 21) >= bucket).sum())
+        assert len(keys) // 10 < k < len(keys)
+        return k
+
+    select_and_check_against_a_stable_sort(lay, 4, "first bucket whole", through_the_bucket_at_a_tenth)
+
+
 def test_select_reads_keys_past_its_shared_cache() -> None:
-    """72 (b, h)s of 41.9K blocks: too many for clusters of two CTAs to run at once on an H200, so
-    each (b, h) gets one CTA, whose slice is larger than the 40960 keys its shared memory holds; the
-    keys past those are read from global memory in every pass. The selection is still exact."""
+    """72 (b, h)s of 43.1K blocks: too many for clusters of two CTAs to run at once on an H200, so
+    each (b, h) gets one CTA, whose 1024 runs of 43 keys (43 words apart) need more than the 41984
+    words of its key cache: threads 976 and up read their runs from global memory in every pass.
+    The selection is still exact."""
     torch.manual_seed(7)
-    lay = compact16_layout(9, 8, 64, 335_000, keep=16, token_ratio=0.1, segment_len=65536)
-    assert (lay.block_ptr[1:] - lay.block_ptr[:-1]).min() > 40960
+    lay = compact16_layout(9, 8, 64, 345_000, keep=16, token_ratio=0.1, segment_len=65536)
+    assert (lay.block_ptr[1:] - lay.block_ptr[:-1]).min() > 41984
     select_and_check_against_a_stable_sort(lay, 4, "past the cache")

@@ -43,8 +43,12 @@ APPEND_COLS = ("stripe", "x_off", "x_stride", "tokens", "pos")
 # fixed start and end cost counts more than the last wave's idle SMs, and pieces of 128 are faster
 # (H200, 1M tokens: batch 8 -4 %, batch 1 +1 %, 128K batch 1 +15 %: bench/results/kernels-notes.md,
 # "Thirteenth session").
+# Below one CTA per SM (short contexts at batch 1) pieces are halved, down to 16, until every SM has
+# one: at 32K tokens the call took 46.4 / 42.4 / 40.7 µs with pieces of 64 / 32 / 16, at 64K
+# 49.1 / 45.8 / 47.3 (H200, kernels-notes.md, "Sixteenth session").
 MAX_PIECE_BLOCKS = 128
 PIECE_BLOCKS = 64
+MIN_PIECE_BLOCKS = 16
 LARGE_PIECE_WAVES = 8  # waves of attention CTAs above which pieces of 128 pay
 ATTENTION_CTAS_PER_SM = 4  # the packed attention's occupancy (__launch_bounds__(kPaThreads, 4))
 
@@ -484,12 +488,21 @@ def auto_piece_blocks(
 ) -> int:
     """Selected blocks per attention piece for this much work on a GPU of ``n_sm`` SMs (None: no
     GPU): MAX_PIECE_BLOCKS when the packed attention would still run more than LARGE_PIECE_WAVES
-    waves of CTAs (ATTENTION_CTAS_PER_SM per SM) with pieces that large, else PIECE_BLOCKS. The
-    dense baseline keeps PIECE_BLOCKS (its shared memory grows with the piece)."""
+    waves of CTAs (ATTENTION_CTAS_PER_SM per SM) with pieces that large; PIECE_BLOCKS halved, down
+    to MIN_PIECE_BLOCKS, while it would leave SMs without a CTA; else PIECE_BLOCKS. The dense
+    baseline keeps PIECE_BLOCKS (its shared memory grows with the piece)."""
     if not packed or n_sm is None:
         return PIECE_BLOCKS
-    ctas = sum(-(-n // MAX_PIECE_BLOCKS) + m for n, m in zip(n_select, stripes_per_head, strict=True))
-    return MAX_PIECE_BLOCKS if ctas > LARGE_PIECE_WAVES * ATTENTION_CTAS_PER_SM * n_sm else PIECE_BLOCKS
+
+    def ctas(size: int) -> int:  # the most pieces (one more per stripe for its partial last piece)
+        return sum(-(-n // size) + m for n, m in zip(n_select, stripes_per_head, strict=True))
+
+    if ctas(MAX_PIECE_BLOCKS) > LARGE_PIECE_WAVES * ATTENTION_CTAS_PER_SM * n_sm:
+        return MAX_PIECE_BLOCKS
+    size = PIECE_BLOCKS
+    while size > MIN_PIECE_BLOCKS and ctas(size) < n_sm:
+        size //= 2
+    return size
 
 
 @functools.cache
