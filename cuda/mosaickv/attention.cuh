@@ -863,86 +863,49 @@ __device__ __forceinline__ bool arrive_last(int* counter, int total) {
   return last;
 }
 
-// v reduced over the CTA's threads of head threadIdx.x % G (lanes l and l + G hold the same head) into
-// res[G]; wred holds >= 32 * G floats.
-template <int G, bool kMax>
-__device__ __forceinline__ void reduce_per_head(float v, float* wred, float* res) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int o = 16; o >= G; o >>= 1) {
-    const float y = __shfl_xor_sync(0xffffffffu, v, o);
-    v = kMax ? fmaxf(v, y) : v + y;
-  }
-  if (lane < G) wred[warp * G + lane] = v;
-  __syncthreads();
-  if (threadIdx.x < G) {
-    float r = wred[threadIdx.x];
-    for (int w = 1; w < kMergeThreads / 32; ++w) r = kMax ? fmaxf(r, wred[w * G + threadIdx.x]) : r + wred[w * G + threadIdx.x];
-    res[threadIdx.x] = r;
-  }
-  __syncthreads();
-}
-
 // Log-sum-exp combine of n partials (ml: [slot][G][2] max and sum of exp, natural log; o: [slot][G][D]
 // unnormalised), partial j at slot slot_of(j): os[G][D] = sum_j exp(m_j - M) o_j, s_m = M and
-// s_l = sum_j exp(m_j - M) l_j per head (shared memory). Every step has its loads side by side (a
-// chain of round trips to L2 per partial would be the whole cost): the max and the sum take partial
-// j in thread (j, g), whose (max, sum) is read once, as one 8-byte load, and kept in registers for
-// all three steps while there are no more partials than threads per head (else read again); the
-// output takes kMergeThreads / G partials at a time, their slots and weights first resolved into
-// s_slot / s_w (weight 0 for a partial without tokens, whose o is then not read), then each thread
-// its float4 of the output over them, kLoads loads in flight.
+// s_l = sum_j exp(m_j - M) l_j per head (shared memory). Thread i4 < G D / 4 owns float4 i4 of the
+// output and folds in every partial with a running max, rescaling what it has so far when the max
+// grows (flash-style): the threads of a head read the same partials in the same order, so they reach
+// the same max with no reduction between them, and a partial's (max, sum) comes in the same round of
+// loads as its output, kLoads partials in flight. (A max, then a sum, then the weighted outputs took
+// three rounds of L2 loads and five barriers.) A partial without tokens (max -inf) adds nothing.
 template <int D, int G, typename SlotOf>
-__device__ void combine_partials(const float* ml, const float* o, int n, SlotOf slot_of, float* os, float* wred,
-                                 float* s_m, float* s_l, float* s_w, int* s_slot) {
-  constexpr int kLoads = 8, kStep = kMergeThreads / G;
+__device__ void combine_partials(const float* ml, const float* o, int n, SlotOf slot_of, float* os, float* s_m,
+                                 float* s_l) {
+  constexpr int kLoads = 4;  // 8 spills at the merge's 64 registers
   static_assert(G * D / 4 <= kMergeThreads, "a float4 of the output per thread");
-  const int g = threadIdx.x % G, i4 = threadIdx.x, gi = 4 * i4 / D, mine = threadIdx.x / G;
-  auto ml_of = [&](int j) { return __ldcg(reinterpret_cast<const float2*>(ml + (slot_of(j) * G + g) * 2)); };
-  const float2 ml0 = mine < n ? ml_of(mine) : make_float2(-INFINITY, 0.f);  // partial `mine`, read once
-  auto ml_at = [&](int j) { return j == mine ? ml0 : ml_of(j); };
-  float m = ml0.x;
-  for (int j = mine + kStep; j < n; j += kStep) m = fmaxf(m, ml_of(j).x);
-  reduce_per_head<G, true>(m, wred, s_m);
-  const float gm = s_m[g];
-  float l = 0.f;
-  for (int j = mine; j < n; j += kStep) {
-    const float2 x = ml_at(j);
-    if (x.x != -INFINITY) l += __expf(x.x - gm) * x.y;
-  }
-  reduce_per_head<G, false>(l, wred, s_l);
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int j0 = 0; j0 < n; j0 += kStep) {
-    {
-      const int j = j0 + mine;
-      const float mj = j < n ? ml_at(j).x : -INFINITY;
-      s_w[threadIdx.x] = mj == -INFINITY ? 0.f : __expf(mj - gm);  // [j - j0][g]
-      if (g == 0) s_slot[threadIdx.x / G] = j < n ? slot_of(j) : -1;
-    }
-    __syncthreads();
-    const int nj = min(kStep, n - j0);
-    if (i4 < G * D / 4) {
-      for (int u0 = 0; u0 < nj; u0 += kLoads) {
-        float4 x[kLoads];
-        float w[kLoads];
+  const int i4 = threadIdx.x, gi = 4 * i4 / D;
+  if (i4 < G * D / 4) {
+    float m = -INFINITY, l = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int j0 = 0; j0 < n; j0 += kLoads) {
+      float2 x[kLoads];
+      float4 v[kLoads];
 #pragma unroll
-        for (int u = 0; u < kLoads; ++u) {
-          w[u] = u0 + u < nj ? s_w[(u0 + u) * G + gi] : 0.f;
-          x[u] = w[u] != 0.f ? __ldcg(reinterpret_cast<const float4*>(o + (int64_t)s_slot[u0 + u] * G * D) + i4)
-                             : make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int u = 0; u < kLoads; ++u) {
+        if (j0 + u < n) {
+          const int64_t slot = slot_of(j0 + u);
+          x[u] = __ldcg(reinterpret_cast<const float2*>(ml + (slot * G + gi) * 2));
+          v[u] = __ldcg(reinterpret_cast<const float4*>(o + slot * G * D) + i4);
         }
+      }
 #pragma unroll
-        for (int u = 0; u < kLoads; ++u) {
-          acc.x = fmaf(w[u], x[u].x, acc.x);
-          acc.y = fmaf(w[u], x[u].y, acc.y);
-          acc.z = fmaf(w[u], x[u].z, acc.z);
-          acc.w = fmaf(w[u], x[u].w, acc.w);
+      for (int u = 0; u < kLoads; ++u) {
+        if (j0 + u < n && x[u].x != -INFINITY) {
+          const float mn = fmaxf(m, x[u].x);
+          const float a = __expf(m - mn), w = __expf(x[u].x - mn);  // a = 0 for the first (m = -inf)
+          acc = make_float4(fmaf(w, v[u].x, a * acc.x), fmaf(w, v[u].y, a * acc.y), fmaf(w, v[u].z, a * acc.z),
+                            fmaf(w, v[u].w, a * acc.w));
+          l = fmaf(w, x[u].y, a * l);
+          m = mn;
         }
       }
     }
-    __syncthreads();  // s_w and s_slot are rewritten for the next partials
+    reinterpret_cast<float4*>(os)[i4] = acc;
+    if (4 * i4 % D == 0) s_m[gi] = m, s_l[gi] = l;
   }
-  if (i4 < G * D / 4) reinterpret_cast<float4*>(os)[i4] = acc;
   __syncthreads();
 }
 
@@ -956,8 +919,7 @@ __global__ void __launch_bounds__(kMergeThreads, 2) merge_kernel(DecodeParams p)
   extern __shared__ __align__(16) float s_rv[];  // [D][D] R_V (merge_smem_bytes)
   __shared__ __align__(16) float os[G * D];
   __shared__ float red[kParts][G][D];
-  __shared__ float wred[32 * G], s_m[G], s_l[G], s_w[kMergeThreads];
-  __shared__ int s_slot[kMergeThreads];
+  __shared__ float s_m[G], s_l[G];
   allow_next_stage();
   const int bh = blockIdx.y, x = blockIdx.x, tid = threadIdx.x;
   const int s0 = p.stripe_ptr[bh], ns = p.stripe_ptr[bh + 1] - s0;
@@ -973,7 +935,7 @@ __global__ void __launch_bounds__(kMergeThreads, 2) merge_kernel(DecodeParams p)
   const int n = x == p.max_stripes ? 1 : p.stripe_pieces[(s0 + x) * 2 + 1];
   combine_partials<D, G>(p.part_ml + (int64_t)bh * (p.max_pieces + 1) * G * 2,
                          p.part_o + (int64_t)bh * (p.max_pieces + 1) * G * D, n, [&](int j) { return first + j; },
-                         os, wred, s_m, s_l, s_w, s_slot);
+                         os, s_m, s_l);
   float* stripe_o = p.stripe_out + (int64_t)bh * (p.max_stripes + 1) * G * D;
   float* stripe_ml = p.stripe_ml + (int64_t)bh * (p.max_stripes + 1) * G * 2;
   if (rotate) {  // o[g][d] = sum_j R_V[j][d] o'[g][j], group `part` over its kRows rows j
@@ -1005,8 +967,8 @@ __global__ void __launch_bounds__(kMergeThreads, 2) merge_kernel(DecodeParams p)
   }
   if (!arrive_last(p.arrivals + bh, ns + 1)) return;
   if (tid == 0) p.arrivals[bh] = 0;
-  combine_partials<D, G>(stripe_ml, stripe_o, ns + 1, [&](int j) { return j == ns ? p.max_stripes : j; }, os, wred,
-                         s_m, s_l, s_w, s_slot);
+  combine_partials<D, G>(stripe_ml, stripe_o, ns + 1, [&](int j) { return j == ns ? p.max_stripes : j; }, os, s_m,
+                         s_l);
   T* out = static_cast<T*>(p.out) + (int64_t)bh * G * D;  // [b][h*G + g][d] == bh * G * D + g * D + d
   for (int i = tid; i < G * D; i += kMergeThreads) {
     const float l = s_l[i / D];
