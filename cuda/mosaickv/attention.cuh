@@ -863,48 +863,76 @@ __device__ __forceinline__ bool arrive_last(int* counter, int total) {
   return last;
 }
 
+// Where combine_partials' thread groups meet: each group's float4s of the output and (max, sum) per head.
+template <int G>
+struct CombineScratch {
+  static constexpr int kMaxGroups = 32;  // kMergeThreads / (G D / 4) with G = 1, D = 64
+  float4 o[kMergeThreads];
+  float m[kMaxGroups * G], l[kMaxGroups * G];
+};
+
 // Log-sum-exp combine of n partials (ml: [slot][G][2] max and sum of exp, natural log; o: [slot][G][D]
 // unnormalised), partial j at slot slot_of(j): os[G][D] = sum_j exp(m_j - M) o_j, s_m = M and
-// s_l = sum_j exp(m_j - M) l_j per head (shared memory). Thread i4 < G D / 4 owns float4 i4 of the
-// output and folds in every partial with a running max, rescaling what it has so far when the max
-// grows (flash-style): the threads of a head read the same partials in the same order, so they reach
-// the same max with no reduction between them, and a partial's (max, sum) comes in the same round of
-// loads as its output, kLoads partials in flight. (A max, then a sum, then the weighted outputs took
-// three rounds of L2 loads and five barriers.) A partial without tokens (max -inf) adds nothing.
+// s_l = sum_j exp(m_j - M) l_j per head (shared memory). The CTA's threads form groups of G D / 4,
+// one float4 of the output per thread; group q takes partials q, q + groups, ... and folds each in
+// with a running max, rescaling what it has when the max grows (flash-style): the threads of a head
+// in a group read the same partials in the same order, so they reach the same max with no reduction,
+// and a partial's (max, sum) comes in the same round of loads as its output, kLoads partials in
+// flight per thread. Then group 0 sums the groups (one barrier). (A max, then a sum, then the
+// weighted outputs took three rounds of L2 loads and five barriers.) A partial without tokens (max
+// -inf) adds nothing.
 template <int D, int G, typename SlotOf>
-__device__ void combine_partials(const float* ml, const float* o, int n, SlotOf slot_of, float* os, float* s_m,
-                                 float* s_l) {
-  constexpr int kLoads = 4;  // 8 spills at the merge's 64 registers
-  static_assert(G * D / 4 <= kMergeThreads, "a float4 of the output per thread");
-  const int i4 = threadIdx.x, gi = 4 * i4 / D;
-  if (i4 < G * D / 4) {
-    float m = -INFINITY, l = 0.f;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int j0 = 0; j0 < n; j0 += kLoads) {
-      float2 x[kLoads];
-      float4 v[kLoads];
+__device__ void combine_partials(const float* ml, const float* o, int n, SlotOf slot_of, CombineScratch<G>& sc,
+                                 float* os, float* s_m, float* s_l) {
+  constexpr int kLoads = 4;  // 8 in flight spilled at the merge's 64 registers
+  constexpr int kOwners = G * D / 4, kGroups = kMergeThreads / kOwners;
+  static_assert(kMergeThreads % kOwners == 0 && kGroups <= CombineScratch<G>::kMaxGroups, "groups of G D / 4");
+  const int i4 = threadIdx.x % kOwners, grp = threadIdx.x / kOwners, gi = 4 * i4 / D;
+  float m = -INFINITY, l = 0.f;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int j0 = grp; j0 < n; j0 += kLoads * kGroups) {
+    float2 x[kLoads];
+    float4 v[kLoads];
 #pragma unroll
-      for (int u = 0; u < kLoads; ++u) {
-        if (j0 + u < n) {
-          const int64_t slot = slot_of(j0 + u);
-          x[u] = __ldcg(reinterpret_cast<const float2*>(ml + (slot * G + gi) * 2));
-          v[u] = __ldcg(reinterpret_cast<const float4*>(o + slot * G * D) + i4);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kLoads; ++u) {
-        if (j0 + u < n && x[u].x != -INFINITY) {
-          const float mn = fmaxf(m, x[u].x);
-          const float a = __expf(m - mn), w = __expf(x[u].x - mn);  // a = 0 for the first (m = -inf)
-          acc = make_float4(fmaf(w, v[u].x, a * acc.x), fmaf(w, v[u].y, a * acc.y), fmaf(w, v[u].z, a * acc.z),
-                            fmaf(w, v[u].w, a * acc.w));
-          l = fmaf(w, x[u].y, a * l);
-          m = mn;
-        }
+    for (int u = 0; u < kLoads; ++u) {
+      if (j0 + u * kGroups < n) {
+        const int64_t slot = slot_of(j0 + u * kGroups);
+        x[u] = __ldcg(reinterpret_cast<const float2*>(ml + (slot * G + gi) * 2));
+        v[u] = __ldcg(reinterpret_cast<const float4*>(o + slot * G * D) + i4);
       }
     }
-    reinterpret_cast<float4*>(os)[i4] = acc;
-    if (4 * i4 % D == 0) s_m[gi] = m, s_l[gi] = l;
+#pragma unroll
+    for (int u = 0; u < kLoads; ++u) {
+      if (j0 + u * kGroups < n && x[u].x != -INFINITY) {
+        const float mn = fmaxf(m, x[u].x);
+        const float a = __expf(m - mn), w = __expf(x[u].x - mn);  // a = 0 for the first (m = -inf)
+        acc = make_float4(fmaf(w, v[u].x, a * acc.x), fmaf(w, v[u].y, a * acc.y), fmaf(w, v[u].z, a * acc.z),
+                          fmaf(w, v[u].w, a * acc.w));
+        l = fmaf(w, x[u].y, a * l);
+        m = mn;
+      }
+    }
+  }
+  sc.o[threadIdx.x] = acc;
+  if (4 * i4 % D == 0) sc.m[grp * G + gi] = m, sc.l[grp * G + gi] = l;
+  __syncthreads();
+  if (grp == 0) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int q = 0; q < kGroups; ++q) mx = fmaxf(mx, sc.m[q * G + gi]);
+    float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+    float ls = 0.f;
+#pragma unroll
+    for (int q = 0; q < kGroups; ++q) {
+      const float mq = sc.m[q * G + gi];
+      if (mq == -INFINITY) continue;
+      const float w = __expf(mq - mx);
+      const float4 oq = sc.o[q * kOwners + i4];
+      sum = make_float4(fmaf(w, oq.x, sum.x), fmaf(w, oq.y, sum.y), fmaf(w, oq.z, sum.z), fmaf(w, oq.w, sum.w));
+      ls = fmaf(w, sc.l[q * G + gi], ls);
+    }
+    reinterpret_cast<float4*>(os)[i4] = sum;
+    if (4 * i4 % D == 0) s_m[gi] = mx, s_l[gi] = ls;
   }
   __syncthreads();
 }
@@ -920,6 +948,7 @@ __global__ void __launch_bounds__(kMergeThreads, 2) merge_kernel(DecodeParams p)
   __shared__ __align__(16) float os[G * D];
   __shared__ float red[kParts][G][D];
   __shared__ float s_m[G], s_l[G];
+  __shared__ CombineScratch<G> sc;
   allow_next_stage();
   const int bh = blockIdx.y, x = blockIdx.x, tid = threadIdx.x;
   const int s0 = p.stripe_ptr[bh], ns = p.stripe_ptr[bh + 1] - s0;
@@ -935,7 +964,7 @@ __global__ void __launch_bounds__(kMergeThreads, 2) merge_kernel(DecodeParams p)
   const int n = x == p.max_stripes ? 1 : p.stripe_pieces[(s0 + x) * 2 + 1];
   combine_partials<D, G>(p.part_ml + (int64_t)bh * (p.max_pieces + 1) * G * 2,
                          p.part_o + (int64_t)bh * (p.max_pieces + 1) * G * D, n, [&](int j) { return first + j; },
-                         os, s_m, s_l);
+                         sc, os, s_m, s_l);
   float* stripe_o = p.stripe_out + (int64_t)bh * (p.max_stripes + 1) * G * D;
   float* stripe_ml = p.stripe_ml + (int64_t)bh * (p.max_stripes + 1) * G * 2;
   if (rotate) {  // o[g][d] = sum_j R_V[j][d] o'[g][j], group `part` over its kRows rows j
@@ -967,8 +996,8 @@ __global__ void __launch_bounds__(kMergeThreads, 2) merge_kernel(DecodeParams p)
   }
   if (!arrive_last(p.arrivals + bh, ns + 1)) return;
   if (tid == 0) p.arrivals[bh] = 0;
-  combine_partials<D, G>(stripe_ml, stripe_o, ns + 1, [&](int j) { return j == ns ? p.max_stripes : j; }, os, s_m,
-                         s_l);
+  combine_partials<D, G>(stripe_ml, stripe_o, ns + 1, [&](int j) { return j == ns ? p.max_stripes : j; }, sc, os,
+                         s_m, s_l);
   T* out = static_cast<T*>(p.out) + (int64_t)bh * G * D;  // [b][h*G + g][d] == bh * G * D + g * D + d
   for (int i = tid; i < G * D; i += kMergeThreads) {
     const float l = s_l[i / D];
