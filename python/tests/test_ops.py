@@ -164,15 +164,19 @@ def test_pieces_grow_only_when_the_attention_runs_many_waves() -> None:
     assert auto_piece_blocks(True, *per_head, n_sm=None) == 64
 
 
-def test_pieces_shrink_while_the_attention_would_leave_sms_idle() -> None:
-    """Batch 1, 8 KV heads, on 132 SMs. 32K tokens (410 selected blocks, one stripe per head):
-    pieces of 64 and 32 make at most 64 and 112 CTAs, fewer than the SMs, so pieces of 16 (216).
-    64K (819 blocks, 2 stripes): 32 (8 x (26 + 2) = 224 CTAs). 128K (1639 blocks, 2 stripes):
-    64 already makes 8 x (26 + 2) = 224. No halving below 16: 8 blocks and 1 stripe per head stay
-    at 16 although they make only 16 CTAs."""
+def test_pieces_shrink_while_the_attention_has_little_work() -> None:
+    """8 KV heads per sequence, on 132 SMs (a wave is 528 CTAs). 32K batch 1 (410 selected blocks,
+    one stripe per head): pieces of 64 and 32 make at most 64 and 112 CTAs, fewer than the SMs, so
+    16 (216). 64K batch 1 (819 blocks, 2 stripes): 32 (224 CTAs; 16 would fit a wave, but there is
+    an SM for each CTA already). 128K batch 1 (1639, 2 stripes): 32 (432 CTAs, one wave). 32K batch 4:
+    32 (448). 256K batch 1 (3277, 4 stripes): 64, since 32 would make 856 CTAs. 32K batch 8: 64 (896
+    at 32). No halving below 16: 8 blocks and 1 stripe per head stay at 16 with only 16 CTAs."""
     assert auto_piece_blocks(True, [410] * 8, [1] * 8, n_sm=132) == 16
     assert auto_piece_blocks(True, [819] * 8, [2] * 8, n_sm=132) == 32
-    assert auto_piece_blocks(True, [1639] * 8, [2] * 8, n_sm=132) == 64
+    assert auto_piece_blocks(True, [1639] * 8, [2] * 8, n_sm=132) == 32
+    assert auto_piece_blocks(True, [410] * 32, [1] * 32, n_sm=132) == 32
+    assert auto_piece_blocks(True, [3277] * 8, [4] * 8, n_sm=132) == 64
+    assert auto_piece_blocks(True, [410] * 64, [1] * 64, n_sm=132) == 64
     assert auto_piece_blocks(True, [8] * 8, [1] * 8, n_sm=132) == 16
     assert auto_piece_blocks(False, [410] * 8, [1] * 8, n_sm=132) == 64
 

@@ -43,11 +43,15 @@ APPEND_COLS = ("stripe", "x_off", "x_stride", "tokens", "pos")
 # fixed start and end cost counts more than the last wave's idle SMs, and pieces of 128 are faster
 # (H200, 1M tokens: batch 8 -4 %, batch 1 +1 %, 128K batch 1 +15 %: bench/results/kernels-notes.md,
 # "Thirteenth session").
-# Below one CTA per SM (short contexts at batch 1) pieces are halved, down to 16, until every SM has
-# one: at 32K tokens the call took 46.4 / 42.4 / 40.7 µs with pieces of 64 / 32 / 16, at 64K
-# 49.1 / 45.8 / 47.3 (H200, kernels-notes.md, "Sixteenth session").
+# With less work, pieces of 64 are halved: to 32 while that still makes at most one wave of CTAs, and
+# to 16 while there would be fewer CTAs than SMs (short contexts at batch 1). The attention then runs
+# more CTAs side by side, each shorter; below 32 the merge's extra partials cost more than that gains
+# unless SMs sit idle. H200, whole call with pieces of 64 / 32 / 16: 32K batch 1 46.4 / 42.4 / 40.7 µs,
+# 64K batch 1 44.5 / 41.4 / 42.6, 128K batch 1 52.2 / 50.7 / 55.3, 32K batch 4 55.1 / 48.3, 64K batch
+# 2 52.8 / 49.6; 256K batch 1 (two waves at 32) 73.4 / 74.6 (kernels-notes.md, "Sixteenth session").
 MAX_PIECE_BLOCKS = 128
 PIECE_BLOCKS = 64
+WAVE_PIECE_BLOCKS = 32
 MIN_PIECE_BLOCKS = 16
 LARGE_PIECE_WAVES = 8  # waves of attention CTAs above which pieces of 128 pay
 ATTENTION_CTAS_PER_SM = 4  # the packed attention's occupancy (__launch_bounds__(kPaThreads, 4))
@@ -488,9 +492,10 @@ def auto_piece_blocks(
 ) -> int:
     """Selected blocks per attention piece for this much work on a GPU of ``n_sm`` SMs (None: no
     GPU): MAX_PIECE_BLOCKS when the packed attention would still run more than LARGE_PIECE_WAVES
-    waves of CTAs (ATTENTION_CTAS_PER_SM per SM) with pieces that large; PIECE_BLOCKS halved, down
-    to MIN_PIECE_BLOCKS, while it would leave SMs without a CTA; else PIECE_BLOCKS. The dense
-    baseline keeps PIECE_BLOCKS (its shared memory grows with the piece)."""
+    waves of CTAs (ATTENTION_CTAS_PER_SM per SM) with pieces that large; else PIECE_BLOCKS, halved
+    down to WAVE_PIECE_BLOCKS while the halves still make at most one wave, and down to
+    MIN_PIECE_BLOCKS while there would be fewer CTAs than SMs. The dense baseline keeps
+    PIECE_BLOCKS (its shared memory grows with the piece)."""
     if not packed or n_sm is None:
         return PIECE_BLOCKS
 
@@ -499,8 +504,11 @@ def auto_piece_blocks(
 
     if ctas(MAX_PIECE_BLOCKS) > LARGE_PIECE_WAVES * ATTENTION_CTAS_PER_SM * n_sm:
         return MAX_PIECE_BLOCKS
+    wave = ATTENTION_CTAS_PER_SM * n_sm
     size = PIECE_BLOCKS
-    while size > MIN_PIECE_BLOCKS and ctas(size) < n_sm:
+    while size > MIN_PIECE_BLOCKS and (
+        ctas(size) < n_sm or (size // 2 >= WAVE_PIECE_BLOCKS and ctas(size // 2) <= wave)
+    ):
         size //= 2
     return size
 
