@@ -224,6 +224,7 @@ def main() -> None:
             64,
         ),  # keep > 32: values past the first 32 read in the walk
         (torch.bfloat16, 128, 8, 24000, 32, 128),  # the largest pieces (MAX_PIECE_BLOCKS)
+        (torch.bfloat16, 128, 4, 12000, 32, 32),  # auto_piece_blocks' pieces for one wave of little work
     ]
     for dt, d, g, ctx, keep, pb in cases:
         lay = DecodeLayout.synthetic(
