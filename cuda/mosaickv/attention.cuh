@@ -189,9 +189,10 @@ __device__ __forceinline__ void dense_tokens(const T* k, const T* v, int n_tok, 
 __host__ __device__ constexpr int round_up4(int n) { return (n + 3) & ~3; }
 
 // Start of an attention CTA (x, bh): false if its slot is unused (only the first n_pieces are
-// pieces; the merge reads each stripe's range of them, stripe_pieces). A piece CTA waits for the select (its pieces) here; the dense CTA (x == max_pieces)
-// needs nothing of it, so it does its work while the select finishes and waits only before it exits,
-// to keep the chain of stages (wait_for_prior_stage) when no piece CTA runs.
+// pieces; the merge reads each stripe's range of them, stripe_pieces). A piece CTA waits for the
+// select (its pieces) here; the dense CTA (x == max_pieces) needs nothing of it, so it does its work
+// while the select finishes and waits only before it exits, to keep the chain of stages
+// (wait_for_prior_stage) when no piece CTA runs.
 __device__ __forceinline__ bool enter_attention_piece(const DecodeParams& p, int bh, int x) {
   allow_next_stage();
   if (x == p.max_pieces) return true;

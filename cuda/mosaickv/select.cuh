@@ -311,9 +311,10 @@ struct SelectCluster {
 // (threshold) and how many keys equal to it to take; every CTA sums the cluster's histograms itself
 // (no broadcast step). Selected = key > threshold, plus the first `remaining` keys == threshold in
 // index order; each thread owns a run of consecutive keys, so a scan of counts gives every selected
-// block its slot and the list comes out sorted by block id, hence grouped by stripe. While writing it, the thread that owns a stripe's first block records how many
-// blocks are selected before it (stripe_first); rank 0 then cuts each stripe's run of the list into
-// attention pieces of <= piece_blocks blocks.
+// block its slot and the list comes out sorted by block id, hence grouped by stripe. While writing
+// it, the thread that owns a stripe's first block records how many blocks are selected before it
+// (stripe_first); rank 0 then cuts each stripe's run of the list into attention pieces of
+// <= piece_blocks blocks.
 template <int kUnused = 0>  // a template: the header is included by several .cu files
 __global__ void __launch_bounds__(kSelectThreads) select_kernel(DecodeParams p) {
   extern __shared__ uint32_t s_keys[];           // the slice's keys, thread t's run at t * run_words(per)

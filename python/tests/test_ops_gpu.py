@@ -447,7 +447,7 @@ def test_select_stops_when_the_first_digit_bucket_is_taken_whole() -> None:
     """Each (b, h) selects exactly the keys whose top 11 bits are at least those of its key at rank
     n/10: the first radix pass's threshold bucket is then taken whole, the select stops after that
     pass (threshold = the bucket's lowest key - 1, no ties taken), and the selection is still exact
-    (the other select tests reach the stop after the second pass, or all three passes with ties)."""
+    (the at-scale tests, with distinct and with tied keys, cover the later passes)."""
     torch.manual_seed(11)
     lay = compact16_layout(2, 8, 128, 300_000, keep=32, token_ratio=0.1, segment_len=65536)
 
@@ -463,8 +463,9 @@ def test_select_stops_when_the_first_digit_bucket_is_taken_whole() -> None:
 def test_select_reads_keys_past_its_shared_cache() -> None:
     """72 (b, h)s of 43.1K blocks: too many for clusters of two CTAs to run at once on an H200, so
     each (b, h) gets one CTA, whose 1024 runs of 43 keys (43 words apart) need more than the 41984
-    words of its key cache: threads 976 and up read their runs from global memory in every pass.
-    The selection is still exact."""
+    words of its key cache: the runs of threads 976 and up stay in global memory, where every pass
+    reads them strided over all threads and the gather reads each from its own thread. The
+    selection is still exact."""
     torch.manual_seed(7)
     lay = compact16_layout(9, 8, 64, 345_000, keep=16, token_ratio=0.1, segment_len=65536)
     assert (lay.block_ptr[1:] - lay.block_ptr[:-1]).min() > 41984

@@ -502,9 +502,9 @@ def auto_piece_blocks(
     def ctas(size: int) -> int:  # the most pieces (one more per stripe for its partial last piece)
         return sum(-(-n // size) + m for n, m in zip(n_select, stripes_per_head, strict=True))
 
-    if ctas(MAX_PIECE_BLOCKS) > LARGE_PIECE_WAVES * ATTENTION_CTAS_PER_SM * n_sm:
-        return MAX_PIECE_BLOCKS
     wave = ATTENTION_CTAS_PER_SM * n_sm
+    if ctas(MAX_PIECE_BLOCKS) > LARGE_PIECE_WAVES * wave:
+        return MAX_PIECE_BLOCKS
     size = PIECE_BLOCKS
     while size > MIN_PIECE_BLOCKS and (
         ctas(size) < n_sm or (size // 2 >= WAVE_PIECE_BLOCKS and ctas(size // 2) <= wave)
