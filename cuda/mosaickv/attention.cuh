@@ -650,10 +650,10 @@ __global__ void __launch_bounds__(kPaThreads, 4) packed_attention_kernel(DecodeP
   __shared__ uint4 s_qa[D / 16 * 32];  // Q fragments (``q_fragments``)
   __shared__ __align__(16) uint32_t s_bits[kPaWarps][32][4];  // per warp: the chunk's bitmaps (flash_chunk)
   __shared__ int s_sel[kMaxPieceBlocks];
-  __shared__ const char* s_kbits[kMaxPieceBlocks];  // first row of each selected block, per array
-  __shared__ const char* s_kvals[kMaxPieceBlocks];
-  __shared__ const char* s_vbits[kMaxPieceBlocks];
-  __shared__ const char* s_vvals[kMaxPieceBlocks];
+  // First rows of each selected block, per side (K, V): bitmap and values side by side, one 16-byte
+  // load; indexed by side, not through a pointer chosen by side (a generic pointer, which cost the
+  // chunk loop a shared-window base and address arithmetic).
+  __shared__ ulonglong2 s_rows[2][kMaxPieceBlocks];
   static_assert(sizeof(s_tile) >= sizeof(float) * kPaWarps * G * D, "the warp partials reuse the tiles");
 
   const int bh = blockIdx.y, b = bh / p.n_kv_heads, h = bh % p.n_kv_heads;
@@ -724,10 +724,11 @@ __global__ void __launch_bounds__(kPaThreads, 4) packed_attention_kernel(DecodeP
         const int j = (int)(p.sel[(int64_t)bh * p.max_select + first + i] - block_off);
         const int64_t r = (int64_t)j * B;
         s_sel[i] = j;
-        s_kbits[i] = paged_row(p.pages, meta[kColKBits], meta[kColKRows], r, 4 * kw);
-        s_kvals[i] = paged_row(p.pages, meta[kColKVals], meta[kColKRows], r, kvb);
-        s_vbits[i] = paged_row(p.pages, meta[kColVBits], meta[kColVRows], r, 4 * vw);
-        s_vvals[i] = paged_row(p.pages, meta[kColVVals], meta[kColVRows], r, vvb);
+        auto row_at = [&](int entry_col, int rows_col, int64_t row_bytes) {
+          return (unsigned long long)paged_row(p.pages, meta[entry_col], meta[rows_col], r, row_bytes);
+        };
+        s_rows[0][i] = make_ulonglong2(row_at(kColKBits, kColKRows, 4 * kw), row_at(kColKVals, kColKRows, kvb));
+        s_rows[1][i] = make_ulonglong2(row_at(kColVBits, kColVRows, 4 * vw), row_at(kColVVals, kColVRows, vvb));
       }
     }
     const float* qr = p.qrot + (int64_t)stripe * G * D;
@@ -738,8 +739,6 @@ __global__ void __launch_bounds__(kPaThreads, 4) packed_attention_kernel(DecodeP
     const int n_words = (D / grp + 31) / 32, stride = round_up8(keep);
     // Bitmap bits are positions only for g = 1 on both sides; otherwise the rows are zeroed first.
     const bool masked = meta[kColGroupK] == 1 && meta[kColGroupV] == 1;
-    const char* const* blk_bits = is_v ? s_vbits : s_kbits;
-    const char* const* blk_vals = is_v ? s_vvals : s_kvals;
     const int n_tok = (last - first) * B;
     const int n_chunks = (n_tok + kChunk - 1) / kChunk;
     const float inv_b = 1.f / (float)B;
@@ -757,9 +756,9 @@ __global__ void __launch_bounds__(kPaThreads, 4) packed_attention_kernel(DecodeP
       return s_sel[blk] * B + in < S ? Row{blk, in} : Row{-1, 0};
     };
     auto bits_of = [&](Row r) {
-      return reinterpret_cast<const uint32_t*>(blk_bits[r.blk]) + (int64_t)r.in * n_words;
+      return reinterpret_cast<const uint32_t*>(s_rows[is_v][r.blk].x) + (int64_t)r.in * n_words;
     };
-    auto vals_of = [&](Row r) { return reinterpret_cast<const T*>(blk_vals[r.blk]) + (int64_t)r.in * stride; };
+    auto vals_of = [&](Row r) { return reinterpret_cast<const T*>(s_rows[is_v][r.blk].y) + (int64_t)r.in * stride; };
     PackedRow<T> cur{}, nxt{};  // nxt stays defined when a lane has no next row (it is copied to cur)
     Row rc = warp < n_chunks ? row_of(warp * kChunk + my) : Row{-1, 0};
     if (rc.blk >= 0) cur.load(bits_of(rc), n_words, vals_of(rc), keep);
