@@ -122,21 +122,44 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel(DecodeParams p) {
   // that stripe's rotated query sits in shared memory (broadcast reads); others read global memory.
   __shared__ __align__(16) float qsh[G * D];
   allow_next_stage();
-  const int first = blockIdx.x * kScoreTile;
+  const int first = blockIdx.x * kScoreTile, end = min(first + kScoreTile, p.n_blocks);
+  const int s0 = p.block_stripe[first];
   int blk[kScoreBlocks], st[kScoreBlocks];
   const uint4* row[kScoreBlocks];
   uint4 pre0[kScoreBlocks], pre1[kScoreBlocks];  // first 16 summary values, in flight early
 #pragma unroll
-  for (int u = 0; u < kScoreBlocks; ++u) {
-    blk[u] = first + threadIdx.x + u * kScoreThreads;
-    st[u] = blk[u] < p.n_blocks ? p.block_stripe[blk[u]] : -1;
-  }
+  for (int u = 0; u < kScoreBlocks; ++u) blk[u] = first + threadIdx.x + u * kScoreThreads;
+  if (p.block_stripe[end - 1] == s0) {
+    // The whole tile in one stripe (blocks are sorted by stripe: nearly always). Its summary rows are
+    // consecutive: block first + d is row r0 + d of the stripe's paged summaries, r0 in page q0 at
+    // rem0, so page q0 + (rem0 + d) / P. rem0 + d < P + kScoreTile: the quotient is 0 or 1 when P >=
+    // kScoreTile, else exact through a float reciprocal (rem0 + d < 2 kScoreTile). Instead of a
+    // stripe row and a 32-bit division per block.
+    const int64_t* meta = p.stripes + (int64_t)s0 * kStripeCols;
+    const uint32_t per = (uint32_t)meta[kColSumRows];
+    const uint32_t r0 = (uint32_t)(meta[kColSumFirst] + first - meta[kColBlockOff]);
+    const uint32_t q0 = r0 / per, rem0 = r0 - q0 * per;
+    const float inv_per = 1.f / (float)per;
+    const int64_t* pages = p.pages + meta[kColSumPages] + q0;
 #pragma unroll
-  for (int u = 0; u < kScoreBlocks; ++u) {
-    const int64_t* meta = p.stripes + (int64_t)max(st[u], 0) * kStripeCols;
-    row[u] = st[u] >= 0 ? reinterpret_cast<const uint4*>(
-                              summary_row<T>(p.pages, meta, blk[u] - meta[kColBlockOff], p.summary_width))
-                        : nullptr;
+    for (int u = 0; u < kScoreBlocks; ++u) {
+      st[u] = blk[u] < end ? s0 : -1;
+      const uint32_t x = rem0 + (uint32_t)(blk[u] - first);
+      const uint32_t k = per >= (uint32_t)kScoreTile ? (uint32_t)(x >= per) : (uint32_t)(((float)x + 0.5f) * inv_per);
+      row[u] = st[u] >= 0 ? reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(pages[k]) +
+                                                            (int64_t)(x - k * per) * p.summary_width)
+                          : nullptr;
+    }
+  } else {
+#pragma unroll
+    for (int u = 0; u < kScoreBlocks; ++u) st[u] = blk[u] < p.n_blocks ? p.block_stripe[blk[u]] : -1;
+#pragma unroll
+    for (int u = 0; u < kScoreBlocks; ++u) {
+      const int64_t* meta = p.stripes + (int64_t)max(st[u], 0) * kStripeCols;
+      row[u] = st[u] >= 0 ? reinterpret_cast<const uint4*>(
+                                summary_row<T>(p.pages, meta, blk[u] - meta[kColBlockOff], p.summary_width))
+                          : nullptr;
+    }
   }
 #pragma unroll
   for (int u = 0; u < kScoreBlocks; ++u) {
@@ -146,7 +169,6 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel(DecodeParams p) {
       if (p.summary_width > 8) pre1[u] = row[u][1];
     }
   }
-  const int s0 = p.block_stripe[first];
   wait_for_prior_stage();  // the rotated queries (the summaries above were written before the call)
   // Only the channels the summaries cover (16 of 128 for compact-16): the copy is paid by every CTA.
   const int used = summary_channels(p.summary_kind, p.summary_width);
