@@ -365,6 +365,50 @@ def compact16_layout(
     )
 
 
+def repaged_summaries(lay: DecodeLayout, rows_per_page: int) -> tuple[DecodeLayout, torch.Tensor]:
+    """``lay`` (flat pools) with its summary rows moved into pages of ``rows_per_page`` rows, stored in
+    reverse order, and the page table and stripe rows that find them there; also the pages' storage
+    (keep it alive while the layout is used)."""
+    assert lay.flat is not None and lay.flat.summary is not None
+    summary = lay.flat.summary
+    n_pages = -(-summary.shape[0] // rows_per_page)
+    store = torch.zeros(n_pages * rows_per_page, summary.shape[1], dtype=summary.dtype, device=summary.device)
+    addrs = []
+    for i in range(n_pages):
+        rows = summary[i * rows_per_page : (i + 1) * rows_per_page]
+        at = (n_pages - 1 - i) * rows_per_page
+        store[at : at + rows.shape[0]] = rows
+        addrs.append(store[at].data_ptr())
+    stripes = lay.stripes.clone()
+    stripes[:, STRIPE_COLS.index("sum_pages")] = lay.pages.numel()
+    stripes[:, STRIPE_COLS.index("sum_rows")] = rows_per_page
+    pages = torch.cat([lay.pages, torch.tensor(addrs, dtype=torch.int64, device=lay.pages.device)])
+    return replace(lay, stripes=stripes, pages=pages), store
+
+
+@pytest.mark.parametrize("segment_len", [65536, 2000])
+def test_score_finds_summary_rows_across_pages(segment_len: int) -> None:
+    """The score reaches a tile's summary rows from its first row's page when the tile lies in one
+    stripe: pages of 100 rows (the page of a row through a float reciprocal) and of 1536 (a tile of
+    1024 blocks spans at most two pages), stored in reverse order, give the same keys as the flat
+    layout, bit for bit. Stripes of 250 blocks put most tiles across stripes (the per-block path)."""
+    torch.manual_seed(13)
+    lay = compact16_layout(2, 2, 128, 300_000, keep=32, token_ratio=0.1, segment_len=segment_len)
+    q = torch.randn(2, 8, 128, device="cuda").to(torch.bfloat16)
+
+    def keys(layout: DecodeLayout) -> torch.Tensor:
+        ws = DecodeWorkspace.plan(layout, gqa_group=4)
+        run_decode(layout, ws, q, torch.empty_like(q), 128**-0.5, stages=1 | 2)
+        torch.cuda.synchronize()
+        return ws.keys[: layout.block_stripe.numel()].cpu()
+
+    flat = keys(lay)
+    for rows_per_page in (100, 1536):
+        paged, store = repaged_summaries(lay, rows_per_page)
+        assert torch.equal(keys(paged), flat), f"pages of {rows_per_page} rows"
+        del store
+
+
 def test_select_cuts_pieces_over_many_short_stripes() -> None:
     """Stripes of 3 blocks, so a select thread's run of keys crosses stripe starts and one (b, h) has
     more stripes (4166) than the select CTA has threads: every stripe's run of the selected list is cut
