@@ -209,30 +209,27 @@ def main() -> None:
     dev = "cpu" if args.cpu else "cuda"
     torch.manual_seed(0)
     ok = True
-    cases = [  # (dtype, D, G, context, keep, piece_blocks)
-        (torch.bfloat16, 128, 4, 5000, 32, 64),
-        (torch.bfloat16, 128, 8, 3000, 32, 8),
-        (torch.float16, 128, 1, 4000, 32, 16),
-        (torch.bfloat16, 64, 4, 3000, 16, 64),
-        (torch.float16, 64, 8, 2500, 24, 4),
-        (
-            torch.bfloat16,
-            128,
-            4,
-            6000,
-            48,
-            64,
-        ),  # keep > 32: values past the first 32 read in the walk
-        (torch.bfloat16, 128, 8, 24000, 32, 128),  # the largest pieces (MAX_PIECE_BLOCKS)
-        (torch.bfloat16, 128, 4, 12000, 32, 32),  # auto_piece_blocks' pieces for one wave of little work
+    cases = [  # (dtype, D, G, context, keep K, keep V, piece_blocks)
+        (torch.bfloat16, 128, 4, 5000, 32, 32, 64),
+        (torch.bfloat16, 128, 8, 3000, 32, 32, 8),
+        (torch.float16, 128, 1, 4000, 32, 32, 16),
+        (torch.bfloat16, 64, 4, 3000, 16, 16, 64),
+        (torch.float16, 64, 8, 2500, 24, 24, 4),
+        (torch.bfloat16, 128, 4, 6000, 48, 48, 64),  # keep > 32: values past the first 32 read in the walk
+        (torch.bfloat16, 128, 8, 24000, 32, 32, 128),  # the largest pieces (MAX_PIECE_BLOCKS)
+        (torch.bfloat16, 128, 4, 12000, 32, 32, 32),  # auto_piece_blocks' pieces for one wave of little work
+        (torch.bfloat16, 128, 4, 5000, 32, 16, 64),  # K and V rows of different lengths (per-side keeps)
+        (torch.float16, 128, 1, 4000, 16, 32, 16),
+        (torch.bfloat16, 128, 4, 5000, 32, 24, 64),  # V rows on the one-walk path, K rows on the two-walk one
     ]
-    for dt, d, g, ctx, keep, pb in cases:
+    for dt, d, g, ctx, keep, keep_v, pb in cases:
         lay = DecodeLayout.synthetic(
             2,
             2,
             d,
             ctx,
             keep=keep,
+            keep_v=keep_v,
             block=8,
             token_ratio=0.1,
             n_sink=4,
@@ -265,7 +262,7 @@ def main() -> None:
         )
         ok &= good
         print(
-            f"{'ok  ' if good else 'FAIL'} {str(dt)[6:]:>8} D={d} G={g} T={ctx} keep={keep} pieces of {pb}: "
+            f"{'ok  ' if good else 'FAIL'} {str(dt)[6:]:>8} D={d} G={g} T={ctx} keep={keep}/{keep_v} pieces of {pb}: "
             + ", ".join(
                 f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}"
                 for k, v in e.items()

@@ -1,6 +1,7 @@
-"""MosaicKV compact-16 alone, for A/B runs of kernel changes on one lease: the whole layer call and
-each stage alone (µs, CUDA-graph replays, layers cycled through DRAM: the method of
-bench_kernels.py without its baselines). Appends one labelled record per run to --out.
+"""MosaicKV alone (compact-16 summaries, or --summary cminmax16), for A/B runs of kernel changes on
+one lease: the whole layer call and each stage alone (µs, CUDA-graph replays, layers cycled through
+DRAM: the method of bench_kernels.py without its baselines). Appends one labelled record per run to
+--out.
 
     python bench/kernels/time_stages.py --label base --out ab.json [--piece-blocks 32] [--without]
 
@@ -32,6 +33,8 @@ from bench_kernels import (
 )
 from mosaickv.ops import STAGE_ALL
 
+SUMMARIES = {"compact16": (0, 16), "cminmax16": (1, 32)}  # name: (summary kind, width), as bench_kernels
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(
@@ -43,6 +46,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--piece-blocks", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--summary", choices=sorted(SUMMARIES), default="compact16")
     ap.add_argument(
         "--without", action="store_true", help="also time the call without each stage"
     )
@@ -53,7 +57,7 @@ def main() -> None:
         for batch in args.batches:
             q = torch.randn(batch, H_Q, D, device=DEV, dtype=DT)
             out = torch.empty_like(q)
-            lays, wss, _ = mosaic_layers(batch, t, 0, 16, args.piece_blocks)
+            lays, wss, _ = mosaic_layers(batch, t, *SUMMARIES[args.summary], args.piece_blocks)
             whole = time_cycle(
                 [
                     runner(lay, w, q, out, STAGE_ALL)
@@ -98,6 +102,7 @@ def main() -> None:
         {
             "label": args.label,
             "piece_blocks": args.piece_blocks,  # None: each row's own choice (auto_piece_blocks)
+            "summary": args.summary,
             "device": torch.cuda.get_device_name(),
             "rows": rows,
         }

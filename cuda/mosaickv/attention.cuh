@@ -1,5 +1,5 @@
 // PackedAttention decode (flash-decoding split + log-sum-exp merge) and the dense token-selection
-// baseline, sharing the selection and merge stages.
+// baseline, sharing the selection, attention and merge stages.
 //
 // Grid of the attention stage: (max_pieces + 1, B*H). CTA x < n_pieces[bh] handles one piece (up to
 // piece_blocks selected blocks of one stripe) for all G query heads of the KV head; CTA x == max_pieces
@@ -13,100 +13,6 @@
 
 namespace mosaickv {
 
-constexpr int kAttnThreads = 256;
-constexpr int kAttnWarps = kAttnThreads / 32;
-constexpr int kUnroll = 4;  // dense rows in flight per thread: memory-level parallelism
-
-// Per-head max and sum over the CTA's logits in one pass each; leaves p = exp(s - m) in `logits`
-// ([n_tok][G]) and (m, l) in ml ([G][2]). scratch holds >= 32 * G floats.
-template <int G>
-__device__ __forceinline__ void softmax_phase(float* logits, int n_tok, float* ml, float* scratch) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  __syncthreads();
-  float m[G], l[G];
-#pragma unroll
-  for (int g = 0; g < G; ++g) m[g] = -INFINITY, l[g] = 0.f;
-  for (int t = threadIdx.x; t < n_tok; t += blockDim.x)
-#pragma unroll
-    for (int g = 0; g < G; ++g) m[g] = fmaxf(m[g], logits[t * G + g]);
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    m[g] = warp_max(m[g]);
-    if (lane == 0) scratch[warp * G + g] = m[g];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    float r = -INFINITY;
-    for (int w = 0; w < kAttnWarps; ++w) r = fmaxf(r, scratch[w * G + g]);
-    m[g] = r;
-  }
-  __syncthreads();
-  for (int t = threadIdx.x; t < n_tok; t += blockDim.x)
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      const float s = logits[t * G + g];
-      const float e = s == -INFINITY ? 0.f : __expf(s - m[g]);
-      logits[t * G + g] = e;
-      l[g] += e;
-    }
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    l[g] = warp_sum(l[g]);
-    if (lane == 0) scratch[warp * G + g] = l[g];
-  }
-  __syncthreads();
-  if (threadIdx.x < G) {
-    float r = 0.f;
-    for (int w = 0; w < kAttnWarps; ++w) r += scratch[w * G + threadIdx.x];
-    ml[threadIdx.x * 2] = m[threadIdx.x];
-    ml[threadIdx.x * 2 + 1] = r;
-  }
-  __syncthreads();
-}
-
-// q'[pos] (all G heads, layout [D][G]) times val, accumulated into s; 16-byte shared loads.
-template <int G>
-__device__ __forceinline__ void fma_q(const float* qs, int pos, float val, float* s) {
-  if constexpr (G % 4 == 0) {
-#pragma unroll
-    for (int g4 = 0; g4 < G / 4; ++g4) {
-      const float4 qv = reinterpret_cast<const float4*>(qs + pos * G)[g4];
-      s[g4 * 4 + 0] = fmaf(qv.x, val, s[g4 * 4 + 0]);
-      s[g4 * 4 + 1] = fmaf(qv.y, val, s[g4 * 4 + 1]);
-      s[g4 * 4 + 2] = fmaf(qv.z, val, s[g4 * 4 + 2]);
-      s[g4 * 4 + 3] = fmaf(qv.w, val, s[g4 * 4 + 3]);
-    }
-  } else {
-#pragma unroll
-    for (int g = 0; g < G; ++g) s[g] = fmaf(qs[pos * G + g], val, s[g]);
-  }
-}
-
-// Sums per-thread partial outputs red[n_part][G][D] into out[G][D] (global).
-template <int G, int D>
-__device__ __forceinline__ void sum_parts(const float* red, int n_part, float* out) {
-  __syncthreads();
-  for (int i = threadIdx.x; i < G * D; i += blockDim.x) {
-    float a = 0.f;
-    for (int w = 0; w < n_part; ++w) a += red[w * G * D + i];
-    out[i] = a;
-  }
-}
-
-// Issues kUnroll independent 16-byte loads (this thread's 8 elements of tokens t0 + slot + u*kSlots)
-// before any is used, so several rows are in flight; r[u] = -1 marks a token past n_tok or padding.
-template <typename T, int kSlots, typename RowOf>
-__device__ __forceinline__ void load_dense_rows(const T* base, int t0, int n_tok, int slot, int sub, RowOf row_of,
-                                                int64_t (&r)[kUnroll], uint4 (&x)[kUnroll]) {
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) {
-    const int t = t0 + slot + u * kSlots;
-    r[u] = t < n_tok ? row_of(t) : -1;
-    if (r[u] >= 0) x[u] = *reinterpret_cast<const uint4*>(base + r[u] + sub * 8);
-  }
-}
-
 // Sequence b's sinks + window rows of KV head h, K or V: [dense_cap, D], from its own buffer when
 // the caller passed their addresses (the cache manager), else from the batch's stacked tensors.
 template <typename T, int D>
@@ -115,78 +21,6 @@ __device__ __forceinline__ const T* dense_rows_of(const DecodeParams& p, int b, 
   if (p.dense_rows != nullptr) return reinterpret_cast<const T*>(p.dense_rows[(is_v ? p.batch : 0) + b]) + head;
   return static_cast<const T*>(is_v ? p.dense_v : p.dense_k) + (int64_t)b * p.n_kv_heads * p.dense_cap * D + head;
 }
-
-// Dense rows (sinks + window, or the dense baseline): D/8 threads per token, 16-byte loads, kUnroll
-// tokens in flight per thread. row_of(t) gives the element offset of token t's row, or -1 (padding).
-template <typename T, int D, int G, typename RowOf>
-__device__ __forceinline__ void dense_tokens(const T* k, const T* v, int n_tok, RowOf row_of, const float* qs,
-                                             float scale, float* logits, float* ml, float* scratch, float* red,
-                                             float* out_o) {
-  constexpr int kLanes = D / 8;
-  constexpr int kSlots = kAttnThreads / kLanes;
-  const int sub = threadIdx.x % kLanes, slot = threadIdx.x / kLanes;
-  for (int t0 = 0; t0 < n_tok; t0 += kSlots * kUnroll) {  // uniform trip count: shuffles need every lane
-    int64_t r[kUnroll];
-    uint4 x[kUnroll];
-    load_dense_rows<T, kSlots>(k, t0, n_tok, slot, sub, row_of, r, x);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int t = t0 + slot + u * kSlots;
-      float part[G];
-#pragma unroll
-      for (int g = 0; g < G; ++g) part[g] = 0.f;
-      if (r[u] >= 0) {
-        float f[8];
-        unpack8<T>(x[u], f);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) fma_q<G>(qs, sub * 8 + e, f[e], part);
-      }
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-#pragma unroll
-        for (int o = kLanes / 2; o > 0; o >>= 1) part[g] += __shfl_xor_sync(0xffffffffu, part[g], o);
-        if (sub == 0 && t < n_tok) logits[t * G + g] = r[u] >= 0 ? part[g] * scale : -INFINITY;
-      }
-    }
-  }
-  softmax_phase<G>(logits, n_tok, ml, scratch);
-  float o[G][8];
-#pragma unroll
-  for (int g = 0; g < G; ++g)
-#pragma unroll
-    for (int e = 0; e < 8; ++e) o[g][e] = 0.f;
-  for (int t0 = 0; t0 < n_tok; t0 += kSlots * kUnroll) {
-    int64_t r[kUnroll];
-    uint4 x[kUnroll];
-    load_dense_rows<T, kSlots>(v, t0, n_tok, slot, sub, row_of, r, x);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (r[u] < 0) continue;
-      const int t = t0 + slot + u * kSlots;
-      float f[8];
-      unpack8<T>(x[u], f);
-#pragma unroll
-      for (int g = 0; g < G; ++g) {
-        const float pg = logits[t * G + g];
-#pragma unroll
-        for (int e = 0; e < 8; ++e) o[g][e] = fmaf(pg, f[e], o[g][e]);
-      }
-    }
-  }
-  // Slots of one warp share `sub`: fold them with shuffles, then one partial per warp.
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int g = 0; g < G; ++g)
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-#pragma unroll
-      for (int off = kLanes; off < 32; off <<= 1) o[g][e] += __shfl_xor_sync(0xffffffffu, o[g][e], off);
-      if (lane < kLanes) red[(warp * G + g) * D + sub * 8 + e] = o[g][e];
-    }
-  sum_parts<G, D>(red, kAttnWarps, out_o);
-}
-
-__host__ __device__ constexpr int round_up4(int n) { return (n + 3) & ~3; }
 
 // Start of an attention CTA (x, bh): false if its slot is unused (only the first n_pieces are
 // pieces; the merge reads each stripe's range of them, stripe_pieces). A piece CTA waits for the
@@ -200,74 +34,25 @@ __device__ __forceinline__ bool enter_attention_piece(const DecodeParams& p, int
   return x < p.n_pieces[bh];
 }
 
-// Dense token-selection baseline: grid (max_pieces + 1, B*H) x kAttnThreads. CTA x < n_pieces[bh]
-// handles one piece of selected dense rows, CTA x == max_pieces the dense sinks + window; both with
-// dense_tokens (CUDA cores). Output as the packed kernel's: unnormalised o + (max, sum) per head.
-template <typename T, int D, int G>
-__global__ void __launch_bounds__(kAttnThreads) attention_kernel(DecodeParams p) {
-  extern __shared__ __align__(16) float smem[];
-  const int piece_tokens = max(p.piece_blocks * p.block, p.dense_cap);
-  float* qs = smem;                                       // [D][G]
-  float* ml = qs + D * G;                                 // [G][2]
-  float* scratch = ml + round_up4(2 * G);                 // [32 * G]
-  int* s_sel = reinterpret_cast<int*>(scratch + 32 * G);              // [kMaxPieceBlocks] the piece's blocks
-  float* logits = reinterpret_cast<float*>(s_sel + kMaxPieceBlocks);  // [piece tokens][G]
-  float* region = logits + round_up4(piece_tokens * G);   // partial-sum reduction (16B aligned)
-
-  const int bh = blockIdx.y, b = bh / p.n_kv_heads, h = bh % p.n_kv_heads;
-  const int x = blockIdx.x;
-  float* out_o = p.part_o + ((int64_t)bh * (p.max_pieces + 1) + x) * G * D;
-  float* out_ml = p.part_ml + ((int64_t)bh * (p.max_pieces + 1) + x) * G * 2;
-  if (!enter_attention_piece(p, bh, x)) return;
-
-  if (x == p.max_pieces) {
-    // Sinks + recent window: dense, unrotated.
-    const T* q = static_cast<const T*>(p.q) + ((int64_t)b * p.n_kv_heads * G + (int64_t)h * G) * D;
-    for (int i = threadIdx.x; i < D * G; i += blockDim.x) qs[(i % D) * G + i / D] = Conv<T>::to(q[i]);
-    __syncthreads();
-    dense_tokens<T, D, G>(dense_rows_of<T, D>(p, b, h, false), dense_rows_of<T, D>(p, b, h, true), p.dense_len[b],
-                          [&](int t) { return (int64_t)t * D; }, qs, p.scale, logits, ml, scratch, region, out_o);
-  } else {
-    const int32_t* pc = p.pieces + ((int64_t)bh * p.max_pieces + x) * 3;
-    const int first = pc[0], last = pc[1], stripe = pc[2];
-    const int64_t* meta = p.stripes + (int64_t)stripe * kStripeCols;
-    const int S = (int)meta[kColTokens];
-    const int64_t block_off = meta[kColBlockOff], row_off = meta[kColRowOff];
-    const int n_tok = (last - first) * p.block;
-    const float* qr = p.qrot + (int64_t)stripe * G * D;
-    for (int i = threadIdx.x; i < D * G; i += blockDim.x) qs[(i % D) * G + i / D] = qr[i];
-    for (int i = threadIdx.x; i < last - first; i += blockDim.x)
-      s_sel[i] = (int)(p.sel[(int64_t)bh * p.max_select + first + i] - block_off);
-    __syncthreads();
-    dense_tokens<T, D, G>(static_cast<const T*>(p.kdense), static_cast<const T*>(p.vdense), n_tok,
-                          [&](int t) -> int64_t {
-                            const int tok = s_sel[t / p.block] * p.block + t % p.block;
-                            return tok < S ? (row_off + tok) * D : -1;
-                          },
-                          qs, p.scale, logits, ml, scratch, region, out_o);
-  }
-  if (threadIdx.x < 2 * G) out_ml[threadIdx.x] = ml[threadIdx.x];
-  if (x == p.max_pieces) wait_for_prior_stage();  // see enter_attention_piece
-}
-
 // ---------------------------------------------------------------------------------------------------
-// PackedAttention (MosaicKV): tensor cores over rows expanded on chip.
+// The attention: tensor cores over rows in shared-memory tiles (tile_attention_kernel).
 //
 // Grid (max_pieces + 1, B*H) x kPaThreads. CTA x < n_pieces[bh] handles one piece (<= piece_blocks
-// selected blocks of one stripe), CTA x == max_pieces the dense sinks + window, both for all G query heads of
-// the KV head. Each warp runs flash-decoding over its own chunks of 16 tokens (chunks warp, warp + 4,
-// ...) with an online softmax, and the CTA combines its 4 warps at the end. Per chunk:
-//   1. lanes 0-15 expand the K rows of the chunk's 16 tokens, lanes 16-31 the V rows, each into one
-//      row of the warp's shared tiles (walk the bitmap, store each kept value at its rotated
-//      position; the tiles are not zeroed: the mma operands are masked by the bitmaps, flash_chunk);
-//      the next chunk's packed rows are already in flight (registers);
+// selected blocks of one stripe), CTA x == max_pieces the dense sinks + window, both for all G query
+// heads of the KV head. Each warp runs flash-decoding over its own chunks of 16 tokens (chunks warp,
+// warp + 4, ...) with an online softmax, and the CTA combines its 4 warps at the end. Per chunk:
+//   1. lanes 0-15 bring the K rows of the chunk's 16 tokens, lanes 16-31 the V rows, each into one
+//      row of the warp's shared tiles. MosaicKV rows (kPacked) are expanded: walk the bitmap, store
+//      each kept value at its rotated position; the tiles are not zeroed: the mma operands are masked
+//      by the bitmaps (flash_chunk); the next chunk's packed rows are already in flight (registers).
+//      Dense rows (the sinks + window, and every piece of the dense baseline) are copied whole;
 //   2. logits on tensor cores: S^T[16 x 16] = Q[16 x D] K^T with mma.m16n8k16 (f32 accumulate);
 //      Q's rows hold q' split into hi + lo 16-bit halves (rows r and r + 8), so the logits keep ~16
 //      bits of q' although the operands are 16-bit;
 //   3. p = exp2(s - m) per head, the running max/sum updated, o'^T rescaled when a max moved;
 //   4. o'^T[D x 8] += V^T P^T with mma.m16n8k16: A = V tile through ldmatrix.trans, B = p split into
 //      hi + lo again (columns n and n + 4 for G <= 4; two mmas for G = 8).
-// Output as before: unnormalised o' in the stripe's rotated V space (dense piece: unrotated) and
+// Output as before: unnormalised o' in the stripe's rotated V space (dense rows: unrotated) and
 // (max, sum of exp) per head, natural-log units.
 // ---------------------------------------------------------------------------------------------------
 constexpr int kPaThreads = 128;
@@ -642,8 +427,33 @@ __device__ __forceinline__ void zero_row(T* dst) {
   for (int i = 0; i < D / 8; ++i) reinterpret_cast<uint4*>(dst)[i] = make_uint4(0u, 0u, 0u, 0u);
 }
 
-template <typename T, int D, int G>
-__global__ void __launch_bounds__(kPaThreads, 4) packed_attention_kernel(DecodeParams p) {
+// One warp's chunks of dense rows, copied whole into the tiles (rows written whole: their bitmaps
+// stay all ones): the sinks + window, and the dense baseline's selected rows. row_of(t): the address
+// of chunk token t's row on this lane's side (K for lanes 0-15, V for 16-31), nullptr past the end.
+// The copies are asynchronous (cp.async holds no registers), so a lane has its whole row in flight.
+template <typename T, int D, int G, typename RowOf>
+__device__ __forceinline__ void dense_chunks(RowOf row_of, int n_chunks, T* my_row, const T* ktile, const T* vtile,
+                                             const uint4* qa, const uint32_t (*bits)[4], WarpFlash<D>& st) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int c = warp; c < n_chunks; c += kPaWarps) {
+    const T* src = row_of(c * kChunk + (lane & 15));
+    if (src != nullptr) {
+#pragma unroll
+      for (int i = 0; i < D / 8; ++i) cp_async16(my_row + 8 * i, src + 8 * i);
+    } else {
+      zero_row<T, D>(my_row);
+    }
+    cp_async_wait_all();
+    const uint32_t valid = __ballot_sync(0xffffffffu, src != nullptr) & 0xffffu;  // lanes 0-15 = tokens 0-15
+    __syncwarp();
+    flash_chunk<T, D, G>(ktile, vtile, valid, qa, bits, st);
+    __syncwarp();
+  }
+}
+
+// kPacked: the pieces' rows are MosaicKV's packed rows (expanded), or the dense baseline's (copied).
+template <typename T, int D, int G, bool kPacked>
+__global__ void __launch_bounds__(kPaThreads, 4) tile_attention_kernel(DecodeParams p) {
   constexpr int kStride = pa_stride<D>();
   __shared__ __align__(16) T s_tile[kPaWarps][2][kChunk * kStride];  // per warp: K rows, V rows
   __shared__ float s_m[kPaWarps][G], s_l[kPaWarps][G];
@@ -685,28 +495,29 @@ __global__ void __launch_bounds__(kPaThreads, 4) packed_attention_kernel(DecodeP
     q_fragments<T, D, G>([&](int g, int d) { return Conv<T>::to(q[g * D + d]); }, qscale, s_qa);
     __syncthreads();
     const int n_tok = p.dense_len[b];
-    const int n_chunks = (n_tok + kChunk - 1) / kChunk;
     const T* rows = dense_rows_of<T, D>(p, b, h, is_v);
-    for (int c = warp; c < n_chunks; c += kPaWarps) {
-      const int t = c * kChunk + my;
-      if (t < n_tok) {
-        const uint4* src = reinterpret_cast<const uint4*>(rows + (int64_t)t * D);
-#pragma unroll
-        for (int i0 = 0; i0 < D / 8; i0 += 4) {
-          uint4 v[4];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) v[i] = src[i0 + i];
-#pragma unroll
-          for (int i = 0; i < 4; ++i) reinterpret_cast<uint4*>(my_row)[i0 + i] = v[i];
-        }
-      } else {
-        zero_row<T, D>(my_row);
-      }
-      const uint32_t valid = __ballot_sync(0xffffffffu, t < n_tok) & 0xffffu;
-      __syncwarp();
-      flash_chunk<T, D, G>(ktile, vtile, valid, s_qa + lane, s_bits[warp], st);
-      __syncwarp();
-    }
+    dense_chunks<T, D, G>([&](int t) { return t < n_tok ? rows + (int64_t)t * D : nullptr; },
+                          (n_tok + kChunk - 1) / kChunk, my_row, ktile, vtile, s_qa + lane, s_bits[warp], st);
+  } else if constexpr (!kPacked) {
+    // The dense baseline's piece: its selected rows of the stripe, dense and unrotated, copied whole.
+    const int32_t* pc = p.pieces + ((int64_t)bh * p.max_pieces + x) * 3;
+    const int first = pc[0], last = pc[1], stripe = pc[2];
+    const int64_t* meta = p.stripes + (int64_t)stripe * kStripeCols;
+    const int S = (int)meta[kColTokens], B = p.block;
+    const int64_t block_off = meta[kColBlockOff];
+    for (int i = threadIdx.x; i < last - first; i += blockDim.x)
+      s_sel[i] = (int)(p.sel[(int64_t)bh * p.max_select + first + i] - block_off);
+    const float* qr = p.qrot + (int64_t)stripe * G * D;  // q itself (the rotate stage copies it)
+    q_fragments<T, D, G>([&](int g, int d) { return qr[g * D + d]; }, qscale, s_qa);
+    __syncthreads();
+    const int n_tok = (last - first) * B;
+    const T* rows = static_cast<const T*>(is_v ? p.vdense : p.kdense) + meta[kColRowOff] * D;
+    dense_chunks<T, D, G>(
+        [&](int t) -> const T* {
+          const int tok = t < n_tok ? s_sel[t / B] * B + t % B : S;
+          return tok < S ? rows + (int64_t)tok * D : nullptr;
+        },
+        (n_tok + kChunk - 1) / kChunk, my_row, ktile, vtile, s_qa + lane, s_bits[warp], st);
   } else {
     const int32_t* pc = p.pieces + ((int64_t)bh * p.max_pieces + x) * 3;
     const int first = pc[0], last = pc[1], stripe = pc[2];
@@ -1005,17 +816,10 @@ __global__ void __launch_bounds__(kMergeThreads, 2) merge_kernel(DecodeParams p)
   }
 }
 
-// Dynamic shared memory of the dense baseline's attention kernel (the packed kernel's is static).
-inline size_t attention_smem_bytes(int D, int G, int piece_tokens) {
-  const size_t head = (size_t)D * G + round_up4(2 * G) + 32 * G + kMaxPieceBlocks + round_up4(piece_tokens * G);
-  const size_t red = (size_t)kAttnWarps * G * D;  // per-warp partials
-  return sizeof(float) * (head + red);
-}
-
 // Launches one decode stage, `after_stage`: as a programmatic dependent launch behind the stage
 // launched just before it (wait_for_prior_stage). The first stage of a call is launched plainly, so
 // it starts only when everything before the call (the writes of q, of the cache) has completed.
-inline cudaError_t launch_stage(void (*kernel)(DecodeParams), dim3 grid, int threads, size_t smem,
+inline cudaError_t launch_stage(StageKernel kernel, dim3 grid, int threads, size_t smem,
                                 cudaStream_t stream, bool after_stage, const DecodeParams& p) {
   cudaLaunchAttribute attr = after_stage_attribute();
   cudaLaunchConfig_t cfg = {};
@@ -1039,29 +843,20 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   // Overlap needs sm_90, and a runtime that keeps programmatic dependencies in captured graphs (12.3).
   const bool can_overlap = major >= 9 && CUDART_VERSION >= 12030;
   bool launched = false;  // a stage of this call is already in the stream
-  auto stage = [&](void (*kernel)(DecodeParams), dim3 grid, int threads, size_t smem) {
+  auto stage = [&](StageKernel kernel, dim3 grid, int threads, size_t smem) {
     if (err == cudaSuccess) err = launch_stage(kernel, grid, threads, smem, stream, launched && can_overlap, p);
     launched = true;
   };
   if ((p.stages & kStageRotate) && p.n_stripes > 0)
     stage(rotate_q_kernel<T, D, G>, dim3(p.n_stripes, D / kRotRows), 256, 0);
   if ((p.stages & kStageScore) && p.n_blocks > 0)
-    stage(score_kernel<T, D, G>, dim3((p.n_blocks + kScoreTile - 1) / kScoreTile), kScoreThreads, 0);
+    stage(score_kernel_for<T, D, G>(p), dim3((p.n_blocks + score_tile(p.summary_kind) - 1) / score_tile(p.summary_kind)),
+          kScoreThreads, 0);
   if ((p.stages & kStageSelect) && err == cudaSuccess) {
     err = launch_select(p, bh, stream, dev, major, launched && can_overlap);
     launched = true;
   }
-  if (p.stages & kStageAttend) {
-    if constexpr (kPacked) {
-      stage(packed_attention_kernel<T, D, G>, dim3(p.max_pieces + 1, bh), kPaThreads, 0);
-    } else {
-      const int piece_tokens = max(p.piece_blocks * p.block, p.dense_cap);
-      const size_t smem = attention_smem_bytes(D, G, piece_tokens);
-      if (err == cudaSuccess)
-        err = cudaFuncSetAttribute(attention_kernel<T, D, G>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-      stage(attention_kernel<T, D, G>, dim3(p.max_pieces + 1, bh), kAttnThreads, smem);
-    }
-  }
+  if (p.stages & kStageAttend) stage(tile_attention_kernel<T, D, G, kPacked>, dim3(p.max_pieces + 1, bh), kPaThreads, 0);
   if (p.stages & kStageMerge) {
     const size_t smem = merge_smem_bytes(D, p.rotated);
     if (err == cudaSuccess) err = allow_dynamic_smem<merge_kernel<T, D, G>>(dev, merge_smem_bytes(D, true));

@@ -107,17 +107,62 @@ __device__ __forceinline__ void block_scores(const float* q, const uint4* row, u
   }
 }
 
-// Score: kScoreBlocks block summaries per thread (block first + threadIdx.x + u * kScoreThreads), each
-// written as an order-preserving key of its GQA-max score. Reaching a summary is a chain of dependent
-// loads (owning stripe, stripe table, page table, row); a thread runs the chains of its blocks side by
-// side, so a CTA pays one chain for 1024 blocks instead of 256 and the grid runs in a quarter of the
-// waves.
+// Score: score_blocks(kind) block summaries per thread (block first + threadIdx.x + u * kScoreThreads),
+// each written as an order-preserving key of its GQA-max score. Reaching a summary is a chain of
+// dependent loads (owning stripe, stripe table, page table, row); a thread runs the chains of its
+// blocks side by side, so a CTA pays one chain for score_tile(kind) blocks, not 256. Min/max rows are
+// twice as wide as means, so a thread takes half as many: all of its rows' bytes are in flight before
+// the wait in 72 registers (4 min/max rows a thread took 120 registers, 2 CTAs per SM, and made the
+// score 15-20 % slower; kernels-ab-score-minmax-h200-s18.json).
 constexpr int kScoreThreads = 256;
-constexpr int kScoreBlocks = 4;
-constexpr int kScoreTile = kScoreThreads * kScoreBlocks;  // blocks per CTA
+__host__ __device__ constexpr int score_blocks(int kind) { return kind == kSummaryMean ? 4 : 2; }
+__host__ __device__ constexpr int score_tile(int kind) { return kScoreThreads * score_blocks(kind); }
 
-template <typename T, int D, int G>
+// Summaries of 16 channels (compact-16 means, width 16: the benchmark's; min/max of 16 channels, width
+// 32: the core's default) have a scorer of their own when a CTA's tile lies in one stripe: whole rows
+// loaded before the wait and no loop over a runtime width (score 1M batch 8 10 % faster for compact-16,
+// 2.4x for min/max; kernels-ab-score-fast-h200-s18.json). Per head the channels are summed in
+// block_scores' order, so the keys are the same bit for bit.
+constexpr int kFastChannels = 16;
+
+template <typename T, int D, int G, int kKind>
+__device__ __forceinline__ void fast_scores(const float* q, uint4 c0, uint4 c1, uint4 hi0, uint4 hi1,
+                                            float (&acc)[G]) {
+  float v[kFastChannels], hi[kFastChannels];
+  unpack8<T>(c0, v);
+  unpack8<T>(c1, v + 8);
+  if constexpr (kKind != kSummaryMean) {
+    unpack8<T>(hi0, hi);
+    unpack8<T>(hi1, hi + 8);
+  }
+#pragma unroll
+  for (int c = 0; c < kFastChannels; c += 4)
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float4 x4 = *reinterpret_cast<const float4*>(q + g * D + c);
+      const float x[4] = {x4.x, x4.y, x4.z, x4.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        if constexpr (kKind == kSummaryMean) {
+          acc[g] = fmaf(x[e], v[c + e], acc[g]);
+        } else {
+          acc[g] += fmaxf(x[e] * v[c + e], x[e] * hi[c + e]);
+        }
+      }
+    }
+}
+
+// Rows wider than 16 channels whose chunks split evenly over the lanes of a warp get their own scorer
+// (kWide below): 32, 64, 128 or 256 channels.
+__host__ __device__ constexpr bool wide_rows(int used) {
+  return used > kFastChannels && used % 8 == 0 && 32 % (used / 8) == 0;
+}
+
+// kKind: p.summary_kind; kWide: wide_rows of its channels. Template arguments, so that each scorer
+// gets its own registers (the wide one's would take the 16-channel one's occupancy).
+template <typename T, int D, int G, int kKind, bool kWide>
 __global__ void __launch_bounds__(kScoreThreads) score_kernel(DecodeParams p) {
+  constexpr int kScoreBlocks = score_blocks(kKind), kScoreTile = score_tile(kKind);
   // Blocks are sorted by stripe, so a CTA's blocks nearly always share its first block's stripe:
   // that stripe's rotated query sits in shared memory (broadcast reads); others read global memory.
   __shared__ __align__(16) float qsh[G * D];
@@ -129,26 +174,28 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel(DecodeParams p) {
   uint4 pre0[kScoreBlocks], pre1[kScoreBlocks];  // first 16 summary values, in flight early
 #pragma unroll
   for (int u = 0; u < kScoreBlocks; ++u) blk[u] = first + threadIdx.x + u * kScoreThreads;
-  if (p.block_stripe[end - 1] == s0) {
-    // The whole tile in one stripe (blocks are sorted by stripe: nearly always). Its summary rows are
-    // consecutive: block first + d is row r0 + d of the stripe's paged summaries, r0 in page q0 at
-    // rem0, so page q0 + (rem0 + d) / P. rem0 + d < P + kScoreTile: the quotient is 0 or 1 when P >=
-    // kScoreTile, else exact through a float reciprocal (rem0 + d < 2 kScoreTile). Instead of a
-    // stripe row and a 32-bit division per block.
-    const int64_t* meta = p.stripes + (int64_t)s0 * kStripeCols;
-    const uint32_t per = (uint32_t)meta[kColSumRows];
-    const uint32_t r0 = (uint32_t)(meta[kColSumFirst] + first - meta[kColBlockOff]);
-    const uint32_t q0 = r0 / per, rem0 = r0 - q0 * per;
-    const float inv_per = 1.f / (float)per;
-    const int64_t* pages = p.pages + meta[kColSumPages] + q0;
+  const bool one_stripe = p.block_stripe[end - 1] == s0;
+  // When the whole tile lies in one stripe (blocks are sorted by stripe: nearly always), its summary
+  // rows are consecutive: block first + d is row r0 + d of the stripe's paged summaries, r0 in page q0
+  // at rem0, so page q0 + (rem0 + d) / P. rem0 + d < P + kScoreTile: the quotient is 0 or 1 when P >=
+  // kScoreTile, else exact through a float reciprocal (rem0 + d < 2 kScoreTile). Instead of a stripe
+  // row and a 32-bit division per block.
+  const int64_t* meta0 = p.stripes + (int64_t)s0 * kStripeCols;
+  const uint32_t per = (uint32_t)meta0[kColSumRows];
+  const uint32_t r0 = (uint32_t)(meta0[kColSumFirst] + first - meta0[kColBlockOff]);
+  const uint32_t q0 = r0 / per, rem0 = r0 - q0 * per;
+  const float inv_per = 1.f / (float)per;
+  const int64_t* pages = p.pages + meta0[kColSumPages] + q0;
+  auto tile_row = [&](int d) {
+    const uint32_t x = rem0 + (uint32_t)d;
+    const uint32_t k = per >= (uint32_t)kScoreTile ? (uint32_t)(x >= per) : (uint32_t)(((float)x + 0.5f) * inv_per);
+    return reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(pages[k]) + (int64_t)(x - k * per) * p.summary_width);
+  };
+  if (one_stripe) {
 #pragma unroll
     for (int u = 0; u < kScoreBlocks; ++u) {
       st[u] = blk[u] < end ? s0 : -1;
-      const uint32_t x = rem0 + (uint32_t)(blk[u] - first);
-      const uint32_t k = per >= (uint32_t)kScoreTile ? (uint32_t)(x >= per) : (uint32_t)(((float)x + 0.5f) * inv_per);
-      row[u] = st[u] >= 0 ? reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(pages[k]) +
-                                                            (int64_t)(x - k * per) * p.summary_width)
-                          : nullptr;
+      row[u] = st[u] >= 0 ? tile_row(blk[u] - first) : nullptr;
     }
   } else {
 #pragma unroll
@@ -161,22 +208,99 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel(DecodeParams p) {
                           : nullptr;
     }
   }
+  const int used = summary_channels(kKind, p.summary_width);  // channels of q' the rows cover
+  const bool fast = !kWide && one_stripe && used == kFastChannels;  // fast_scores
+  uint4 pre2[kScoreBlocks], pre3[kScoreBlocks];  // fast_scores' min/max rows: the maxima
 #pragma unroll
   for (int u = 0; u < kScoreBlocks; ++u) {
-    pre0[u] = pre1[u] = make_uint4(0u, 0u, 0u, 0u);
-    if (row[u] != nullptr && p.summary_kind == kSummaryMean) {
+    pre0[u] = pre1[u] = pre2[u] = pre3[u] = make_uint4(0u, 0u, 0u, 0u);
+    if (row[u] != nullptr && (kKind == kSummaryMean || fast)) {
       pre0[u] = row[u][0];
       if (p.summary_width > 8) pre1[u] = row[u][1];
+      if (kKind != kSummaryMean && fast) pre2[u] = row[u][2], pre3[u] = row[u][3];
     }
   }
   wait_for_prior_stage();  // the rotated queries (the summaries above were written before the call)
   // Only the channels the summaries cover (16 of 128 for compact-16): the copy is paid by every CTA.
-  const int used = summary_channels(p.summary_kind, p.summary_width);
   for (int i = threadIdx.x; i < G * used; i += blockDim.x) {
     const int at = (i / used) * D + i % used;
     qsh[at] = p.qrot[(int64_t)s0 * G * D + at];
   }
   __syncthreads();
+  auto store_key = [&](int u, const float (&acc)[G]) {
+    float best = acc[0];
+#pragma unroll
+    for (int g = 1; g < G; ++g) best = fmaxf(best, acc[g]);
+    p.keys[blk[u]] = float_to_ordered(best);
+  };
+  if (fast) {
+#pragma unroll
+    for (int u = 0; u < kScoreBlocks; ++u) {
+      if (row[u] == nullptr) continue;
+      float acc[G] = {};
+      fast_scores<T, D, G, kKind>(qsh, pre0[u], pre1[u], pre2[u], pre3[u], acc);
+      store_key(u, acc);
+    }
+    return;
+  }
+  // Wider rows (Quest's min/max over all D channels: 512 bytes a row at D = 128) are read by a group
+  // of used / 8 lanes per block, each lane one 16-byte chunk of channels (and its maxima), so that a
+  // warp's loads are contiguous; the group sums its lanes' parts with shuffles. Read one row per lane,
+  // as block_scores does, a warp's every load touched 32 rows 512 bytes apart: the dense baseline's
+  // score took about 1.1 ms at 1M batch 1, eight times its bytes at the copy bandwidth.
+  if (kWide && one_stripe) {
+    constexpr int kRowsInFlight = 4;  // per group: 4 rows' chunks loaded before any is used
+    const int lanes = used / 8, sub = threadIdx.x % lanes, group = threadIdx.x / lanes;
+    const int groups = kScoreThreads / lanes, n = end - first;
+    float qv[G][8];  // this lane's channels 8 sub .. 8 sub + 7 of every head's q'
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) qv[g][e] = qsh[g * D + 8 * sub + e];
+    for (int d0 = 0; d0 < n; d0 += groups * kRowsInFlight) {  // the same trip count in every thread
+      uint4 lo[kRowsInFlight], hi[kRowsInFlight];
+#pragma unroll
+      for (int u = 0; u < kRowsInFlight; ++u) {
+        const int d = d0 + group + u * groups;
+        lo[u] = hi[u] = make_uint4(0u, 0u, 0u, 0u);
+        if (d < n) {
+          const uint4* r = tile_row(d);
+          lo[u] = r[sub];
+          if (kKind != kSummaryMean) hi[u] = r[lanes + sub];  // [min | max]: the maxima, m / 8 chunks on
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kRowsInFlight; ++u) {
+        float v[8], h[8];
+        unpack8<T>(lo[u], v);
+        unpack8<T>(hi[u], h);
+        float acc[G];
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          acc[g] = 0.f;
+#pragma unroll
+          for (int e = 0; e < 8; ++e) {
+            if constexpr (kKind == kSummaryMean) {
+              acc[g] = fmaf(qv[g][e], v[e], acc[g]);
+            } else {
+              acc[g] += fmaxf(qv[g][e] * v[e], qv[g][e] * h[e]);
+            }
+          }
+        }
+        for (int o = lanes / 2; o > 0; o >>= 1)
+#pragma unroll
+          for (int g = 0; g < G; ++g) acc[g] += __shfl_xor_sync(0xffffffffu, acc[g], o);
+        const int d = d0 + group + u * groups;
+        if (sub == 0 && d < n) {
+          float best = acc[0];
+#pragma unroll
+          for (int g = 1; g < G; ++g) best = fmaxf(best, acc[g]);
+          p.keys[first + d] = float_to_ordered(best);
+        }
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int u = 0; u < kScoreBlocks; ++u) {
     if (row[u] == nullptr) continue;
@@ -186,16 +310,24 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel(DecodeParams p) {
     // Two calls rather than one through a pointer that may be either: the first reads shared memory
     // with shared loads, not generic ones.
     if (st[u] == s0) {
-      block_scores<T, D, G>(qsh, row[u], pre0[u], pre1[u], p.summary_kind, p.summary_width, acc);
+      block_scores<T, D, G>(qsh, row[u], pre0[u], pre1[u], kKind, p.summary_width, acc);
     } else {
-      block_scores<T, D, G>(p.qrot + (int64_t)st[u] * G * D, row[u], pre0[u], pre1[u], p.summary_kind,
+      block_scores<T, D, G>(p.qrot + (int64_t)st[u] * G * D, row[u], pre0[u], pre1[u], kKind,
                             p.summary_width, acc);
     }
-    float best = acc[0];
-#pragma unroll
-    for (int g = 1; g < G; ++g) best = fmaxf(best, acc[g]);
-    p.keys[blk[u]] = float_to_ordered(best);
+    store_key(u, acc);
   }
+}
+
+// The score kernel for p's summaries: their kind, and wide rows or not.
+using StageKernel = void (*)(DecodeParams);
+template <typename T, int D, int G>
+inline StageKernel score_kernel_for(const DecodeParams& p) {
+  const bool wide = wide_rows(summary_channels(p.summary_kind, p.summary_width));
+  if (p.summary_kind == kSummaryMean) {
+    return wide ? score_kernel<T, D, G, kSummaryMean, true> : score_kernel<T, D, G, kSummaryMean, false>;
+  }
+  return wide ? score_kernel<T, D, G, kSummaryMinMax, true> : score_kernel<T, D, G, kSummaryMinMax, false>;
 }
 
 // Exclusive block scan of one int per thread (blockDim.x a multiple of 32); returns the prefix, sets *total.

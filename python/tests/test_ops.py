@@ -156,12 +156,11 @@ def test_workspace_plan_sizes_and_limits() -> None:
 def test_pieces_grow_only_when_the_attention_runs_many_waves() -> None:
     """1M tokens, 8 KV heads, 13107 selected blocks and 16 stripes per head, on 132 SMs (4 CTAs
     each): batch 8 makes 64 x (103 + 16) = 7616 CTAs of 128 blocks, more than 8 waves (4224): pieces
-    of 128. Batch 1 makes 952: pieces of 64. So do the dense baseline and a machine without a GPU."""
+    of 128. Batch 1 makes 952: pieces of 64. So does a machine without a GPU."""
     per_head = ([13107] * 64, [16] * 64)
-    assert auto_piece_blocks(True, *per_head, n_sm=132) == 128
-    assert auto_piece_blocks(True, [13107] * 8, [16] * 8, n_sm=132) == 64
-    assert auto_piece_blocks(False, *per_head, n_sm=132) == 64
-    assert auto_piece_blocks(True, *per_head, n_sm=None) == 64
+    assert auto_piece_blocks(*per_head, n_sm=132) == 128
+    assert auto_piece_blocks([13107] * 8, [16] * 8, n_sm=132) == 64
+    assert auto_piece_blocks(*per_head, n_sm=None) == 64
 
 
 def test_pieces_shrink_while_the_attention_has_little_work() -> None:
@@ -171,14 +170,13 @@ def test_pieces_shrink_while_the_attention_has_little_work() -> None:
     an SM for each CTA already). 128K batch 1 (1639, 2 stripes): 32 (432 CTAs, one wave). 32K batch 4:
     32 (448). 256K batch 1 (3277, 4 stripes): 64, since 32 would make 856 CTAs. 32K batch 8: 64 (896
     at 32). No halving below 16: 8 blocks and 1 stripe per head stay at 16 with only 16 CTAs."""
-    assert auto_piece_blocks(True, [410] * 8, [1] * 8, n_sm=132) == 16
-    assert auto_piece_blocks(True, [819] * 8, [2] * 8, n_sm=132) == 32
-    assert auto_piece_blocks(True, [1639] * 8, [2] * 8, n_sm=132) == 32
-    assert auto_piece_blocks(True, [410] * 32, [1] * 32, n_sm=132) == 32
-    assert auto_piece_blocks(True, [3277] * 8, [4] * 8, n_sm=132) == 64
-    assert auto_piece_blocks(True, [410] * 64, [1] * 64, n_sm=132) == 64
-    assert auto_piece_blocks(True, [8] * 8, [1] * 8, n_sm=132) == 16
-    assert auto_piece_blocks(False, [410] * 8, [1] * 8, n_sm=132) == 64
+    assert auto_piece_blocks([410] * 8, [1] * 8, n_sm=132) == 16
+    assert auto_piece_blocks([819] * 8, [2] * 8, n_sm=132) == 32
+    assert auto_piece_blocks([1639] * 8, [2] * 8, n_sm=132) == 32
+    assert auto_piece_blocks([410] * 32, [1] * 32, n_sm=132) == 32
+    assert auto_piece_blocks([3277] * 8, [4] * 8, n_sm=132) == 64
+    assert auto_piece_blocks([410] * 64, [1] * 64, n_sm=132) == 64
+    assert auto_piece_blocks([8] * 8, [1] * 8, n_sm=132) == 16
 
 
 def test_host_tables_match_the_kernel_header() -> None:

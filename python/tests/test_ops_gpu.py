@@ -195,6 +195,8 @@ DECODE_CASES = {
     "group4_truncated": ("mosaic", [520], 2, 4, 128, {"group": 4, "channels": 96}),
     "strategy_search": ("mosaic", [900], 2, 4, 128, {"keep_ratio": None}),
     "quest_dense_baseline": ("quest", [1300, 90], 2, 4, 128, {}),
+    "quest_dense_gqa8_d64": ("quest", [629, 40], 2, 8, 64, {}),
+    "quest_dense_gqa1_mixed": ("quest", [700, 3, 1029], 2, 1, 128, {}),
 }
 
 
@@ -407,6 +409,55 @@ def test_score_finds_summary_rows_across_pages(segment_len: int) -> None:
         paged, store = repaged_summaries(lay, rows_per_page)
         assert torch.equal(keys(paged), flat), f"pages of {rows_per_page} rows"
         del store
+
+
+def ordered_to_float(keys: torch.Tensor) -> torch.Tensor:
+    """The scores that the kernels' order-preserving keys (float_to_ordered, int32 storage) encode."""
+    u = keys.long() & 0xFFFFFFFF
+    bits = torch.where(u >= 2**31, u - 2**31, 0xFFFFFFFF - u)  # positive scores: sign bit set
+    bits = torch.where(bits >= 2**31, bits - 2**32, bits)  # as int32 (a negative score's sign bit)
+    return bits.to(torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize(
+    "kind, width, segment_len",
+    [
+        (0, 16, 65536),  # compact-16 means, tiles in one stripe: the kernel's own scorer for them
+        (0, 16, 2000),  # the same summaries, tiles across stripes: the per-block path
+        (0, 32, 65536),  # compact-32 means: the wide rows' scorer, 4 lanes a row
+        (1, 32, 65536),  # min/max of 16 channels: the kernel's own scorer again
+        (1, 32, 2000),  # and the per-block path
+        (1, 256, 65536),  # Quest's min/max over all 128 channels: the wide rows' scorer
+        (1, 256, 2000),
+        (0, 128, 65536),  # means of all 128 channels: the wide rows' scorer
+    ],
+)
+def test_score_keys_encode_the_gqa_max_of_torchs_scores(kind: int, width: int, segment_len: int) -> None:
+    """Each block's key decodes to max over the GQA group of q' . summary (kind 0) or of the bound
+    sum_c max(q'_c lo_c, q'_c hi_c) (kind 1), q' the rotate stage's output, computed here in float64."""
+    torch.manual_seed(17)
+    lay = DecodeLayout.synthetic(
+        2, 2, 128, 200_000, keep=32, block=8, token_ratio=0.1, n_sink=4, window=64,
+        segment_len=segment_len, summary_kind=kind, summary_width=width, dtype=torch.bfloat16, device="cuda",
+    )  # fmt: skip
+    q = torch.randn(2, 8, 128, device="cuda").to(torch.bfloat16)
+    ws = DecodeWorkspace.plan(lay, gqa_group=4)
+    run_decode(lay, ws, q, torch.empty_like(q), 128**-0.5, stages=1 | 2)
+    torch.cuda.synchronize()
+    n = lay.block_stripe.numel()
+    assert lay.flat is not None and lay.flat.summary is not None
+    qr = ws.qrot[lay.block_stripe.long()].double()  # [n, G, D]: each block's stripe's q'
+    rows = lay.flat.summary[:n].double()  # flat pools: block i's summary is row i
+    if kind == 0:
+        scores = torch.einsum("ngc,nc->ng", qr[:, :, :width], rows)
+    else:
+        m = width // 2
+        x = qr[:, :, :m]
+        scores = torch.maximum(x * rows[:, None, :m], x * rows[:, None, m:]).sum(-1)
+    want = scores.max(1).values
+    got = ordered_to_float(ws.keys[:n]).double()
+    scale = float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6 * scale)
 
 
 def test_select_cuts_pieces_over_many_short_stripes() -> None:

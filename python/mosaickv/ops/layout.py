@@ -54,7 +54,7 @@ PIECE_BLOCKS = 64
 WAVE_PIECE_BLOCKS = 32
 MIN_PIECE_BLOCKS = 16
 LARGE_PIECE_WAVES = 8  # waves of attention CTAs above which pieces of 128 pay
-ATTENTION_CTAS_PER_SM = 4  # the packed attention's occupancy (__launch_bounds__(kPaThreads, 4))
+ATTENTION_CTAS_PER_SM = 4  # the attention's occupancy (__launch_bounds__(kPaThreads, 4))
 
 
 def round_up8(k: int) -> int:
@@ -286,23 +286,27 @@ class DecodeLayout:
         summary_width: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        keep_v: int | None = None,
     ) -> "DecodeLayout":
         """A packed layout of random content at real sizes, for benchmarks (speed does not depend on
         the values; random scores spread the selection as far as it goes).
 
         Every sequence holds ``context`` tokens: ``n_sink + window`` dense, the rest in compressed
         segments of ``segment_len`` tokens (the last may be shorter), g = 1, ``keep`` random kept
-        positions per row, orthonormal random rotations, ``summary_width`` random summary values per
-        block of kind ``summary_kind`` (0 mean/compact, 1 minmax).
+        positions per K row (``keep_v`` per V row, ``keep`` when not given), orthonormal random
+        rotations, ``summary_width`` random summary values per block of kind ``summary_kind`` (0
+        mean/compact, 1 minmax).
         """
+        keep_v = keep if keep_v is None else keep_v
         n_comp = context - n_sink - window
-        if n_comp < 1 or not 0 < keep <= head_dim or head_dim % 32:
+        if n_comp < 1 or not (0 < keep <= head_dim and 0 < keep_v <= head_dim) or head_dim % 32:
             raise ValueError(
-                f"need context > n_sink + window ({n_sink} + {window}), got {context}; keep in "
-                f"[1, head_dim]; head_dim a multiple of 32 (got keep {keep}, head_dim {head_dim})"
+                f"need context > n_sink + window ({n_sink} + {window}), got {context}; keep and keep_v "
+                f"in [1, head_dim]; head_dim a multiple of 32 (got keep {keep}, keep_v {keep_v}, "
+                f"head_dim {head_dim})"
             )
         segs = [min(segment_len, n_comp - lo) for lo in range(0, n_comp, segment_len)]
-        n_words, stride = head_dim // 32, round_up8(keep)
+        n_words, stride_k, stride_v = head_dim // 32, round_up8(keep), round_up8(keep_v)
         rows: list[list[int]] = []
         block_stripe: list[int] = []
         nsel: list[int] = []
@@ -313,8 +317,8 @@ class DecodeLayout:
                 nb_bh = 0
                 for s in segs:
                     nb = -(-s // block)
-                    bit, val = row_base * n_words, row_base * stride
-                    rows.append([b, h, s, keep, keep, 1, 1, bit, bit, val, val, blk, 0])
+                    bit, val_k, val_v = row_base * n_words, row_base * stride_k, row_base * stride_v
+                    rows.append([b, h, s, keep, keep_v, 1, 1, bit, bit, val_k, val_v, blk, 0])
                     block_stripe += [len(rows) - 1] * nb
                     row_base += s
                     blk += nb
@@ -326,18 +330,18 @@ class DecodeLayout:
         rot = torch.linalg.qr(torch.randn(n_str * 2, head_dim, head_dim, device=device))[0]
         cap = n_sink + window
 
-        def values() -> torch.Tensor:  # zero padding past `keep`, as the encoder writes it
-            v = torch.zeros(row_base, stride, device=device, dtype=dtype)
-            v[:, :keep] = torch.randn(row_base, keep, device=device, dtype=dtype)
+        def values(kept: int) -> torch.Tensor:  # zero padding past `kept`, as the encoder writes it
+            v = torch.zeros(row_base, round_up8(kept), device=device, dtype=dtype)
+            v[:, :kept] = torch.randn(row_base, kept, device=device, dtype=dtype)
             return v.view(-1)
 
         flat = FlatPools(
             rows=torch.tensor(rows, dtype=torch.int64, device=device),
             rot=rot.view(n_str, 2, head_dim, head_dim).contiguous(),
             kbits=random_bitmaps(row_base, head_dim, keep, device),
-            vbits=random_bitmaps(row_base, head_dim, keep, device),
-            kvals=values(),
-            vvals=values(),
+            vbits=random_bitmaps(row_base, head_dim, keep_v, device),
+            kvals=values(keep),
+            vvals=values(keep_v),
             summary=torch.randn(blk, summary_width, device=device, dtype=dtype),
         )
         return cls.from_flat(
@@ -487,16 +491,14 @@ class DecodeLayout:
         )
 
 
-def auto_piece_blocks(
-    packed: bool, n_select: list[int], stripes_per_head: list[int], n_sm: int | None
-) -> int:
+def auto_piece_blocks(n_select: list[int], stripes_per_head: list[int], n_sm: int | None) -> int:
     """Selected blocks per attention piece for this much work on a GPU of ``n_sm`` SMs (None: no
-    GPU): MAX_PIECE_BLOCKS when the packed attention would still run more than LARGE_PIECE_WAVES
-    waves of CTAs (ATTENTION_CTAS_PER_SM per SM) with pieces that large; else PIECE_BLOCKS, halved
-    down to WAVE_PIECE_BLOCKS while the halves still make at most one wave, and down to
-    MIN_PIECE_BLOCKS while there would be fewer CTAs than SMs. The dense baseline keeps
-    PIECE_BLOCKS (its shared memory grows with the piece)."""
-    if not packed or n_sm is None:
+    GPU): MAX_PIECE_BLOCKS when the attention would still run more than LARGE_PIECE_WAVES waves of
+    CTAs (ATTENTION_CTAS_PER_SM per SM) with pieces that large; else PIECE_BLOCKS, halved down to
+    WAVE_PIECE_BLOCKS while the halves still make at most one wave, and down to MIN_PIECE_BLOCKS
+    while there would be fewer CTAs than SMs. The same for packed rows and the dense baseline's
+    (one attention kernel)."""
+    if n_sm is None:
         return PIECE_BLOCKS
 
     def ctas(size: int) -> int:  # the most pieces (one more per stripe for its partial last piece)
@@ -578,7 +580,7 @@ class DecodeWorkspace:
         while)."""
         dev = layout.dense_k.device
         if piece_blocks is None:
-            piece_blocks = auto_piece_blocks(layout.packed, n_select, stripes_per_head, sm_count(dev))
+            piece_blocks = auto_piece_blocks(n_select, stripes_per_head, sm_count(dev))
         if not 1 <= piece_blocks <= MAX_PIECE_BLOCKS:
             raise ValueError(
                 f"piece_blocks must be in [1, {MAX_PIECE_BLOCKS}] (the attention CTA stages that many "
