@@ -211,10 +211,13 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel(DecodeParams p) {
   const int used = summary_channels(kKind, p.summary_width);  // channels of q' the rows cover
   const bool fast = !kWide && one_stripe && used == kFastChannels;  // fast_scores
   uint4 pre2[kScoreBlocks], pre3[kScoreBlocks];  // fast_scores' min/max rows: the maxima
+  // Rows loaded before the wait: block_scores' means take their first 16 values so, fast_scores its
+  // rows whole; the wide rows' scorer loads its own.
+  const bool preload = fast || (kKind == kSummaryMean && !(kWide && one_stripe));
 #pragma unroll
   for (int u = 0; u < kScoreBlocks; ++u) {
     pre0[u] = pre1[u] = pre2[u] = pre3[u] = make_uint4(0u, 0u, 0u, 0u);
-    if (row[u] != nullptr && (kKind == kSummaryMean || fast)) {
+    if (row[u] != nullptr && preload) {
       pre0[u] = row[u][0];
       if (p.summary_width > 8) pre1[u] = row[u][1];
       if (kKind != kSummaryMean && fast) pre2[u] = row[u][2], pre3[u] = row[u][3];
@@ -227,11 +230,11 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel(DecodeParams p) {
     qsh[at] = p.qrot[(int64_t)s0 * G * D + at];
   }
   __syncthreads();
-  auto store_key = [&](int u, const float (&acc)[G]) {
+  auto store_key = [&](int block, const float (&acc)[G]) {
     float best = acc[0];
 #pragma unroll
     for (int g = 1; g < G; ++g) best = fmaxf(best, acc[g]);
-    p.keys[blk[u]] = float_to_ordered(best);
+    p.keys[block] = float_to_ordered(best);
   };
   if (fast) {
 #pragma unroll
@@ -239,7 +242,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel(DecodeParams p) {
       if (row[u] == nullptr) continue;
       float acc[G] = {};
       fast_scores<T, D, G, kKind>(qsh, pre0[u], pre1[u], pre2[u], pre3[u], acc);
-      store_key(u, acc);
+      store_key(blk[u], acc);
     }
     return;
   }
@@ -291,12 +294,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel(DecodeParams p) {
 #pragma unroll
           for (int g = 0; g < G; ++g) acc[g] += __shfl_xor_sync(0xffffffffu, acc[g], o);
         const int d = d0 + group + u * groups;
-        if (sub == 0 && d < n) {
-          float best = acc[0];
-#pragma unroll
-          for (int g = 1; g < G; ++g) best = fmaxf(best, acc[g]);
-          p.keys[first + d] = float_to_ordered(best);
-        }
+        if (sub == 0 && d < n) store_key(first + d, acc);
       }
     }
     return;
@@ -315,7 +313,7 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel(DecodeParams p) {
       block_scores<T, D, G>(p.qrot + (int64_t)st[u] * G * D, row[u], pre0[u], pre1[u], kKind,
                             p.summary_width, acc);
     }
-    store_key(u, acc);
+    store_key(blk[u], acc);
   }
 }
 
