@@ -3,7 +3,8 @@ bf16, keep ratio 0.25, token ratio 0.10, block 8, 4 sinks + 64-token window, 64K
 
 Side by side in one run, per layer call (decode, one query token per sequence):
   sdpa_cudnn / sdpa_flash   full attention (GQA as [B, H_kv, G, D] queries over [B, H_kv, T, D])
-  dense_select              our dense token-selection kernel (Quest min/max scoring + same select)
+  dense_select              our dense token-selection kernel (Quest min/max scoring + same select, the
+                            same tensor-core attention kernel over rows copied instead of expanded)
   mosaic_compact16          MosaicKV end to end (rotate q, score compact-16 summaries, select, attend)
   mosaic_cminmax16          MosaicKV with min/max of the first 16 rotated channels (core default)
   mosaic_minmax             MosaicKV with Quest-style min/max summaries over all D rotated channels
