@@ -33,16 +33,16 @@ LOAD_NXT = "if (rn.blk >= 0) nxt.load(bits_of(rn), n_words, vals_of(rn), keep);"
 EXPAND = "if (rc.blk >= 0) cur.expand(vals_of(rc), keep, grp, my_row);"
 # A row of 8 random positions per bitmap word, distinct per lane, built once.
 MADE_UP_ROW = """PackedRow<T> made_up{};
-    {
-      uint32_t hash = 0x9e3779b9u * (threadIdx.x + 1) + 0x85ebca6bu * blockIdx.x;
-      for (int i = 0; i < 4; ++i)
-        while (__popc(made_up.w[i]) < 8) {
-          hash = hash * 1664525u + 1013904223u;
-          made_up.w[i] |= 1u << (hash >> 27);
-        }
-      for (int c = 0; c < 4; ++c) made_up.pre[c] = make_uint4(hash, hash + c, hash ^ c, hash + 7 * c);
-    }
-    PackedRow<T> cur{}, nxt{};"""
+      {
+        uint32_t hash = 0x9e3779b9u * (threadIdx.x + 1) + 0x85ebca6bu * blockIdx.x;
+        for (int i = 0; i < 4; ++i)
+          while (__popc(made_up.w[i]) < 8) {
+            hash = hash * 1664525u + 1013904223u;
+            made_up.w[i] |= 1u << (hash >> 27);
+          }
+        for (int c = 0; c < 4; ++c) made_up.pre[c] = make_uint4(hash, hash + c, hash ^ c, hash + 7 * c);
+      }
+      PackedRow<T> cur{}, nxt{};"""
 
 VARIANTS: dict[str, list[tuple[str, str]]] = {
     "full": [],
@@ -70,10 +70,10 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
     "no_flash": [
         (
             (
-                "      __syncwarp();\n      flash_chunk<T, D, G>(ktile, vtile, valid, s_qa + lane, s_bits[warp], st);\n"
-                "      __syncwarp();\n      cur = nxt;"
+                "        __syncwarp();\n        flash_chunk<T, D, G>(ktile, vtile, valid, s_qa + lane, s_bits[warp], st);\n"
+                "        __syncwarp();\n        cur = nxt;"
             ),
-            "      __syncwarp();\n      (void)valid;\n      cur = nxt;",
+            "        __syncwarp();\n        (void)valid;\n        cur = nxt;",
         )
     ],
     "no_load": [

@@ -52,6 +52,8 @@ H_Q, H_KV, D, G = 32, 8, 128, 4
 N_LAYERS = 32  # Llama-3.1-8B: a decode step runs every layer once
 KEEP, BLOCK, RATIO, N_SINK, WINDOW, SEG_LEN = 32, 8, 0.10, 4, 64, 65536
 DT = torch.bfloat16
+# MosaicKV's summaries in the benchmark: name -> (summary kind, width); method "mosaic_<name>".
+MOSAIC_SUMMARIES = {"compact16": (0, 16), "cminmax16": (1, 32), "minmax": (1, 2 * D)}
 L2_BYTES = 60 << 20
 DEV = "cuda"
 
@@ -263,11 +265,8 @@ def bench_decode(
                 repeats,
             )
             del kvs, dlays, dws, dcalls
-            for name, kind, width in (
-                ("mosaic_compact16", 0, 16),
-                ("mosaic_cminmax16", 1, 32),
-                ("mosaic_minmax", 1, 2 * D),
-            ):
+            for summary, (kind, width) in MOSAIC_SUMMARIES.items():
+                name = f"mosaic_{summary}"
                 lays, wss, rb = mosaic_layers(batch, t, kind, width)
                 res[name] = (
                     time_cycle(
@@ -378,7 +377,7 @@ def bench_encode(repeats: int) -> dict:
 
 def decode_layer_ms(batch: int, t: int, repeats: int) -> float:
     """One MosaicKV (compact-16) layer call at context t, cycling over layers as bench_decode does."""
-    lays, wss, _ = mosaic_layers(batch, t, 0, 16)
+    lays, wss, _ = mosaic_layers(batch, t, *MOSAIC_SUMMARIES["compact16"])
     q = torch.randn(batch, H_Q, D, device=DEV, dtype=DT)
     out = torch.empty_like(q)
     ms = time_cycle(

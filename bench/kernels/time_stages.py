@@ -1,4 +1,4 @@
-"""MosaicKV alone (compact-16 summaries, or --summary cminmax16), for A/B runs of kernel changes on
+"""MosaicKV alone (compact-16 summaries, or --summary cminmax16 / minmax), for A/B runs of kernel changes on
 one lease: the whole layer call and each stage alone (µs, CUDA-graph replays, layers cycled through
 DRAM: the method of bench_kernels.py without its baselines). Appends one labelled record per run to
 --out.
@@ -24,6 +24,7 @@ from bench_kernels import (
     DEV,
     DT,
     H_Q,
+    MOSAIC_SUMMARIES,
     STAGES,
     D,
     mosaic_layers,
@@ -32,8 +33,6 @@ from bench_kernels import (
     time_cycle,
 )
 from mosaickv.ops import STAGE_ALL
-
-SUMMARIES = {"compact16": (0, 16), "cminmax16": (1, 32)}  # name: (summary kind, width), as bench_kernels
 
 
 def main() -> None:
@@ -46,7 +45,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8])
     ap.add_argument("--piece-blocks", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=30)
-    ap.add_argument("--summary", choices=sorted(SUMMARIES), default="compact16")
+    ap.add_argument("--summary", choices=sorted(MOSAIC_SUMMARIES), default="compact16")
     ap.add_argument(
         "--without", action="store_true", help="also time the call without each stage"
     )
@@ -57,7 +56,9 @@ def main() -> None:
         for batch in args.batches:
             q = torch.randn(batch, H_Q, D, device=DEV, dtype=DT)
             out = torch.empty_like(q)
-            lays, wss, _ = mosaic_layers(batch, t, *SUMMARIES[args.summary], args.piece_blocks)
+            lays, wss, _ = mosaic_layers(
+                batch, t, *MOSAIC_SUMMARIES[args.summary], args.piece_blocks
+            )
             whole = time_cycle(
                 [
                     runner(lay, w, q, out, STAGE_ALL)

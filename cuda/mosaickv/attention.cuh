@@ -498,26 +498,6 @@ __global__ void __launch_bounds__(kPaThreads, 4) tile_attention_kernel(DecodePar
     const T* rows = dense_rows_of<T, D>(p, b, h, is_v);
     dense_chunks<T, D, G>([&](int t) { return t < n_tok ? rows + (int64_t)t * D : nullptr; },
                           (n_tok + kChunk - 1) / kChunk, my_row, ktile, vtile, s_qa + lane, s_bits[warp], st);
-  } else if constexpr (!kPacked) {
-    // The dense baseline's piece: its selected rows of the stripe, dense and unrotated, copied whole.
-    const int32_t* pc = p.pieces + ((int64_t)bh * p.max_pieces + x) * 3;
-    const int first = pc[0], last = pc[1], stripe = pc[2];
-    const int64_t* meta = p.stripes + (int64_t)stripe * kStripeCols;
-    const int S = (int)meta[kColTokens], B = p.block;
-    const int64_t block_off = meta[kColBlockOff];
-    for (int i = threadIdx.x; i < last - first; i += blockDim.x)
-      s_sel[i] = (int)(p.sel[(int64_t)bh * p.max_select + first + i] - block_off);
-    const float* qr = p.qrot + (int64_t)stripe * G * D;  // q itself (the rotate stage copies it)
-    q_fragments<T, D, G>([&](int g, int d) { return qr[g * D + d]; }, qscale, s_qa);
-    __syncthreads();
-    const int n_tok = (last - first) * B;
-    const T* rows = static_cast<const T*>(is_v ? p.vdense : p.kdense) + meta[kColRowOff] * D;
-    dense_chunks<T, D, G>(
-        [&](int t) -> const T* {
-          const int tok = t < n_tok ? s_sel[t / B] * B + t % B : S;
-          return tok < S ? rows + (int64_t)tok * D : nullptr;
-        },
-        (n_tok + kChunk - 1) / kChunk, my_row, ktile, vtile, s_qa + lane, s_bits[warp], st);
   } else {
     const int32_t* pc = p.pieces + ((int64_t)bh * p.max_pieces + x) * 3;
     const int first = pc[0], last = pc[1], stripe = pc[2];
@@ -525,24 +505,27 @@ __global__ void __launch_bounds__(kPaThreads, 4) tile_attention_kernel(DecodePar
     const int S = (int)meta[kColTokens];
     const int64_t block_off = meta[kColBlockOff];
     const int B = p.block;
-    // Each selected block's rows, resolved through the page tables once: a block never straddles a
-    // page, so its rows are consecutive from the block's first row (bitmaps and values, K and V).
+    // Each selected block's id in the stripe and, for packed rows, its rows resolved through the page
+    // tables once: a block never straddles a page, so its rows are consecutive from the block's first
+    // row (bitmaps and values, K and V).
     {
       const int kw = (D / (int)meta[kColGroupK] + 31) / 32, vw = (D / (int)meta[kColGroupV] + 31) / 32;
       const int64_t kvb = round_up8((int)meta[kColKeepK]) * (int64_t)sizeof(T);
       const int64_t vvb = round_up8((int)meta[kColKeepV]) * (int64_t)sizeof(T);
       for (int i = threadIdx.x; i < last - first; i += blockDim.x) {
         const int j = (int)(p.sel[(int64_t)bh * p.max_select + first + i] - block_off);
-        const int64_t r = (int64_t)j * B;
         s_sel[i] = j;
-        auto row_at = [&](int entry_col, int rows_col, int64_t row_bytes) {
-          return (unsigned long long)paged_row(p.pages, meta[entry_col], meta[rows_col], r, row_bytes);
-        };
-        s_rows[0][i] = make_ulonglong2(row_at(kColKBits, kColKRows, 4 * kw), row_at(kColKVals, kColKRows, kvb));
-        s_rows[1][i] = make_ulonglong2(row_at(kColVBits, kColVRows, 4 * vw), row_at(kColVVals, kColVRows, vvb));
+        if constexpr (kPacked) {
+          const int64_t r = (int64_t)j * B;
+          auto row_at = [&](int entry_col, int rows_col, int64_t row_bytes) {
+            return (unsigned long long)paged_row(p.pages, meta[entry_col], meta[rows_col], r, row_bytes);
+          };
+          s_rows[0][i] = make_ulonglong2(row_at(kColKBits, kColKRows, 4 * kw), row_at(kColKVals, kColKRows, kvb));
+          s_rows[1][i] = make_ulonglong2(row_at(kColVBits, kColVRows, 4 * vw), row_at(kColVVals, kColVRows, vvb));
+        }
       }
     }
-    const float* qr = p.qrot + (int64_t)stripe * G * D;
+    const float* qr = p.qrot + (int64_t)stripe * G * D;  // dense rows: q itself (the rotate stage copies it)
     q_fragments<T, D, G>([&](int g, int d) { return qr[g * D + d]; }, qscale, s_qa);
     // This lane's side (K or V) of the stripe.
     const int keep = (int)meta[is_v ? kColKeepV : kColKeepK];
@@ -566,29 +549,39 @@ __global__ void __launch_bounds__(kPaThreads, 4) tile_attention_kernel(DecodePar
       const int in = t - blk * B;
       return s_sel[blk] * B + in < S ? Row{blk, in} : Row{-1, 0};
     };
-    auto bits_of = [&](Row r) {
-      return reinterpret_cast<const uint32_t*>(s_rows[is_v][r.blk].x) + (int64_t)r.in * n_words;
-    };
-    auto vals_of = [&](Row r) { return reinterpret_cast<const T*>(s_rows[is_v][r.blk].y) + (int64_t)r.in * stride; };
-    PackedRow<T> cur{}, nxt{};  // nxt stays defined when a lane has no next row (it is copied to cur)
-    Row rc = warp < n_chunks ? row_of(warp * kChunk + my) : Row{-1, 0};
-    if (rc.blk >= 0) cur.load(bits_of(rc), n_words, vals_of(rc), keep);
-    for (int c = warp; c < n_chunks; c += kPaWarps) {
-      const int cn = c + kPaWarps;
-      const Row rn = cn < n_chunks ? row_of(cn * kChunk + my) : Row{-1, 0};
-      if (rn.blk >= 0) nxt.load(bits_of(rn), n_words, vals_of(rn), keep);
-      if (masked) {
-        *my_bits = rc.blk >= 0 ? make_uint4(cur.w[0], cur.w[1], cur.w[2], cur.w[3]) : make_uint4(0u, 0u, 0u, 0u);
-      } else {
-        zero_row<T, D>(my_row);
+    if constexpr (!kPacked) {  // the dense baseline: the selected rows, dense and unrotated, copied whole
+      const T* rows = static_cast<const T*>(is_v ? p.vdense : p.kdense) + meta[kColRowOff] * D;
+      dense_chunks<T, D, G>(
+          [&](int t) -> const T* {
+            const Row r = row_of(t);
+            return r.blk >= 0 ? rows + (int64_t)(s_sel[r.blk] * B + r.in) * D : nullptr;
+          },
+          n_chunks, my_row, ktile, vtile, s_qa + lane, s_bits[warp], st);
+    } else {
+      auto bits_of = [&](Row r) {
+        return reinterpret_cast<const uint32_t*>(s_rows[is_v][r.blk].x) + (int64_t)r.in * n_words;
+      };
+      auto vals_of = [&](Row r) { return reinterpret_cast<const T*>(s_rows[is_v][r.blk].y) + (int64_t)r.in * stride; };
+      PackedRow<T> cur{}, nxt{};  // nxt stays defined when a lane has no next row (it is copied to cur)
+      Row rc = warp < n_chunks ? row_of(warp * kChunk + my) : Row{-1, 0};
+      if (rc.blk >= 0) cur.load(bits_of(rc), n_words, vals_of(rc), keep);
+      for (int c = warp; c < n_chunks; c += kPaWarps) {
+        const int cn = c + kPaWarps;
+        const Row rn = cn < n_chunks ? row_of(cn * kChunk + my) : Row{-1, 0};
+        if (rn.blk >= 0) nxt.load(bits_of(rn), n_words, vals_of(rn), keep);
+        if (masked) {
+          *my_bits = rc.blk >= 0 ? make_uint4(cur.w[0], cur.w[1], cur.w[2], cur.w[3]) : make_uint4(0u, 0u, 0u, 0u);
+        } else {
+          zero_row<T, D>(my_row);
+        }
+        if (rc.blk >= 0) cur.expand(vals_of(rc), keep, grp, my_row);
+        const uint32_t valid = __ballot_sync(0xffffffffu, rc.blk >= 0) & 0xffffu;  // lanes 0-15 = tokens 0-15
+        __syncwarp();
+        flash_chunk<T, D, G>(ktile, vtile, valid, s_qa + lane, s_bits[warp], st);
+        __syncwarp();
+        cur = nxt;
+        rc = rn;
       }
-      if (rc.blk >= 0) cur.expand(vals_of(rc), keep, grp, my_row);
-      const uint32_t valid = __ballot_sync(0xffffffffu, rc.blk >= 0) & 0xffffu;  // lanes 0-15 = tokens 0-15
-      __syncwarp();
-      flash_chunk<T, D, G>(ktile, vtile, valid, s_qa + lane, s_bits[warp], st);
-      __syncwarp();
-      cur = nxt;
-      rc = rn;
     }
   }
 
@@ -849,14 +842,16 @@ cudaError_t launch_decode(const DecodeParams& p, cudaStream_t stream) {
   };
   if ((p.stages & kStageRotate) && p.n_stripes > 0)
     stage(rotate_q_kernel<T, D, G>, dim3(p.n_stripes, D / kRotRows), 256, 0);
-  if ((p.stages & kStageScore) && p.n_blocks > 0)
-    stage(score_kernel_for<T, D, G>(p), dim3((p.n_blocks + score_tile(p.summary_kind) - 1) / score_tile(p.summary_kind)),
-          kScoreThreads, 0);
+  if ((p.stages & kStageScore) && p.n_blocks > 0) {
+    const int tile = score_tile(p.summary_kind);
+    stage(score_kernel_for<T, D, G>(p), dim3((p.n_blocks + tile - 1) / tile), kScoreThreads, 0);
+  }
   if ((p.stages & kStageSelect) && err == cudaSuccess) {
     err = launch_select(p, bh, stream, dev, major, launched && can_overlap);
     launched = true;
   }
-  if (p.stages & kStageAttend) stage(tile_attention_kernel<T, D, G, kPacked>, dim3(p.max_pieces + 1, bh), kPaThreads, 0);
+  if (p.stages & kStageAttend)
+    stage(tile_attention_kernel<T, D, G, kPacked>, dim3(p.max_pieces + 1, bh), kPaThreads, 0);
   if (p.stages & kStageMerge) {
     const size_t smem = merge_smem_bytes(D, p.rotated);
     if (err == cudaSuccess) err = allow_dynamic_smem<merge_kernel<T, D, G>>(dev, merge_smem_bytes(D, true));

@@ -59,18 +59,31 @@ __global__ void __launch_bounds__(256) rotate_q_kernel(DecodeParams p) {
     }
 }
 
+// One channel's share of a block's score for one head: x mean (kind 0), or the bound max(x lo, x hi)
+// (kind 1, lo and hi the channel's min and max). block_scores and fast_scores add a head's channels
+// in order with this, so their keys are the same bit for bit; wide_scores sums its lanes' parts in a
+// tree.
+template <int kKind>
+__device__ __forceinline__ float add_channel(float acc, float x, float lo, float hi) {
+  if constexpr (kKind == kSummaryMean) {
+    return fmaf(x, lo, acc);
+  } else {
+    return acc + fmaxf(x * lo, x * hi);
+  }
+}
+
 // GQA scores of one block summary: acc[g] = q'_g . summary (kind 0), or the upper bound
 // sum_c max(q'_g[c] lo[c], q'_g[c] hi[c]) (kind 1). q: the stripe's rotated queries [G][D], 16-byte
 // aligned; read 4 floats at a time (shared memory when the caller passes it).
-template <typename T, int D, int G>
-__device__ __forceinline__ void block_scores(const float* q, const uint4* row, uint4 pre0, uint4 pre1, int kind,
-                                             int width, float (&acc)[G]) {
+template <typename T, int D, int G, int kKind>
+__device__ __forceinline__ void block_scores(const float* q, const uint4* row, uint4 pre0, uint4 pre1, int width,
+                                             float (&acc)[G]) {
   auto q8 = [&](int g, int c0, float (&x)[8]) {
     const float4 a = *reinterpret_cast<const float4*>(q + g * D + c0);
     const float4 b = *reinterpret_cast<const float4*>(q + g * D + c0 + 4);
     x[0] = a.x, x[1] = a.y, x[2] = a.z, x[3] = a.w, x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
   };
-  if (kind == kSummaryMean) {
+  if constexpr (kKind == kSummaryMean) {
     for (int c0 = 0; c0 < width; c0 += 8) {
       uint4 u;  // a value, not a conditional lvalue: that would put pre0 and pre1 in local memory
       if (c0 == 0) {
@@ -87,11 +100,11 @@ __device__ __forceinline__ void block_scores(const float* q, const uint4* row, u
         float x[8];
         q8(g, c0, x);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[g] = fmaf(x[e], v[e], acc[g]);
+        for (int e = 0; e < 8; ++e) acc[g] = add_channel<kKind>(acc[g], x[e], v[e], 0.f);
       }
     }
   } else {
-    const int m = summary_channels(kind, width);  // [min | max] over the first m channels (m = D: Quest)
+    const int m = summary_channels(kKind, width);  // [min | max] over the first m channels (m = D: Quest)
     for (int c0 = 0; c0 < m; c0 += 8) {
       float lo[8], hi[8];
       unpack8<T>(row[c0 / 8], lo);
@@ -101,7 +114,7 @@ __device__ __forceinline__ void block_scores(const float* q, const uint4* row, u
         float x[8];
         q8(g, c0, x);
 #pragma unroll
-        for (int e = 0; e < 8; ++e) acc[g] += fmaxf(x[e] * lo[e], x[e] * hi[e]);
+        for (int e = 0; e < 8; ++e) acc[g] = add_channel<kKind>(acc[g], x[e], lo[e], hi[e]);
       }
     }
   }
@@ -121,14 +134,13 @@ __host__ __device__ constexpr int score_tile(int kind) { return kScoreThreads * 
 // Summaries of 16 channels (compact-16 means, width 16: the benchmark's; min/max of 16 channels, width
 // 32: the core's default) have a scorer of their own when a CTA's tile lies in one stripe: whole rows
 // loaded before the wait and no loop over a runtime width (score 1M batch 8 10 % faster for compact-16,
-// 2.4x for min/max; kernels-ab-score-fast-h200-s18.json). Per head the channels are summed in
-// block_scores' order, so the keys are the same bit for bit.
+// 2.4x for min/max; kernels-ab-score-fast-h200-s18.json).
 constexpr int kFastChannels = 16;
 
 template <typename T, int D, int G, int kKind>
 __device__ __forceinline__ void fast_scores(const float* q, uint4 c0, uint4 c1, uint4 hi0, uint4 hi1,
                                             float (&acc)[G]) {
-  float v[kFastChannels], hi[kFastChannels];
+  float v[kFastChannels], hi[kFastChannels] = {};
   unpack8<T>(c0, v);
   unpack8<T>(c1, v + 8);
   if constexpr (kKind != kSummaryMean) {
@@ -142,13 +154,7 @@ __device__ __forceinline__ void fast_scores(const float* q, uint4 c0, uint4 c1, 
       const float4 x4 = *reinterpret_cast<const float4*>(q + g * D + c);
       const float x[4] = {x4.x, x4.y, x4.z, x4.w};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        if constexpr (kKind == kSummaryMean) {
-          acc[g] = fmaf(x[e], v[c + e], acc[g]);
-        } else {
-          acc[g] += fmaxf(x[e] * v[c + e], x[e] * hi[c + e]);
-        }
-      }
+      for (int e = 0; e < 4; ++e) acc[g] = add_channel<kKind>(acc[g], x[e], v[c + e], hi[c + e]);
     }
 }
 
@@ -156,6 +162,55 @@ __device__ __forceinline__ void fast_scores(const float* q, uint4 c0, uint4 c1, 
 // (kWide below): 32, 64, 128 or 256 channels.
 __host__ __device__ constexpr bool wide_rows(int used) {
   return used > kFastChannels && used % 8 == 0 && 32 % (used / 8) == 0;
+}
+
+// Wider rows (Quest's min/max over all D channels: 512 bytes a row at D = 128) of a tile in one
+// stripe, n blocks: a group of used / 8 lanes scores a block, each lane one 16-byte chunk of channels
+// (and its maxima), so that a warp's loads are contiguous; the group sums its lanes' parts with
+// shuffles, and its first lane stores. Read one row per lane, as block_scores does, a warp's every
+// load touched 32 rows 512 bytes apart: the dense baseline's score took about 1.1 ms at 1M batch 1,
+// eight times its bytes at the copy bandwidth. tile_row(d): block d's row; store(d, acc).
+template <typename T, int D, int G, int kKind, typename TileRow, typename Store>
+__device__ __forceinline__ void wide_scores(const float* q, int used, int n, TileRow tile_row, Store store) {
+  constexpr int kRowsInFlight = 4;  // per group: 4 rows' chunks loaded before any is used
+  const int lanes = used / 8, sub = threadIdx.x % lanes, group = threadIdx.x / lanes;
+  const int groups = kScoreThreads / lanes;
+  float qv[G][8];  // this lane's channels 8 sub .. 8 sub + 7 of every head's q'
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) qv[g][e] = q[g * D + 8 * sub + e];
+  for (int d0 = 0; d0 < n; d0 += groups * kRowsInFlight) {  // the same trip count in every thread
+    uint4 lo[kRowsInFlight], hi[kRowsInFlight];
+#pragma unroll
+    for (int u = 0; u < kRowsInFlight; ++u) {
+      const int d = d0 + group + u * groups;
+      lo[u] = hi[u] = make_uint4(0u, 0u, 0u, 0u);
+      if (d < n) {
+        const uint4* r = tile_row(d);
+        lo[u] = r[sub];
+        if (kKind != kSummaryMean) hi[u] = r[lanes + sub];  // [min | max]: the maxima, m / 8 chunks on
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kRowsInFlight; ++u) {
+      float v[8], h[8];
+      unpack8<T>(lo[u], v);
+      unpack8<T>(hi[u], h);
+      float acc[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        acc[g] = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g] = add_channel<kKind>(acc[g], qv[g][e], v[e], h[e]);
+      }
+      for (int o = lanes / 2; o > 0; o >>= 1)
+#pragma unroll
+        for (int g = 0; g < G; ++g) acc[g] += __shfl_xor_sync(0xffffffffu, acc[g], o);
+      const int d = d0 + group + u * groups;
+      if (sub == 0 && d < n) store(d, acc);
+    }
+  }
 }
 
 // kKind: p.summary_kind; kWide: wide_rows of its channels. Template arguments, so that each scorer
@@ -189,7 +244,8 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel(DecodeParams p) {
   auto tile_row = [&](int d) {
     const uint32_t x = rem0 + (uint32_t)d;
     const uint32_t k = per >= (uint32_t)kScoreTile ? (uint32_t)(x >= per) : (uint32_t)(((float)x + 0.5f) * inv_per);
-    return reinterpret_cast<const uint4*>(reinterpret_cast<const T*>(pages[k]) + (int64_t)(x - k * per) * p.summary_width);
+    const T* page = reinterpret_cast<const T*>(pages[k]);
+    return reinterpret_cast<const uint4*>(page + (int64_t)(x - k * per) * p.summary_width);
   };
   if (one_stripe) {
 #pragma unroll
@@ -246,57 +302,10 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel(DecodeParams p) {
     }
     return;
   }
-  // Wider rows (Quest's min/max over all D channels: 512 bytes a row at D = 128) are read by a group
-  // of used / 8 lanes per block, each lane one 16-byte chunk of channels (and its maxima), so that a
-  // warp's loads are contiguous; the group sums its lanes' parts with shuffles. Read one row per lane,
-  // as block_scores does, a warp's every load touched 32 rows 512 bytes apart: the dense baseline's
-  // score took about 1.1 ms at 1M batch 1, eight times its bytes at the copy bandwidth.
   if (kWide && one_stripe) {
-    constexpr int kRowsInFlight = 4;  // per group: 4 rows' chunks loaded before any is used
-    const int lanes = used / 8, sub = threadIdx.x % lanes, group = threadIdx.x / lanes;
-    const int groups = kScoreThreads / lanes, n = end - first;
-    float qv[G][8];  // this lane's channels 8 sub .. 8 sub + 7 of every head's q'
-#pragma unroll
-    for (int g = 0; g < G; ++g)
-#pragma unroll
-      for (int e = 0; e < 8; ++e) qv[g][e] = qsh[g * D + 8 * sub + e];
-    for (int d0 = 0; d0 < n; d0 += groups * kRowsInFlight) {  // the same trip count in every thread
-      uint4 lo[kRowsInFlight], hi[kRowsInFlight];
-#pragma unroll
-      for (int u = 0; u < kRowsInFlight; ++u) {
-        const int d = d0 + group + u * groups;
-        lo[u] = hi[u] = make_uint4(0u, 0u, 0u, 0u);
-        if (d < n) {
-          const uint4* r = tile_row(d);
-          lo[u] = r[sub];
-          if (kKind != kSummaryMean) hi[u] = r[lanes + sub];  // [min | max]: the maxima, m / 8 chunks on
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kRowsInFlight; ++u) {
-        float v[8], h[8];
-        unpack8<T>(lo[u], v);
-        unpack8<T>(hi[u], h);
-        float acc[G];
-#pragma unroll
-        for (int g = 0; g < G; ++g) {
-          acc[g] = 0.f;
-#pragma unroll
-          for (int e = 0; e < 8; ++e) {
-            if constexpr (kKind == kSummaryMean) {
-              acc[g] = fmaf(qv[g][e], v[e], acc[g]);
-            } else {
-              acc[g] += fmaxf(qv[g][e] * v[e], qv[g][e] * h[e]);
-            }
-          }
-        }
-        for (int o = lanes / 2; o > 0; o >>= 1)
-#pragma unroll
-          for (int g = 0; g < G; ++g) acc[g] += __shfl_xor_sync(0xffffffffu, acc[g], o);
-        const int d = d0 + group + u * groups;
-        if (sub == 0 && d < n) store_key(first + d, acc);
-      }
-    }
+    wide_scores<T, D, G, kKind>(qsh, used, end - first, tile_row, [&](int d, const float (&acc)[G]) {
+      store_key(first + d, acc);
+    });
     return;
   }
 #pragma unroll
@@ -308,10 +317,10 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel(DecodeParams p) {
     // Two calls rather than one through a pointer that may be either: the first reads shared memory
     // with shared loads, not generic ones.
     if (st[u] == s0) {
-      block_scores<T, D, G>(qsh, row[u], pre0[u], pre1[u], kKind, p.summary_width, acc);
+      block_scores<T, D, G, kKind>(qsh, row[u], pre0[u], pre1[u], p.summary_width, acc);
     } else {
-      block_scores<T, D, G>(p.qrot + (int64_t)st[u] * G * D, row[u], pre0[u], pre1[u], kKind,
-                            p.summary_width, acc);
+      block_scores<T, D, G, kKind>(p.qrot + (int64_t)st[u] * G * D, row[u], pre0[u], pre1[u], p.summary_width,
+                                   acc);
     }
     store_key(blk[u], acc);
   }
