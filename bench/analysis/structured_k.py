@@ -1,0 +1,138 @@
+"""Would a K format that Hopper's sparse tensor cores read cost accuracy? (docs/KERNELS.md, targets)
+
+The packed attention spends most of its instructions expanding K and V rows. `mma.sp` reads an
+operand whose reduction axis keeps 2 of every 4 elements, given 2-bit indices, with no expansion.
+Keeping 2 of 4 within the leading D / 2 rotated channels keeps D / 4 values per vector, the same
+count as today's unstructured top-D/4 (keep ratio 0.25). This script compares the K selections at
+that count (and two references) by the attention output error over all tokens (no token selection),
+V kept exact so that K's selection alone is measured, then with V at today's top-D/4:
+
+- top-r: today's format, the r = D / 4 rotated elements of largest magnitude (g = 1);
+- 2:4 lead: 2 of every 4 consecutive rotated channels within the leading D / 2 (r values);
+- 2:4 lead strided: the same within groups of channels D / 8 apart, each group mixing energy ranks;
+- top-r lead: the r largest within the leading D / 2 (truncation, unstructured; r values);
+- 2:4 all (and strided): 2 of every 4 over all D channels (2r values: twice the bytes, a reference).
+
+Rotation: one per head from the whole input's second moment (mosaic's rotation, one segment).
+
+    .venv/bin/python bench/analysis/structured_k.py [--no-model] [--out bench/results/analysis_structured_k.json]
+"""
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from inputs import smollm2, synthetic
+from metrics import full_attention
+from mosaickv.core.rotation import rotation_from_moment
+
+# A selection: rotated vectors [T, H, D] -> the mask of the elements kept, same shape.
+Selection = Callable[[torch.Tensor], torch.Tensor]
+
+
+def top_mask(x: torch.Tensor, r: int) -> torch.Tensor:
+    """The r elements of largest magnitude per vector (last axis)."""
+    idx = x.abs().topk(r, dim=-1).indices
+    return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def two_of_four(x: torch.Tensor) -> torch.Tensor:
+    """2 of every 4 consecutive elements (largest magnitude) along the last axis."""
+    groups = x.reshape(*x.shape[:-1], -1, 4)
+    return top_mask(groups, 2).reshape(x.shape)
+
+
+def two_of_four_strided(x: torch.Tensor) -> torch.Tensor:
+    """2 of 4 within groups {c, c + n/4, c + n/2, c + 3n/4} (n channels): each group mixes channels of
+    every energy rank, as a fixed channel permutation before the 2:4 layout would."""
+    n = x.shape[-1]
+    # [..., n / 4 groups, 4]
+    strided = x.reshape(*x.shape[:-1], 4, n // 4).transpose(-1, -2)
+    return top_mask(strided, 2).transpose(-1, -2).reshape(x.shape)
+
+
+def leading(select: Selection) -> Selection:
+    """select applied to the leading half of the channels; the rest dropped."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        mask = torch.zeros_like(x, dtype=torch.bool)
+        mask[..., :half] = select(x[..., :half])
+        return mask
+
+    return run
+
+
+def selections(d: int) -> dict[str, Selection]:
+    r = d // 4
+    return {
+        "top-r": lambda x: top_mask(x, r),
+        "2:4 lead": leading(two_of_four),
+        "2:4 lead strided": leading(two_of_four_strided),
+        "top-r lead": leading(lambda x: top_mask(x, r)),
+        "2:4 all": two_of_four,
+        "2:4 all strided": two_of_four_strided,
+    }
+
+
+def kept(x: torch.Tensor, select: Selection) -> torch.Tensor:
+    """x [T, H, D] with each head rotated, the selection's elements kept, rotated back."""
+    xf = x.float()
+    moment = torch.einsum("thd,the->hde", xf, xf) / x.shape[0]
+    rot = rotation_from_moment(moment)  # [H, D, D]
+    xr = torch.einsum("hij,thj->thi", rot, xf)
+    return torch.einsum("hij,thi->thj", rot, xr * select(xr))
+
+
+def output_error(k: torch.Tensor, v: torch.Tensor, x: dict[str, Any]) -> float:
+    """Mean over the input's decode queries of ||o - o_full|| / ||o_full||, all tokens attended."""
+    errors = []
+    for q in x["queries"]:
+        ref, _ = full_attention(x["k"], x["v"], q)
+        out, _ = full_attention(k, v, q)
+        errors.append(float((out - ref).norm() / ref.norm()))
+    return sum(errors) / len(errors)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--no-model", action="store_true")
+    parser.add_argument("--out", default="bench/results/analysis_structured_k.json")
+    args = parser.parse_args()
+    inputs = [synthetic(t=4096)] + ([] if args.no_model else smollm2(n_tokens=3072))
+    rows = []
+    for x in inputs:
+        d = x["k"].shape[-1]
+        v_top = kept(x["v"], selections(d)["top-r"])
+        for name, select in selections(d).items():
+            k_sel = kept(x["k"], select)
+            row = {
+                "input": x["name"],
+                "k_selection": name,
+                "k_values_per_vector": int(select(torch.ones(1, 1, d)).sum()),
+                "error_v_exact": output_error(k_sel, x["v"].float(), x),
+                "error_v_top_r": output_error(k_sel, v_top, x),
+            }
+            rows.append(row)
+            print(
+                f"{x['name'][:44]:<44} {name:<16} K values {row['k_values_per_vector']:>3}  "
+                f"err (V exact) {row['error_v_exact']:.4f}  err (V top-r) {row['error_v_top_r']:.4f}",
+                flush=True,
+            )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
