@@ -82,12 +82,15 @@ def selections(d: int) -> dict[str, Selection]:
     }
 
 
-def kept(x: torch.Tensor, select: Selection) -> torch.Tensor:
-    """x [T, H, D] with each head rotated, the selection's elements kept, rotated back."""
+def rotated(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H, D] -> (its rotations [H, D, D], x rotated per head [T, H, D])."""
     xf = x.float()
-    moment = torch.einsum("thd,the->hde", xf, xf) / x.shape[0]
-    rot = rotation_from_moment(moment)  # [H, D, D]
-    xr = torch.einsum("hij,thj->thi", rot, xf)
+    rot = rotation_from_moment(torch.einsum("thd,the->hde", xf, xf) / x.shape[0])
+    return rot, torch.einsum("hij,thj->thi", rot, xf)
+
+
+def kept(rot: torch.Tensor, xr: torch.Tensor, select: Selection) -> torch.Tensor:
+    """The selection's elements of the rotated xr kept, rotated back by rot."""
     return torch.einsum("hij,thi->thj", rot, xr * select(xr))
 
 
@@ -112,9 +115,10 @@ def main() -> None:
     rows = []
     for x in inputs:
         d = x["k"].shape[-1]
-        v_top = kept(x["v"], selections(d)["top-r"])
+        v_top = kept(*rotated(x["v"]), selections(d)["top-r"])
+        k_rot = rotated(x["k"])
         for name, select in selections(d).items():
-            k_sel = kept(x["k"], select)
+            k_sel = kept(*k_rot, select)
             row = {
                 "input": x["name"],
                 "k_selection": name,

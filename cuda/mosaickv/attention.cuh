@@ -433,10 +433,10 @@ __device__ __forceinline__ void zero_row(T* dst) {
 // The copies are asynchronous (cp.async holds no registers). kRowPerLane: each lane copies its own
 // token's row, so one copy instruction reads 16 bytes of each of 32 rows; otherwise the side's 16
 // lanes copy each row together and one instruction reads whole rows (two cache lines per row at
-// D = 128): the dense baseline's attention at 1M tokens, batch 8, 3186 -> 2535 us. The packed
-// kernel keeps the row per lane for its sinks + window (68 rows, off the critical path): with the
-// shared copy its piece loop was scheduled differently and MosaicKV's call ran about 1 % slower
-// (`kernels-ab-dense-rows-h200-s19.json`).
+// D = 128): the dense baseline's whole call at 1M tokens, batch 8, 3186 -> 2535 us. The packed
+// kernel keeps the row per lane for its sinks + window (one CTA per (b, h), off the critical path):
+// with the shared copy its piece loop was scheduled differently and MosaicKV's call ran about 1 %
+// slower (`kernels-ab-dense-rows-h200-s19.json`).
 template <typename T, int D, int G, bool kRowPerLane, typename RowOf>
 __device__ __forceinline__ void dense_chunks(RowOf row_of, int n_chunks, T* my_row, T* ktile, T* vtile,
                                              const uint4* qa, const uint32_t (*bits)[4], WarpFlash<D>& st) {
