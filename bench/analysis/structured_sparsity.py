@@ -1,11 +1,13 @@
-"""Would a K format that Hopper's sparse tensor cores read cost accuracy? (docs/KERNELS.md, targets)
+"""Would K and V formats that Hopper's sparse tensor cores read cost accuracy? (docs/KERNELS.md, targets)
 
 The packed attention spends most of its instructions expanding K and V rows. `mma.sp` reads an
 operand whose reduction axis keeps 2 of every 4 elements, given 2-bit indices, with no expansion.
-Keeping 2 of 4 within the leading D / 2 rotated channels keeps D / 4 values per vector, the same
-count as today's unstructured top-D/4 (keep ratio 0.25). This script compares the K selections at
-that count (and two references) by the attention output error over all tokens (no token selection),
-V kept exact so that K's selection alone is measured, then with V at today's top-D/4:
+For S = Q K^T the reduction runs over K's channels; for o = P V over tokens, so a V that `mma.sp`
+could read keeps, per channel, 2 of every 4 consecutive tokens. Keeping 2 of 4 within the leading
+D / 2 rotated channels keeps D / 4 values per vector, today's count (keep ratio 0.25). This script
+compares selections by the attention output error over all tokens (no token selection).
+
+K study (V kept exact, then at today's top-D/4):
 
 - top-r: today's format, the r = D / 4 rotated elements of largest magnitude (g = 1);
 - 2:4 lead: 2 of every 4 consecutive rotated channels within the leading D / 2 (r values);
@@ -13,9 +15,13 @@ V kept exact so that K's selection alone is measured, then with V at today's top
 - top-r lead: the r largest within the leading D / 2 (truncation, unstructured; r values);
 - 2:4 all (and strided): 2 of every 4 over all D channels (2r values: twice the bytes, a reference).
 
+V study (K kept exact): today's top-r; 2 of every 4 consecutive tokens per channel within the
+leading D / 2 (D / 4 values per vector on average); the same over all D (D / 2, a reference).
+
 Rotation: one per head from the whole input's second moment (mosaic's rotation, one segment).
 
-    .venv/bin/python bench/analysis/structured_k.py [--no-model] [--out bench/results/analysis_structured_k.json]
+    .venv/bin/python bench/analysis/structured_sparsity.py [--no-model] \
+        [--out bench/results/analysis_structured_sparsity.json]
 """
 
 import argparse
@@ -70,6 +76,20 @@ def leading(select: Selection) -> Selection:
     return run
 
 
+def two_of_four_tokens(x: torch.Tensor) -> torch.Tensor:
+    """Per channel, 2 of every 4 consecutive tokens (largest magnitude): x [T, H, D], T % 4 == 0."""
+    t, h, d = x.shape
+    return two_of_four(x.permute(1, 2, 0)).permute(2, 0, 1).reshape(t, h, d)
+
+
+def v_selections(d: int) -> dict[str, Selection]:
+    return {
+        "top-r": lambda x: top_mask(x, d // 4),
+        "2:4 tokens lead": leading(two_of_four_tokens),
+        "2:4 tokens all": two_of_four_tokens,
+    }
+
+
 def selections(d: int) -> dict[str, Selection]:
     r = d // 4
     return {
@@ -109,10 +129,12 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--no-model", action="store_true")
-    parser.add_argument("--out", default="bench/results/analysis_structured_k.json")
+    parser.add_argument(
+        "--out", default="bench/results/analysis_structured_sparsity.json"
+    )
     args = parser.parse_args()
     inputs = [synthetic(t=4096)] + ([] if args.no_model else smollm2(n_tokens=3072))
-    rows = []
+    rows, v_rows = [], []
     for x in inputs:
         d = x["k"].shape[-1]
         v_top = kept(*rotated(x["v"]), selections(d)["top-r"])
@@ -128,13 +150,28 @@ def main() -> None:
             }
             rows.append(row)
             print(
-                f"{x['name'][:44]:<44} {name:<16} K values {row['k_values_per_vector']:>3}  "
+                f"{x['name'][:44]:<44} K {name:<16} values {row['k_values_per_vector']:>3}  "
                 f"err (V exact) {row['error_v_exact']:.4f}  err (V top-r) {row['error_v_top_r']:.4f}",
+                flush=True,
+            )
+        v_rot = rotated(x["v"])
+        for name, select in v_selections(d).items():
+            v_sel = kept(*v_rot, select)
+            row = {
+                "input": x["name"],
+                "v_selection": name,
+                "v_values_per_vector": float(select(v_rot[1]).float().sum(-1).mean()),
+                "error_k_exact": output_error(x["k"].float(), v_sel, x),
+            }
+            v_rows.append(row)
+            print(
+                f"{x['name'][:44]:<44} V {name:<16} values {row['v_values_per_vector']:>5.1f}  "
+                f"err (K exact) {row['error_k_exact']:.4f}",
                 flush=True,
             )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows}, indent=1))
+    out.write_text(json.dumps({"rows": rows, "v_rows": v_rows}, indent=1))
     print(f"wrote {out}")
 
 
