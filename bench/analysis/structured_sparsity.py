@@ -114,14 +114,61 @@ def kept(rot: torch.Tensor, xr: torch.Tensor, select: Selection) -> torch.Tensor
     return torch.einsum("hij,thi->thj", rot, xr * select(xr))
 
 
-def output_error(k: torch.Tensor, v: torch.Tensor, x: dict[str, Any]) -> float:
-    """Mean over the input's decode queries of ||o - o_full|| / ||o_full||, all tokens attended."""
+def output_error(
+    k: torch.Tensor, v: torch.Tensor, x: dict[str, Any], refs: list[torch.Tensor]
+) -> float:
+    """Mean over the input's decode queries of ||o - o_full|| / ||o_full||, all tokens attended;
+    refs: o_full per query (full_attention over the uncompressed cache)."""
     errors = []
-    for q in x["queries"]:
-        ref, _ = full_attention(x["k"], x["v"], q)
+    for q, ref in zip(x["queries"], refs, strict=True):
         out, _ = full_attention(k, v, q)
         errors.append(float((out - ref).norm() / ref.norm()))
     return sum(errors) / len(errors)
+
+
+def study(
+    x: dict[str, Any],
+    side: str,
+    rot: tuple[torch.Tensor, torch.Tensor],
+    chosen: dict[str, Selection],
+    errors: dict[str, Callable[[torch.Tensor], float]],
+) -> list[dict[str, Any]]:
+    """One row per selection of `side` ("K" or "V"; rot: its rotated()): the values kept per vector
+    and each error of `errors` (name -> error of the attention with that side compressed)."""
+    rows = []
+    for name, select in chosen.items():
+        compressed = kept(*rot, select)
+        row = {
+            "input": x["name"],
+            "side": side,
+            "selection": name,
+            "values_per_vector": float(select(rot[1]).float().sum(-1).mean()),
+            **{label: error(compressed) for label, error in errors.items()},
+        }
+        rows.append(row)
+        measured = "  ".join(f"{label} {row[label]:.4f}" for label in errors)
+        print(
+            f"{x['name'][:44]:<44} {side} {name:<16} values {row['values_per_vector']:>5.1f}  {measured}",
+            flush=True,
+        )
+    return rows
+
+
+def analyse(x: dict[str, Any]) -> list[dict[str, Any]]:
+    """Both studies on one input: K's selections (V exact, then at today's top-r), then V's (K exact)."""
+    d = x["k"].shape[-1]
+    k, v = x["k"].float(), x["v"].float()
+    refs = [full_attention(x["k"], x["v"], q)[0] for q in x["queries"]]
+    k_rot, v_rot = rotated(x["k"]), rotated(x["v"])
+    v_top = kept(*v_rot, v_selections(d)["top-r"])
+    k_errors = {
+        "error_v_exact": lambda ks: output_error(ks, v, x, refs),
+        "error_v_top_r": lambda ks: output_error(ks, v_top, x, refs),
+    }
+    v_errors = {"error_k_exact": lambda vs: output_error(k, vs, x, refs)}
+    return study(x, "K", k_rot, selections(d), k_errors) + study(
+        x, "V", v_rot, v_selections(d), v_errors
+    )
 
 
 def main() -> None:
@@ -134,44 +181,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     inputs = [synthetic(t=4096)] + ([] if args.no_model else smollm2(n_tokens=3072))
-    rows, v_rows = [], []
-    for x in inputs:
-        d = x["k"].shape[-1]
-        v_top = kept(*rotated(x["v"]), selections(d)["top-r"])
-        k_rot = rotated(x["k"])
-        for name, select in selections(d).items():
-            k_sel = kept(*k_rot, select)
-            row = {
-                "input": x["name"],
-                "k_selection": name,
-                "k_values_per_vector": int(select(torch.ones(1, 1, d)).sum()),
-                "error_v_exact": output_error(k_sel, x["v"].float(), x),
-                "error_v_top_r": output_error(k_sel, v_top, x),
-            }
-            rows.append(row)
-            print(
-                f"{x['name'][:44]:<44} K {name:<16} values {row['k_values_per_vector']:>3}  "
-                f"err (V exact) {row['error_v_exact']:.4f}  err (V top-r) {row['error_v_top_r']:.4f}",
-                flush=True,
-            )
-        v_rot = rotated(x["v"])
-        for name, select in v_selections(d).items():
-            v_sel = kept(*v_rot, select)
-            row = {
-                "input": x["name"],
-                "v_selection": name,
-                "v_values_per_vector": float(select(v_rot[1]).float().sum(-1).mean()),
-                "error_k_exact": output_error(x["k"].float(), v_sel, x),
-            }
-            v_rows.append(row)
-            print(
-                f"{x['name'][:44]:<44} V {name:<16} values {row['v_values_per_vector']:>5.1f}  "
-                f"err (K exact) {row['error_k_exact']:.4f}",
-                flush=True,
-            )
+    rows = [row for x in inputs for row in analyse(x)]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"rows": rows, "v_rows": v_rows}, indent=1))
+    out.write_text(json.dumps({"rows": rows}, indent=1))
     print(f"wrote {out}")
 
 
