@@ -18,6 +18,11 @@ K study (V kept exact, then at today's top-D/4):
 V study (K kept exact): today's top-r; 2 of every 4 consecutive tokens per channel within the
 leading D / 2 (D / 4 values per vector on average); the same over all D (D / 2, a reference).
 
+Both studies also take the layout that needs no expansion at all: each block of 16 tokens (one
+attention chunk) shares one set of channels, the r (then 2r) of largest energy over the block, so a
+block's K and V are dense [16, r] tiles the tensor cores read as they are, with q' gathered and the
+output scattered once per block instead of once per token.
+
 Rotation: one per head from the whole input's second moment (mosaic's rotation, one segment).
 
     .venv/bin/python bench/analysis/structured_sparsity.py [--no-model] \
@@ -76,6 +81,18 @@ def leading(select: Selection) -> Selection:
     return run
 
 
+def block_top(r: int, block: int = 16) -> Selection:
+    """Per block of `block` consecutive tokens, the r channels of largest energy over the block, kept
+    for each of its tokens: x [T, H, D], T % block == 0."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        t, h, d = x.shape
+        energy = x.reshape(t // block, block, h, d).square().sum(1)
+        return top_mask(energy, r).repeat_interleave(block, 0)
+
+    return run
+
+
 def two_of_four_tokens(x: torch.Tensor) -> torch.Tensor:
     """Per channel, 2 of every 4 consecutive tokens (largest magnitude): x [T, H, D], T % 4 == 0."""
     t, h, d = x.shape
@@ -87,6 +104,8 @@ def v_selections(d: int) -> dict[str, Selection]:
         "top-r": lambda x: top_mask(x, d // 4),
         "2:4 tokens lead": leading(two_of_four_tokens),
         "2:4 tokens all": two_of_four_tokens,
+        "block16 top-r": block_top(d // 4),
+        "block16 top-2r": block_top(d // 2),
     }
 
 
@@ -99,6 +118,8 @@ def selections(d: int) -> dict[str, Selection]:
         "top-r lead": leading(lambda x: top_mask(x, r)),
         "2:4 all": two_of_four,
         "2:4 all strided": two_of_four_strided,
+        "block16 top-r": block_top(r),
+        "block16 top-2r": block_top(2 * r),
     }
 
 
