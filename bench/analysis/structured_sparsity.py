@@ -1,4 +1,4 @@
-"""Would K and V formats that Hopper's sparse tensor cores read cost accuracy? (docs/KERNELS.md, targets)
+"""Would K and V layouts that the tensor cores read without expansion cost accuracy? (docs/KERNELS.md, targets)
 
 The packed attention spends most of its instructions expanding K and V rows. `mma.sp` reads an
 operand whose reduction axis keeps 2 of every 4 elements, given 2-bit indices, with no expansion.
